@@ -1,0 +1,1 @@
+"""Triton kernels for the intra-chunk work of linear attention (one folder per op)."""

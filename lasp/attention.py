@@ -1,0 +1,124 @@
+"""The public operators: ``lasp.linear_attention`` and ``lasp.softmax_attention``.
+
+Thin wrappers: validate (locally, on every rank, before any collective), resolve the backend,
+and dispatch to one module per method under :mod:`lasp.ops`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .ops import chunk
+from .ops.softmax_local import sdpa_attention
+from .ops.checks import check_common, check_linear, SOFTMAX_METHODS
+from .parallel import group_rank_size
+
+# method -> (module under lasp.ops, function name)
+_LINEAR = {
+    "lasp2": ("lasp2", "lasp2_linear_attention"),
+    "lasp1": ("lasp1", "lasp1_linear_attention"),
+    "ulysses": ("ulysses", "ulysses_linear_attention"),
+}
+_SOFTMAX = {
+    "allgather": ("softmax_allgather", "allgather_softmax_attention"),
+    "ring": ("ring", "ring_softmax_attention"),
+    "ulysses": ("ulysses", "ulysses_softmax_attention"),
+}
+
+
+def _method_impl(table: dict, method: str, what: str):
+    module, fn = table[method]
+    try:
+        mod = importlib.import_module(f"lasp.ops.{module}")
+        return getattr(mod, fn)
+    except (ModuleNotFoundError, AttributeError) as e:
+        if isinstance(e, ModuleNotFoundError) and e.name != f"lasp.ops.{module}":
+            raise
+        raise NotImplementedError(f"{what} method={method!r} is not implemented yet") from e
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """``auto`` -> ``triton`` on CUDA tensors, ``torch`` otherwise; checks triton is usable."""
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            "triton is imported (the Triton interpreter); use backend='torch' on the CPU"
+        )
+    return backend
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    group=None,
+    method: str = "lasp2",
+    layout: str = "contiguous",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """(Sequence-parallel) gated linear attention on this rank's shard.
+
+    ``S_t = exp(g_t + g_gamma) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` over the WHOLE
+    sequence, of which this rank holds ``T_local`` tokens in ``layout`` order.
+
+    Args:
+        q, k: ``[B, T_local, H, K]``; v: ``[B, T_local, H, V]`` (same dtype).
+        g: ``[B, T_local, H]`` log-gates (<= 0) or None. g_gamma: ``[H]`` log-decay or None.
+        scale: default ``K ** -0.5``. causal: False = bidirectional (no gates allowed).
+        group: the SP process group; None = the whole sequence is on this process.
+        method: ``lasp2`` | ``lasp1`` | ``ulysses``. layout: ``contiguous`` | ``zigzag``.
+        backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA).
+    Returns:
+        ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally).
+    """
+    check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
+    backend = resolve_backend(backend, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = _method_impl(_LINEAR, method, "linear_attention")
+    if group_rank_size(group)[1] == 1 and backend == "torch":
+        if not causal:
+            return chunk.noncausal_linear_attention(q, k, v, scale)
+        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale)
+    return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    group=None,
+    method: str = "allgather",
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """(Sequence-parallel) softmax attention on this rank's shard.
+
+    Args:
+        q: ``[B, T_local, H, D]``; k, v: ``[B, T_local, H_kv, D]`` with H a multiple of H_kv (GQA).
+        causal: causal mask over GLOBAL positions of the ``layout``.
+        group: the SP process group; None = no sequence parallelism.
+        method: ``allgather`` (LASP-2H) | ``ring`` | ``ulysses``.
+    Returns:
+        ``o [B, T_local, H, D]`` in q's dtype.
+    """
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=SOFTMAX_METHODS)
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if group_rank_size(group)[1] == 1:
+        return sdpa_attention(q, k, v, causal=causal, scale=scale)
+    impl = _method_impl(_SOFTMAX, method, "softmax_attention")
+    return impl(q, k, v, causal=causal, scale=scale, group=group, layout=layout)

@@ -1,0 +1,50 @@
+"""The ``lasp`` command: ``lasp <command> [args...]``.
+
+Each command lives in its own module with a ``main(argv)`` function and is imported only when
+it runs (so ``lasp bench`` does not pay for DeepSpeed's import, and vice versa).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lasp.train.main", "train a model (DeepSpeed ZeRO, SP x DP) from a run config"),
+    "data": ("lasp.train.data_cli", "prepare a token memmap: lasp data prepare --input ... --output DIR"),
+    "export": ("lasp.train.export", "export a checkpoint to one safetensors file plus the model YAML"),
+    "generate": ("lasp.models.generate_cli", "generate text from a checkpoint"),
+    "model-info": ("lasp.models.info", "parameter and FLOP counts of a model config"),
+    "bench": ("lasp.bench.cli", "benchmarks: lasp bench kernels | layer | model | predict"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lasp <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lasp: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = COMMANDS[name][0]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            print(f"lasp: command {name!r} is not implemented yet ({module})", file=sys.stderr)
+            return 2
+        raise
+    return int(mod.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sequence-parallel attention operators, one module per method, plus the naive oracles."""

@@ -1,0 +1,77 @@
+"""Input validation shared by the operators. Every check is local: it raises the same
+ValueError on every rank before any collective starts (a hang is never an error message)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import LAYOUTS
+
+LINEAR_METHODS = ("lasp2", "lasp1", "ulysses")
+SOFTMAX_METHODS = ("allgather", "ring", "ulysses")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _check_4d(name: str, x, expected: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {expected}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str, ...]) -> None:
+    """Shapes shared by linear and softmax attention, layout, method and group."""
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_4d("q", q, "[B, T_local, H, K]")
+    _check_4d("k", k, "[B, T_local, H_k, K]")
+    _check_4d("v", v, "[B, T_local, H_k, V]")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+        if x.shape[:2] != q.shape[:2]:
+            raise ValueError(f"{name} must have q's [B, T_local] = {list(q.shape[:2])}, got {list(x.shape[:2])}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k's head dim must equal q's ({q.shape[-1]}), got {k.shape[-1]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's number of heads ({k.shape[2]}), got {v.shape[2]}")
+    if q.shape[1] == 0:
+        raise ValueError("q must hold at least one token (T_local >= 1)")
+    if layout == "zigzag" and q.shape[1] % 2 != 0:
+        raise ValueError(f"T_local={q.shape[1]} must be even for layout='zigzag' (two equal chunks per rank)")
+    if group is not None and not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised; call lasp.init_parallel first")
+
+
+def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str, method: str, backend: str) -> None:
+    """Validate the arguments of :func:`lasp.linear_attention`."""
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHODS)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    B, T, H, _ = q.shape
+    if k.shape[2] != H:
+        raise ValueError(f"k must have q's number of heads H={H} (linear attention has no GQA), got {k.shape[2]}")
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
+            raise ValueError(f"g must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(g)}")
+        if not g.is_floating_point() or g.device != q.device:
+            raise ValueError(f"g must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
+    if g_gamma is not None:
+        if not isinstance(g_gamma, torch.Tensor) or tuple(g_gamma.shape) != (H,):
+            raise ValueError(f"g_gamma must have shape [H] = [{H}], got {_shape(g_gamma)}")
+        if not g_gamma.is_floating_point() or g_gamma.device != q.device:
+            raise ValueError(f"g_gamma must be a floating-point tensor on {q.device}, got {g_gamma.dtype} on {g_gamma.device}")
+    if not causal and (g is not None or g_gamma is not None):
+        raise ValueError("g and g_gamma must be None when causal=False (non-causal linear attention has no decay)")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def _shape(x) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__

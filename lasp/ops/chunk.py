@@ -1,0 +1,146 @@
+"""Chunked causal linear attention in plain torch: the CPU compute path (differentiable).
+
+Internal layout is head-first and float32: ``q, k [B, H, T, K]``, ``v [B, H, T, V]``,
+per-token log-decay ``a [B, H, T]`` (``a = g + g_gamma``; ``None`` when there are no gates).
+
+A segment of tokens (a chunk, or a rank's whole shard) maps the state entering it to the state
+leaving it by ``S_out = exp(logA) * S_in + M`` with
+
+    logA = sum_j a_j,        M = sum_j exp(G_T - G_j) k_j^T v_j,        G = cumsum(a)
+
+and its output splits into a part that does not depend on ``S_in`` (computed here by the
+chunked algorithm) and the inter part ``scale * (q * exp(G)) @ S_in``. The Triton kernels
+under ``kernels/`` follow the same decomposition.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def to_heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, D]`` (any dtype) -> ``[B, H, T, D]`` float32."""
+    return x.transpose(1, 2).float()
+
+
+def log_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, device) -> torch.Tensor | None:
+    """Per-token log decay ``a = g + g_gamma`` as ``[B, H, T]`` float32, or ``None`` without gates."""
+    if g is None and g_gamma is None:
+        return None
+    a = torch.zeros(B, H, T, dtype=torch.float32, device=device)
+    if g is not None:
+        a = a + g.transpose(1, 2).float()
+    if g_gamma is not None:
+        a = a + g_gamma.float()[None, :, None]
+    return a
+
+
+def segment_summary(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None):
+    """The segment's summary ``(logA [B, H], M [B, H, K, V])``, both float32.
+
+    One matmul over the segment (no scan): ``M = (k * exp(G_T - G))^T v``.
+    """
+    B, H = k.shape[:2]
+    if a is None:
+        return k.new_zeros(B, H), k.transpose(-1, -2) @ v
+    G = a.cumsum(-1)
+    total = G[..., -1]
+    kd = k * (total[..., None] - G).exp()[..., None]
+    return total, kd.transpose(-1, -2) @ v
+
+
+def inter_output(q: torch.Tensor, a: torch.Tensor | None, state: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (q * exp(G)) @ state``: the part of a segment's output due to the state entering it."""
+    if a is not None:
+        q = q * a.cumsum(-1).exp()[..., None]
+    return (q @ state) * scale
+
+
+def inter_state_grad(q: torch.Tensor, a: torch.Tensor | None, do: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gradient of the loss w.r.t. the state entering a segment: ``scale * (q * exp(G))^T @ dO``."""
+    if a is not None:
+        q = q * a.cumsum(-1).exp()[..., None]
+    return (q.transpose(-1, -2) @ do) * scale
+
+
+def chunk_local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor | None,
+    scale: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: torch.Tensor | None = None,
+):
+    """Chunked causal linear attention over one segment (head-first float32 tensors).
+
+    Returns ``(o [B, H, T, V], final_state [B, H, K, V])``. With ``initial_state=None`` the
+    output is the segment's own part (intra-chunk plus the chunks before it in the segment).
+    """
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    C = max(1, min(chunk_size, T))
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # zero tokens with zero log-decay change neither earlier outputs nor the final state
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        a = None if a is None else F.pad(a, (0, pad))
+    qc, kc, vc = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
+    scores = qc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if a is None:
+        scores = scores.masked_fill(~causal, 0.0)
+        k_dec = kc
+        q_dec = qc
+        chunk_decay = None
+    else:
+        b = a.reshape(B, H, N, C).cumsum(-1)  # within-chunk inclusive cumsum
+        diff = b[..., :, None] - b[..., None, :]
+        decay = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
+        scores = scores * decay
+        total = b[..., -1]  # [B, H, N]
+        k_dec = kc * (total[..., None] - b).exp()[..., None]
+        q_dec = qc * b.exp()[..., None]
+        chunk_decay = total.exp()
+    o = scores @ vc  # intra-chunk part
+    chunk_states = k_dec.transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    entering = []
+    for n in range(N):
+        entering.append(S)
+        S = S * chunk_decay[:, :, n, None, None] + chunk_states[:, :, n] if chunk_decay is not None else S + chunk_states[:, :, n]
+    o = o + q_dec @ torch.stack(entering, dim=2)
+    o = (o * scale).reshape(B, H, N * C, V)[:, :, :T]
+    return o, S
+
+
+def chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+):
+    """Single-process chunked causal linear attention, ``[B, T, H, D]`` in and out (autograd).
+
+    Same semantics as :func:`lasp.ops.reference.naive_recurrent_linear_attention`.
+    """
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
+    a = log_gates(g, g_gamma, B, T, H, q.device)
+    o, S = chunk_local(to_heads_first(q), to_heads_first(k), to_heads_first(v), a, scale, chunk_size, initial_state)
+    o = o.transpose(1, 2).to(q.dtype)
+    return (o, S) if output_final_state else o
+
+
+def noncausal_linear_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """Single-process bidirectional linear attention ``scale * Q (K^T V)``, float32 state."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    S = torch.einsum("bthk,bthv->bhkv", k.float(), v.float())
+    return (torch.einsum("bthk,bhkv->bthv", q.float(), S) * scale).to(q.dtype)

@@ -1,0 +1,92 @@
+"""Per-segment compute that LASP-2 and LASP-1 drive, independent of how it is computed.
+
+A *segment* is a contiguous run of tokens on one rank (the whole shard for the contiguous
+layout, each half for zigzag). The sequence-parallel operators only need, per segment:
+
+==========================  ====================================================================
+``summary()``               ``(logA [B, H], M [B, H, K, V])`` float32: ``S_out = e^logA S_in + M``
+``compute_local()``         the O(T) work that does not depend on ``S_in`` (overlaps the gather)
+``output(S_in)``            ``o [B, T, H, V]`` float32 given the incoming state
+``state_grad(dO)``          ``dL/dS_in [B, H, K, V]`` float32 from this segment's outputs
+``backward_output(dO)``     gradients due to ``dO`` (``S_in`` as given to ``output``)
+``backward_summary(dM, dlogA)``  gradients due to the summary's own gradient
+``grads()``                 ``(dq, dk, dv, dg, dg_gamma)`` accumulated so far (None where unused)
+==========================  ====================================================================
+
+Backends: :class:`TorchSegment` (plain torch, autograd inside) here; the Triton one lives in
+``kernels``. Both are selected by :func:`segment_class`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import chunk
+
+
+class TorchSegment:
+    """The plain-torch segment: builds a small autograd graph in forward, replays it in backward."""
+
+    def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = chunk.DEFAULT_CHUNK_SIZE):
+        self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, g_gamma)]
+        self.scale, self.chunk_size = scale, chunk_size
+        self._grads: list[torch.Tensor | None] = [None] * 5
+        B, T, H, _ = q.shape
+        qi, ki, vi, gi, ggi = self.inputs
+        with torch.enable_grad():
+            self.q, self.k, self.v = (chunk.to_heads_first(x) for x in (qi, ki, vi))
+            self.a = chunk.log_gates(gi, ggi, B, T, H, q.device)
+            self.logA, self.M = chunk.segment_summary(self.k, self.v, self.a)
+
+    def summary(self):
+        return self.logA.detach(), self.M.detach()
+
+    def compute_local(self) -> None:
+        with torch.enable_grad():
+            self.o_local, _ = chunk.chunk_local(self.q, self.k, self.v, self.a, self.scale, self.chunk_size)
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            self.o = self.o_local + chunk.inter_output(self.q, self.a, state, self.scale)
+        return self.o.detach().transpose(1, 2)
+
+    def state_grad(self, do: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return chunk.inter_state_grad(self.q, self.a, chunk.to_heads_first(do), self.scale)
+
+    def _accumulate(self, outputs, grad_outputs, retain: bool) -> None:
+        wanted = [i for i, x in enumerate(self.inputs) if x is not None and x.requires_grad]
+        pairs = [(o, go) for o, go in zip(outputs, grad_outputs) if o.requires_grad]
+        if not wanted or not pairs:
+            return
+        outputs, grad_outputs = zip(*pairs)
+        grads = torch.autograd.grad(
+            outputs, [self.inputs[i] for i in wanted], grad_outputs, retain_graph=retain, allow_unused=True
+        )
+        for i, gr in zip(wanted, grads):
+            if gr is not None:
+                self._grads[i] = gr if self._grads[i] is None else self._grads[i] + gr
+
+    def backward_output(self, do: torch.Tensor) -> None:
+        self._accumulate([self.o], [chunk.to_heads_first(do)], retain=True)
+
+    def backward_summary(self, dM: torch.Tensor, dlogA: torch.Tensor) -> None:
+        if self.a is None:
+            self._accumulate([self.M], [dM], retain=False)
+        else:
+            self._accumulate([self.M, self.logA], [dM, dlogA], retain=False)
+
+    def grads(self):
+        return tuple(self._grads)
+
+
+def segment_class(backend: str):
+    """The segment implementation for a resolved backend name (``torch`` or ``triton``)."""
+    if backend == "torch":
+        return TorchSegment
+    if backend == "triton":
+        try:
+            from kernels.segment import TritonSegment
+        except ImportError as e:  # pragma: no cover - depends on the kernels package state
+            raise NotImplementedError(f"backend='triton' is not available: {e}") from e
+        return TritonSegment
+    raise ValueError(f"backend must be 'torch' or 'triton' here, got {backend!r}")

@@ -1,0 +1,49 @@
+"""Closeness metric and random inputs shared by the tests and benchmarks (DESIGN.md §4)."""
+from __future__ import annotations
+
+import torch
+
+#: Relative-error bounds of the numerics contract, by input dtype.
+RTOL = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (inf for NaN/inf anywhere, or a shape mismatch)."""
+    if ref.shape != out.shape:
+        return float("inf")
+    ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(ref: torch.Tensor, out: torch.Tensor, rtol: float | None = None, name: str = "tensor") -> float:
+    """Assert ``rel_error(ref, out) <= rtol`` (default by ``out``'s dtype); NaN never passes."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    rtol = RTOL.get(out.dtype, 1e-5) if rtol is None else rtol
+    err = rel_error(ref, out)
+    if not err <= rtol:
+        raise AssertionError(f"{name}: relative error {err:.3e} > {rtol:.0e}")
+    return err
+
+
+def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, seed: int = 0, device="cpu"):
+    """Random q, k, v, g, g_gamma for linear attention, fresh from ``seed`` (never zeros).
+
+    ``gates``: ``none`` | ``g`` | ``g_gamma`` | ``both``. Gates are log-sigmoid-like values in
+    (-0.5, -0.01) so decays are real but states do not vanish on short sequences.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = g_gamma = None
+    if gates in ("g", "both"):
+        g = -(torch.rand(B, T, H, generator=gen) * 0.49 + 0.01)
+    if gates in ("g_gamma", "both"):
+        g_gamma = -(torch.rand(H, generator=gen) * 0.2 + 0.01)
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), (None if g is None else g.to(device)), (None if g_gamma is None else g_gamma.to(device))

@@ -1,0 +1,25 @@
+"""Package metadata for lasp: sequence-parallel linear attention (LASP-2) and its hybrid."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lasp",
+    version="0.1.0",
+    description="LASP-2: sequence parallelism for linear-attention and hybrid Llama-style models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lasp", "lasp.*", "kernels", "kernels.*"]),
+    package_data={"lasp": ["py.typed"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "deepspeed>=0.15",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "safetensors>=0.4",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    entry_points={"console_scripts": ["lasp=lasp.cli:main"]},
+)
