@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m lasp.cli train --config configs/train-tiny-hybrid.yaml $(ARGS)
+	$(PY) -m lasp.cli train --config configs/tiny-hybrid.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
