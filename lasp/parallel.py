@@ -56,7 +56,10 @@ def _check_layout(layout: str) -> None:
 
 
 def default_backend() -> str:
-    """``nccl`` when CUDA is usable, ``gloo`` otherwise."""
+    """``$LASP_DIST_BACKEND`` if set (the launch scripts set it), else nccl with CUDA, gloo without."""
+    forced = os.environ.get("LASP_DIST_BACKEND")
+    if forced:
+        return forced
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Launch lasp training with torchrun: one node or many, with elastic restarts.
+set -euo pipefail
+LASP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "${LASP_ROOT}/launch/common.sh"
+
+usage() {
+  cat <<'USAGE'
+usage: launch/torchrun.sh CONFIG [--max-restarts N] [--set key=value ...] [trainer args...]
+
+Runs `python -m lasp.train --config CONFIG ...` on NPROC processes per node under torchrun.
+If a rank dies, torchrun restarts every rank (up to N times) and training resumes from the
+latest checkpoint.
+
+Variables (default):
+  NPROC          processes per node (GPU count; 2 on a CPU-only node)
+  NNODES         number of nodes (1)
+  NODE_RANK      this node's index 0..NNODES-1 (0)
+  MASTER_ADDR    host of node 0 (127.0.0.1)
+  MASTER_PORT    port on node 0 (29500)
+  RDZV_ENDPOINT  host:port of a c10d rendezvous; replaces MASTER_ADDR/MASTER_PORT/NODE_RANK ()
+  RDZV_ID        rendezvous job id (lasp)
+  MAX_RESTARTS   elastic restarts before the job fails (0); --max-restarts N wins
+  PYTHON         interpreter with lasp installed (.venv/bin/python, else python3)
+  LASP_COLLECTIVE_TIMEOUT  seconds a collective waits for a lost peer before failing (600)
+
+Examples:
+  NPROC=4 launch/torchrun.sh configs/tiny-hybrid.yaml --max-restarts 2
+  # 2 nodes x 8 GPUs; run on node 0 and on node 1 (NODE_RANK=1):
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC=8 launch/torchrun.sh configs/linear-llama3-1b.yaml
+USAGE
+}
+
+if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+  usage
+  [[ $# -ge 1 ]] && exit 0 || exit 2
+fi
+CONFIG=$1
+shift
+if [[ ! -f "$CONFIG" ]]; then
+  echo "error: run config '$CONFIG' not found" >&2
+  exit 2
+fi
+
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --max-restarts) MAX_RESTARTS=$2; shift 2 ;;
+    --max-restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+
+PY=$(lasp_python)
+BACKEND=$(lasp_backend)
+NPROC=${NPROC:-auto}
+[[ "$NPROC" == auto ]] && NPROC=$(lasp_default_nproc)
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+SP=$(lasp_sp_size "$CONFIG" "${ARGS[@]}")
+lasp_print_layout "$NNODES" "$NPROC" "$SP" "$BACKEND"
+export LASP_DIST_BACKEND=$BACKEND
+
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  RDZV=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-lasp}")
+else
+  RDZV=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+fi
+
+exec "$PY" -m torch.distributed.run \
+  --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" "${RDZV[@]}" \
+  -m lasp.train --config "$CONFIG" "${ARGS[@]}"
