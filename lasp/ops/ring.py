@@ -1,0 +1,148 @@
+"""Ring attention (baseline): K/V blocks travel around a P2P ring, merged by log-sum-exp.
+
+Forward, on rank r, for steps ``s = 0 .. P-1``: the K/V block of rank ``(r - s) mod P`` (packed
+``[2, B, T_local, H_kv, D]``, input dtype) is here. The exchange that brings the next block
+(isend to ``r+1``, irecv from ``r-1``) is posted BEFORE this block's compute and waited after
+it, so the transfer overlaps the work. Each block yields a normalised partial output and its
+row log-sum-exp (:func:`lasp.ops.softmax_local.block_forward`), merged stably
+(:func:`~lasp.ops.softmax_local.merge_partial`). The causal mask is over GLOBAL positions of
+the layout; blocks the mask hides are skipped (the block still travels on):
+
+- ``contiguous``: blocks from later ranks are skipped, so rank r does r+1 blocks of work
+  (unbalanced, as causal softmax is on that layout);
+- ``zigzag``: for ``j < r`` only the first half of block j's keys is visible (to all local
+  queries), for ``j > r`` only the local second half of the queries sees block j: every
+  off-diagonal step is half a block of work on every rank (balanced).
+
+Backward: the K/V ring runs again; a ``dK/dV`` accumulator (float32) travels with each block,
+each rank adds its contribution, and after P hops every accumulator is back at its owner.
+
+Communication per rank and call (``e`` = bytes per element of the input dtype), as recorded
+by :mod:`lasp.comm` (sends; the matching receives are the same sizes):
+
+- forward: ``P-1`` sends of ``2 * B * T_local * H_kv * D * e`` bytes (the K/V block);
+- backward: ``P-1`` K/V sends of that size, and ``P`` sends of ``2 * B * T_local * H_kv * D * 4``
+  bytes (the float32 dK/dV accumulator).
+
+All grow linearly with the sequence length; ``P-1`` (resp. ``2P-1``) dependent steps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..parallel import global_positions, group_rank_size
+from .softmax_local import (
+    block_backward,
+    block_forward,
+    causal_block_plan,
+    group_queries,
+    merge_partial,
+    sdpa_attention,
+    ungroup_queries,
+)
+
+_FWD_TAG = "ring.fwd"
+_BWD_KV_TAG = "ring.bwd.kv"
+_BWD_DKV_TAG = "ring.bwd.dkv"
+
+
+def ring_neighbours(group) -> tuple[int, int]:
+    """GLOBAL ranks of the next (``r+1``) and previous (``r-1``) member of ``group``'s ring."""
+    rank, size = group_rank_size(group)
+    return dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
+
+
+def ring_shift(t: torch.Tensor, group, tag: str):
+    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``."""
+    nxt, prv = ring_neighbours(group)
+    buf = torch.empty_like(t)
+    return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)
+
+
+def _wait(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H_kv, D]`` -> float32 ``[B, H_kv, T, D]``."""
+    return x.float().transpose(1, 2)
+
+
+class RingSoftmax(torch.autograd.Function):
+    """Ring attention over ``group``: q ``[B, T_local, H, D]``, k/v ``[B, T_local, H_kv, D]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, group, layout):
+        rank, size = group_rank_size(group)
+        h_kv, T = k.shape[2], q.shape[1] * size
+        qg = group_queries(q, h_kv)  # [B, H_kv, R, T_local, D] float32
+        q_pos = global_positions(T, rank, size, layout)
+        o = torch.zeros_like(qg)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=qg.device)
+        cur = torch.stack([k, v])
+        for s in range(size):
+            if s < size - 1:
+                nxt, works = ring_shift(cur, group, _FWD_TAG)  # overlaps this block's compute
+            src = (rank - s) % size
+            plan = causal_block_plan(q_pos, global_positions(T, src, size, layout), causal, q.device)
+            if plan is not None:
+                kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
+                r = plan.rows
+                ob, lb = block_forward(qg[..., r, :], kb, vb, scale, plan.mask)
+                o[..., r, :], lse[..., r] = merge_partial(o[..., r, :], lse[..., r], ob, lb)
+            if s < size - 1:
+                _wait(works)
+                cur = nxt
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.causal, ctx.group, ctx.layout = scale, causal, group, layout
+        return ungroup_queries(o).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        scale, causal, group, layout = ctx.scale, ctx.causal, ctx.group, ctx.layout
+        rank, size = group_rank_size(group)
+        h_kv, T = k.shape[2], q.shape[1] * size
+        qg, dog = group_queries(q, h_kv), group_queries(do, h_kv)
+        delta = (dog * o).sum(-1)
+        q_pos = global_positions(T, rank, size, layout)
+        dq = torch.zeros_like(qg)
+        B, T_local, _, D = k.shape
+        cur = torch.stack([k, v])
+        dkv_in, dkv_works, dkv_sent = None, [], None
+        for s in range(size):
+            if s < size - 1:
+                nxt, works = ring_shift(cur, group, _BWD_KV_TAG)
+            src = (rank - s) % size
+            acc = torch.zeros(2, B, h_kv, T_local, D, dtype=torch.float32, device=q.device)
+            plan = causal_block_plan(q_pos, global_positions(T, src, size, layout), causal, q.device)
+            if plan is not None:
+                kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
+                r, c = plan.rows, plan.cols
+                dq_b, dk_b, dv_b = block_backward(
+                    qg[..., r, :], kb, vb, dog[..., r, :], lse[..., r], delta[..., r], scale, plan.mask
+                )
+                dq[..., r, :] += dq_b
+                acc[0][:, :, c] += dk_b
+                acc[1][:, :, c] += dv_b
+            if s > 0:  # the accumulator of the block we hold now, sent by the previous rank
+                _wait(dkv_works)
+                acc += dkv_in
+            dkv_sent = acc  # keep the sent tensor alive until its send completes
+            dkv_in, dkv_works = ring_shift(dkv_sent, group, _BWD_DKV_TAG)
+            if s < size - 1:
+                _wait(works)
+                cur = nxt
+        _wait(dkv_works)  # after P hops our own block's accumulator is back
+        dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv_in)
+        return ungroup_queries(dq).to(q.dtype), dk, dv, None, None, None, None
+
+
+def ring_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str) -> torch.Tensor:
+    """Ring attention on validated inputs (see :func:`lasp.softmax_attention`)."""
+    if group_rank_size(group)[1] == 1:
+        return sdpa_attention(q, k, v, causal=causal, scale=scale)
+    return RingSoftmax.apply(q, k, v, scale, causal, group, layout)
