@@ -1,0 +1,175 @@
+"""``ModelConfig``: the Linear-Llama3 model family as a typed dataclass <-> YAML.
+
+Every field has a default, so a YAML file lists only what differs. Loading is strict: an
+unknown key, a wrong type or an inconsistent shape is a ``ValueError`` that names the key and
+the file (``source``) it came from.
+
+The depth is ``layer_pattern`` repeated: ``"L"`` = pure linear, ``"S"`` = plain Llama,
+``"LLLS"`` = 1/4 softmax, ``"LLLLLLLS"`` = 1/8, ``"LS"`` = 1/2. ``num_layers`` must be a
+multiple of the pattern's length (a full-depth pattern is allowed too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from ..ops.checks import LINEAR_METHODS, SOFTMAX_METHODS, BACKENDS
+
+LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
+FEATURE_MAPS = ("identity", "elu+1", "silu", "relu")
+LAYER_KINDS = {"L": "linear", "S": "softmax"}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a Linear-Llama3 model (Llama-3 decoder, linear/softmax token mixers).
+
+    Linear layers use ``num_heads`` heads for q, k and v (linear attention has no GQA);
+    softmax layers use ``num_kv_heads`` key/value heads (GQA). ``head_dim = hidden_size // num_heads``.
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None -> num_heads (softmax layers only)
+    layer_pattern: str = "L"
+    # linear layers
+    linear_variant: str = "basic"
+    feature_map: str = "identity"
+    output_norm: bool = True  # RMSNorm over each head's output before o_proj (TransNormerLLM / LASP-2)
+    linear_rope: bool = False  # also rotate q/k of linear layers (global positions)
+    gate_low_rank_dim: int = 16  # simple_gla: hidden -> rank -> heads gate projection
+    gate_logit_normalizer: float = 16.0  # simple_gla: g = logsigmoid(gate) / normalizer
+    linear_method: str = "lasp2"
+    linear_backend: str = "auto"
+    # softmax layers
+    softmax_method: str = "allgather"
+    # shared
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    initializer_range: float = 0.02
+    max_seq_len: int = 2048  # context the model is meant for (model-info's default seq len)
+    description: str = field(default="", metadata={"doc": "free text, ignored by the model"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the softmax layers."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def layer_types(self) -> list[str]:
+        """``"linear"`` / ``"softmax"`` for each of the ``num_layers`` layers."""
+        reps = self.num_layers // len(self.layer_pattern)
+        return [LAYER_KINDS[c] for c in self.layer_pattern * reps]
+
+    @property
+    def softmax_fraction(self) -> float:
+        return self.layer_pattern.count("S") / len(self.layer_pattern)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "ModelConfig") -> None:
+        """Raise ``ValueError("<source>: <key> ...")`` on the first inconsistent field."""
+
+        def fail(key: str, msg: str) -> None:
+            raise ValueError(f"{source}: {key} {msg}")
+
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), f.type, fail))
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "gate_low_rank_dim", "max_seq_len"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be a positive integer, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads != 0:
+            fail("num_heads", f"={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.head_dim % 2 != 0:
+            fail("num_heads", f"gives an odd head_dim={self.head_dim} (hidden_size / num_heads); RoPE needs it even")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads != 0):
+            fail("num_kv_heads", f"={self.num_kv_heads} must be a positive divisor of num_heads={self.num_heads}")
+        if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
+            fail("layer_pattern", f"must be a non-empty string of the letters L (linear) and S (softmax), got {self.layer_pattern!r}")
+        if self.num_layers % len(self.layer_pattern) != 0:
+            fail("layer_pattern", f"{self.layer_pattern!r} (length {len(self.layer_pattern)}) must divide num_layers={self.num_layers}")
+        choices = {
+            "linear_variant": LINEAR_VARIANTS,
+            "feature_map": FEATURE_MAPS,
+            "linear_method": LINEAR_METHODS,
+            "linear_backend": BACKENDS,
+            "softmax_method": SOFTMAX_METHODS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                fail(key, f"must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("rope_theta", "rms_norm_eps", "initializer_range", "gate_logit_normalizer"):
+            if not getattr(self, key) > 0:
+                fail(key, f"must be > 0, got {getattr(self, key)}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":
+        """Build from a mapping; unknown keys and bad values raise ``ValueError`` naming ``source``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a model config must be a mapping of keys to values, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ValueError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+        cfg = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            setattr(cfg, f.name, d.get(f.name, default))
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Load a YAML file of ``key: value`` pairs (errors name the key and the file)."""
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {e}") from e
+        return cls.from_dict(data if data is not None else {}, source=str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(key: str, value, annotation: str, fail):
+    """Check ``value`` against a dataclass annotation string like ``"int | None"``; return it
+    normalised (floats as float; YAML 1.1 reads ``1e-5`` as a string, accepted for float keys)."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None:
+        if "None" not in parts:
+            fail(key, "must not be empty (null)")
+        return value
+    if "float" in parts and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    allowed = tuple(t for p in parts if p != "None" for t in _TYPES[p])
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        want = " or ".join(p for p in parts if p != "None")
+        fail(key, f"must be {want}, got {value!r} ({type(value).__name__})")
+    return float(value) if "float" in parts else value

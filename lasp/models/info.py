@@ -1,0 +1,138 @@
+"""Closed-form parameter and FLOP counts of a ModelConfig, and ``lasp model-info CONFIG``.
+
+FLOPs are for TRAINING (forward + backward = 3 x forward), per token, counting a multiply-add
+as 2 FLOPs, as used for MFU:
+
+- every weight matrix: ``6 * rows * cols`` per token (the LM head included, tied or not;
+  embedding lookups and norms excluded);
+- a causal softmax layer's attention (QK^T and AV over on average ``T/2`` earlier tokens):
+  ``3 * 2 * 2 * H * D * T / 2 = 6 * hidden * T`` per token, growing with the sequence length T;
+- a linear layer's attention (state update ``k^T v`` and readout ``q S``, ``H`` states of
+  ``D x D``): ``3 * 4 * H * D * D = 12 * hidden * D`` per token, independent of T.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ModelConfig
+
+
+def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
+    """Weights in the matrices of one decoder layer (what matmuls touch per token)."""
+    h, D = cfg.hidden_size, cfg.head_dim
+    mlp = 3 * h * cfg.intermediate_size
+    if kind == "softmax":
+        return mlp + 2 * h * cfg.num_heads * D + 2 * h * cfg.kv_heads * D
+    gate = h * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * cfg.num_heads if cfg.linear_variant == "simple_gla" else 0
+    return mlp + 4 * h * cfg.num_heads * D + gate
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Number of parameters of ``LinearLlamaForCausalLM(cfg)`` (a tied head counts once)."""
+    h = cfg.hidden_size
+    total = h  # final norm
+    for kind in cfg.layer_types:
+        total += 2 * h + _layer_matrices(cfg, kind)
+        if kind == "linear":
+            total += cfg.head_dim if cfg.output_norm else 0
+            total += cfg.num_heads if cfg.linear_variant == "simple_gla" else 0  # gate bias
+    if include_embedding:
+        total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
+    elif not cfg.tie_embeddings:
+        total += cfg.vocab_size * h  # the untied LM head is a real matrix
+    return total
+
+
+def flop_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token, by part: ``matmul``, ``softmax_attention``, ``linear_attention``, ``total``."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    h, D = cfg.hidden_size, cfg.head_dim
+    matrices = sum(_layer_matrices(cfg, kind) for kind in cfg.layer_types) + cfg.vocab_size * h
+    n_soft = cfg.layer_types.count("softmax")
+    n_lin = cfg.num_layers - n_soft
+    parts = {
+        "matmul": 6.0 * matrices,
+        "softmax_attention": 6.0 * n_soft * cfg.num_heads * D * seq_len,
+        "linear_attention": 12.0 * n_lin * cfg.num_heads * D * D,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def count_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (fwd + bwd) FLOPs per token at sequence length ``seq_len`` (for MFU)."""
+    return flop_breakdown(cfg, seq_len)["total"]
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
+    """The text ``lasp model-info`` prints."""
+    n_soft = cfg.layer_types.count("softmax")
+    lines = [
+        f"layers            {cfg.num_layers} (pattern {cfg.layer_pattern!r}: {cfg.num_layers - n_soft} linear, {n_soft} softmax)",
+        f"hidden / heads    {cfg.hidden_size} / {cfg.num_heads} heads of {cfg.head_dim} (softmax kv heads {cfg.kv_heads})",
+        f"mlp / vocab       {cfg.intermediate_size} / {cfg.vocab_size} ({'tied' if cfg.tie_embeddings else 'untied'} embeddings)",
+        f"linear variant    {cfg.linear_variant} (feature map {cfg.feature_map}, output norm {cfg.output_norm})"
+        if n_soft < cfg.num_layers else "linear variant    - (no linear layers)",
+        f"parameters        {count_params(cfg):,} ({_human(count_params(cfg))}); "
+        f"non-embedding {count_params(cfg, include_embedding=False):,}",
+        "training FLOPs per token (fwd+bwd):",
+        f"  {'seq_len':>9}  {'total':>12}  {'matmul':>12}  {'softmax attn':>12}  {'linear attn':>12}",
+    ]
+    for T in seq_lens:
+        p = flop_breakdown(cfg, T)
+        lines.append(
+            f"  {T:>9}  {_human(p['total']):>12}  {_human(p['matmul']):>12}  "
+            f"{_human(p['softmax_attention']):>12}  {_human(p['linear_attention']):>12}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lasp model-info", description="parameter and FLOP counts of a model config")
+    ap.add_argument("config", help="model YAML (configs/models/*.yaml)")
+    ap.add_argument("--seq-len", default=None, help="comma-separated sequence lengths (default: 2048,8192,32768 and max_seq_len)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--check", action="store_true", help="also build the model on the meta device and compare the parameter count")
+    args = ap.parse_args(argv)
+    try:
+        cfg = ModelConfig.from_yaml(args.config)
+        seq_lens = sorted({2048, 8192, 32768, cfg.max_seq_len}) if args.seq_len is None else [int(s) for s in args.seq_len.split(",")]
+        for T in seq_lens:
+            if T < 1:
+                raise ValueError(f"--seq-len values must be positive, got {T}")
+    except (ValueError, OSError) as e:
+        print(f"lasp model-info: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        from .model import LinearLlamaForCausalLM
+
+        built = LinearLlamaForCausalLM(cfg, device="meta").num_parameters()
+        if built != count_params(cfg):
+            print(f"lasp model-info: built model has {built} parameters, formula says {count_params(cfg)}", file=sys.stderr)
+            return 1
+    if args.json:
+        out = {
+            "config": args.config,
+            "parameters": count_params(cfg),
+            "non_embedding_parameters": count_params(cfg, include_embedding=False),
+            "flops_per_token": {str(T): flop_breakdown(cfg, T) for T in seq_lens},
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.config}")
+        print(describe(cfg, seq_lens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

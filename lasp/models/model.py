@@ -1,0 +1,157 @@
+"""Linear-Llama3: a Llama-3 decoder whose token mixers are linear ("L") or softmax ("S")
+attention, following ``ModelConfig.layer_pattern`` over the depth.
+
+Sequence parallelism is transparent: ``model(input_ids, group=..., layout=...)`` takes this
+rank's shard of the tokens, RoPE uses each token's global position, and every mixer calls the
+sequence-parallel operators with the same group and layout. Everything else (embeddings, norms,
+MLPs, the LM head) is per-token, hence local.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..parallel import LAYOUTS, global_positions, group_rank_size
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU, rope_cos_sin
+from .mixers import LinearAttention, SoftmaxAttention
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``[B, T, hidden] -> same``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = (LinearAttention if kind == "linear" else SoftmaxAttention)(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, group=group, layout=layout, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LinearLlamaForCausalLM(nn.Module):
+    """The Linear-Llama3 causal LM. Build on any device, including ``meta`` (no memory)::
+
+        model = LinearLlamaForCausalLM(cfg)                  # or device="meta"
+        logits = model(input_ids, group=sp_group, layout="zigzag")
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList(DecoderLayer(config, i, kind) for i, kind in enumerate(config.layer_types))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        """Llama init: N(0, initializer_range) for projections and embeddings, ones for norms,
+        zeros for the simple_gla gate bias."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied LM head counts once); works on the meta device."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        group=None,
+        layout: str = "contiguous",
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of this rank's tokens.
+
+        Args:
+            input_ids: ``[B, T_local]`` int64, this rank's shard in ``layout`` order.
+            group: SP process group, or None (whole sequence here).
+            layout: ``contiguous`` | ``zigzag`` (token layout over the SP group).
+            positions: ``[T_local]`` global positions; default: from the group's rank/size and
+                the layout with ``T_global = T_local * sp_size``.
+        Returns:
+            ``[B, T_local, vocab_size]`` float32.
+        """
+        cos, sin = self._rope(input_ids, group, layout, positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, group, layout, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, group, layout)
+        return self.logits(self.norm(x))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head (tied or not) on final hidden states ``[B, T, hidden]`` -> float32 logits."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()
+
+    def _rope(self, input_ids, group, layout, positions):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [B, T_local], got {got}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        T = input_ids.shape[1]
+        if positions is None:
+            rank, size = group_rank_size(group)
+            if layout == "zigzag" and size > 1 and T % 2:
+                raise ValueError(f"input_ids' T_local={T} must be even for layout='zigzag'")
+            if size == 1:
+                positions = torch.arange(T, device=input_ids.device)
+            else:
+                positions = global_positions(T * size, rank, size, layout, device=input_ids.device)
+        elif positions.shape != (T,):
+            raise ValueError(f"positions must have shape [T_local] = [{T}], got {list(positions.shape)}")
+        return rope_cos_sin(positions.to(input_ids.device), self.config.head_dim, self.config.rope_theta)
+
+    # ------------------------------------------------------------------ generation
+    def forward_cached(self, input_ids: torch.Tensor, cache: list[dict], start_pos: int) -> torch.Tensor:
+        """Single-process incremental forward for generation.
+
+        ``input_ids [B, T_new]`` are the tokens at positions ``start_pos .. start_pos+T_new-1``;
+        ``cache`` (one dict per layer, from :meth:`new_cache`) holds the linear layers' states and
+        the softmax layers' KV caches and is updated in place. Returns ``[B, T_new, vocab]`` float32.
+        """
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        cos, sin = self._rope(input_ids, None, "contiguous", positions)
+        x = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, cos, sin, cache=layer_cache)
+        return self.logits(self.norm(x))
+
+    def new_cache(self) -> list[dict]:
+        """Empty per-layer caches for :meth:`forward_cached`."""
+        return [{"state": None} if layer.kind == "linear" else {"k": None, "v": None} for layer in self.layers]
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **sampling) -> torch.Tensor:
+        """Sample a continuation (single process). See :func:`lasp.models.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
+
