@@ -1,6 +1,10 @@
 """Shared fixtures: ``spawn(P)`` gives a pool of P gloo processes (see lasp.spawn)."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
 import pytest
 import torch
 

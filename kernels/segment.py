@@ -1,0 +1,103 @@
+"""``TritonSegment``: the LASP-2 segment protocol (see :mod:`lasp.ops.segment`) on Triton kernels.
+
+Every step calls the kernels of :mod:`kernels.simple_gla` explicitly; no autograd graph is
+built. Forward: gate summaries and the chunk states/summary (constructor, before the
+all-gather), the local output (``compute_local``, overlapping it), the inter part
+(``output``). Backward: ``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv``
+from ``dO`` (``backward_output``, overlapping the all-gather), the summary's share
+(``backward_summary``) and the gate gradients (``grads``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import simple_gla as sg
+from .utils import DEFAULT_CHUNK, check_chunk_size, check_device, check_head_dim
+
+
+class TritonSegment:
+    """One segment's compute on Triton kernels; same constructor as ``TorchSegment``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, fp16 or bf16; K, V powers of two 16..256).
+        g: ``[B, T, H]`` log gates or None; g_gamma: ``[H]`` log decay or None.
+        scale: output scale. chunk_size: 16, 32 or 64 tokens per chunk.
+    """
+
+    def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = DEFAULT_CHUNK):
+        check_device(q)
+        check_head_dim(q.shape[-1], "K (q/k head dim)")
+        check_head_dim(v.shape[-1], "V (v head dim)")
+        check_chunk_size(chunk_size)
+        self.q, self.k, self.v = (x.detach().contiguous() for x in (q, k, v))
+        self.g_dtype = None if g is None else g.dtype
+        self.gg_dtype = None if g_gamma is None else g_gamma.dtype
+        self.scale, self.BT = float(scale), chunk_size
+        B, T, H, _ = q.shape
+        with torch.no_grad():
+            self.gates = sg.chunk_gates(
+                None if g is None else g.detach().contiguous(),
+                None if g_gamma is None else g_gamma.detach().contiguous(),
+                B, T, H, self.BT, q.device,
+            )
+            self.h, self.M = sg.chunk_fwd_h(self.k, self.v, self.gates, self.BT)
+        self.logA = self.gates.logA if self.gates is not None else self.M.new_zeros(B, H)
+        self._do = self._do_src = self.dh = self.dq = self.dk = self.dv = None
+        self._c = self.M.new_zeros(B, H)  # gradient reaching logA (<dM, M> + dlogA)
+
+    def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logA [B, H], M [B, H, K, V])`` float32."""
+        return self.logA, self.M
+
+    def compute_local(self) -> None:
+        self.o_local = sg.chunk_fwd_o(self.q, self.k, self.v, self.gates, self.h, self.scale, self.BT)
+
+    def output(self, state: torch.Tensor) -> torch.Tensor:
+        """``o [B, T, H, V]`` float32 given the state ``[B, H, K, V]`` entering the segment."""
+        self.state = state.detach().float().contiguous()
+        o = sg.chunk_fwd_inter(self.q, self.gates, self.state, self.o_local, self.scale, self.BT)
+        self.o_local = None
+        return o
+
+    def _grad_out(self, do: torch.Tensor) -> torch.Tensor:
+        return do.detach().to(self.q.dtype).contiguous()
+
+    def state_grad(self, do: torch.Tensor) -> torch.Tensor:
+        """``dL/dS_in [B, H, K, V]`` float32 from this segment's ``dO [B, T, H, V]``."""
+        self._do_src, self._do = do, self._grad_out(do)
+        self.dh, ds = sg.chunk_bwd_dh(self.q, self._do, self.gates, self.scale, self.BT)
+        return ds
+
+    def backward_output(self, do: torch.Tensor) -> None:
+        if self._do is None or do is not self._do_src:  # state_grad ran on another dO
+            self.state_grad(do)
+        do = self._do
+        dq, dk = sg.chunk_bwd_dqk(self.q, self.k, self.v, do, self.gates, self.h, self.state, self.dh, self.scale, self.BT)
+        dv = sg.chunk_bwd_dv(self.q, self.k, do, self.gates, self.dh, self.scale, self.BT)
+        self.dq = dq if self.dq is None else self.dq + dq
+        self.dk = dk if self.dk is None else self.dk + dk
+        self.dv = dv if self.dv is None else self.dv + dv
+        self.h = self.dh = None
+
+    def backward_summary(self, dM: torch.Tensor, dlogA: torch.Tensor) -> None:
+        """Add the gradients due to the summary's own gradient ``dM [B, H, K, V]``, ``dlogA [B, H]``."""
+        if self.dk is None:
+            self.dk = torch.zeros(self.k.shape, dtype=torch.float32, device=self.k.device)
+            self.dv = torch.zeros(self.v.shape, dtype=torch.float32, device=self.v.device)
+        dM = dM.detach().float().contiguous()
+        sg.summary_bwd(self.k, self.v, self.gates, dM, self.dk, self.dv, self.BT)
+        if self.gates is not None:
+            self._c = self._c + (dM * self.M).sum((-1, -2)) + dlogA.detach().float()
+
+    def grads(self):
+        """``(dq, dk, dv, dg, dg_gamma)`` in the inputs' dtypes (None where there is no input)."""
+        dq = self.dq if self.dq is not None else torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
+        dk = self.dk if self.dk is not None else torch.zeros_like(dq)
+        dv = self.dv if self.dv is not None else torch.zeros(self.v.shape, dtype=torch.float32, device=self.v.device)
+        dg = dgg = None
+        if self.gates is not None:
+            da, dsum = sg.chunk_bwd_dg(self.q, self.k, dq, dk, self._c.contiguous(), self.BT)
+            dg = None if self.g_dtype is None else da.to(self.g_dtype)
+            dgg = None if self.gg_dtype is None else dsum.sum(0).to(self.gg_dtype)
+        dt = self.q.dtype
+        return dq.to(dt), dk.to(dt), dv.to(self.v.dtype), dg, dgg

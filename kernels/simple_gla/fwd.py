@@ -1,0 +1,227 @@
+"""Forward kernels of chunked gated linear attention, split the way LASP-2 needs them.
+
+For one segment (a rank's tokens) with no incoming state:
+
+1. :func:`chunk_gates`  per-chunk log-decay summaries (:class:`~.common.Gates`);
+2. :func:`chunk_fwd_h`  the state entering every chunk and the segment summary ``M``
+   (with ``logA`` from step 1 this is what LASP-2 all-gathers);
+3. :func:`chunk_fwd_o`  the local output: intra-chunk part plus earlier chunks of the segment
+   (runs while the all-gather is in flight);
+4. :func:`chunk_fwd_inter`  adds ``scale * (q * e^G) @ S_in`` once the incoming state is known.
+
+All states and outputs are float32; inputs fp32, fp16 or bf16.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import block, low_precision_dots, maybe_autotune
+from .common import Gates, mm, n_chunks
+
+
+@triton.jit
+def chunk_gates_kernel(
+    g_ptr, gg_ptr, b_ptr, bt_ptr, gs_ptr, ge_ptr, la_ptr, T, N,
+    H: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, HAS_GG: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    i_b = bh // H
+    i_h = bh % H
+    o = tl.arange(0, BT)
+    carry = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    for n in range(0, N):
+        t = n * BT + o
+        m = t < T
+        a = tl.zeros([BT], dtype=tl.float32)
+        if HAS_G:
+            a += tl.load(g_ptr + (i_b * T + t).to(tl.int64) * H + i_h, mask=m, other=0.0).to(tl.float32)
+        if HAS_GG:
+            a += tl.where(m, tl.load(gg_ptr + i_h).to(tl.float32), 0.0)
+        tl.store(b_ptr + bh.to(tl.int64) * T + t, tl.cumsum(a, axis=0), mask=m)
+        tot = tl.sum(a, axis=0)
+        tl.store(bt_ptr + bh * N + n, tot)
+        tl.store(gs_ptr + bh * N + n, carry)
+        carry += tot
+    tl.store(la_ptr + bh, carry)
+    rev = carry * 0.0
+    for j in range(0, N):  # suffix sums, summed from the end so they stay exact near it
+        n = N - 1 - j
+        t = n * BT + o
+        m = t < T
+        a = tl.zeros([BT], dtype=tl.float32)
+        if HAS_G:
+            a += tl.load(g_ptr + (i_b * T + t).to(tl.int64) * H + i_h, mask=m, other=0.0).to(tl.float32)
+        if HAS_GG:
+            a += tl.where(m, tl.load(gg_ptr + i_h).to(tl.float32), 0.0)
+        tl.store(ge_ptr + bh * N + n, rev)
+        rev += tl.sum(a, axis=0)
+
+
+@maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
+@triton.jit
+def chunk_fwd_h_kernel(
+    k_ptr, v_ptr, b_ptr, bt_ptr, h_ptr, m_ptr, T, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, LOWP: tl.constexpr,
+):
+    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = bh // H
+    i_h = bh % H
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    o = tl.arange(0, BT)
+    kv = ok[:, None] * V + ov[None, :]
+    h_base = bh.to(tl.int64) * N * K * V
+    h = tl.zeros([BK, BV], dtype=tl.float32)
+    for n in range(0, N):
+        tl.store(h_ptr + h_base + n * K * V + kv, h)
+        t = n * BT + o
+        m = t < T
+        row = (i_b * T + t).to(tl.int64) * H + i_h
+        kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
+        vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
+        if USE_G:
+            bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
+            tot = tl.load(bt_ptr + bh * N + n)
+            kd = kk.to(tl.float32) * tl.exp(tot - bb)[:, None]
+            h = h * tl.exp(tot) + mm(tl.trans(kd), vv, k_ptr, LOWP)
+        else:
+            h += mm(tl.trans(kk), vv, k_ptr, LOWP)
+    tl.store(m_ptr + bh.to(tl.int64) * K * V + kv, h)
+
+
+@maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
+@triton.jit
+def chunk_fwd_o_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, scale, T, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, LOWP: tl.constexpr,
+):
+    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = bh // H
+    i_h = bh % H
+    ov = i_v * BV + tl.arange(0, BV)
+    o = tl.arange(0, BT)
+    t = n * BT + o
+    m = t < T
+    row = (i_b * T + t).to(tl.int64) * H + i_h
+    h_base = (bh.to(tl.int64) * N + n) * K * V
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, K // BK):
+        ok = i_k * BK + tl.arange(0, BK)
+        qq = tl.load(q_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
+        kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
+        s += mm(qq, tl.trans(kk), q_ptr, LOWP)
+        hh = tl.load(h_ptr + h_base + ok[:, None] * V + ov[None, :])
+        acc += mm(qq, hh, q_ptr, LOWP)
+    causal = (o[:, None] >= o[None, :]) & m[:, None]
+    if USE_G:
+        bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
+        acc = acc * tl.exp(bb)[:, None]
+        s = tl.where(causal, s * tl.exp(bb[:, None] - bb[None, :]), 0.0)
+    else:
+        s = tl.where(causal, s, 0.0)
+    vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
+    acc += mm(s, vv, q_ptr, LOWP)
+    tl.store(o_ptr + row[:, None] * V + ov[None, :], acc * scale, mask=m[:, None])
+
+
+@maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
+@triton.jit
+def chunk_fwd_inter_kernel(
+    q_ptr, b_ptr, gs_ptr, s_ptr, ol_ptr, o_ptr, scale, T, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, LOWP: tl.constexpr,
+):
+    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = bh // H
+    i_h = bh % H
+    ov = i_v * BV + tl.arange(0, BV)
+    t = n * BT + tl.arange(0, BT)
+    m = t < T
+    row = (i_b * T + t).to(tl.int64) * H + i_h
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, K // BK):
+        ok = i_k * BK + tl.arange(0, BK)
+        qq = tl.load(q_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
+        ss = tl.load(s_ptr + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :])
+        acc += mm(qq, ss, q_ptr, LOWP)
+    if USE_G:
+        bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
+        acc = acc * tl.exp(tl.load(gs_ptr + bh * N + n) + bb)[:, None]
+    o_offs = row[:, None] * V + ov[None, :]
+    acc = acc * scale + tl.load(ol_ptr + o_offs, mask=m[:, None], other=0.0)
+    tl.store(o_ptr + o_offs, acc, mask=m[:, None])
+
+
+def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, BT: int, device) -> Gates | None:
+    """Per-chunk log-decay summaries of ``a = g + g_gamma`` (``None`` when both are None).
+
+    g: ``[B, T, H]`` contiguous or None; g_gamma: ``[H]`` or None.
+    """
+    if g is None and g_gamma is None:
+        return None
+    N = n_chunks(T, BT)
+    f32 = dict(dtype=torch.float32, device=device)
+    b = torch.empty(B, H, T, **f32)
+    bt, gs, ge = (torch.empty(B, H, N, **f32) for _ in range(3))
+    logA = torch.empty(B, H, **f32)
+    chunk_gates_kernel[(B * H,)](
+        g if g is not None else b, g_gamma if g_gamma is not None else b, b, bt, gs, ge, logA, T, N,
+        H=H, BT=BT, HAS_G=g is not None, HAS_GG=g_gamma is not None,
+    )
+    return Gates(b, bt, gs, ge, logA)
+
+
+def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, gates: Gates | None, BT: int):
+    """States entering each chunk ``h [B, H, N, K, V]`` and the segment summary ``M [B, H, K, V]``.
+
+    k ``[B, T, H, K]``, v ``[B, T, H, V]`` contiguous; zero state entering the segment.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = n_chunks(T, BT)
+    BK, BV = block(K), block(V)
+    h = torch.empty(B, H, N, K, V, dtype=torch.float32, device=k.device)
+    M = torch.empty(B, H, K, V, dtype=torch.float32, device=k.device)
+    b, bt = (gates.b, gates.bt) if gates is not None else (h, h)
+    chunk_fwd_h_kernel[(K // BK, V // BV, B * H)](
+        k, v, b, bt, h, M, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
+    )
+    return h, M
+
+
+def chunk_fwd_o(q, k, v, gates: Gates | None, h: torch.Tensor, scale: float, BT: int) -> torch.Tensor:
+    """The segment-local output ``[B, T, H, V]`` float32: intra-chunk plus earlier chunks' states."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = n_chunks(T, BT)
+    BK, BV = block(K), block(V)
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    chunk_fwd_o_kernel[(V // BV, N, B * H)](
+        q, k, v, gates.b if gates is not None else h, h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
+    )
+    return o
+
+
+def chunk_fwd_inter(q, gates: Gates | None, state: torch.Tensor, o_local: torch.Tensor, scale: float, BT: int) -> torch.Tensor:
+    """``o_local + scale * (q * e^G) @ state``: the full output ``[B, T, H, V]`` float32.
+
+    state: ``[B, H, K, V]`` float32 contiguous, the state entering the segment.
+    """
+    B, T, H, K = q.shape
+    V = o_local.shape[-1]
+    N = n_chunks(T, BT)
+    BK, BV = block(K), block(V)
+    o = torch.empty_like(o_local)
+    b, gs = (gates.b, gates.gs) if gates is not None else (o, o)
+    chunk_fwd_inter_kernel[(V // BV, N, B * H)](
+        q, b, gs, state, o_local, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
+    )
+    return o
