@@ -1,0 +1,299 @@
+"""Run configuration: typed sections loaded from YAML, ``--set dotted.key=value`` overrides.
+
+A run config has the sections ``model`` (an inline mapping, or the path of a model YAML),
+``parallel``, ``train``, ``data``, ``checkpoint``, ``sample`` and the top-level keys
+``out_dir``, ``deepspeed`` (optional path of an explicit DeepSpeed JSON) and ``tensorboard``.
+Every key is checked: an unknown one is a ValueError that names it and the file it came from.
+The model section is kept as a plain dict here and validated by ``lasp.models.ModelConfig``
+when the trainer builds the model (so this module does not import torch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass
+class ParallelConfig:
+    """Sequence parallelism: ``sp_size`` ranks per SP group, the token ``layout``, and ``nproc``
+    (processes ``lasp train`` starts by itself when not run under a launcher; default sp_size)."""
+
+    sp_size: int = 1
+    layout: str = "contiguous"
+    nproc: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``steps`` counts optimizer steps; one step sees
+    ``micro_batch_size * grad_accum * dp_size`` windows of ``seq_len`` tokens."""
+
+    steps: int = 100
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup: int = 10
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    zero_stage: int = 1
+    dtype: str = "fp32"
+    activation_checkpointing: bool = False
+    log_every: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Training tokens. ``path``: a directory written by ``lasp data prepare``; ``None`` uses the
+    embedded corpus (the Python standard library's sources, prepared on first use into
+    ``cache_dir``, default ``~/.cache/lasp``)."""
+
+    path: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints every ``every`` steps and at the end, under ``dir``
+    (default ``<out_dir>/checkpoints``); ``every: 0`` saves only at the end."""
+
+    dir: str | None = None
+    every: int = 100
+
+
+@dataclass
+class SampleConfig:
+    """The short text generated at the end of a run (rank 0, single process)."""
+
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = 40
+
+
+@dataclass
+class RunConfig:
+    """A whole training run (see the module docstring)."""
+
+    model: dict = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    out_dir: str = "runs/default"
+    deepspeed: str | None = None
+    tensorboard: bool = False
+    #: where the config came from (for error messages); not a config key
+    source: str = field(default="<dict>", compare=False, repr=False)
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
+
+    @property
+    def world_size(self) -> int:
+        """Processes a self-launched run starts (``parallel.nproc``, default ``sp_size``)."""
+        return self.parallel.nproc or self.parallel.sp_size
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>", base_dir: str | None = None) -> "RunConfig":
+        """Build and validate a run config. ``model`` may be a mapping or a model-YAML path
+        (relative paths are tried against the working directory, then ``base_dir``)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a run config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        model = d.pop("model", None)
+        cfg = _build(cls, d, source, prefix="")
+        cfg.model = _load_model_section(model, source, base_dir)
+        cfg.source = source
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "RunConfig":
+        """Load ``path`` and apply ``overrides`` (``dotted.key=value`` strings, values in YAML)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"config: no such run config file {path!r}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a run config must be a mapping, got {type(d).__name__}")
+        base_dir = str(Path(path).resolve().parent)
+        if overrides:
+            d["model"] = _load_model_section(d.get("model"), path, base_dir)
+            for item in overrides:
+                apply_override(d, item)
+        return cls.from_dict(d, source=path, base_dir=base_dir)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_yaml(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Checks that need no data, model or processes (ValueError naming the key)."""
+        from lasp.parallel import LAYOUTS, check_shardable
+
+        p, t, src = self.parallel, self.train, self.source
+        if p.sp_size < 1:
+            raise ValueError(f"{src}: parallel.sp_size must be >= 1, got {p.sp_size}")
+        if p.layout not in LAYOUTS:
+            raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
+        if p.nproc is not None and (p.nproc < 1 or p.nproc % p.sp_size != 0):
+            raise ValueError(
+                f"{src}: parallel.sp_size={p.sp_size} must divide the world size parallel.nproc={p.nproc}"
+            )
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"{src}: train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.warmup < 0:
+            raise ValueError(f"{src}: train.warmup must be >= 0, got {t.warmup}")
+        if not t.lr > 0 or not 0 <= t.min_lr <= t.lr:
+            raise ValueError(f"{src}: need train.lr > 0 and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+        if t.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"{src}: train.zero_stage must be one of {ZERO_STAGES}, got {t.zero_stage}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{src}: train.dtype must be one of {DTYPES}, got {t.dtype!r}")
+        check_shardable(t.seq_len, p.sp_size, p.layout, name="train.seq_len")
+        if self.checkpoint.every < 0:
+            raise ValueError(f"{src}: checkpoint.every must be >= 0, got {self.checkpoint.every}")
+        if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
+            raise ValueError(f"{src}: deepspeed: no such DeepSpeed JSON file {self.deepspeed!r}")
+        if not self.model:
+            raise ValueError(f"{src}: the model section is missing (a mapping or a model YAML path)")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _load_model_section(model: Any, source: str, base_dir: str | None) -> dict:
+    if model is None or isinstance(model, dict):
+        return dict(model or {})
+    if not isinstance(model, str):
+        raise ValueError(f"{source}: model must be a mapping or the path of a model YAML, got {type(model).__name__}")
+    candidates = [model] + ([os.path.join(base_dir, model)] if base_dir and not os.path.isabs(model) else [])
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a model config must be a mapping")
+            return loaded
+    raise ValueError(f"{source}: model: no such model YAML {model!r}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ("source", "model")}
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` as type ``tp`` (int/float/bool/str, optionally ``| None``); ValueError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        tp = args[0]
+    bad = ValueError(f"{source}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def _build(cls, d: Any, source: str, prefix: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: section {prefix.rstrip('.') or '<top>'} must be a mapping, got {d!r}")
+    types_ = _field_types(cls)
+    unknown = [k for k in d if k not in types_]
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown config key {prefix}{unknown[0]!r} (known keys: {', '.join(prefix + k for k in types_)})"
+        )
+    kwargs = {}
+    for name, tp in types_.items():
+        if name not in d:
+            continue
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, d[name] if d[name] is not None else {}, source, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(d[name], tp, prefix + name, source)
+    return cls(**kwargs)
+
+
+def apply_override(d: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` override to the raw config mapping ``d`` in place.
+
+    The value is parsed as YAML (``8``, ``3.0e-4``, ``true``, ``null``, ``[1, 2]``); key
+    checks happen when the config is built, so an unknown key names the override."""
+    if "=" not in item:
+        raise ValueError(f"--set: expected dotted.key=value, got {item!r}")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ValueError(f"--set: bad key {key!r} in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set: {'.'.join(parts[: i + 1])} is not a section (in {item!r})")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Convenience: :meth:`RunConfig.from_yaml`."""
+    return RunConfig.from_yaml(path, overrides)

@@ -1,0 +1,289 @@
+"""Training data: token memmaps, tokenizers, the embedded corpus, deterministic batches.
+
+On disk a dataset is a directory with two files:
+
+- ``tokens.bin``: every token id, back to back, as ``uint16`` (vocab <= 65536) or ``uint32``;
+- ``header.json``: ``{"format": "lasp-tokens", "version": 1, "dtype": "uint16",
+  "num_tokens": N, "vocab_size": V, "tokenizer": "bytes" | "<path of a tokenizers JSON>",
+  "documents": D}``.
+
+Batches are sampled, not iterated: optimizer step ``s`` of a run with seed ``seed`` draws the
+start offsets of its ``grad_accum * dp_size * micro_batch_size`` windows from a generator
+seeded by ``(seed, s)``, so a resumed run sees exactly the batches the uninterrupted one saw.
+Micro-step ``m`` of DP rank ``d`` takes windows ``[(m * dp_size + d) * B, ... + B)``: the global
+batch of a step does not depend on how it is split over DP ranks. Every window has
+``seq_len + 1`` tokens; inputs and next-token labels are cut from the FULL window and only
+then sharded over the SP group in the run's layout (so the label of a shard's last token is
+the first token of the next shard).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+FORMAT = "lasp-tokens"
+VERSION = 1
+HEADER = "header.json"
+TOKENS = "tokens.bin"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+BYTES_VOCAB = 256
+#: separator between documents (byte tokenizer): a NUL byte never occurs in source text
+DOC_SEPARATOR = b"\x00"
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+class ByteTokenizer:
+    """The built-in tokenizer: a token is a UTF-8 byte (vocab 256)."""
+
+    name = "bytes"
+    vocab_size = BYTES_VOCAB
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(int(i) & 0xFF for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizers`` JSON file (imported lazily; ``pip install tokenizers``)."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ValueError(
+                f"tokenizer {path!r} is a tokenizers JSON, but the 'tokenizers' package is not installed "
+                "(pip install tokenizers, or use --tokenizer bytes)"
+            ) from e
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer: no such tokenizers JSON file {path!r}")
+        self.name = os.path.abspath(path)
+        self._tok = Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
+    """``"bytes"``/``None`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`."""
+    if spec in (None, "bytes"):
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def _iter_files(inputs: list[str], pattern: str) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob(pattern) if f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"--input: no such file or directory {item!r}")
+    if not files:
+        raise ValueError(f"--input: no files matching {pattern!r} under {inputs}")
+    return files
+
+
+def prepare(
+    inputs: list[str], output: str, tokenizer: str | None = "bytes", *, pattern: str = "*", files: list[Path] | None = None
+) -> dict:
+    """Tokenize text files (directories are walked for ``pattern``) into a token memmap.
+
+    Documents are separated by a separator token (byte tokenizer: NUL). The directory is
+    written to a temporary sibling and renamed into place, so a crash never leaves a half
+    dataset behind and concurrent preparers do not collide. Returns the header dict.
+    """
+    tok = load_tokenizer(tokenizer)
+    files = files if files is not None else _iter_files(inputs, pattern)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    sep = tok.encode_bytes(DOC_SEPARATOR) if isinstance(tok, ByteTokenizer) else np.zeros(0, dtype=np.int64)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    num_tokens = 0
+    with open(tmp / TOKENS, "wb") as f:
+        for path in files:
+            ids = tok.encode_bytes(path.read_bytes())
+            for chunk in (ids, sep):
+                f.write(np.ascontiguousarray(chunk, dtype=DTYPES[dtype]).tobytes())
+                num_tokens += len(chunk)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype,
+        "num_tokens": num_tokens,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": tok.name,
+        "documents": len(files),
+    }
+    (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if (out / HEADER).is_file():  # somebody else finished first (or it already existed)
+            _rmtree(tmp)
+            return read_header(str(out))
+        raise
+    return header
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stdlib_sources() -> list[Path]:
+    """The Python standard library's own ``.py`` files (no site-packages, no test suites)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1]))
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("LASP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lasp")
+
+
+def embedded_corpus(cache_dir: str | None = None) -> str:
+    """Path of the embedded corpus (stdlib sources, byte tokens), prepared on first use."""
+    import sys
+
+    cache = cache_dir or default_cache_dir()
+    out = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bytes")
+    if not os.path.isfile(os.path.join(out, HEADER)):
+        files = stdlib_sources()
+        if not files:
+            raise ValueError(f"embedded corpus: no .py files under {sysconfig.get_paths()['stdlib']!r}")
+        prepare([], out, "bytes", files=files)
+    return out
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_header(path: str) -> dict:
+    """Read and check ``path/header.json`` against ``path/tokens.bin`` (ValueError naming the file)."""
+    header_path = os.path.join(path, HEADER)
+    tokens_path = os.path.join(path, TOKENS)
+    if not os.path.isdir(path):
+        raise ValueError(f"data.path: no such dataset directory {path!r} (write one with `lasp data prepare`)")
+    if not os.path.isfile(header_path):
+        raise ValueError(f"data.path: {header_path!r} is missing (write the dataset with `lasp data prepare`)")
+    try:
+        with open(header_path, encoding="utf-8") as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{header_path}: corrupt data header (not JSON: {e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{header_path}: corrupt data header (expected format {FORMAT!r})")
+    for key in ("dtype", "num_tokens", "vocab_size"):
+        if key not in header:
+            raise ValueError(f"{header_path}: corrupt data header (missing {key!r})")
+    if header["dtype"] not in DTYPES:
+        raise ValueError(f"{header_path}: corrupt data header (dtype must be one of {list(DTYPES)}, got {header['dtype']!r})")
+    n = header["num_tokens"]
+    if not isinstance(n, int) or n < 0 or not isinstance(header["vocab_size"], int) or header["vocab_size"] < 1:
+        raise ValueError(f"{header_path}: corrupt data header (num_tokens/vocab_size must be non-negative ints)")
+    if not os.path.isfile(tokens_path):
+        raise ValueError(f"data.path: {tokens_path!r} is missing")
+    expected = n * np.dtype(DTYPES[header["dtype"]]).itemsize
+    actual = os.path.getsize(tokens_path)
+    if actual != expected:
+        raise ValueError(
+            f"{header_path}: corrupt data header (num_tokens={n} x {header['dtype']} = {expected} bytes, "
+            f"but {tokens_path} has {actual} bytes)"
+        )
+    return header
+
+
+class TokenDataset:
+    """A read-only memmap of a prepared dataset directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header = read_header(path)
+        self.num_tokens: int = self.header["num_tokens"]
+        self.vocab_size: int = self.header["vocab_size"]
+        self.tokens = np.memmap(os.path.join(path, TOKENS), dtype=DTYPES[self.header["dtype"]], mode="r", shape=(self.num_tokens,))
+
+    def check_fits(self, seq_len: int, model_vocab_size: int | None = None) -> None:
+        """ValueError unless a ``seq_len + 1`` window fits and token ids fit the model's vocab."""
+        if self.num_tokens < seq_len + 1:
+            raise ValueError(f"data.path: {self.path!r} has {self.num_tokens} tokens, fewer than train.seq_len + 1 = {seq_len + 1}")
+        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"data.path: the dataset's vocab_size {self.vocab_size} exceeds the model's vocab_size {model_vocab_size}"
+            )
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a run cuts its global batches (see the module docstring)."""
+
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    dp_size: int
+    seed: int
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.windows_per_step * self.seq_len
+
+
+def window_starts(spec: BatchSpec, step: int, num_tokens: int) -> np.ndarray:
+    """Start offsets of the ``windows_per_step`` windows of optimizer step ``step`` (0-based)."""
+    rng = np.random.Generator(np.random.PCG64([spec.seed, step]))
+    return rng.integers(0, num_tokens - spec.seq_len, size=spec.windows_per_step, dtype=np.int64)
+
+
+def micro_batch(
+    data: TokenDataset, spec: BatchSpec, step: int, micro_step: int, dp_rank: int, sp_rank: int, sp_size: int, layout: str
+):
+    """``(input_ids, labels)``, each ``[micro_batch_size, seq_len / sp_size]`` int64: this rank's
+    SP shard (in ``layout`` order) of its DP rank's windows for ``(step, micro_step)``."""
+    import torch
+
+    from lasp.parallel import shard_sequence
+
+    starts = window_starts(spec, step, data.num_tokens)
+    first = (micro_step * spec.dp_size + dp_rank) * spec.micro_batch_size
+    rows = [np.asarray(data.tokens[s : s + spec.seq_len + 1], dtype=np.int64) for s in starts[first : first + spec.micro_batch_size]]
+    windows = torch.from_numpy(np.stack(rows))
+    inputs, labels = windows[:, :-1], windows[:, 1:]  # shift on the full window, THEN shard
+    return (
+        shard_sequence(inputs, sp_rank, sp_size, layout).contiguous(),
+        shard_sequence(labels, sp_rank, sp_size, layout).contiguous(),
+    )

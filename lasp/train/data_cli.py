@@ -1,0 +1,38 @@
+"""``lasp data prepare --input PATH... --output DIR [--tokenizer bytes|PATH]``: text files to a
+token memmap (see :mod:`lasp.train.data` for the format)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import embedded_corpus, prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lasp data", description="prepare training data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize text files into DIR/tokens.bin + DIR/header.json")
+    p.add_argument("--input", nargs="+", required=True, help="text files and/or directories (walked recursively)")
+    p.add_argument("--output", required=True, help="dataset directory to create")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' (built in, vocab 256) or a tokenizers JSON file")
+    p.add_argument("--pattern", default="*", help="file glob used inside input directories (default: all files)")
+    e = sub.add_parser("embedded", help="prepare the embedded corpus (Python stdlib sources) and print its path")
+    e.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            header = prepare(args.input, args.output, args.tokenizer, pattern=args.pattern)
+            print(
+                f"wrote {args.output}: {header['num_tokens']:,} tokens ({header['dtype']}, vocab {header['vocab_size']}) "
+                f"from {header['documents']} files"
+            )
+        else:
+            print(embedded_corpus(args.cache_dir))
+    except ValueError as err:
+        print(f"lasp data: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``lasp export --checkpoint DIR --output DIR``: a DeepSpeed checkpoint (any ZeRO stage) to one
+consolidated ``model.safetensors`` + ``model.yaml`` (the ``save_pretrained`` format, loadable
+with ``lasp.models.load_pretrained`` and ``lasp generate``).
+
+``--checkpoint`` is either a checkpoint directory (its ``latest`` checkpoint is exported) or
+one checkpoint's tag directory (``.../checkpoints/step00000200``). Runs in one process, no
+launcher: ZeRO-1/2/3 shards are merged by DeepSpeed's ``zero_to_fp32`` consolidation.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+import torch
+
+from .checkpoint import read_latest
+
+MODEL_YAML = "model.yaml"
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """``(checkpoint_dir, tag)`` for a checkpoint root or a tag directory (ValueError otherwise)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint: no such directory {path!r}")
+    tag = read_latest(path)
+    if tag is not None:
+        return path, tag
+    if os.path.isfile(os.path.join(path, MODEL_YAML)):
+        path = os.path.abspath(path)
+        return os.path.dirname(path), os.path.basename(path)
+    raise ValueError(f"--checkpoint: {path!r} is neither a checkpoint directory (with a 'latest' file) nor a checkpoint tag directory (with {MODEL_YAML})")
+
+
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of checkpoint ``tag`` (merging ZeRO shards if any)."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    else:  # ZeRO-0: the module's weights are whole in the model-states file
+        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
+        if not files:
+            raise ValueError(f"--checkpoint: {tag_dir!r} holds no DeepSpeed model states")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export(checkpoint: str, output: str) -> str:
+    """Write ``output/model.yaml`` + ``output/model.safetensors`` from ``checkpoint``; returns ``output``."""
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig, save_pretrained
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    cfg_path = os.path.join(ckpt_dir, tag, MODEL_YAML)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"--checkpoint: {cfg_path!r} is missing (not a checkpoint written by lasp train)")
+    model = LinearLlamaForCausalLM(ModelConfig.from_yaml(cfg_path), device="meta")
+    state = consolidated_state_dict(ckpt_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"--checkpoint: weights of {tag!r} do not match {cfg_path}: missing {missing}, unexpected {unexpected}")
+    save_pretrained(model, output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lasp export", description="export a training checkpoint to safetensors + model YAML")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (uses 'latest') or one checkpoint's tag directory")
+    p.add_argument("--output", required=True, help="output directory (model.yaml + model.safetensors)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    try:
+        out = export(args.checkpoint, args.output)
+    except ValueError as err:
+        print(f"lasp export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}/model.yaml, {out}/model.safetensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
