@@ -46,3 +46,12 @@ def test_segment_attention_matches_chunked():
     ref.backward(do)
     for name, a, b in zip(("q", "k", "v", "g", "g_gamma"), ref_ins, ins):
         assert_close(a.grad, b.grad, name=f"d{name}")
+
+
+@pytest.mark.parametrize("method,layout", [("lasp1", "zigzag"), ("ulysses", "contiguous")])
+def test_baseline_triton_backend_two_ranks(spawn, method, layout):
+    """The Triton segment (under TRITON_INTERPRET=1, set in conftest) driven by the baselines."""
+    full = linear_inputs(1, 32, 2, 16, 16, gates="both", seed=6)
+    do = torch.randn(1, 32, 2, 16, generator=torch.Generator().manual_seed(8))
+    results = spawn(2).run(run_linear, full, do, causal=True, layout=layout, method=method, backend="triton")
+    check_against_oracle(results, full, do, True, layout)
