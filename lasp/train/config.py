@@ -254,7 +254,7 @@ def _build(cls, d: Any, source: str, prefix: str):
     unknown = [k for k in d if k not in types_]
     if unknown:
         raise ValueError(
-            f"{source}: unknown config key {prefix}{unknown[0]!r} (known keys: {', '.join(prefix + k for k in types_)})"
+            f"{source}: unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(prefix + k for k in types_)})"
         )
     kwargs = {}
     for name, tp in types_.items():

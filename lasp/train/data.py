@@ -160,9 +160,13 @@ def _rmtree(path: Path) -> None:
 
 def stdlib_sources() -> list[Path]:
     """The Python standard library's own ``.py`` files (no site-packages, no test suites)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1]))
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)  # prune: never walk site-packages
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return sorted(files)
 
 
 def default_cache_dir() -> str:

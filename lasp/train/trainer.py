@@ -36,6 +36,8 @@ class TrainResult:
     metrics_path: str | None = None
     plot_path: str | None = None
     sample: str | None = None
+    #: the final fp32 weights (rank 0, when ``train(keep_weights=True)``)
+    weights: dict | None = field(default=None, repr=False)
 
 
 def world_size_from_env() -> int:
@@ -113,11 +115,13 @@ def train(
     progress: bool = True,
     sample: bool = True,
     verbose: bool = True,
+    keep_weights: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` on this rank; returns the run's :class:`TrainResult` (same losses on every rank).
 
     ``stop_after``: end right after that optimizer step without a final checkpoint, as if the
-    job were killed there (the resume tests use it).
+    job were killed there (the resume tests use it). ``keep_weights``: return the final fp32
+    weights (rank 0) in ``result.weights``.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
@@ -134,7 +138,7 @@ def train(
         raise ValueError(f"--resume: no checkpoint to resume from in {ckpt_dir!r}")
 
     _quiet_deepspeed()
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _single_process_env()  # DeepSpeed needs a process group, even for one process
     state = init_parallel(cfg.parallel.sp_size)
@@ -204,10 +208,12 @@ def train(
         result.checkpoint_dir = save(last_step)
     result.plot_path = logger.close()
 
-    if sample and cfg.sample.max_new_tokens > 0:
+    want_sample = sample and cfg.sample.max_new_tokens > 0
+    if want_sample or keep_weights:
         weights = full_state_dict(engine, t.zero_stage)  # collective under ZeRO-3: every rank
         if rank == 0:
-            result.sample = generate_sample(mcfg, weights, data, cfg)
+            result.sample = generate_sample(mcfg, weights, data, cfg) if want_sample else None
+            result.weights = weights if keep_weights else None
     if rank == 0 and verbose:
         print_summary(cfg, result)
     return result

@@ -1,0 +1,148 @@
+"""Token memmaps, headers, the embedded corpus, and deterministic sharded batches."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lasp.parallel import unshard_sequence
+from lasp.train import data as D
+from lasp.train.data_cli import main as data_main
+
+
+@pytest.fixture()
+def text_dir(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello world\n" * 50)
+    (src / "b.py").write_text("def f(x):\n    return x + 1\n" * 40)
+    (src / "sub").mkdir()
+    (src / "sub" / "c.txt").write_text("héllo ünïcode\n" * 30)
+    return src
+
+
+@pytest.fixture()
+def dataset(tmp_path, text_dir):
+    out = tmp_path / "ds"
+    D.prepare([str(text_dir)], str(out), "bytes")
+    return D.TokenDataset(str(out))
+
+
+def test_prepare_round_trip(dataset, text_dir):
+    files = sorted(p for p in text_dir.rglob("*") if p.is_file())
+    expected = b"".join(p.read_bytes() + D.DOC_SEPARATOR for p in files)
+    assert dataset.header["dtype"] == "uint16" and dataset.vocab_size == 256
+    assert dataset.num_tokens == len(expected)
+    assert bytes(np.asarray(dataset.tokens, dtype=np.uint8)) == expected
+    assert D.ByteTokenizer().decode(D.ByteTokenizer().encode("héllo")) == "héllo"
+
+
+def test_cli_prepare(tmp_path, text_dir, capsys):
+    assert data_main(["prepare", "--input", str(text_dir / "a.txt"), str(text_dir / "sub"), "--output", str(tmp_path / "o")]) == 0
+    assert "tokens" in capsys.readouterr().out
+    assert D.read_header(str(tmp_path / "o"))["documents"] == 2
+    assert data_main(["prepare", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def _corrupt(path, how):
+    header_path = os.path.join(path, D.HEADER)
+    header = json.loads(open(header_path).read())
+    if how == "not-json":
+        open(header_path, "w").write("{not json")
+        return "not JSON"
+    if how == "wrong-format":
+        header["format"] = "something-else"
+    elif how == "missing-key":
+        del header["num_tokens"]
+    elif how == "bad-dtype":
+        header["dtype"] = "float32"
+    elif how == "size-mismatch":
+        header["num_tokens"] += 7
+    open(header_path, "w").write(json.dumps(header))
+    return {"wrong-format": "expected format", "missing-key": "missing 'num_tokens'", "bad-dtype": "dtype must be one of",
+            "size-mismatch": "bytes"}[how]
+
+
+@pytest.mark.parametrize("how", ["not-json", "wrong-format", "missing-key", "bad-dtype", "size-mismatch"])
+def test_corrupt_header_is_a_clear_error(dataset, how):
+    needle = _corrupt(dataset.path, how)
+    with pytest.raises(ValueError, match="corrupt data header") as err:
+        D.TokenDataset(dataset.path)
+    assert needle in str(err.value) and D.HEADER in str(err.value)
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(ValueError, match="data.path: no such dataset directory"):
+        D.TokenDataset(str(tmp_path / "missing"))
+
+
+def test_check_fits(dataset):
+    with pytest.raises(ValueError, match="fewer than train.seq_len"):
+        dataset.check_fits(dataset.num_tokens)
+    with pytest.raises(ValueError, match="exceeds the model's vocab_size"):
+        dataset.check_fits(16, model_vocab_size=128)
+
+
+def test_windows_deterministic_by_seed_and_step(dataset):
+    spec = D.BatchSpec(seq_len=16, micro_batch_size=2, grad_accum=2, dp_size=2, seed=3)
+    a = D.window_starts(spec, 5, dataset.num_tokens)
+    assert len(a) == spec.windows_per_step == 8
+    assert np.array_equal(a, D.window_starts(spec, 5, dataset.num_tokens))
+    assert not np.array_equal(a, D.window_starts(spec, 6, dataset.num_tokens))
+    assert not np.array_equal(a, D.window_starts(D.BatchSpec(16, 2, 2, 2, seed=4), 5, dataset.num_tokens))
+    assert a.min() >= 0 and a.max() + spec.seq_len + 1 <= dataset.num_tokens
+
+
+@pytest.mark.parametrize("sp,layout", [(1, "contiguous"), (2, "contiguous"), (4, "contiguous"), (2, "zigzag"), (4, "zigzag")],
+                         ids=lambda v: str(v))
+def test_labels_shifted_before_sharding(dataset, sp, layout):
+    spec = D.BatchSpec(seq_len=32, micro_batch_size=3, grad_accum=1, dp_size=1, seed=0)
+    shards = [D.micro_batch(dataset, spec, 2, 0, 0, r, sp, layout) for r in range(sp)]
+    inputs = unshard_sequence([s[0] for s in shards], layout)
+    labels = unshard_sequence([s[1] for s in shards], layout)
+    starts = D.window_starts(spec, 2, dataset.num_tokens)[:3]
+    windows = torch.from_numpy(np.stack([np.asarray(dataset.tokens[s : s + 33], dtype=np.int64) for s in starts]))
+    assert torch.equal(inputs, windows[:, :-1]) and torch.equal(labels, windows[:, 1:])
+    if sp > 1 and layout == "contiguous":  # a shard's last label is the next shard's first input
+        assert torch.equal(shards[0][1][:, -1], shards[1][0][:, 0])
+    for x, y in shards:
+        assert x.shape == y.shape == (3, 32 // sp) and x.dtype == torch.int64
+
+
+def test_dp_split_covers_the_same_global_batch(dataset):
+    """DP ranks' micro-batches together are the single-rank micro-batch (the global batch does
+    not depend on the DP split), micro-step by micro-step."""
+    one = D.BatchSpec(seq_len=16, micro_batch_size=4, grad_accum=2, dp_size=1, seed=1)
+    two = D.BatchSpec(seq_len=16, micro_batch_size=2, grad_accum=2, dp_size=2, seed=1)
+    four = D.BatchSpec(seq_len=16, micro_batch_size=1, grad_accum=2, dp_size=4, seed=1)
+    for micro in range(2):
+        ref = D.micro_batch(dataset, one, 4, micro, 0, 0, 1, "contiguous")[0]
+        for spec in (two, four):
+            parts = [D.micro_batch(dataset, spec, 4, micro, d, 0, 1, "contiguous")[0] for d in range(spec.dp_size)]
+            assert torch.equal(torch.cat(parts), ref)
+
+
+def test_embedded_corpus(tmp_path, monkeypatch):
+    files = D.stdlib_sources()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    monkeypatch.setattr(D, "stdlib_sources", lambda: files[:5])  # keep the test quick
+    path = D.embedded_corpus(str(tmp_path))
+    ds = D.TokenDataset(path)
+    assert ds.header["documents"] == 5 and ds.num_tokens == sum(f.stat().st_size + 1 for f in files[:5])
+    assert D.embedded_corpus(str(tmp_path)) == path  # prepared once, reused
+
+
+def test_tokenizers_json_without_package_is_clear(tmp_path):
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="'tokenizers' package is not installed"):
+            D.load_tokenizer(str(tmp_path / "tok.json"))
+    else:
+        with pytest.raises(ValueError, match="no such tokenizers JSON"):
+            D.load_tokenizer(str(tmp_path / "tok.json"))

@@ -1,0 +1,144 @@
+"""The trainer end to end on spawned gloo ranks: DeepSpeed ZeRO 1/2/3 with SP=4 and SP=2 x DP=2
+follows the single-process SP=1 loss curve; kill-and-resume reproduces the uninterrupted
+curve; export round trip; a bad world size is an error on every rank before any collective.
+
+DeepSpeed start-up is slow, so all 4-rank runs of a module share one pool job.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lasp.spawn import RankError
+from lasp.testing import assert_close
+from lasp.train.config import RunConfig
+from lasp.train.data import prepare, stdlib_sources
+
+STEPS = 10
+RTOL = 1e-4
+MODEL = {  # tiny hybrid: one linear layer, one softmax layer (GQA 2/1)
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "layer_pattern": "LS",
+    "linear_variant": "lightning",
+    "rope_theta": 10000.0,
+}
+# (id, sp_size, layout, zero_stage): 4 ranks, global batch of 4 windows per step in every run
+RUNS = [
+    ("sp4-contiguous-zero1", 4, "contiguous", 1),
+    ("sp4-zigzag-zero2", 4, "zigzag", 2),
+    ("sp4-contiguous-zero3", 4, "contiguous", 3),
+    ("sp2xdp2-zigzag-zero1", 2, "zigzag", 1),
+    ("sp2xdp2-contiguous-zero2", 2, "contiguous", 2),
+    ("sp2xdp2-zigzag-zero3", 2, "zigzag", 3),
+]
+RESUME_RUN = "sp2xdp2-zigzag-zero3"  # also the export source (a ZeRO-3 checkpoint)
+WINDOWS_PER_STEP = 4
+
+
+def run_dict(tmp: str, name: str, sp: int, layout: str, zero: int, world: int) -> dict:
+    dp = world // sp
+    return {
+        "model": dict(MODEL),
+        "parallel": {"sp_size": sp, "layout": layout},
+        "train": {
+            "steps": STEPS, "seq_len": 32, "micro_batch_size": WINDOWS_PER_STEP // dp, "grad_accum": 2,
+            "lr": 1e-2, "warmup": 3, "min_lr": 1e-3, "weight_decay": 0.1, "grad_clip": 1.0, "seed": 7,
+            "zero_stage": zero, "dtype": "fp32",
+        },
+        "data": {"path": os.path.join(tmp, "data")},
+        "checkpoint": {"every": 3},
+        "sample": {"max_new_tokens": 0},
+        "out_dir": os.path.join(tmp, name),
+    }
+
+
+def _train(cfg_dict: dict, **kw):
+    from lasp.train.trainer import train
+
+    torch.set_num_threads(1)
+    return train(RunConfig.from_dict(cfg_dict, source="test"), progress=False, sample=False, verbose=False, **kw)
+
+
+def _four_rank_job(rank: int, world: int, tmp: str) -> dict:
+    out: dict = {}
+    for name, sp, layout, zero in RUNS:
+        out[name] = _train(run_dict(tmp, name, sp, layout, zero, world)).losses
+    # kill-and-resume: same config as RESUME_RUN in a fresh out_dir, stopped after step 6
+    name, sp, layout, zero = next(r for r in RUNS if r[0] == RESUME_RUN)
+    d = run_dict(tmp, "resumed", sp, layout, zero, world)
+    out["stopped"] = _train(d, stop_after=6).losses
+    resumed = _train(d, resume=True, keep_weights=True)
+    out["resumed"], out["resumed_weights"] = resumed.losses, resumed.weights
+    return out if rank == 0 else {}
+
+
+def _one_rank_job(rank: int, world: int, tmp: str) -> list[float]:
+    return _train(run_dict(tmp, "reference", 1, "contiguous", 0, world)).losses
+
+
+def _bad_world_job(rank: int, world: int, tmp: str) -> None:
+    d = run_dict(tmp, "bad", 3, "contiguous", 1, world)
+    d["train"]["seq_len"] = 36
+    _train(d)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, spawn):
+    tmp = str(tmp_path_factory.mktemp("train"))
+    prepare([], os.path.join(tmp, "data"), "bytes", files=stdlib_sources()[:20])
+    reference = spawn(1).run(_one_rank_job, tmp, timeout=300)[0]
+    results = spawn(4).run(_four_rank_job, tmp, timeout=600)[0]
+    return tmp, reference, results
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RUNS])
+def test_loss_curve_matches_sp1(runs, name):
+    _, reference, results = runs
+    ref, out = torch.tensor(reference, dtype=torch.float64), torch.tensor(results[name], dtype=torch.float64)
+    assert len(out) == STEPS
+    assert torch.isfinite(out).all()
+    assert out[-1] < out[0], "the loss must go down"
+    assert ((out - ref).abs() / ref.abs()).max().item() <= RTOL, f"{name}: {out.tolist()} vs SP=1 {ref.tolist()}"
+
+
+def test_kill_and_resume_reproduces_the_curve(runs):
+    tmp, _, results = runs
+    full = results[RESUME_RUN]
+    assert len(results["stopped"]) == 6 and len(results["resumed"]) == STEPS - 6
+    got = torch.tensor(results["stopped"] + results["resumed"], dtype=torch.float64)
+    want = torch.tensor(full, dtype=torch.float64)
+    assert ((got - want).abs() / want.abs()).max().item() <= RTOL
+    with open(os.path.join(tmp, "resumed", "checkpoints", "latest")) as f:
+        assert f.read().strip() == f"step{STEPS:08d}"
+
+
+def test_export_round_trip_same_logits(runs):
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig, load_pretrained
+    from lasp.train.export import main as export_main
+
+    tmp, _, results = runs
+    out_dir = os.path.join(tmp, "exported")
+    assert export_main(["--checkpoint", os.path.join(tmp, "resumed", "checkpoints"), "--output", out_dir]) == 0
+    exported = load_pretrained(out_dir)
+    trained = LinearLlamaForCausalLM(ModelConfig.from_dict(MODEL))
+    trained.load_state_dict(results["resumed_weights"])
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(trained(ids), exported(ids), rtol=1e-6, name="logits")
+
+
+def test_bad_world_size_errors_on_every_rank(runs, spawn):
+    tmp = runs[0]
+    with pytest.raises(RankError) as err:
+        spawn(4).run(_bad_world_job, tmp, timeout=120)
+    msg = str(err.value)
+    for r in range(4):
+        assert f"rank {r} raised" in msg
+    assert "parallel.sp_size=3 must divide the world size 4" in msg
