@@ -10,6 +10,7 @@ import lasp
 from lasp import comm
 from lasp.ops import reference
 from lasp.ops.softmax_local import block_backward, block_forward, group_queries, merge_partial, ungroup_queries
+from lasp.ops.ring import block_work, ring_schedule
 from lasp.parallel import shard_sequence, unshard_sequence
 from lasp.testing import assert_close
 
@@ -98,3 +99,19 @@ def test_blockwise_merge_equals_full_attention():
     assert_close(ins[0].grad, ungroup_queries(dq), name="dq")
     assert_close(ins[1].grad, dk.transpose(1, 2), name="dk")
     assert_close(ins[2].grad, dv.transpose(1, 2), name="dv")
+
+
+@pytest.mark.parametrize("P", [2, 4, 8], ids=lambda p: f"P{p}")
+def test_ring_zigzag_balances_causal_work(P):
+    """Zigzag: every rank computes the same number of query-key pairs (its masked diagonal block,
+    then half a block per step); contiguous: rank r computes r full blocks plus its diagonal."""
+    T_local = 16
+    T = P * T_local
+    zig = [sum(block_work(p, T_local) for p in ring_schedule(r, P, T, "zigzag", True)) for r in range(P)]
+    assert len(set(zig)) == 1
+    assert zig[0] == T_local * T_local + (P - 1) * T_local * T_local // 2  # masked diagonal + half blocks
+    cont = [sum(block_work(p, T_local) for p in ring_schedule(r, P, T, "contiguous", True)) for r in range(P)]
+    assert cont == [(r + 1) * T_local * T_local for r in range(P)]
+    for r in range(P):  # off-diagonal zigzag blocks need no mask at all
+        plans = ring_schedule(r, P, T, "zigzag", True)
+        assert all(p is not None and p.mask is None for p in plans[1:])

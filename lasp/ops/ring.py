@@ -34,6 +34,7 @@ import torch.distributed as dist
 from .. import comm
 from ..parallel import global_positions, group_rank_size
 from .softmax_local import (
+    BlockPlan,
     block_backward,
     block_forward,
     causal_block_plan,
@@ -61,6 +62,27 @@ def ring_shift(t: torch.Tensor, group, tag: str):
     return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)
 
 
+def ring_schedule(rank: int, size: int, T: int, layout: str, causal: bool, device=None) -> list[BlockPlan | None]:
+    """The block plan of every ring step on ``rank``: step s holds the K/V of rank ``(rank - s) mod P``.
+
+    ``None`` marks a block the causal mask hides entirely (skipped; it still travels on).
+    """
+    q_pos = global_positions(T, rank, size, layout)
+    return [
+        causal_block_plan(q_pos, global_positions(T, (rank - s) % size, size, layout), causal, device)
+        for s in range(size)
+    ]
+
+
+def block_work(plan: BlockPlan | None, t_local: int) -> int:
+    """Query-key pairs a plan computes (0 for a skipped block)."""
+    if plan is None:
+        return 0
+    rows = len(range(t_local)[plan.rows])
+    cols = len(range(t_local)[plan.cols])
+    return rows * cols
+
+
 def _wait(works) -> None:
     for w in works:
         w.wait()
@@ -79,15 +101,14 @@ class RingSoftmax(torch.autograd.Function):
         rank, size = group_rank_size(group)
         h_kv, T = k.shape[2], q.shape[1] * size
         qg = group_queries(q, h_kv)  # [B, H_kv, R, T_local, D] float32
-        q_pos = global_positions(T, rank, size, layout)
+        plans = ring_schedule(rank, size, T, layout, causal, q.device)
         o = torch.zeros_like(qg)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=qg.device)
         cur = torch.stack([k, v])
         for s in range(size):
             if s < size - 1:
                 nxt, works = ring_shift(cur, group, _FWD_TAG)  # overlaps this block's compute
-            src = (rank - s) % size
-            plan = causal_block_plan(q_pos, global_positions(T, src, size, layout), causal, q.device)
+            plan = plans[s]  # the block of rank (rank - s) mod P
             if plan is not None:
                 kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
                 r = plan.rows
@@ -108,7 +129,7 @@ class RingSoftmax(torch.autograd.Function):
         h_kv, T = k.shape[2], q.shape[1] * size
         qg, dog = group_queries(q, h_kv), group_queries(do, h_kv)
         delta = (dog * o).sum(-1)
-        q_pos = global_positions(T, rank, size, layout)
+        plans = ring_schedule(rank, size, T, layout, causal, q.device)
         dq = torch.zeros_like(qg)
         B, T_local, _, D = k.shape
         cur = torch.stack([k, v])
@@ -116,9 +137,8 @@ class RingSoftmax(torch.autograd.Function):
         for s in range(size):
             if s < size - 1:
                 nxt, works = ring_shift(cur, group, _BWD_KV_TAG)
-            src = (rank - s) % size
             acc = torch.zeros(2, B, h_kv, T_local, D, dtype=torch.float32, device=q.device)
-            plan = causal_block_plan(q_pos, global_positions(T, src, size, layout), causal, q.device)
+            plan = plans[s]
             if plan is not None:
                 kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
                 r, c = plan.rows, plan.cols
