@@ -108,9 +108,13 @@ def chunk_local(
     chunk_states = k_dec.transpose(-1, -2) @ vc  # [B, H, N, K, V]
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     entering = []
+    # unbind, not chunk_states[:, :, n]: the backward of N indexings writes N full-size zero
+    # tensors (quadratic in T: 50x slower backward at 16K tokens); unbind's backward stacks once
+    states_in = chunk_states.unbind(2)
+    decays = None if chunk_decay is None else chunk_decay.unbind(2)
     for n in range(N):
         entering.append(S)
-        S = S * chunk_decay[:, :, n, None, None] + chunk_states[:, :, n] if chunk_decay is not None else S + chunk_states[:, :, n]
+        S = S * decays[n][:, :, None, None] + states_in[n] if decays is not None else S + states_in[n]
     o = o + q_dec @ torch.stack(entering, dim=2)
     o = (o * scale).reshape(B, H, N * C, V)[:, :, :T]
     return o, S
