@@ -197,3 +197,13 @@ def test_train_cli_refuses_bad_input_before_starting(tmp_path, small_data, capsy
     err = capsys.readouterr().err
     assert needle in err, err
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing started
+
+
+def test_resume_with_another_world_size_or_seed_is_refused(tmp_path):
+    d = str(tmp_path / "ck")
+    checkpoint.save(FakeEngine(), d, 4, {"step": 4, "seed": 1, "world_size": 4}, {}, rank=0)
+    assert checkpoint.check_resumable(d, 4, 1)["step"] == 4
+    with pytest.raises(ValueError, match="written by 4 ranks, this run has 2"):
+        checkpoint.check_resumable(d, 2, 1)
+    with pytest.raises(ValueError, match="train.seed=1, the config says 5"):
+        checkpoint.check_resumable(d, 4, 5)

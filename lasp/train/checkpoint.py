@@ -54,6 +54,33 @@ def read_latest(ckpt_dir: str) -> str | None:
     return tag
 
 
+def read_trainer_state(ckpt_dir: str) -> dict | None:
+    """The client state (step, tokens, seed, world_size, ...) of the latest checkpoint, read
+    from disk without DeepSpeed (None when there is no checkpoint)."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    path = os.path.join(ckpt_dir, tag, TRAINER_STATE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint: cannot read {path}: {e}") from None
+
+
+def check_resumable(ckpt_dir: str, world_size: int, seed: int) -> dict:
+    """ValueError unless the latest checkpoint exists and was written by ``world_size`` ranks
+    with ``seed`` (ZeRO shards are per rank; the data order is per seed)."""
+    state = read_trainer_state(ckpt_dir)
+    if state is None:
+        raise ValueError(f"--resume: no checkpoint to resume from in {ckpt_dir!r}")
+    if state.get("world_size", world_size) != world_size:
+        raise ValueError(f"--resume: the latest checkpoint in {ckpt_dir!r} was written by {state['world_size']} ranks, this run has {world_size}")
+    if state.get("seed", seed) != seed:
+        raise ValueError(f"--resume: the latest checkpoint in {ckpt_dir!r} was trained with train.seed={state['seed']}, the config says {seed}")
+    return state
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict[str, str], rank: int) -> str:
     """Save ``engine`` as ``tag_for(step)`` atomically (see the module docstring); every rank
     calls this. ``extra_files`` (name -> text) are written next to DeepSpeed's files by rank 0.

@@ -179,11 +179,18 @@ def embedded_corpus(cache_dir: str | None = None) -> str:
 
     cache = cache_dir or default_cache_dir()
     out = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bytes")
-    if not os.path.isfile(os.path.join(out, HEADER)):
-        files = stdlib_sources()
-        if not files:
-            raise ValueError(f"embedded corpus: no .py files under {sysconfig.get_paths()['stdlib']!r}")
-        prepare([], out, "bytes", files=files)
+    if os.path.isfile(os.path.join(out, HEADER)):
+        return out
+    import fcntl
+
+    os.makedirs(cache, exist_ok=True)
+    with open(out + ".lock", "w") as lock:  # concurrent ranks: one prepares, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(out, HEADER)):
+            files = stdlib_sources()
+            if not files:
+                raise ValueError(f"embedded corpus: no .py files under {sysconfig.get_paths()['stdlib']!r}")
+            prepare([], out, "bytes", files=files)
     return out
 
 

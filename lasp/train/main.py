@@ -82,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             check_world(cfg, nproc)
             preflight(cfg, nproc)  # errors here, once, before any process starts
             if args.resume:
-                from .checkpoint import read_latest
+                from .checkpoint import check_resumable
 
-                if read_latest(cfg.checkpoint_dir) is None:
-                    raise ValueError(f"--resume: no checkpoint to resume from in {cfg.checkpoint_dir!r}")
+                check_resumable(cfg.checkpoint_dir, nproc, cfg.train.seed)
             if nproc > 1:
                 return launch(argv, nproc)
         from .trainer import train

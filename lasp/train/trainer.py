@@ -134,8 +134,8 @@ def train(
     world = world_size_from_env()
     mcfg, data = preflight(cfg, world)
     ckpt_dir = cfg.checkpoint_dir
-    if resume and checkpoint.read_latest(ckpt_dir) is None:
-        raise ValueError(f"--resume: no checkpoint to resume from in {ckpt_dir!r}")
+    if resume:
+        checkpoint.check_resumable(ckpt_dir, world, t.seed)
 
     _quiet_deepspeed()
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -158,8 +158,6 @@ def train(
     if resume:
         client = checkpoint.load(engine, ckpt_dir)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
-        if client.get("seed", t.seed) != t.seed:
-            raise ValueError(f"--resume: the checkpoint was trained with train.seed={client['seed']}, the config says {t.seed}")
     last_step = min(t.steps, stop_after) if stop_after is not None else t.steps
 
     if rank == 0:
