@@ -7,11 +7,14 @@ must equal the single-process logits, and each parameter's gradient SUMMED over 
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from lasp.models import LinearLlamaForCausalLM, ModelConfig
+from lasp.models.layers import alibi_slopes, fixed_log_decay
 from lasp.parallel import shard_sequence, unshard_sequence
 from lasp.testing import assert_close, rel_error
 
@@ -70,6 +73,35 @@ def test_model_sp_matches_single_process(spawn, P, name, layout, checkpointing):
     for n, p in model.named_parameters():
         got = sum(r[1][n] for r in results)
         assert_close(p.grad, got, name=f"d{n}")
+
+
+METHODS = [("lasp1", "ring"), ("ulysses", "ulysses")]
+
+
+@pytest.mark.parametrize("linear_method,softmax_method", METHODS, ids=[f"{a}+{b}" for a, b in METHODS])
+def test_model_sp_other_methods(spawn, linear_method, softmax_method):
+    """The model is agnostic to the SP method: the baselines give the same logits and grads too."""
+    cfg = ModelConfig(**{**BASE, "num_heads": 4}, layer_pattern="LLLS", linear_variant="lightning", num_kv_heads=2,
+                      linear_method=linear_method, softmax_method=softmax_method)
+    torch.manual_seed(0)
+    model = LinearLlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(1)
+    ids, dlogits = torch.randint(0, cfg.vocab_size, (B, T), generator=gen), torch.randn(B, T, cfg.vocab_size, generator=gen)
+    ref = model(ids)
+    ref.backward(dlogits)
+    results = spawn(2).run(sp_worker, cfg.to_dict(), model.state_dict(), ids, dlogits, "zigzag", False)
+    assert_close(ref, unshard_sequence([r[0] for r in results], "zigzag"), name="logits")
+    for n, p in model.named_parameters():
+        assert_close(p.grad, sum(r[1][n] for r in results), name=f"d{n}")
+
+
+def test_fixed_decays():
+    """Lightning: ALiBi slopes scaled by depth (TransNormerLLM); retention: log(1 - 2^(-5-h)) (RetNet)."""
+    assert fixed_log_decay("lightning", 4, 0, 4) == pytest.approx([-s * (1 + 1e-5) for s in (2**-2, 2**-4, 2**-6, 2**-8)])
+    assert fixed_log_decay("lightning", 4, 3, 4) == pytest.approx([-s * 1e-5 for s in (2**-2, 2**-4, 2**-6, 2**-8)])
+    assert alibi_slopes(8)[0] == pytest.approx(0.5) and len(alibi_slopes(12)) == 12
+    assert fixed_log_decay("retention", 3, 0, 2) == pytest.approx([math.log(1 - 2.0**-5), math.log(1 - 2.0**-6), math.log(1 - 2.0**-7)])
+    assert fixed_log_decay("basic", 4, 0, 4) is None and fixed_log_decay("simple_gla", 4, 0, 4) is None
 
 
 def test_model_sp_bf16(spawn):
