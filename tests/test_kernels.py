@@ -222,3 +222,35 @@ def test_unsupported_head_dims_are_a_clear_error(K, V, what):
     q, k, v, _, _ = linear_inputs(1, 20, 2, K, V)
     with pytest.raises(ValueError, match=f"{what} .*power of two"):
         lasp.linear_attention(q, k, v, backend="triton")
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never compiles: build one variant of every kernel for sm_90 (ptxas
+    included) in a process without TRITON_INTERPRET, so GPU-only compile errors show here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.compile_check", "--quick"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 failing variant(s)" in proc.stdout
+
+
+def test_bench_kernels_cli_on_cpu(tmp_path):
+    """`lasp bench kernels` on the CPU: torch path only, tiny sizes, JSON and table written."""
+    import json
+
+    from lasp.bench import kernels as bench
+
+    rc = bench.main(["--device", "cpu", "--B", "1", "--H", "1", "--T", "64", "--dims", "16", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert {r["provider"] for r in data["results"]} == {"torch"}
+    assert {r["mode"] for r in data["results"]} == {"fwd", "fwdbwd"}
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in data["results"])
+    assert "| fwdbwd | 64 | 16 | torch |" in (tmp_path / "kernels.md").read_text()
+    # the FLOP count of the chunked algorithm (module docstring), per (batch, head)
+    assert bench.chunked_flops(1, 1, 64, 16, 32, "fwd") == 2 * 64 * 64 * 48 + 4 * 64 * 16 * 32

@@ -1,0 +1,89 @@
+"""Compile every kernel variant for a GPU target without a GPU (``python -m kernels.compile_check``).
+
+Catches what the interpreter cannot: code that only fails in Triton's compiler (types of
+loop-carried values, dot shapes, layouts) and shared-memory use per kernel. Needs Triton's
+NVIDIA backend (shipped with the triton wheel) and TRITON_INTERPRET unset.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "g_ptr"}
+#: Hopper's opt-in shared memory per block.
+SMEM_LIMIT = 227 * 1024
+
+
+def signature(fn, input_type: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = input_type if name in INPUT_PTRS else "*fp32"
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def variants(quick: bool):
+    """(kernel name, JITFunction, input pointer type, constexprs, num_warps, num_stages)."""
+    from .simple_gla import bwd, fwd
+
+    def jit(f):
+        return getattr(f, "fn", f) if type(f).__name__ == "Autotuner" else f
+
+    main = [fwd.chunk_fwd_h_kernel, fwd.chunk_fwd_o_kernel, fwd.chunk_fwd_inter_kernel, bwd.chunk_bwd_dh_kernel,
+            bwd.chunk_bwd_dqk_kernel, bwd.chunk_bwd_dv_kernel, bwd.summary_bwd_kernel]
+    dtypes = [("*bf16", True)] if quick else [("*bf16", True), ("*fp16", True), ("*fp32", False)]
+    gates = [True] if quick else [True, False]
+    dims = [(128, 128)] if quick else [(128, 128), (256, 64), (16, 32)]
+    for f, (dt, lowp), use_g, (K, V) in itertools.product(main, dtypes, gates, dims):
+        w, s = 8, 2  # the heaviest of utils.GPU_CONFIGS
+        c = dict(H=16, K=K, V=V, BT=64, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, LOWP=lowp)
+        yield f"{jit(f).__name__}[{dt[1:]} K{K} V{V} g={use_g} w{w}s{s}]", jit(f), dt, c, w, s
+    for dt in ("*bf16", "*fp32"):
+        c = dict(H=16, K=128, BT=64, BK=64)
+        yield f"chunk_bwd_dg_kernel[{dt[1:]}]", bwd.chunk_bwd_dg_kernel, dt, c, 4, 2
+    for hg, hgg in ((True, True), (True, False), (False, True)):
+        c = dict(H=16, BT=64, HAS_G=hg, HAS_GG=hgg)
+        yield f"chunk_gates_kernel[g={hg} gg={hgg}]", fwd.chunk_gates_kernel, "*bf16", c, 4, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    p.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, gated, K=V=128)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for name, fn, dt, consts, w, s in variants(args.quick):
+        t0 = time.perf_counter()
+        try:
+            src = ASTSource(fn=fn, signature=signature(fn, dt, consts), constexprs=consts)
+            kernel = triton.compile(src, target=target, options={"num_warps": w, "num_stages": s})
+            smem = kernel.metadata.shared
+            status = "OK  " if smem <= SMEM_LIMIT else "SMEM"
+            failures += smem > SMEM_LIMIT
+            print(f"{status} {name}: shared {smem / 1024:.1f} KiB, {time.perf_counter() - t0:.1f}s")
+        except Exception as e:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
+    print(f"{failures} failing variant(s) for sm_{args.arch}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared GPU run for the Triton kernels (issue 3): accuracy on CUDA vs the float64 oracle,
+# then `lasp bench kernels` at B=8, H=16, T in {2K, 8K, 32K}, K=V in {64, 128}, bf16, for our
+# Triton path, our torch chunk path and flash-linear-attention's chunk_simple_gla.
+#
+# Runs on a bare CUDA machine with the image's python3 (its torch and triton); the repo is
+# imported from the working tree (PYTHONPATH), nothing is installed except fla from wheels.
+#
+# fla is not on the GPU image and the GPU machine reaches no registry: fetch its wheels here
+# first (pure Python), keep them out of git and carry them along:
+#   .venv/bin/pip download --no-deps -d .wheels flash-linear-attention==0.6.0 fla-core==0.6.0
+#   echo /.wheels/ >> .git/info/exclude
+#   device run: command "bash scripts/gpu_kernel_bench.sh", carry [".wheels"], timeout_s 600
+# Results (kernels.json, kernels.md, kernels.png, log.txt) go to $OUT (the device tool's
+# output folder) or bench-results/gpu-kernels. Extra arguments are passed to `lasp bench kernels`
+# (e.g. --T 8192 --dims 128 for the speed target alone). Exit status 1: the accuracy check failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-bench-results/gpu-kernels}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+unset TRITON_INTERPRET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+  if compgen -G ".wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl && echo "installed fla from .wheels"
+  fi
+  "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_simple_gla available:", fla_fn() is not None)'
+  "$PY" -m lasp.cli bench kernels --check --out "$OUT_DIR" "$@"
+} 2>&1 | tee "$OUT_DIR/log.txt"
+exit "${PIPESTATUS[0]}"
