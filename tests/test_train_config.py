@@ -207,3 +207,15 @@ def test_resume_with_another_world_size_or_seed_is_refused(tmp_path):
         checkpoint.check_resumable(d, 2, 1)
     with pytest.raises(ValueError, match="train.seed=1, the config says 5"):
         checkpoint.check_resumable(d, 4, 5)
+
+
+def test_metrics_resume_drops_redone_steps(tmp_path):
+    log = MetricsLogger(str(tmp_path), rank=0, total_steps=6, progress=False)
+    for s in range(1, 5):
+        log.log(s, 5.0 - s, 1e-3, 100 * s, 1000.0, 0.1)
+    log.close(plot=False)
+    log = MetricsLogger(str(tmp_path), rank=0, total_steps=6, start_step=3, progress=False)  # resumed from step 3
+    log.log(4, 0.5, 1e-3, 400, 1000.0, 0.1)
+    log.close(plot=False)
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4] and json.loads(lines[-1])["loss"] == 0.5

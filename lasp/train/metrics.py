@@ -5,8 +5,8 @@ Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per optimizer step::
     {"step": 12, "loss": 3.21, "lr": 0.0029, "tokens": 49152, "tokens_per_s": 8123.4,
      "step_time_s": 0.5, "peak_memory_mb": 812.3}
 
-``tokens`` counts the tokens trained on so far (all ranks); a resumed run appends to the same
-file (the plot keeps the last entry of each step).
+``tokens`` counts the tokens trained on so far (all ranks); a resumed run keeps the records up
+to its checkpoint's step and appends after them.
 """
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ class MetricsLogger:
         if not self.active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        if start_step == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run starts a fresh log
+        if os.path.exists(self.metrics_path):
+            # a fresh run starts a fresh log; a resumed one drops the steps it will redo
+            keep = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step] if start_step else []
+            with open(self.metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm
