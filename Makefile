@@ -26,8 +26,14 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
 
+# The README's CPU table: one attention layer fwd+bwd, B=1 H=8 D=64 fp32, P=2 and P=4 spawned gloo
+# ranks (one thread each), then the cluster prediction calibrated from it. About 15 min on 2 cores.
+BENCH_OUT ?= bench-results/cpu
 bench: $(STAMP)
-	$(PY) -m lasp.cli bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2 --out bench-results/cpu-p2 $(ARGS)
+	$(PY) -m lasp.cli bench layer --method lasp2,lasp1,ulysses-linear,allgather,ring --seq-len 2K,8K,32K --sp 2,4 \
+		--batch 1 --heads 8 --head-dim 64 --dtype fp32 --warmup 2 --reps 10 --max-seconds-per-point 30 \
+		--out $(BENCH_OUT)/layer $(ARGS)
+	$(PY) -m lasp.cli bench predict --calibrate $(BENCH_OUT)/layer --out $(BENCH_OUT)/predict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,93 @@
+"""Matplotlib (Agg) plots of benchmark records: a metric vs sequence length per series, one
+panel per SP size, and speed-ups of one series over others."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status", "ok") == "ok" and r.get("time_ms") is not None]
+
+
+def _panels(records: list[dict]) -> list[int]:
+    return sorted({r["sp"] for r in records})
+
+
+def _axes(n: int):
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(5.2 * max(n, 1), 4.2), squeeze=False)
+    return fig, axes[0]
+
+
+def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metric: str, ylabel: str, title: str,
+                           logy: bool = True, dashed: tuple[str, ...] = ()) -> str:
+    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``sp``."""
+    ok = _ok(records)
+    panels = _panels(ok) or [0]
+    fig, axes = _axes(len(panels))
+    for ax, sp in zip(axes, panels):
+        lines = defaultdict(list)
+        for r in ok:
+            if r["sp"] == sp and r.get(metric) is not None:
+                lines[r[series]].append((r["seq_len"], r[metric]))
+        for name, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, ls="--" if name in dashed else "-")
+        ax.set_xscale("log", base=2)
+        if logy and lines:
+            ax.set_yscale("log")
+        ax.set_xlabel("total sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, P={sp}" if sp else title)
+        ax.grid(True, which="both", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no successful points", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speedups(records: list[dict], *, series: str, base: str, against: tuple[str, ...], metric: str = "time_ms") -> dict:
+    """``{(other, sp): [(seq_len, time_other / time_base), ...]}`` for points both have."""
+    ok = _ok(records)
+    t = {(r[series], r["sp"], r["seq_len"]): r[metric] for r in ok}
+    out: dict = defaultdict(list)
+    for (name, sp, n), tb in sorted(t.items()):
+        if name != base:
+            continue
+        for other in against:
+            if (other, sp, n) in t and tb > 0:
+                out[(other, sp)].append((n, t[(other, sp, n)] / tb))
+    return dict(out)
+
+
+def plot_speedup(records: list[dict], path: str, *, series: str, base: str, against: tuple[str, ...], title: str) -> str:
+    """Speed-up of ``base`` over each of ``against`` (time ratio) vs sequence length."""
+    sp_data = speedups(records, series=series, base=base, against=against)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (other, sp), pts in sorted(sp_data.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{base} over {other}, P={sp}")
+    ax.axhline(1.0, color="grey", lw=1, ls="--")
+    ax.set_xscale("log", base=2)
+    if sp_data:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no comparable points", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("total sequence length (tokens)")
+    ax.set_ylabel(f"speed-up of {base} (time ratio, x)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,302 @@
+"""``lasp bench predict``: the analytic cost model of :mod:`lasp.bench.costmodel` applied to a
+training step on a cluster, next to the LASP-2 paper's reported speed-ups.
+
+    lasp bench predict --out DIR                        # the paper's setting, A100 defaults
+    lasp bench predict --calibrate bench-results/cpu-p2 --out DIR
+
+Default setting = the LASP-2 paper's (Sun et al., 2025, "LASP-2: Rethinking Sequence
+Parallelism for Linear Attention and Its Hybrid", arXiv 2502.07563): Linear-Llama3-1B
+(``configs/models/linear-llama3-1b.yaml``), 64 A100 GPUs in 8 nodes of 8, SP size 64, batch
+1, total sequence 2K ... 2048K. The paper reports LASP-2's training throughput +36.6% over
+Ring Attention and +15.2% over LASP-1 at 2048K, and +17.8% / +7.3% at 512K.
+
+Hardware assumptions (flags override each):
+
+- A100-80GB SXM: 312 TFLOP/s dense bf16 peak, used at ``--mfu 0.40`` (Megatron-class
+  training of 1B-8B models reaches 40-50% MFU on A100; one factor for matmuls and attention
+  kernels alike);
+- intra-node NVLink 3: 600 GB/s bidirectional = 300 GB/s per direction per GPU; 5 us/message;
+- inter-node InfiniBand HDR 8 x 200 Gb/s per node = 200 GB/s per node = 25 GB/s per GPU per
+  direction; 10 us/message;
+- 50 us per call / dependent step (kernel launch, stream sync, NCCL and Python dispatch): what
+  makes a chain of 63 dependent P2P hops (LASP-1) cost more than one all-gather;
+- the bf16 gradient all-reduce over the 64 GPUs is part of every step (same for all methods).
+
+Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1`` (the paper's "+36.6%").
+
+Calibration (``--calibrate`` a ``lasp bench layer`` results.json): per operator kind the
+effective compute rate ``F`` and fixed cost ``t0`` are fitted by least squares of the measured
+step time against the model's FLOPs of the reference method (``lasp2`` for linear,
+``allgather`` for softmax), then one effective link bandwidth from the residuals of all
+points against the bytes they send; every measured point is then predicted and the error
+printed. ``--use-calibration`` runs the cluster prediction with the fitted ``F`` and bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
+from .layer import seq_len_arg
+from .plots import plot_metric_vs_seq_len
+from .results import fmt_num, load_results, markdown_table, results_doc, write_json
+
+PAPER = {  # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
+    ("ring", 512 * 1024): 17.8,
+    ("lasp1", 512 * 1024): 7.3,
+    ("ring", 2048 * 1024): 36.6,
+    ("lasp1", 2048 * 1024): 15.2,
+}
+PAPER_CITE = "Sun et al. 2025, LASP-2, arXiv 2502.07563"
+DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _lsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x`` (b through the origin when only one x value)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if n < 2 or sxx == 0:
+        return 0.0, (sum(ys) / sum(xs) if sum(xs) else 0.0)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - b * mx, b
+
+
+def _shape_of(rec: dict) -> Shape:
+    e = {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")]
+    return Shape(rec["seq_len"], rec["sp"], rec.get("batch", 1), rec.get("heads", 8), rec.get("kv_heads", rec.get("heads", 8)),
+                 rec.get("head_dim", 64), e, 64, rec.get("layout", "contiguous"))
+
+
+def _flops(rec: dict) -> float:
+    unit = Hardware(peak_flops=1.0, mfu=1.0)
+    return layer_cost(rec["method"], _shape_of(rec), unit)["compute_s"]
+
+
+def calibrate(layer_doc: dict) -> dict:
+    """Fit ``F`` and ``t0`` per kind and one bandwidth; predict every ok point of ``layer_doc``."""
+    ok = [r for r in layer_doc["records"] if r.get("status") == "ok"]
+    fits: dict[str, dict] = {}
+    for kind, ref in (("linear", "lasp2"), ("softmax", "allgather")):
+        pts = [r for r in ok if r["method"] == ref] or [r for r in ok if r.get("kind") == kind]
+        if not pts:
+            continue
+        t0, slope = _lsq([_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts])
+        if slope <= 0:
+            t0, slope = 0.0, sum(r["time_ms"] / 1e3 for r in pts) / sum(_flops(r) for r in pts)
+        fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": max(t0, 0.0), "reference": pts[0]["method"], "points": len(pts)}
+    bw = None
+    num = den = 0.0
+    for r in ok:
+        f = fits.get(r.get("kind", "linear"))
+        if f is None or r["sp"] == 1:
+            continue
+        resid = r["time_ms"] / 1e3 - f["t0_s"] - _flops(r) / f["flops_per_s"]
+        num += r["bytes_per_rank"] ** 2
+        den += r["bytes_per_rank"] * resid
+    if den > 0:
+        bw = num / den
+    rows = []
+    for r in ok:
+        f = fits.get(r.get("kind", "linear"))
+        if f is None:
+            continue
+        hw = Hardware(peak_flops=f["flops_per_s"], mfu=1.0, gpus_per_node=1 << 20, bw_intra=bw or 1e30, bw_inter=bw or 1e30,
+                      lat_intra=0.0, lat_inter=0.0, lat_launch=0.0)
+        pred = f["t0_s"] + layer_cost(r["method"], _shape_of(r), hw)["total_s"]
+        rows.append({"method": r["method"], "seq_len": r["seq_len"], "sp": r["sp"], "measured_ms": r["time_ms"],
+                     "predicted_ms": pred * 1e3, "error_pct": 100 * (pred * 1e3 / r["time_ms"] - 1)})
+    return {"fits": fits, "bandwidth_bytes_per_s": bw, "points": rows}
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hardware) -> list[dict]:
+    recs = []
+    for n in seq_lens:
+        base = step_cost(cfg, n, devices, "lasp2", hw)
+        for m in methods:
+            r = step_cost(cfg, n, devices, m, hw)
+            r.update(sp=devices, status="ok", lasp2_speedup_pct=100 * (base["tokens_per_s"] / r["tokens_per_s"] - 1))
+            recs.append(r)
+    return recs
+
+
+def paper_comparison(records: list[dict]) -> list[dict]:
+    rows = []
+    for (method, n), paper in PAPER.items():
+        hit = [r for r in records if r["method"] == method and r["seq_len"] == n]
+        if not hit:
+            continue
+        ours = hit[0]["lasp2_speedup_pct"]
+        rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
+                     "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
+    return rows
+
+
+# what one hardware knob would have to be for the model to reproduce a paper figure
+KNOBS = {"ring": ("bw_inter", "inter-node bandwidth per GPU", 1e9, "GB/s"),
+         "lasp1": ("lat_launch", "per-call / per-hop overhead", 1e-6, "us")}
+
+
+def match_paper(cfg, devices: int, hw: Hardware, comparison: list[dict]) -> list[dict]:
+    """For each paper figure, bisect (log scale) the knob of ``KNOBS`` that reproduces it."""
+    out = []
+    for c in comparison:
+        field, what, unit, uname = KNOBS[c["versus"]]
+
+        def gap(x: float) -> float:
+            h = dataclasses.replace(hw, **{field: x})
+            a = step_cost(cfg, c["seq_len"], devices, "lasp2", h)["tokens_per_s"]
+            b = step_cost(cfg, c["seq_len"], devices, c["versus"], h)["tokens_per_s"]
+            return 100 * (a / b - 1) - c["paper_pct"]
+
+        lo, hi = getattr(hw, field) / 1e4, getattr(hw, field) * 1e4
+        g_lo, g_hi = gap(lo), gap(hi)
+        value = None
+        if g_lo * g_hi < 0:
+            for _ in range(80):
+                mid = (lo * hi) ** 0.5
+                if (gap(mid) < 0) == (g_lo < 0):
+                    lo = mid
+                else:
+                    hi = mid
+            value = (lo * hi) ** 0.5
+        out.append({"versus": c["versus"], "seq_len": c["seq_len"], "knob": field, "knob_meaning": what,
+                    "assumed": getattr(hw, field) / unit, "needed": None if value is None else value / unit, "unit": uname})
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def report_markdown(doc: dict) -> str:
+    cfg, hw = doc["config"], doc["config"]["hardware"]
+    lines = [
+        "# lasp bench predict", "", f"`{cfg['command']}`", "",
+        f"Model {cfg['model_config']}, {cfg['devices']} devices ({hw['gpus_per_node']} per node), batch 1. Hardware: "
+        f"{hw['peak_flops'] / 1e12:.0f} TFLOP/s peak x MFU {hw['mfu']:.2f}; intra {hw['bw_intra'] / 1e9:.0f} GB/s, "
+        f"inter {hw['bw_inter'] / 1e9:.1f} GB/s per GPU per direction; latency {hw['lat_intra'] * 1e6:.0f}/"
+        f"{hw['lat_inter'] * 1e6:.0f} us per message, {hw['lat_launch'] * 1e6:.0f} us per call.", "",
+    ]
+    headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
+               "grad all-reduce ms", "LASP-2 speed-up"]
+    rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", _k(r["seq_len"]), fmt_num(r["time_ms"]),
+             fmt_num(r["tokens_per_s"], 0), fmt_num(r["dense_s"] * 1e3), fmt_num(r["attention_compute_s"] * 1e3),
+             fmt_num(r["exposed_comm_s"] * 1e3), fmt_num(r["grad_allreduce_s"] * 1e3),
+             "-" if r["method"] == "lasp2" else f"{r['lasp2_speedup_pct']:+.1f}%"] for r in doc["records"]]
+    lines += [markdown_table(headers, rows), ""]
+    if doc.get("paper_comparison"):
+        lines += [f"Against the paper ({PAPER_CITE}; its Linear-Llama3-1B on 64 A100):", ""]
+        rows = [[f"LASP-2 over {c['versus']}", _k(c["seq_len"]), f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
+                 f"{c['difference_pp']:+.1f} pp", f"{c['ratio']:.2f}x" if c["ratio"] is not None else "-"]
+                for c in doc["paper_comparison"]]
+        lines += [markdown_table(["speed-up", "seq len", "paper", "predicted", "difference", "predicted / paper"], rows), ""]
+        for m in doc.get("paper_match", []):
+            needed = "no value in 1e-4..1e4 x the assumption reproduces it" if m["needed"] is None else f"{m['needed']:,.1f} {m['unit']}"
+            lines.append(f"- to reproduce LASP-2 over {m['versus']} at {_k(m['seq_len'])} the model needs {m['knob_meaning']} "
+                         f"= {needed} (assumed {m['assumed']:,.1f} {m['unit']})")
+        lines.append("")
+    cal = doc.get("calibration")
+    if cal:
+        fits = ", ".join(f"{k}: F = {v['flops_per_s'] / 1e9:.2f} GFLOP/s, t0 = {v['t0_s'] * 1e3:.1f} ms (from {v['reference']})"
+                         for k, v in cal["fits"].items())
+        bw = cal["bandwidth_bytes_per_s"]
+        lines += [f"Calibration from `{cfg['calibrate']}`: {fits}; effective bandwidth "
+                  f"{'not resolvable (communication hidden in the noise)' if bw is None else f'{bw / 1e9:.3f} GB/s'}.", ""]
+        rows = [[p["method"], str(p["sp"]), f"{p['seq_len']:,}", fmt_num(p["measured_ms"]), fmt_num(p["predicted_ms"]),
+                 f"{p['error_pct']:+.0f}%"] for p in cal["points"]]
+        lines += [markdown_table(["method", "P", "seq len", "measured ms", "predicted ms", "error"], rows), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
+    ap.add_argument("--devices", type=int, default=64, help="GPUs in the SP group")
+    ap.add_argument("--seq-len", default="2K,8K,32K,128K,512K,2048K", help="total sequence lengths, comma-separated")
+    ap.add_argument("--methods", default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
+    d = Hardware()
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    ap.add_argument("--peak-tflops", type=float, default=d.peak_flops / 1e12, help="per-device dense peak (A100 bf16: 312)")
+    ap.add_argument("--mfu", type=float, default=d.mfu, help="achieved fraction of peak")
+    ap.add_argument("--bw-intra-gbs", type=float, default=d.bw_intra / 1e9, help="GB/s per GPU per direction inside a node")
+    ap.add_argument("--bw-inter-gbs", type=float, default=d.bw_inter / 1e9, help="GB/s per GPU per direction between nodes")
+    ap.add_argument("--lat-intra-us", type=float, default=d.lat_intra * 1e6)
+    ap.add_argument("--lat-inter-us", type=float, default=d.lat_inter * 1e6)
+    ap.add_argument("--lat-launch-us", type=float, default=d.lat_launch * 1e6, help="per call / dependent step")
+    ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
+    ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
+    ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
+    args = ap.parse_args(argv)
+    try:
+        args.seq_len = [seq_len_arg(s) for s in args.seq_len.split(",") if s]
+    except ValueError:
+        ap.error(f"--seq-len must be comma-separated lengths like 512K, got {args.seq_len!r}")
+    args.methods = [m for m in args.methods.split(",") if m]
+    for m in args.methods:
+        if m not in LINEAR_SP:
+            ap.error(f"--methods: unknown method {m!r}; choose from {', '.join(LINEAR_SP)}")
+    if "lasp2" not in args.methods:
+        args.methods.insert(0, "lasp2")
+    if args.devices < 1 or args.gpus_per_node < 1 or any(n < args.devices for n in args.seq_len):
+        ap.error("--devices and --gpus-per-node must be >= 1 and every --seq-len >= --devices")
+    for name in ("peak_tflops", "mfu", "bw_intra_gbs", "bw_inter_gbs"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.use_calibration and not args.calibrate:
+        ap.error("--use-calibration needs --calibrate")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from ..models import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_yaml(args.config)
+    except (ValueError, OSError) as e:
+        print(f"lasp bench predict: --config: {e}", file=sys.stderr)
+        return 2
+    hw = Hardware(peak_flops=args.peak_tflops * 1e12, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
+                  bw_intra=args.bw_intra_gbs * 1e9, bw_inter=args.bw_inter_gbs * 1e9, lat_intra=args.lat_intra_us * 1e-6,
+                  lat_inter=args.lat_inter_us * 1e-6, lat_launch=args.lat_launch_us * 1e-6)
+    cal = None
+    if args.calibrate:
+        try:
+            cal = calibrate(load_results(args.calibrate))
+        except (ValueError, OSError, KeyError) as e:
+            print(f"lasp bench predict: --calibrate: {e}", file=sys.stderr)
+            return 2
+        if args.use_calibration and "linear" in cal["fits"]:
+            bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
+            hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
+    records = predict(cfg, args.seq_len, args.devices, args.methods, hw)
+    config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
+              "seq_lens": args.seq_len, "methods": args.methods, "hardware": hw.to_dict(), "calibrate": args.calibrate,
+              "use_calibration": args.use_calibration}
+    doc = results_doc("predict", {"model": "analytic (lasp.bench.costmodel)"}, config, records)
+    doc["paper_comparison"] = paper_comparison(records) if args.devices == 64 else []
+    doc["paper_match"] = match_paper(cfg, args.devices, hw, doc["paper_comparison"])
+    doc["paper"] = PAPER_CITE
+    if cal:
+        doc["calibration"] = cal
+    text = report_markdown(doc)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        doc["plots"] = [os.path.basename(plot_metric_vs_seq_len(
+            records, os.path.join(args.out, "predicted_tokens_per_s.png"), series="method", metric="tokens_per_s",
+            ylabel="predicted training tokens/s", title=f"predicted, {args.devices} devices"))]
+        write_json(os.path.join(args.out, "results.json"), doc)
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text)
+    return 0

@@ -1,0 +1,167 @@
+"""Smoke tests of ``lasp bench layer | model | predict`` on tiny sizes: the JSON schema, the
+markdown table, PNG plots, failure records, the cost model's structure. No test asserts on time."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from lasp.bench import costmodel, layer, model, predict
+from lasp.bench.plots import PNG_MAGIC
+from lasp.bench.results import load_results, validate_results
+from lasp.bench.sweep import _failure, close_pools
+from lasp.bench.timing import summarize_samples, time_step
+
+TINY_LAYER = ["--seq-len", "64,128", "--heads", "2", "--head-dim", "8", "--warmup", "1", "--reps", "2",
+              "--max-seconds-per-point", "2"]
+
+
+def _assert_png(path: str) -> None:
+    with open(path, "rb") as fh:
+        assert fh.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+
+
+def _assert_outputs(out: str, kind: str) -> dict:
+    doc = load_results(out)  # validates the schema
+    assert doc["kind"] == kind
+    assert os.path.getsize(os.path.join(out, "results.md")) > 0
+    assert doc["plots"], "no plot written"
+    for name in doc["plots"]:
+        _assert_png(os.path.join(out, name))
+    return doc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_pools():
+    """The sweeps keep their spawned ranks for the next sweep; stop them after this module."""
+    yield
+    close_pools()
+
+
+@pytest.fixture(scope="module")
+def layer_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("layer"))
+    rc = layer.main(["--method", "lasp2,lasp1,ring,ulysses-softmax", "--sp", "1,2", "--out", out, *TINY_LAYER])
+    assert rc == 0
+    return out
+
+
+def test_layer_schema_and_plots(layer_run):
+    doc = _assert_outputs(layer_run, "layer")
+    recs = doc["records"]
+    assert len(recs) == 4 * 2 * 2  # methods x seq lens x SP sizes
+    assert {r["status"] for r in recs} == {"ok"}, [r["reason"] for r in recs if r["status"] != "ok"]
+    for key in ("torch", "triton", "device", "world", "cpu_count", "date"):
+        assert key in doc["env"]
+    for r in recs:
+        assert len(r["samples_ms"]) == r["n_reps"] >= 1
+        assert r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] >= 0
+
+
+def test_layer_comm_accounting(layer_run):
+    recs = {(r["method"], r["sp"], r["seq_len"]): r for r in load_results(layer_run)["records"]}
+    for n in (64, 128):
+        assert recs[("lasp2", 1, n)]["bytes_per_rank"] == 0 and recs[("lasp2", 1, n)]["collectives"] == 0
+        lasp2 = recs[("lasp2", 2, n)]
+        assert lasp2["collectives"] == 2 and lasp2["collectives_by_kind"] == {"all_gather": 2}
+    # LASP-2 sends states: the same bytes at every length; ring sends K/V: twice the bytes at twice the length
+    assert recs[("lasp2", 2, 64)]["bytes_per_rank"] == recs[("lasp2", 2, 128)]["bytes_per_rank"]
+    assert recs[("ring", 2, 128)]["bytes_per_rank"] == 2 * recs[("ring", 2, 64)]["bytes_per_rank"]
+    assert len(recs[("lasp1", 2, 64)]["bytes_by_rank"]) == 2
+
+
+def test_layer_unavailable_and_skipped_points(tmp_path, monkeypatch):
+    from lasp import attention
+
+    monkeypatch.setitem(layer.METHODS, "future-method", ("linear", "future"))
+    monkeypatch.setitem(attention._LINEAR, "future", ("no_such_module_yet", "fn"))
+    out = str(tmp_path)
+    rc = layer.main(["--method", "future-method,lasp2", "--sp", "1", "--seq-len", "63", "--out", out, *TINY_LAYER[2:]])
+    assert rc == 0
+    recs = {r["method"]: r for r in load_results(out)["records"]}
+    assert recs["future-method"]["status"] == "unavailable" and "not implemented" in recs["future-method"]["reason"]
+    assert recs["lasp2"]["status"] == "ok"  # 63 tokens on one rank is fine
+
+
+def test_layer_memory_guard_skips(tmp_path):
+    out = str(tmp_path)
+    rc = layer.main(["--method", "ring", "--sp", "2", "--seq-len", "64", "--max-memory-gb", "1e-9", "--out", out, *TINY_LAYER[2:]])
+    assert rc == 0
+    (rec,) = load_results(out)["records"]
+    assert rec["status"] == "skipped" and "estimated memory" in rec["reason"]
+
+
+def test_failure_classification():
+    tb = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: q must have shape [B, T, H, K]\n'
+    assert _failure({"method": "m"}, tb) == {"method": "m", "status": "skipped", "reason": "q must have shape [B, T, H, K]"}
+    tb = "rank 0 raised:\nNotImplementedError: linear_attention method='x' is not implemented yet\n"
+    assert _failure({}, tb)["status"] == "unavailable"
+    assert _failure({}, "rank 1 raised:\nRuntimeError: boom\n") == {"status": "error", "reason": "RuntimeError: boom"}
+
+
+def test_schema_rejects_missing_fields():
+    with pytest.raises(ValueError, match="missing key 'records'"):
+        validate_results({"schema": "lasp-bench/1", "kind": "layer", "env": {}, "config": {}})
+    bad = {"schema": "lasp-bench/1", "kind": "layer", "config": {}, "records": [{"method": "lasp2"}],
+           "env": {k: 1 for k in ("torch", "triton", "device", "world", "cpu_count", "date")}}
+    with pytest.raises(ValueError, match="record 0 is missing 'seq_len'"):
+        validate_results(bad)
+
+
+def test_time_step_respects_budget():
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.02)
+
+    out = time_step(step, group=None, device=__import__("torch").device("cpu"), warmup=1, reps=100, max_seconds=0.1,
+                    instrument=lambda s: s() or "seen")
+    assert out["instrumented"] == "seen"
+    assert 1 <= len(out["samples_s"]) <= 5 and len(calls) == 1 + len(out["samples_s"])
+    stats = summarize_samples(out["samples_s"])
+    assert stats["n_reps"] == len(out["samples_s"]) and stats["time_ms_min"] <= stats["time_ms"]
+
+
+def test_model_bench(tmp_path):
+    out = str(tmp_path)
+    rc = model.main(["--models", "linear,hybrid,llama-ring", "--sp", "2", "--seq-len", "64", "--warmup", "1",
+                     "--reps", "2", "--max-seconds-per-point", "2", "--out", out])
+    assert rc == 0
+    doc = _assert_outputs(out, "model")
+    recs = {(r["model"], r["sp"]): r for r in doc["records"]}
+    assert {r["status"] for r in recs.values()} == {"ok"}, [r.get("reason") for r in recs.values()]
+    sizes = [r["parameters"] for r in recs.values()]
+    assert max(sizes) / min(sizes) < 1.0001  # the same model size (linear layers add a D-sized output norm)
+    assert recs[("linear", 2)]["bytes_per_rank_attention"] < recs[("llama-ring", 2)]["bytes_per_rank_attention"]
+    assert recs[("linear", 2)]["bytes_per_rank"] > recs[("linear", 2)]["bytes_per_rank_attention"]  # + gradients
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 for r in recs.values())
+
+
+def test_predict_paper_setting_and_calibration(tmp_path, layer_run, capsys):
+    out = str(tmp_path)
+    rc = predict.main(["--seq-len", "512K,2048K", "--calibrate", layer_run, "--out", out])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "+36.6%" in text and "+15.2%" in text and "arXiv 2502.07563" in text
+    with open(os.path.join(out, "results.json")) as fh:
+        doc = json.load(fh)
+    validate_results(doc)
+    assert {(c["versus"], c["seq_len"]) for c in doc["paper_comparison"]} == set(predict.PAPER)
+    assert {"linear", "softmax"} <= set(doc["calibration"]["fits"])
+    assert len(doc["calibration"]["points"]) == 16
+    _assert_png(os.path.join(out, doc["plots"][0]))
+
+
+def test_cost_model_structure():
+    hw = costmodel.Hardware()
+    lasp2 = [costmodel.layer_cost("lasp2", costmodel.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
+    ring = [costmodel.layer_cost("ring-linear", costmodel.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
+    assert lasp2[0] == lasp2[1]  # states: independent of the sequence length
+    assert ring[1] > 3 * ring[0]  # K/V blocks: linear in it
+    assert costmodel.layer_cost("lasp1", costmodel.Shape(2**21, 64), hw)["comm_s"] > lasp2[0]  # 63 dependent hops
+    assert not costmodel.layer_cost("ulysses-linear", costmodel.Shape(2**21, 64), hw)["feasible"]  # 16 heads < 64
+    assert costmodel.layer_cost("lasp2", costmodel.Shape(4096, 1), hw)["comm_s"] == 0.0
