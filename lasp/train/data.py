@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import sysconfig
 import tempfile
 from dataclasses import dataclass
@@ -175,7 +176,6 @@ def default_cache_dir() -> str:
 
 def embedded_corpus(cache_dir: str | None = None) -> str:
     """Path of the embedded corpus (stdlib sources, byte tokens), prepared on first use."""
-    import sys
 
     cache = cache_dir or default_cache_dir()
     out = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bytes")
@@ -190,7 +190,9 @@ def embedded_corpus(cache_dir: str | None = None) -> str:
             files = stdlib_sources()
             if not files:
                 raise ValueError(f"embedded corpus: no .py files under {sysconfig.get_paths()['stdlib']!r}")
-            prepare([], out, "bytes", files=files)
+            print(f"lasp: preparing the embedded corpus ({len(files)} Python stdlib sources) in {out}", file=sys.stderr, flush=True)
+            header = prepare([], out, "bytes", files=files)
+            print(f"lasp: {header['num_tokens']:,} byte tokens ready", file=sys.stderr, flush=True)
     return out
 
 

@@ -7,6 +7,7 @@ every rank before the first collective.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import time
@@ -149,9 +150,11 @@ def train(
     model = LinearLlamaForCausalLM(mcfg)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
     ds_config = build_deepspeed_config(cfg, world)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
     device = engine.device
 
     start_step, tokens_done = 0, 0
@@ -163,6 +166,13 @@ def train(
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         cfg.to_yaml(os.path.join(cfg.out_dir, "run.yaml"))
+    if rank == 0 and verbose:
+        print(
+            f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
+            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
+            f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens)",
+            flush=True,
+        )
     logger = MetricsLogger(cfg.out_dir, rank, t.steps, start_step, tensorboard=cfg.tensorboard, progress=progress)
     extra_files = {"model.yaml": _yaml(mcfg.to_dict()), "run.yaml": _yaml(cfg.to_dict())}
     result = TrainResult(start_step=start_step, checkpoint_dir=None, metrics_path=logger.metrics_path)
@@ -172,7 +182,7 @@ def train(
         return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank)
 
     engine.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces device tensors
     run_start = time.perf_counter()
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
@@ -184,7 +194,7 @@ def train(
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         # the global batch's mean token loss: every rank holds the same number of tokens
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         step_loss = loss_sum.item() / (world * t.grad_accum)
