@@ -25,12 +25,15 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 @dataclass
 class ParallelConfig:
-    """Sequence parallelism: ``sp_size`` ranks per SP group, the token ``layout``, and ``nproc``
-    (processes ``lasp train`` starts by itself when not run under a launcher; default sp_size)."""
+    """Sequence parallelism: ``sp_size`` ranks per SP group, the token ``layout``, ``nproc``
+    (processes ``lasp train`` starts by itself when not run under a launcher; default sp_size),
+    and the collective timeout ``timeout_s`` (a lost peer ends the run with an error, not a hang)."""
 
     sp_size: int = 1
     layout: str = "contiguous"
     nproc: int | None = None
+    #: seconds a collective waits for a lost peer before failing (None: $LASP_COLLECTIVE_TIMEOUT, else 600)
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -162,6 +165,8 @@ class RunConfig:
             raise ValueError(f"{src}: parallel.sp_size must be >= 1, got {p.sp_size}")
         if p.layout not in LAYOUTS:
             raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
+        if p.timeout_s is not None and not p.timeout_s > 0:
+            raise ValueError(f"{src}: parallel.timeout_s must be > 0, got {p.timeout_s}")
         if p.nproc is not None and (p.nproc < 1 or p.nproc % p.sp_size != 0):
             raise ValueError(
                 f"{src}: parallel.sp_size={p.sp_size} must divide the world size parallel.nproc={p.nproc}"

@@ -142,7 +142,9 @@ def train(
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _single_process_env()  # DeepSpeed needs a process group, even for one process
-    state = init_parallel(cfg.parallel.sp_size)
+    from lasp.parallel import DEFAULT_TIMEOUT_S
+
+    state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
 
