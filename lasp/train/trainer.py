@@ -129,7 +129,7 @@ def train(
     import deepspeed
 
     from lasp.models import LinearLlamaForCausalLM
-    from lasp.parallel import init_parallel
+    from lasp.parallel import DEFAULT_TIMEOUT_S, init_parallel
 
     t, layout = cfg.train, cfg.parallel.layout
     world = world_size_from_env()
@@ -142,8 +142,6 @@ def train(
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _single_process_env()  # DeepSpeed needs a process group, even for one process
-    from lasp.parallel import DEFAULT_TIMEOUT_S
-
     state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
@@ -220,7 +218,7 @@ def train(
 
     want_sample = sample and cfg.sample.max_new_tokens > 0
     if want_sample or keep_weights:
-        weights = full_state_dict(engine, t.zero_stage)  # collective under ZeRO-3: every rank
+        weights = full_state_dict(engine, engine.zero_optimization_stage())  # collective under ZeRO-3: every rank
         if rank == 0:
             result.sample = generate_sample(mcfg, weights, data, cfg) if want_sample else None
             result.weights = weights if keep_weights else None
