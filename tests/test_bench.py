@@ -79,7 +79,8 @@ def test_layer_unavailable_and_skipped_points(tmp_path, monkeypatch):
     monkeypatch.setitem(layer.METHODS, "future-method", ("linear", "future"))
     monkeypatch.setitem(attention._LINEAR, "future", ("no_such_module_yet", "fn"))
     out = str(tmp_path)
-    rc = layer.main(["--method", "future-method,lasp2", "--sp", "1", "--seq-len", "63", "--out", out, *TINY_LAYER[2:]])
+    rc = layer.main(["--method", "future-method,lasp2", "--sp", "1", "--seq-len", "63", "--no-interleave", "--out", out,
+                     *TINY_LAYER[2:]])
     assert rc == 0
     recs = {r["method"]: r for r in load_results(out)["records"]}
     assert recs["future-method"]["status"] == "unavailable" and "not implemented" in recs["future-method"]["reason"]

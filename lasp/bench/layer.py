@@ -40,8 +40,8 @@ import torch.distributed as dist
 from .. import comm
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_json
-from .sweep import launched_world, local_device, run_points
-from .timing import env_info, mem_available_gb, measure_peak_memory, summarize_samples, time_step
+from .sweep import launched_world, local_device, resolve_device, run_points, spawned_cuda_check
+from .timing import env_info, mem_available_gb, measure_peak_memory, summarize_samples, time_interleaved, time_step
 
 # benchmark method name -> (operator kind, public method name)
 METHODS: dict[str, tuple[str, str]] = {
@@ -119,7 +119,7 @@ def comm_summary(events: list, n_fwd: int) -> dict:
 
 def layer_worker(rank: int, world: int, point: dict) -> dict:
     """Runs on every rank: warm up, instrument, time one point. Returns this rank's view."""
-    device = local_device()
+    device = local_device(point.get("device", "auto"))
     torch.manual_seed(0)
     forward, backward = make_step(point, rank, world, device)
 
@@ -142,6 +142,62 @@ def layer_worker(rank: int, world: int, point: dict) -> dict:
     out = time_step(step, group=group, device=device, warmup=point["warmup"], reps=point["reps"],
                     min_reps=point.get("min_reps", 3), max_seconds=point["max_seconds"], instrument=instrument)
     return {"rank": rank, "samples_s": out["samples_s"], "warmup_s": out["warmup_s"], **out["instrumented"]}
+
+
+def layer_group_worker(rank: int, world: int, group_point: dict) -> list[dict]:
+    """Runs on every rank: the points of ``group_point["points"]`` (same SP size and length,
+    different methods) timed with interleaved repetitions; this rank's view of each."""
+    device = local_device(group_point.get("device", "auto"))
+    torch.manual_seed(0)
+    steps = {}
+    for p in group_point["points"]:
+        forward, backward = make_step(p, rank, world, device)
+        steps[p["method"]] = (forward, backward)
+
+    def instrument_of(fwd_bwd):
+        forward, backward = fwd_bwd
+
+        def instrument(_step) -> dict:
+            split: dict[str, int] = {}
+
+            def run() -> None:
+                o = forward()
+                split["n_fwd"] = len(log.events)
+                backward(o)
+
+            with comm.record() as log:
+                mem_mb, how = measure_peak_memory(run, device)
+            return dict(comm_summary(log.events, split["n_fwd"]), peak_mem_mb=mem_mb, mem_method=how)
+
+        return instrument
+
+    p0 = group_point["points"][0]
+    group = dist.group.WORLD if world > 1 else None
+    outs = []
+    calls = [(lambda f=f, b=b: b(f())) for f, b in steps.values()]
+    instruments = [instrument_of(fb) for fb in steps.values()]
+    timed = time_interleaved(calls, group=group, device=device, warmup=p0["warmup"], reps=p0["reps"],
+                             min_reps=p0.get("min_reps", 3), max_seconds=p0["max_seconds"], instrument=instruments)
+    for out in timed:
+        outs.append({"rank": rank, "samples_s": out["samples_s"], "warmup_s": out["warmup_s"], **out["instrumented"]})
+    return outs
+
+
+def merge_layer_group(group_point: dict, per_rank: list[list[dict]]) -> list[dict]:
+    """One record per point of the group."""
+    return [merge_layer(p, [r[i] for r in per_rank]) for i, p in enumerate(group_point["points"])]
+
+
+def group_points(points: list[dict]) -> list[dict]:
+    """Points with the same SP size and length (and every other setting) -> one group each."""
+    groups: dict[tuple, dict] = {}
+    for p in points:
+        key = (p["sp"], p["seq_len"])
+        g = groups.setdefault(key, {"sp": p["sp"], "seq_len": p["seq_len"], "method": "", "points": [],
+                                    "device": p.get("device", "auto")})
+        g["points"].append(p)
+        g["method"] = "+".join(q["method"] for q in g["points"])
+    return list(groups.values())
 
 
 def merge_layer(point: dict, per_rank: list[dict]) -> dict:
@@ -205,6 +261,9 @@ def make_precheck(max_memory_gb: float):
     from ..parallel import check_shardable
 
     def precheck(point: dict) -> dict | None:
+        rec = spawned_cuda_check(point)
+        if rec:
+            return rec
         why = _method_available(point["method"])
         if why:
             return dict(point, status="unavailable", reason=why)
@@ -213,7 +272,7 @@ def make_precheck(max_memory_gb: float):
         except ValueError as e:
             return dict(point, status="skipped", reason=str(e))
         est = estimate_memory_gb(point)
-        if max_memory_gb > 0 and not torch.cuda.is_available() and est > max_memory_gb:
+        if max_memory_gb > 0 and point.get("device") != "cuda" and est > max_memory_gb:
             return dict(point, status="skipped", reason=f"estimated memory {est:.1f} GiB > --max-memory-gb {max_memory_gb:.1f}")
         return None
 
@@ -254,6 +313,8 @@ def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
     ap.add_argument("--min-reps", type=int, default=3, help="fewest timed steps when that many fit in the budget")
     ap.add_argument("--max-seconds-per-point", type=float, default=default_budget, help="time budget per point (warm-up + timed steps)")
     ap.add_argument("--point-timeout", type=float, default=1200.0, help="seconds before a point is abandoned (pool restarted)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when visible (P > 1 on GPUs: launch with torchrun, one process per GPU)")
     ap.add_argument("--out", required=True, help="output directory (results.json, results.md, PNG plots)")
 
 
@@ -261,6 +322,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", type=_csv(str, "--method"), default=["lasp2", "lasp1", "ring"], help=f"comma-separated, of {', '.join(METHODS)}")
     common_args(ap, default_budget=20.0)
+    ap.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="time each point on its own instead of interleaving the methods' repetitions per (P, length)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=int, default=64)
@@ -295,7 +358,7 @@ def build_points(args) -> list[dict]:
                     method=method, kind=METHODS[method][0], op_method=METHODS[method][1], seq_len=n, sp=sp,
                     batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                     dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
-                    min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
+                    min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=resolve_device(args.device),
                 ))
     return points
 
@@ -348,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = "lasp bench layer " + " ".join(argv)
-    device = local_device() if launched_world() else torch.device("cpu")
+    device = local_device(args.device)
     world = launched_world() or max(args.sp)
     env = env_info(str(device), world, launcher="external" if launched_world() else "spawned gloo",
                    mem_available_gb=mem_available_gb())
@@ -362,8 +425,17 @@ def main(argv: list[str] | None = None) -> int:
         done.append(rec)
         write_outputs(args.out, done, env, config, command, final=False)
 
-    records = run_points(points, layer_worker, merge_layer, desc="bench layer", timeout_s=args.point_timeout,
-                         precheck=make_precheck(args.max_memory_gb), on_record=save_partial)
+    if args.interleave:  # prechecked points stay single; the rest run in groups per (P, length)
+        precheck = make_precheck(args.max_memory_gb)
+        failed = [r for r in (precheck(p) for p in points) if r is not None]
+        for rec in failed:
+            save_partial(rec)
+        runnable = [p for p in points if precheck(p) is None]
+        records = failed + run_points(group_points(runnable), layer_group_worker, merge_layer_group, desc="bench layer",
+                                      timeout_s=args.point_timeout * max(len(args.method), 1), on_record=save_partial)
+    else:
+        records = run_points(points, layer_worker, merge_layer, desc="bench layer", timeout_s=args.point_timeout,
+                             precheck=make_precheck(args.max_memory_gb), on_record=save_partial)
     if launched_world() > 1 and dist.get_rank() != 0:
         return 0
     write_outputs(args.out, records, env, config, command)

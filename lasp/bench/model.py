@@ -36,7 +36,7 @@ from .. import comm
 from .layer import common_args
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_json
-from .sweep import launched_world, local_device, run_points
+from .sweep import launched_world, local_device, resolve_device, run_points, spawned_cuda_check
 from .timing import env_info, mem_available_gb, measure_peak_memory, summarize_samples, time_step
 
 # model name -> (layer_pattern, linear_method, softmax_method)
@@ -70,7 +70,7 @@ def model_worker(rank: int, world: int, point: dict) -> dict:
     from ..models import LinearLlamaForCausalLM
     from ..parallel import shard_sequence
 
-    device = local_device()
+    device = local_device(point.get("device", "auto"))
     cfg = model_config(point)
     torch.manual_seed(0)
     model = LinearLlamaForCausalLM(cfg).to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[point["dtype"]])
@@ -139,6 +139,9 @@ def make_precheck():
     from ..parallel import check_shardable
 
     def precheck(point: dict) -> dict | None:
+        rec = spawned_cuda_check(point)
+        if rec:
+            return dict({k: v for k, v in rec.items() if k != "base_config"})
         try:
             model_config(point)
             check_shardable(point["seq_len"], point["sp"], point["layout"])
@@ -180,7 +183,7 @@ def build_points(args) -> list[dict]:
     return [
         dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
              warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-             base_config=args.base_config)
+             device=resolve_device(args.device), base_config=args.base_config)
         for sp in args.sp for m in args.models for n in args.seq_len
     ]
 
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = "lasp bench model " + " ".join(argv)
-    device = local_device() if launched_world() else torch.device("cpu")
+    device = local_device(args.device)
     env = env_info(str(device), launched_world() or max(args.sp),
                    launcher="external" if launched_world() else "spawned gloo", mem_available_gb=mem_available_gb())
     if not launched_world():

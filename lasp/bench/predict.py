@@ -86,9 +86,10 @@ def calibrate(layer_doc: dict) -> dict:
         pts = [r for r in ok if r["method"] == ref] or [r for r in ok if r.get("kind") == kind]
         if not pts:
             continue
-        t0, slope = _lsq([_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts])
-        if slope <= 0:
-            t0, slope = 0.0, sum(r["time_ms"] / 1e3 for r in pts) / sum(_flops(r) for r in pts)
+        xs, ys = [_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts]
+        t0, slope = _lsq(xs, ys)
+        if slope <= 0 or t0 < 0:  # no usable intercept: fit through the origin
+            t0, slope = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
         fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": max(t0, 0.0), "reference": pts[0]["method"], "points": len(pts)}
     bw = None
     num = den = 0.0

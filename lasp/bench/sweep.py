@@ -33,10 +33,26 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "0") or 0)
 
 
-def local_device() -> torch.device:
-    if torch.cuda.is_available():
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def local_device(name: str = "auto") -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` or the CPU."""
+    if resolve_device(name) == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def spawned_cuda_check(point: dict) -> dict | None:
+    """Spawned ranks talk gloo: multi-rank CUDA points need an external launcher (NCCL)."""
+    if point.get("device") == "cuda" and point["sp"] > 1 and not launched_world():
+        return dict(point, status="skipped", reason=f"sp={point['sp']} on CUDA needs one process per GPU: "
+                    f"torchrun --nproc-per-node {point['sp']} -m lasp.cli bench ...")
+    return None
 
 
 _POOLS: dict[int, SpawnedGroup] = {}
@@ -89,7 +105,7 @@ def run_points(
     """Run every point; returns one record per point (on launched ranks > 0: an empty list).
 
     ``worker(rank, world, point) -> dict`` runs on every rank; ``merge(point, per_rank)`` builds
-    the record. ``precheck(point)`` may return a finished record (skipped / unavailable) so the
+    the record (or a list of records, for a point that is a group ``{"points": [...], ...}``). ``precheck(point)`` may return a finished record (skipped / unavailable) so the
     point never reaches the ranks. ``on_record`` is called after each record (partial saves).
     """
     world = launched_world()
@@ -106,12 +122,22 @@ def run_points(
             rec = precheck(p) if precheck else None
             if rec is None:
                 rec = _run_one(_pool(sp, timeout_s) if sp > 1 else None, worker, merge, p, timeout_s)
-            records.append(rec)
-            if on_record:
-                on_record(rec)
+            for r in _expand(rec):
+                records.append(r)
+                if on_record:
+                    on_record(r)
             bar.update(1)
     bar.close()
     return records
+
+
+def _expand(rec: dict | list[dict]) -> list[dict]:
+    """A merge may return several records (a group of points); a failed group fails each point."""
+    if isinstance(rec, list):
+        return rec
+    if "points" in rec:
+        return [dict(p, status=rec["status"], reason=rec.get("reason", "")) for p in rec["points"]]
+    return [rec]
 
 
 def _label(p: dict) -> str:
@@ -166,9 +192,10 @@ def _run_launched(points, worker, merge, *, desc, precheck, on_record) -> list[d
             errs = [f for _, f in gathered if f]
             rec = _failure(p, errs[0]) if errs else merge(p, [m for m, _ in gathered])
         if rank == 0:
-            records.append(rec)
-            if on_record:
-                on_record(rec)
+            for r in _expand(rec):
+                records.append(r)
+                if on_record:
+                    on_record(r)
         bar.update(1)
     bar.close()
     return records

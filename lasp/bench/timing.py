@@ -11,7 +11,8 @@ Repetitions adapt to a time budget: ``warmup`` steps (at least one; stopped earl
 used a third of ``max_seconds``), then ``n = min(reps, (max_seconds - warm-up time) / estimate)``
 timed steps, where the estimate is the slowest rank's last warm-up step; ``n`` is at least
 ``min_reps`` when that many steps fit in ``max_seconds``, else at least 1 (a slow point gets
-one timed step after one warm-up step).
+one timed step after one warm-up step). :func:`time_interleaved` times several steps with
+their repetitions interleaved round-robin (fair ratios under background load).
 
 Peak memory of a step (measured on the first warm-up step, per rank, max over ranks):
 
@@ -151,6 +152,11 @@ def time_step(
     Returns ``{"samples_s": [...], "warmup_s": [...], "instrumented": <instrument's result>}``;
     samples are max-reduced over the group (identical on every rank).
     """
+    return time_interleaved([step], group=group, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds,
+                            min_reps=min_reps, instrument=instrument)[0]
+
+
+def _warm_up(step, instrument, *, group, device, warmup: int, max_seconds: float) -> tuple[list[float], object]:
     warm: list[float] = []
     instrumented = None
     for i in range(max(1, warmup)):
@@ -164,13 +170,49 @@ def time_step(
             warm.append(time.perf_counter() - t0)
         else:
             warm.append(_timed(step, group, device))
-    warm = max_over_group(warm, group)
-    estimate = max(warm[-1], 1e-6)
-    fit = int((max_seconds - sum(warm)) // estimate)
-    floor = min_reps if min_reps * estimate <= max_seconds else 1
-    n = max(1, min(reps, max(fit, floor)))
-    samples = [_timed(step, group, device) for _ in range(n)]
-    return {"samples_s": max_over_group(samples, group), "warmup_s": warm, "instrumented": instrumented}
+    return max_over_group(warm, group), instrumented
+
+
+def time_interleaved(
+    steps: list[Callable[[], None]],
+    *,
+    group,
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    max_seconds: float,
+    min_reps: int = 3,
+    instrument: Callable | list[Callable] | None = None,
+) -> list[dict]:
+    """:func:`time_step` for several steps whose timed repetitions are INTERLEAVED.
+
+    ``instrument`` is one callable for all steps or a list, one per step. Each step is warmed
+    up and gets its own repetition count within its own ``max_seconds``
+    budget; then round r runs every step that still needs an r-th sample, starting from a
+    rotating position. On a machine shared with other work, the steps see the same background
+    load, so their ratios are fairer than those of back-to-back runs.
+    """
+    warms, instrumented, counts = [], [], []
+    instruments = instrument if isinstance(instrument, list) else [instrument] * len(steps)
+    for step, instr in zip(steps, instruments):
+        warm, inst = _warm_up(step, instr, group=group, device=device, warmup=warmup, max_seconds=max_seconds)
+        estimate = max(warm[-1], 1e-6)
+        fit = int((max_seconds - sum(warm)) // estimate)
+        floor = min_reps if min_reps * estimate <= max_seconds else 1
+        warms.append(warm)
+        instrumented.append(inst)
+        counts.append(max(1, min(reps, max(fit, floor))))
+    samples: list[list[float]] = [[] for _ in steps]
+    k = len(steps)
+    for r in range(max(counts)):
+        for j in range(k):
+            i = (r + j) % k
+            if len(samples[i]) < counts[i]:
+                samples[i].append(_timed(steps[i], group, device))
+    return [
+        {"samples_s": max_over_group(s, group), "warmup_s": w, "instrumented": inst}
+        for s, w, inst in zip(samples, warms, instrumented)
+    ]
 
 
 def summarize_samples(samples_s: list[float]) -> dict:
