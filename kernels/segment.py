@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import simple_gla as sg
-from .utils import DEFAULT_CHUNK, check_chunk_size, check_device, check_head_dim
+from .utils import DEFAULT_CHUNK, block, check_chunk_size, check_device, check_head_dim
 
 
 class TritonSegment:
@@ -42,8 +42,8 @@ class TritonSegment:
             )
             self.h, self.M = sg.chunk_fwd_h(self.k, self.v, self.gates, self.BT)
         self.logA = self.gates.logA if self.gates is not None else self.M.new_zeros(B, H)
-        self._do = self._do_src = self.dh = self.dq = self.dk = self.dv = None
-        self._c = self.M.new_zeros(B, H)  # gradient reaching logA (<dM, M> + dlogA)
+        self._do = self._do_src = self.dh = self.dq = self.dk = self.dv = self.dgp = None
+        self._c = self.M.new_zeros(B, H)  # gradient reaching logA (dlogA)
 
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logA [B, H], M [B, H, K, V])`` float32."""
@@ -69,35 +69,43 @@ class TritonSegment:
         return ds
 
     def backward_output(self, do: torch.Tensor) -> None:
+        """Gradients due to ``dO [B, T, H, V]`` (the state given to ``output`` held fixed)."""
         if self._do is None or do is not self._do_src:  # state_grad ran on another dO
             self.state_grad(do)
         do = self._do
-        dq, dk = sg.chunk_bwd_dqk(self.q, self.k, self.v, do, self.gates, self.h, self.state, self.dh, self.scale, self.BT)
+        dq, dk, dgp = sg.chunk_bwd_dqk(self.q, self.k, self.v, do, self.gates, self.h, self.state, self.dh, self.scale, self.BT)
         dv = sg.chunk_bwd_dv(self.q, self.k, do, self.gates, self.dh, self.scale, self.BT)
-        self.dq = dq if self.dq is None else self.dq + dq
-        self.dk = dk if self.dk is None else self.dk + dk
-        self.dv = dv if self.dv is None else self.dv + dv
-        self.h = self.dh = None
+        if self.dq is None:
+            self.dq, self.dk, self.dv, self.dgp = dq, dk, dv, dgp
+        else:
+            self.dq, self.dk, self.dv = self.dq + dq, self.dk + dk, self.dv + dv
+            self.dgp = None if dgp is None else self.dgp + dgp
+        self.dh = None
+
+    def _zero_grads(self) -> None:
+        self.dq, self.dk, self.dv = (torch.zeros_like(x) for x in (self.q, self.k, self.v))
+        B, T, H, K = self.q.shape
+        if self.gates is not None:
+            self.dgp = torch.zeros(K // block(K), B * H, T, dtype=torch.float32, device=self.q.device)
 
     def backward_summary(self, dM: torch.Tensor, dlogA: torch.Tensor) -> None:
         """Add the gradients due to the summary's own gradient ``dM [B, H, K, V]``, ``dlogA [B, H]``."""
-        if self.dk is None:
-            self.dk = torch.zeros(self.k.shape, dtype=torch.float32, device=self.k.device)
-            self.dv = torch.zeros(self.v.shape, dtype=torch.float32, device=self.v.device)
+        if self.dq is None:
+            self._zero_grads()
         dM = dM.detach().float().contiguous()
-        sg.summary_bwd(self.k, self.v, self.gates, dM, self.dk, self.dv, self.BT)
+        sg.summary_bwd(self.k, self.v, self.h, self.gates, dM, self.dk, self.dv, self.dgp, self.BT)
         if self.gates is not None:
-            self._c = self._c + (dM * self.M).sum((-1, -2)) + dlogA.detach().float()
+            self._c = self._c + dlogA.detach().float()
 
     def grads(self):
         """``(dq, dk, dv, dg, dg_gamma)`` in the inputs' dtypes (None where there is no input)."""
-        dq = self.dq if self.dq is not None else torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
-        dk = self.dk if self.dk is not None else torch.zeros_like(dq)
-        dv = self.dv if self.dv is not None else torch.zeros(self.v.shape, dtype=torch.float32, device=self.v.device)
+        if self.dq is None:
+            self._zero_grads()
         dg = dgg = None
         if self.gates is not None:
-            da, dsum = sg.chunk_bwd_dg(self.q, self.k, dq, dk, self._c.contiguous(), self.BT)
+            B, T, H, _ = self.q.shape
+            da, dsum = sg.chunk_bwd_dg(self.dgp, self._c.contiguous(), B, T, H, self.BT)
             dg = None if self.g_dtype is None else da.to(self.g_dtype)
             dgg = None if self.gg_dtype is None else dsum.sum(0).to(self.gg_dtype)
-        dt = self.q.dtype
-        return dq.to(dt), dk.to(dt), dv.to(self.v.dtype), dg, dgg
+        self.h = None
+        return self.dq, self.dk, self.dv, dg, dgg

@@ -20,10 +20,10 @@ from kernels.segment import TritonSegment
 GATES = ["none", "g", "g_gamma", "both"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NAMES = ("q", "k", "v", "g", "g_gamma")
-# d(g_gamma) sums B*T reverse cumsums of <q,dq> - <k,dk>: fp32 rounding of dq, dk is amplified
-# by cancellation (the torch chunk path reaches ~1.4e-5 on such inputs too), so its fp32 bound is
-# looser than the contract's 1e-5; bf16 keeps 1e-2.
-DGAMMA_FP32_RTOL = 1e-4
+# d(g_gamma) sums over B*T tokens terms that cancel: fp32 rounding of dq, dk is amplified (the
+# torch chunk path reaches ~1.4e-5 on some such inputs too), so its fp32 bound is looser than the
+# contract's 1e-5; bf16 keeps 1e-2.
+DGAMMA_FP32_RTOL = 5e-5
 
 
 def rtol_for(name: str, dtype: torch.dtype) -> float | None:
@@ -58,6 +58,7 @@ def segment_oracle(full, state, do, dM, dlogA):
 
 def run_segment(cls, full, state, do, dM, dlogA, **kw):
     """Drive one segment through the protocol exactly as LASP-2 does."""
+    full = [None if x is None else x.detach().clone().requires_grad_() for x in full]  # leaves, as in autograd
     seg = cls(*full, scale=full[0].shape[-1] ** -0.5, **kw)
     logA, M = seg.summary()
     seg.compute_local()
@@ -113,12 +114,14 @@ def test_segment_kernels_match_oracle_and_torch_path(gates, dtype):
     assert out["o"].dtype == torch.float32 and out["M"].dtype == torch.float32
     assert grads[0].dtype == dtype and grads[2].dtype == dtype
     _compare(ref_out, ref_grads, out, grads, args[0], dtype, "triton vs oracle")
-    t_out, t_grads = run_segment(TorchSegment, *args)  # the torch chunk path on the same inputs
+    # the torch chunk path on the same inputs (fp32 compute; for 16-bit inputs the kernels keep
+    # 16-bit snapshots of the chunk states, as their GPU dots read them, hence the bf16 bound)
+    t_out, t_grads = run_segment(TorchSegment, *args)
     for name in out:
-        assert_close(t_out[name], out[name], rtol=1e-5, name=f"triton vs torch {name}")
+        assert_close(t_out[name], out[name], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, name=f"triton vs torch {name}")
     for i, name in enumerate(NAMES):
         if t_grads[i] is not None:
-            assert_close(t_grads[i].float(), grads[i].float(), rtol=1e-4 if name == "g_gamma" else 1e-5, name=f"triton vs torch d{name}")
+            assert_close(t_grads[i], grads[i], rtol=rtol_for(name, dtype), name=f"triton vs torch d{name}")
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64], ids=lambda c: f"C{c}")

@@ -8,10 +8,11 @@ With ``S_in`` the state that entered the segment in forward and ``dO`` the outpu
    all-gather of step 1 is in flight);
 3. :func:`summary_bwd`  adds the part of ``dk, dv`` due to the gradient ``dM`` of the
    segment's own summary ``M = sum_j e^(logA - G_j) k_j^T v_j``;
-4. :func:`chunk_bwd_dg`  the log-gate gradient from the final ``dq, dk``:
-   ``da_j = c + sum_{i >= j} (<q_i, dq_i> - <k_i, dk_i>)`` with ``c = <dM, M> + dlogA``.
+4. :func:`chunk_bwd_dg`  the log-gate gradient: a reverse cumsum inside each chunk of the
+   gradient w.r.t. the chunk-local cumsum of the decay, which the kernels of steps 2 and 3
+   form in fp32 (per K tile), plus ``dlogA``.
 
-Gradients are accumulated in float32 ``[B, T, H, D]`` buffers.
+Inside the kernels everything accumulates in fp32; ``dq, dk, dv`` are stored in the input dtype.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton
 
 from ..utils import block, low_precision_dots, maybe_autotune
 from .common import Gates, mm, n_chunks
+from .fwd import snapshot_dtype
 
 
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
@@ -41,7 +43,7 @@ def chunk_bwd_dh_kernel(
     d = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(0, N):
         n = N - 1 - j
-        tl.store(dh_ptr + h_base + n * K * V + kv, d)
+        tl.store(dh_ptr + h_base + n * K * V + kv, d.to(dh_ptr.dtype.element_ty))
         t = n * BT + o
         m = t < T
         row = (i_b * T + t).to(tl.int64) * H + i_h
@@ -59,7 +61,7 @@ def chunk_bwd_dh_kernel(
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
 @triton.jit
 def chunk_bwd_dqk_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, bt_ptr, gs_ptr, h_ptr, s_ptr, dh_ptr, dq_ptr, dk_ptr, scale, T, N,
+    q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, bt_ptr, gs_ptr, h_ptr, s_ptr, dh_ptr, dq_ptr, dk_ptr, dgp_ptr, scale, T, N, B_H,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, LOWP: tl.constexpr,
 ):
@@ -80,15 +82,19 @@ def chunk_bwd_dqk_kernel(
     da = tl.zeros([BT, BT], dtype=tl.float32)
     dqa = tl.zeros([BT, BK], dtype=tl.float32)
     dka = tl.zeros([BT, BK], dtype=tl.float32)
+    hd = tl.zeros([BK, BV], dtype=tl.float32)  # <state entering n, dstate leaving n>, this K tile
     for i_v in range(0, V // BV):
         ov = i_v * BV + tl.arange(0, BV)
         kv = ok[:, None] * V + ov[None, :]
         dd = tl.load(do_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
         vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
         da += mm(dd, tl.trans(vv), q_ptr, LOWP)
-        state = tl.load(h_ptr + h_base + kv) + g0 * tl.load(s_ptr + s_base + kv)  # full state entering chunk n
+        state = tl.load(h_ptr + h_base + kv).to(tl.float32) + g0 * tl.load(s_ptr + s_base + kv)  # full state entering n
         dqa += mm(dd, tl.trans(state), q_ptr, LOWP)
-        dka += mm(vv, tl.trans(tl.load(dh_ptr + h_base + kv)), q_ptr, LOWP)
+        dstate = tl.load(dh_ptr + h_base + kv).to(tl.float32)
+        dka += mm(vv, tl.trans(dstate), q_ptr, LOWP)
+        if USE_G:
+            hd += state * dstate
     qq = tl.load(q_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
     kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
     causal = (o[:, None] >= o[None, :]) & m[:, None]
@@ -102,8 +108,14 @@ def chunk_bwd_dqk_kernel(
     dq = (dqa + mm(da, kk, q_ptr, LOWP)) * scale
     dk = mm(tl.trans(da), qq, q_ptr, LOWP) * scale + dka
     offs = row[:, None] * K + ok[None, :]
-    tl.store(dq_ptr + offs, dq, mask=m[:, None])
-    tl.store(dk_ptr + offs, dk, mask=m[:, None])
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=m[:, None])
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=m[:, None])
+    if USE_G:  # this K tile's share of db (see chunk_bwd_dqk), from the fp32 values
+        kf = kk.to(tl.float32)
+        db = tl.sum(qq.to(tl.float32) * dq - kf * dk, axis=1)
+        last = tl.exp(tl.load(bt_ptr + bh * N + n)) * tl.sum(tl.sum(hd, axis=1), axis=0) + tl.sum(tl.sum(kf * dka, axis=1), axis=0)
+        db = tl.where(o == tl.minimum(BT, T - n * BT) - 1, db + last, db)
+        tl.store(dgp_ptr + (i_k * B_H + bh).to(tl.int64) * T + t, db, mask=m)
 
 
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
@@ -139,12 +151,12 @@ def chunk_bwd_dv_kernel(
         st = tl.where(causal_t, st, 0.0)
     dd = tl.load(do_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
     dv = mm(st, dd, q_ptr, LOWP) * scale + dva
-    tl.store(dv_ptr + row[:, None] * V + ov[None, :], dv, mask=m[:, None])
+    tl.store(dv_ptr + row[:, None] * V + ov[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m[:, None])
 
 
 @triton.jit
 def summary_bwd_kernel(
-    k_ptr, v_ptr, b_ptr, bt_ptr, ge_ptr, dm_ptr, dk_ptr, dv_ptr, T, N,
+    k_ptr, v_ptr, h_ptr, b_ptr, bt_ptr, ge_ptr, dm_ptr, dk_ptr, dv_ptr, dgp_ptr, T, N, B_H,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, LOWP: tl.constexpr,
 ):
@@ -162,14 +174,30 @@ def summary_bwd_kernel(
     if i_d < K // BK:
         ok = i_d * BK + tl.arange(0, BK)
         acc = tl.zeros([BT, BK], dtype=tl.float32)
+        hd = tl.zeros([BK, BV], dtype=tl.float32)  # <local state entering n, dM>, this K tile
         for i_v in range(0, V // BV):
             ov = i_v * BV + tl.arange(0, BV)
+            kv = ok[:, None] * V + ov[None, :]
             vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
-            acc += mm(vv, tl.trans(tl.load(dm_ptr + s_base + ok[:, None] * V + ov[None, :])), k_ptr, LOWP)
+            dm = tl.load(dm_ptr + s_base + kv)
+            acc += mm(vv, tl.trans(dm), k_ptr, LOWP)
+            if USE_G:
+                hd += tl.load(h_ptr + (bh.to(tl.int64) * N + n) * K * V + kv).to(tl.float32) * dm
         if USE_G:
             acc = acc * decay[:, None]
+            kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            # the state leaving chunk n gets e^(ge_n) dM: same db terms as in the dq/dk kernel
+            kd = tl.sum(kk * acc, axis=1)
+            last = tl.exp(tl.load(ge_ptr + bh * N + n) + tl.load(bt_ptr + bh * N + n)) * tl.sum(tl.sum(hd, axis=1), axis=0)
+            last += tl.sum(kd, axis=0)
+            o = tl.arange(0, BT)
+            g_offs = (i_d * B_H + bh).to(tl.int64) * T + t
+            db = tl.load(dgp_ptr + g_offs, mask=m, other=0.0) - kd
+            db = tl.where(o == tl.minimum(BT, T - n * BT) - 1, db + last, db)
+            tl.store(dgp_ptr + g_offs, db, mask=m)
         offs = row[:, None] * K + ok[None, :]
-        tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=m[:, None], other=0.0) + acc, mask=m[:, None])
+        dk = tl.load(dk_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32) + acc
+        tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=m[:, None])
     else:
         ov = (i_d - K // BK) * BV + tl.arange(0, BV)
         acc = tl.zeros([BT, BV], dtype=tl.float32)
@@ -180,50 +208,44 @@ def summary_bwd_kernel(
         if USE_G:
             acc = acc * decay[:, None]
         offs = row[:, None] * V + ov[None, :]
-        tl.store(dv_ptr + offs, tl.load(dv_ptr + offs, mask=m[:, None], other=0.0) + acc, mask=m[:, None])
+        dv = tl.load(dv_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32) + acc
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=m[:, None])
 
 
 @triton.jit
-def chunk_bwd_dg_kernel(
-    q_ptr, k_ptr, dq_ptr, dk_ptr, c_ptr, da_ptr, dgg_ptr, T, N,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-):
+def chunk_bwd_dg_kernel(dgp_ptr, c_ptr, da_ptr, dgg_ptr, T, N, B_H, H: tl.constexpr, NK: tl.constexpr, BT: tl.constexpr):
+    """``da_j = c + sum_{i >= j in j's chunk} db_i``, ``db`` summed over the NK partials ``[NK, B*H, T]``."""
     bh = tl.program_id(0)
     i_b = bh // H
     i_h = bh % H
     o = tl.arange(0, BT)
-    carry = tl.load(c_ptr + bh)
-    total = carry * 0.0
-    for j in range(0, N):
-        n = N - 1 - j
+    c = tl.load(c_ptr + bh)
+    total = c * 0.0
+    for n in range(0, N):
         t = n * BT + o
         m = t < T
-        row = (i_b * T + t).to(tl.int64) * H + i_h
-        dG = tl.zeros([BT], dtype=tl.float32)
-        for i_k in range(0, K // BK):
-            offs = row[:, None] * K + (i_k * BK + tl.arange(0, BK))[None, :]
-            qq = tl.load(q_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32)
-            kk = tl.load(k_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32)
-            dqq = tl.load(dq_ptr + offs, mask=m[:, None], other=0.0)
-            dkk = tl.load(dk_ptr + offs, mask=m[:, None], other=0.0)
-            dG += tl.sum(qq * dqq - kk * dkk, axis=1)
-        da = tl.cumsum(dG, axis=0, reverse=True) + carry
-        tl.store(da_ptr + row, da, mask=m)
+        db = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(0, NK):
+            db += tl.load(dgp_ptr + (i_k * B_H + bh).to(tl.int64) * T + t, mask=m, other=0.0)
+        da = tl.cumsum(db, axis=0, reverse=True) + c
+        tl.store(da_ptr + (i_b * T + t).to(tl.int64) * H + i_h, da, mask=m)
         total += tl.sum(tl.where(m, da, 0.0), axis=0)
-        carry += tl.sum(dG, axis=0)
     tl.store(dgg_ptr + bh, total)
 
 
 def chunk_bwd_dh(q, do, gates: Gates | None, scale: float, BT: int):
-    """``dh [B, H, N, K, V]`` (gradient of the state leaving each chunk, from later chunks' ``dO``)
-    and ``dS_in [B, H, K, V]``, both float32. q ``[B, T, H, K]``, do ``[B, T, H, V]`` (q's dtype)."""
+    """``dh [B, H, N, K, V]`` (gradient of the state leaving each chunk, from later chunks' ``dO``;
+    in :func:`~.fwd.snapshot_dtype`) and ``dS_in [B, H, K, V]`` float32.
+
+    q ``[B, T, H, K]``, do ``[B, T, H, V]`` in q's dtype, contiguous.
+    """
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    dh = torch.empty(B, H, N, K, V, dtype=torch.float32, device=q.device)
+    dh = torch.empty(B, H, N, K, V, dtype=snapshot_dtype(q.dtype), device=q.device)
     ds = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
-    b, bt = (gates.b, gates.bt) if gates is not None else (dh, dh)
+    b, bt = (gates.b, gates.bt) if gates is not None else (ds, ds)
     chunk_bwd_dh_kernel[(K // BK, V // BV, B * H)](
         q, do, b, bt, dh, ds, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
@@ -232,29 +254,39 @@ def chunk_bwd_dh(q, do, gates: Gates | None, scale: float, BT: int):
 
 
 def chunk_bwd_dqk(q, k, v, do, gates: Gates | None, h, state, dh, scale: float, BT: int):
-    """``dq, dk [B, T, H, K]`` float32 due to ``dO``; ``state [B, H, K, V]`` entered the segment."""
+    """``dq, dk [B, T, H, K]`` (q's dtype) due to ``dO``, and ``dgp [K/BK, B*H, T]`` float32.
+
+    ``state [B, H, K, V]`` float32 entered the segment. ``dgp`` (None without gates) holds per
+    K tile the gradient w.r.t. the chunk-local cumsum ``b`` of the log decay:
+    ``db_i = <q_i, dq_i> - <k_i, dk_i>``, plus, at the chunk's last token (``b_last`` is the
+    chunk's total decay), ``<dS_n, S_{n+1}> = e^(b_last) <dS_n, S_n> + sum_j <k_j, dk_j^state>``
+    with ``S_n`` the state entering chunk n, ``dS_n`` the gradient of the one leaving it and
+    ``dk^state`` the part of dk due to ``dS_n``. Chunk-local sums keep rounding errors from
+    accumulating over the whole sequence.
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    dk = torch.empty_like(dq)
-    b, bt, gs = (gates.b, gates.bt, gates.gs) if gates is not None else (dq, dq, dq)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dgp = torch.empty(K // BK, B * H, T, dtype=torch.float32, device=q.device) if gates is not None else None
+    b, bt, gs = (gates.b, gates.bt, gates.gs) if gates is not None else (state, state, state)
     chunk_bwd_dqk_kernel[(K // BK, N, B * H)](
-        q, k, v, do, b, bt, gs, h, state, dh, dq, dk, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
+        q, k, v, do, b, bt, gs, h, state, dh, dq, dk, dgp if dgp is not None else state, scale, T, N, B * H,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
     )
-    return dq, dk
+    return dq, dk, dgp
 
 
 def chunk_bwd_dv(q, k, do, gates: Gates | None, dh, scale: float, BT: int):
-    """``dv [B, T, H, V]`` float32 due to ``dO``."""
+    """``dv [B, T, H, V]`` (do's dtype) due to ``dO``."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    dv = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    b, bt = (gates.b, gates.bt) if gates is not None else (dv, dv)
+    dv = torch.empty_like(do)
+    b, bt = (gates.b, gates.bt) if gates is not None else (q, q)
     chunk_bwd_dv_kernel[(V // BV, N, B * H)](
         q, k, do, b, bt, dh, dv, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
@@ -262,31 +294,34 @@ def chunk_bwd_dv(q, k, do, gates: Gates | None, dh, scale: float, BT: int):
     return dv
 
 
-def summary_bwd(k, v, gates: Gates | None, dM: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, BT: int) -> None:
-    """Add the summary's share ``dk_j += e^(logA-G_j) v_j dM^T``, ``dv_j += e^(logA-G_j) k_j dM`` in place.
+def summary_bwd(k, v, h, gates: Gates | None, dM: torch.Tensor, dk, dv, dgp, BT: int) -> None:
+    """Add the summary's share in place: ``dk_j += e^(logA-G_j) v_j dM^T``,
+    ``dv_j += e^(logA-G_j) k_j dM`` and its ``db`` terms (per K tile; see :func:`chunk_bwd_dqk`).
 
-    dM ``[B, H, K, V]`` float32 contiguous; dk ``[B, T, H, K]``, dv ``[B, T, H, V]`` float32.
+    h: the local chunk states from :func:`~.fwd.chunk_fwd_h`; dM ``[B, H, K, V]`` float32
+    contiguous; dk ``[B, T, H, K]``, dv ``[B, T, H, V]`` (any float dtype); dgp
+    ``[K/BK, B*H, T]`` float32 or None without gates.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    b, bt, ge = (gates.b, gates.bt, gates.ge) if gates is not None else (dk, dk, dk)
+    b, bt, ge = (gates.b, gates.bt, gates.ge) if gates is not None else (dM, dM, dM)
     summary_bwd_kernel[(K // BK + V // BV, N, B * H)](
-        k, v, b, bt, ge, dM, dk, dv, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
+        k, v, h, b, bt, ge, dM, dk, dv, dgp if dgp is not None else dM, T, N, B * H,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
     )
 
 
-def chunk_bwd_dg(q, k, dq, dk, c: torch.Tensor, BT: int):
+def chunk_bwd_dg(dgp: torch.Tensor, c: torch.Tensor, B: int, T: int, H: int, BT: int):
     """Gradient of the per-token log decay ``da [B, T, H]`` and its per-(batch, head) sum ``[B, H]``.
 
-    c ``[B, H]`` float32: the gradient reaching the segment's total log decay
-    (``<dM, M> + dlogA``); every token's ``a`` feeds that total.
+    dgp ``[NK, B*H, T]``: shares of ``db`` (see :func:`chunk_bwd_dqk`); ``da_j = c + sum of db_i
+    over i >= j in j's chunk``. c ``[B, H]`` float32: ``dlogA``, the gradient reaching the
+    segment's total log decay (every token's ``a`` feeds it).
     """
-    B, T, H, K = q.shape
     N = n_chunks(T, BT)
-    da = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    dsum = torch.empty(B, H, dtype=torch.float32, device=q.device)
-    chunk_bwd_dg_kernel[(B * H,)](q, k, dq, dk, c, da, dsum, T, N, H=H, K=K, BT=BT, BK=block(K))
+    da = torch.empty(B, T, H, dtype=torch.float32, device=dgp.device)
+    dsum = torch.empty(B, H, dtype=torch.float32, device=dgp.device)
+    chunk_bwd_dg_kernel[(B * H,)](dgp, c, da, dsum, T, N, B * H, H=H, NK=dgp.shape[0], BT=BT)
     return da, dsum

@@ -76,7 +76,7 @@ def chunk_fwd_h_kernel(
     h_base = bh.to(tl.int64) * N * K * V
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(0, N):
-        tl.store(h_ptr + h_base + n * K * V + kv, h)
+        tl.store(h_ptr + h_base + n * K * V + kv, h.to(h_ptr.dtype.element_ty))
         t = n * BT + o
         m = t < T
         row = (i_b * T + t).to(tl.int64) * H + i_h
@@ -154,7 +154,7 @@ def chunk_fwd_inter_kernel(
         acc = acc * tl.exp(tl.load(gs_ptr + bh * N + n) + bb)[:, None]
     o_offs = row[:, None] * V + ov[None, :]
     acc = acc * scale + tl.load(ol_ptr + o_offs, mask=m[:, None], other=0.0)
-    tl.store(o_ptr + o_offs, acc, mask=m[:, None])
+    tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m[:, None])
 
 
 def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, BT: int, device) -> Gates | None:
@@ -176,18 +176,25 @@ def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T:
     return Gates(b, bt, gs, ge, logA)
 
 
+def snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of per-chunk state snapshots: the input dtype for 16-bit inputs (the dots
+    that read them take 16-bit operands anyway; running sums stay fp32), else float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, gates: Gates | None, BT: int):
     """States entering each chunk ``h [B, H, N, K, V]`` and the segment summary ``M [B, H, K, V]``.
 
-    k ``[B, T, H, K]``, v ``[B, T, H, V]`` contiguous; zero state entering the segment.
+    k ``[B, T, H, K]``, v ``[B, T, H, V]`` contiguous; zero state entering the segment. ``M`` is
+    float32; ``h`` (read only by the output kernels) is in :func:`snapshot_dtype`.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    h = torch.empty(B, H, N, K, V, dtype=torch.float32, device=k.device)
+    h = torch.empty(B, H, N, K, V, dtype=snapshot_dtype(k.dtype), device=k.device)
     M = torch.empty(B, H, K, V, dtype=torch.float32, device=k.device)
-    b, bt = (gates.b, gates.bt) if gates is not None else (h, h)
+    b, bt = (gates.b, gates.bt) if gates is not None else (M, M)
     chunk_fwd_h_kernel[(K // BK, V // BV, B * H)](
         k, v, b, bt, h, M, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
@@ -203,23 +210,25 @@ def chunk_fwd_o(q, k, v, gates: Gates | None, h: torch.Tensor, scale: float, BT:
     BK, BV = block(K), block(V)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_fwd_o_kernel[(V // BV, N, B * H)](
-        q, k, v, gates.b if gates is not None else h, h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        q, k, v, gates.b if gates is not None else o, h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
     )
     return o
 
 
-def chunk_fwd_inter(q, gates: Gates | None, state: torch.Tensor, o_local: torch.Tensor, scale: float, BT: int) -> torch.Tensor:
-    """``o_local + scale * (q * e^G) @ state``: the full output ``[B, T, H, V]`` float32.
+def chunk_fwd_inter(
+    q, gates: Gates | None, state: torch.Tensor, o_local: torch.Tensor, scale: float, BT: int, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``o_local + scale * (q * e^G) @ state``: the full output ``[B, T, H, V]`` in ``out_dtype``.
 
-    state: ``[B, H, K, V]`` float32 contiguous, the state entering the segment.
+    state: ``[B, H, K, V]`` float32 contiguous, the state entering the segment; o_local float32.
     """
     B, T, H, K = q.shape
     V = o_local.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    o = torch.empty_like(o_local)
-    b, gs = (gates.b, gates.gs) if gates is not None else (o, o)
+    o = torch.empty(B, T, H, V, dtype=out_dtype, device=q.device)
+    b, gs = (gates.b, gates.gs) if gates is not None else (o_local, o_local)
     chunk_fwd_inter_kernel[(V // BV, N, B * H)](
         q, b, gs, state, o_local, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
