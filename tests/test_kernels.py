@@ -29,7 +29,7 @@ DGAMMA_FP32_RTOL = 5e-5
 def rtol_for(name: str, dtype: torch.dtype) -> float | None:
     if name == "g_gamma" and dtype == torch.float32:
         return DGAMMA_FP32_RTOL
-    return None if dtype != torch.bfloat16 else 1e-2
+    return 1e-2 if dtype in (torch.bfloat16, torch.float16) else None  # by input dtype: dg is fp32
 
 
 def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _segment_inputs(B, T, H, K, V, gates, dtype, seed):
     return full, state, do, dM, dlogA
 
 
-def _compare(ref_out, ref_grads, out, grads, full, dtype, what):
+def _compare(ref_out, ref_grads, out, grads, full, dtype, what, skip=()):
     errs = {}
     for name, ref in ref_out.items():
         if name == "logA" and full[3] is None and full[4] is None:
@@ -95,6 +95,8 @@ def _compare(ref_out, ref_grads, out, grads, full, dtype, what):
     for i, name in enumerate(NAMES):
         if full[i] is None:
             assert grads[i] is None, f"{what}: d{name} must be None without {name}"
+            continue
+        if name in skip:
             continue
         errs["d" + name] = assert_close(ref_grads[i], grads[i], rtol=rtol_for(name, dtype), name=f"{what} d{name}")
     return errs
@@ -134,6 +136,19 @@ def test_segment_kernels_large_head_dims(chunk_size):
     _compare(ref_out, ref_grads, out, grads, args[0], torch.float32, f"C{chunk_size}")
 
 
+def test_long_segment_keeps_fp32_precision():
+    """T = 1100 (18 chunks), both gates: the summary is built by the chunk recurrence and the
+    gate gradients by chunk-local sums, so errors do not grow with the segment's length."""
+    args = _segment_inputs(1, 1100, 1, 16, 16, "both", torch.float32, seed=3)
+    ref_out, ref_grads = segment_oracle(*args)
+    out, grads = run_segment(TritonSegment, *args)
+    _compare(ref_out, ref_grads, out, grads, args[0], torch.float32, "T1100", skip=("g_gamma",))
+    # dg_gamma = sum over tokens of dg: it can cancel to far below the terms it sums (here
+    # -24.5 from terms of total size ~5500), so bound its error by the size of those terms
+    err = (grads[4].double() - ref_grads[4]).abs()
+    assert (err <= 1e-6 * ref_grads[3].abs().sum((0, 1))).all(), err
+
+
 def _oracle(full, do, causal=True):
     ins = [None if x is None else x.detach().double().requires_grad_() for x in full]
     ref = reference.linear_attention_reference(*ins, causal=causal)
@@ -144,6 +159,7 @@ def _oracle(full, do, causal=True):
 P1_CASES = [  # (id, gates, dtype, B, T, H, K, V)
     ("nogate-fp32", "none", torch.float32, 2, 130, 2, 32, 16),
     ("both-bf16", "both", torch.bfloat16, 2, 130, 2, 32, 16),
+    ("g-fp16", "g", torch.float16, 1, 100, 2, 16, 16),
 ]
 
 

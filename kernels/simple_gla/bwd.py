@@ -171,23 +171,24 @@ def summary_bwd_kernel(
     if USE_G:  # e^(logA - G_j) = e^(ge_n + bt_n - b_j), exact near the segment's end
         bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
         decay = tl.exp(tl.load(ge_ptr + bh * N + n) + tl.load(bt_ptr + bh * N + n) - bb)
+    # the two branches use distinct names: Triton merges same-named values of both branches
     if i_d < K // BK:
         ok = i_d * BK + tl.arange(0, BK)
-        acc = tl.zeros([BT, BK], dtype=tl.float32)
+        acc_k = tl.zeros([BT, BK], dtype=tl.float32)
         hd = tl.zeros([BK, BV], dtype=tl.float32)  # <local state entering n, dM>, this K tile
         for i_v in range(0, V // BV):
-            ov = i_v * BV + tl.arange(0, BV)
-            kv = ok[:, None] * V + ov[None, :]
-            vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
+            ov_k = i_v * BV + tl.arange(0, BV)
+            kv = ok[:, None] * V + ov_k[None, :]
+            vv = tl.load(v_ptr + row[:, None] * V + ov_k[None, :], mask=m[:, None], other=0.0)
             dm = tl.load(dm_ptr + s_base + kv)
-            acc += mm(vv, tl.trans(dm), k_ptr, LOWP)
+            acc_k += mm(vv, tl.trans(dm), k_ptr, LOWP)
             if USE_G:
                 hd += tl.load(h_ptr + (bh.to(tl.int64) * N + n) * K * V + kv).to(tl.float32) * dm
         if USE_G:
-            acc = acc * decay[:, None]
+            acc_k = acc_k * decay[:, None]
             kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0).to(tl.float32)
             # the state leaving chunk n gets e^(ge_n) dM: same db terms as in the dq/dk kernel
-            kd = tl.sum(kk * acc, axis=1)
+            kd = tl.sum(kk * acc_k, axis=1)
             last = tl.exp(tl.load(ge_ptr + bh * N + n) + tl.load(bt_ptr + bh * N + n)) * tl.sum(tl.sum(hd, axis=1), axis=0)
             last += tl.sum(kd, axis=0)
             o = tl.arange(0, BT)
@@ -195,21 +196,21 @@ def summary_bwd_kernel(
             db = tl.load(dgp_ptr + g_offs, mask=m, other=0.0) - kd
             db = tl.where(o == tl.minimum(BT, T - n * BT) - 1, db + last, db)
             tl.store(dgp_ptr + g_offs, db, mask=m)
-        offs = row[:, None] * K + ok[None, :]
-        dk = tl.load(dk_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32) + acc
-        tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=m[:, None])
+        offs_k = row[:, None] * K + ok[None, :]
+        dk = tl.load(dk_ptr + offs_k, mask=m[:, None], other=0.0).to(tl.float32) + acc_k
+        tl.store(dk_ptr + offs_k, dk.to(dk_ptr.dtype.element_ty), mask=m[:, None])
     else:
         ov = (i_d - K // BK) * BV + tl.arange(0, BV)
-        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        acc_v = tl.zeros([BT, BV], dtype=tl.float32)
         for i_k in range(0, K // BK):
-            ok = i_k * BK + tl.arange(0, BK)
-            kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
-            acc += mm(kk, tl.load(dm_ptr + s_base + ok[:, None] * V + ov[None, :]), k_ptr, LOWP)
+            ok_v = i_k * BK + tl.arange(0, BK)
+            kk_v = tl.load(k_ptr + row[:, None] * K + ok_v[None, :], mask=m[:, None], other=0.0)
+            acc_v += mm(kk_v, tl.load(dm_ptr + s_base + ok_v[:, None] * V + ov[None, :]), k_ptr, LOWP)
         if USE_G:
-            acc = acc * decay[:, None]
-        offs = row[:, None] * V + ov[None, :]
-        dv = tl.load(dv_ptr + offs, mask=m[:, None], other=0.0).to(tl.float32) + acc
-        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=m[:, None])
+            acc_v = acc_v * decay[:, None]
+        offs_v = row[:, None] * V + ov[None, :]
+        dv = tl.load(dv_ptr + offs_v, mask=m[:, None], other=0.0).to(tl.float32) + acc_v
+        tl.store(dv_ptr + offs_v, dv.to(dv_ptr.dtype.element_ty), mask=m[:, None])
 
 
 @triton.jit
