@@ -65,12 +65,13 @@ SP=$(lasp_sp_size "$CONFIG" "${ARGS[@]}")
 lasp_print_layout "$NNODES" "$NPROC" "$SP" "$BACKEND"
 export LASP_DIST_BACKEND=$BACKEND
 
-if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
-  RDZV=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-lasp}")
-else
-  RDZV=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+# Always the c10d rendezvous: every restart gets a fresh round (the static one reuses the
+# store and the restarted ranks can read the dead ranks' addresses).
+RDZV=(--rdzv-backend c10d --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR}:${MASTER_PORT}}" --rdzv-id "${RDZV_ID:-lasp}")
+if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+  RDZV+=(--node-rank "$NODE_RANK")
 fi
 
 exec "$PY" -m torch.distributed.run \
-  --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" "${RDZV[@]}" \
+  --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" --monitor-interval 1 "${RDZV[@]}" \
   -m lasp.train --config "$CONFIG" "${ARGS[@]}"

@@ -67,6 +67,25 @@ def launch(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def elastic_restart_should_resume(cfg: RunConfig, rank: int) -> bool:
+    """True when torchrun restarted this job (a rank died) and a checkpoint exists to resume from.
+
+    torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0 on a restart; the restarted ranks run the
+    same command line, so resuming has to be decided here. Without a checkpoint yet, the job
+    starts over (batches depend only on (seed, step), so nothing is lost).
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts <= 0:
+        return False
+    from .checkpoint import read_latest
+
+    tag = read_latest(cfg.checkpoint_dir)
+    if rank == 0:
+        where = f"resuming from checkpoint {tag!r}" if tag else "no checkpoint yet, starting over"
+        print(f"lasp train: elastic restart {restarts}: {where}", flush=True)
+    return tag is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -89,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(argv, nproc)
         from .trainer import train
 
-        train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        resume = args.resume or elastic_restart_should_resume(cfg, rank)
+        train(cfg, resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
     except ValueError as err:
         if rank == 0:
             print(f"lasp train: error: {err}", file=sys.stderr)
