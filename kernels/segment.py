@@ -5,7 +5,9 @@ built. Forward: gate summaries and the chunk states/summary (constructor, before
 all-gather), the local output (``compute_local``, overlapping it), the inter part
 (``output``). Backward: ``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv``
 from ``dO`` (``backward_output``, overlapping the all-gather), the summary's share
-(``backward_summary``) and the gate gradients (``grads``).
+(``backward_summary``) and the gate gradients (``grads``). A zero incoming state (the first
+segment) skips the inter pass, a zero summary gradient (the last segment) the summary's
+backward: with P = 1 the path is the plain chunked algorithm.
 """
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ class TritonSegment:
     def output(self, state: torch.Tensor) -> torch.Tensor:
         """``o [B, T, H, V]`` float32 given the state ``[B, H, K, V]`` entering the segment."""
         self.state = state.detach().float().contiguous()
-        o = sg.chunk_fwd_inter(self.q, self.gates, self.state, self.o_local, self.scale, self.BT)
-        self.o_local = None
+        o, self.o_local = self.o_local, None
+        if not _all_zero(self.state):  # the first segment of the sequence gets no state
+            o = sg.chunk_fwd_inter(self.q, self.gates, self.state, o, self.scale, self.BT)
         return o
 
     def _grad_out(self, do: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,8 @@ class TritonSegment:
         if self.dq is None:
             self._zero_grads()
         dM = dM.detach().float().contiguous()
-        sg.summary_bwd(self.k, self.v, self.h, self.gates, dM, self.dk, self.dv, self.dgp, self.BT)
+        if not _all_zero(dM):  # the last segment of the sequence: nothing reads its summary
+            sg.summary_bwd(self.k, self.v, self.h, self.gates, dM, self.dk, self.dv, self.dgp, self.BT)
         if self.gates is not None:
             self._c = self._c + dlogA.detach().float()
 
@@ -109,3 +113,9 @@ class TritonSegment:
             dgg = None if self.gg_dtype is None else dsum.sum(0).to(self.gg_dtype)
         self.h = None
         return self.dq, self.dk, self.dv, dg, dgg
+
+
+def _all_zero(x: torch.Tensor) -> bool:
+    """Whether ``x`` is all zeros: lets the first/last segment (all of it when P = 1) skip a
+    kernel pass over its tokens, at the price of one small device-to-host read."""
+    return not bool(torch.count_nonzero(x))
