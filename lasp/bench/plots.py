@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _colors(names) -> dict:
+    """One fixed colour per series name (the same in every panel and plot)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {n: cycle[i % len(cycle)] for i, n in enumerate(sorted(set(names)))}
+
+
 def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status", "ok") == "ok" and r.get("time_ms") is not None]
 
@@ -30,6 +39,7 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
     """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``sp``."""
     ok = _ok(records)
     panels = _panels(ok) or [0]
+    colors = _colors(r[series] for r in ok)
     fig, axes = _axes(len(panels))
     for ax, sp in zip(axes, panels):
         lines = defaultdict(list)
@@ -38,7 +48,8 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
                 lines[r[series]].append((r["seq_len"], r[metric]))
         for name, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, ls="--" if name in dashed else "-")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, ls="--" if name in dashed else "-",
+                    color=colors[name])
         ax.set_xscale("log", base=2)
         if logy and lines:
             ax.set_yscale("log")
@@ -71,11 +82,15 @@ def speedups(records: list[dict], *, series: str, base: str, against: tuple[str,
 
 
 def plot_speedup(records: list[dict], path: str, *, series: str, base: str, against: tuple[str, ...], title: str) -> str:
-    """Speed-up of ``base`` over each of ``against`` (time ratio) vs sequence length."""
+    """Speed-up of ``base`` over each of ``against`` (time ratio) vs sequence length; one colour
+    per baseline, one line style per SP size."""
     sp_data = speedups(records, series=series, base=base, against=against)
+    colors = _colors(other for other, _ in sp_data)
+    styles = {sp: _LINESTYLES[i % len(_LINESTYLES)] for i, sp in enumerate(sorted({sp for _, sp in sp_data}))}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for (other, sp), pts in sorted(sp_data.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{base} over {other}, P={sp}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{base} over {other}, P={sp}",
+                color=colors[other], ls=styles[sp])
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_xscale("log", base=2)
     if sp_data:

@@ -25,10 +25,10 @@ Hardware assumptions (flags override each):
 Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1`` (the paper's "+36.6%").
 
 Calibration (``--calibrate`` a ``lasp bench layer`` results.json): per operator kind the
-effective compute rate ``F`` and fixed cost ``t0`` are fitted by least squares of the measured
-step time against the model's FLOPs of the reference method (``lasp2`` for linear,
-``allgather`` for softmax), then one effective link bandwidth from the residuals of all
-points against the bytes they send; every measured point is then predicted and the error
+effective compute rate ``F`` and fixed cost ``t0`` are fitted by least squares (of the relative
+error) of the measured step time against the model's FLOPs of the reference method (``lasp2``
+for linear, ``allgather`` for softmax), then one effective link bandwidth from the residuals
+of all points against the bytes they send; every measured point is then predicted and the error
 printed. ``--use-calibration`` runs the cluster prediction with the fitted ``F`` and bandwidth.
 """
 from __future__ import annotations
@@ -57,14 +57,24 @@ DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 
 
 def _lsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least squares ``y = a + b x`` (b through the origin when only one x value)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if n < 2 or sxx == 0:
-        return 0.0, (sum(ys) / sum(xs) if sum(xs) else 0.0)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    """``y = a + b x`` minimising the RELATIVE squared error (weights ``1 / y^2``), so small and
+    large points count alike; through the origin when there is only one x value."""
+    ws = [1.0 / (y * y) if y else 1.0 for y in ys]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, y in zip(ws, ys)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    if len(xs) < 2 or sxx == 0:
+        return 0.0, _lsq0(xs, ys)
+    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
     return my - b * mx, b
+
+
+def _lsq0(xs: list[float], ys: list[float]) -> float:
+    """``y = b x`` minimising the relative squared error."""
+    num = sum(x / y for x, y in zip(xs, ys) if y)
+    den = sum((x / y) ** 2 for x, y in zip(xs, ys) if y)
+    return num / den if den else 0.0
 
 
 def _shape_of(rec: dict) -> Shape:
@@ -89,17 +99,18 @@ def calibrate(layer_doc: dict) -> dict:
         xs, ys = [_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts]
         t0, slope = _lsq(xs, ys)
         if slope <= 0 or t0 < 0:  # no usable intercept: fit through the origin
-            t0, slope = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+            t0, slope = 0.0, _lsq0(xs, ys)
         fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": max(t0, 0.0), "reference": pts[0]["method"], "points": len(pts)}
     bw = None
     num = den = 0.0
-    for r in ok:
+    for r in ok:  # residual = bytes / bw, relative least squares
         f = fits.get(r.get("kind", "linear"))
         if f is None or r["sp"] == 1:
             continue
-        resid = r["time_ms"] / 1e3 - f["t0_s"] - _flops(r) / f["flops_per_s"]
-        num += r["bytes_per_rank"] ** 2
-        den += r["bytes_per_rank"] * resid
+        y = r["time_ms"] / 1e3
+        resid = y - f["t0_s"] - _flops(r) / f["flops_per_s"]
+        num += (r["bytes_per_rank"] / y) ** 2
+        den += r["bytes_per_rank"] * resid / y**2
     if den > 0:
         bw = num / den
     rows = []
