@@ -24,7 +24,6 @@ as in :mod:`lasp.bench.timing`; ``tokens_per_s = B * T / step time`` for the who
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
