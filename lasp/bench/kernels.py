@@ -156,7 +156,7 @@ def check_provider(fn, name, dims, gates, device) -> list[dict]:
     for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for K, V in dims:
             full = make_inputs(2, 777, 4, K, V, gates, dtype, device, seed=K + V)
-            do = torch.randn(2, 777, 4, V, device=device, generator=None).to(dtype)
+            do = torch.randn(2, 777, 4, V, generator=torch.Generator().manual_seed(K)).to(device=device, dtype=dtype)
             ins = [None if x is None else x.clone().requires_grad_() for x in full]
             o = fn(*ins, K**-0.5)
             o.backward(do)
