@@ -74,7 +74,17 @@ def _init_from_env(backend: str | None, timeout_s: float) -> None:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    # Under torchrun the store outlives a restart: the keys the dead attempt's groups wrote
+    # (peer addresses) are still there. A per-attempt prefix keeps the new groups off them.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"lasp/attempt{restart}", client)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def init_parallel(
