@@ -10,8 +10,8 @@ import lasp
 from lasp import comm
 from lasp.ops import reference
 from lasp.ops.softmax_local import block_backward, block_forward, group_queries, merge_partial, ungroup_queries
-from lasp.ops.ring import block_work, ring_schedule
-from lasp.parallel import shard_sequence, unshard_sequence
+from lasp.ops.ring import block_work, ring_schedule, ring_softmax_attention, ring_step_tiles
+from lasp.parallel import global_positions, shard_sequence, unshard_sequence
 from lasp.testing import assert_close
 
 METHODS = ("allgather", "ring", "ulysses")
@@ -115,3 +115,60 @@ def test_ring_zigzag_balances_causal_work(P):
     for r in range(P):  # off-diagonal zigzag blocks need no mask at all
         plans = ring_schedule(r, P, T, "zigzag", True)
         assert all(p is not None and p.mask is None for p in plans[1:])
+
+
+def run_ring_tiled(rank, world, full, do, *, causal, layout, tile_rows):
+    """Worker: ring attention with ``tile_rows`` query rows per tile; also the comm events of the
+    same call with the default tile, which must be identical (tiling is local compute only)."""
+    torch.set_num_threads(1)
+    events = []
+    for tiles in (tile_rows, None):
+        ins = [shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in full]
+        with comm.record() as log:
+            o = ring_softmax_attention(*ins, causal=causal, scale=full[0].shape[-1] ** -0.5,
+                                       group=dist.group.WORLD, layout=layout, tile_rows=tiles)
+            o.backward(shard_sequence(do, rank, world, layout))
+        events.append([(e.kind, e.bytes, e.tag) for e in log.events])
+        if tiles == tile_rows:
+            result = (o.detach(), [x.grad for x in ins])
+    return (*result, events[0] == events[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("P", [2, 4], ids=lambda p: f"P{p}")
+def test_ring_row_tiles_match_oracle(spawn, P, layout, causal, dtype):
+    """Ring attention with tiles of 5 query rows (T_local = 24 or 12: several tiles per block,
+    a ragged last tile, tiles that straddle the zigzag halves and the causal diagonal), GQA,
+    vs the float64 oracle: output and dq/dk/dv; communication identical to the default tile."""
+    full, do = softmax_inputs(1, 48, 8, 4, 8, dtype, seed=11 + P)
+    results = spawn(P).run(run_ring_tiled, full, do, causal=causal, layout=layout, tile_rows=5)
+    check_softmax([r[:2] for r in results], full, do, causal, layout)
+    assert all(r[2] for r in results), "tiling changed the communication"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("P", [2, 4], ids=lambda p: f"P{p}")
+def test_row_tiles_cover_the_visible_pairs_once(P, layout):
+    """Per ring step, the row tiles' (rows x cols, mask) boxes cover exactly the causally visible
+    (query, key) pairs, each once, and no tile is taller than tile_rows."""
+    T_local, tile = 16, 3
+    T = P * T_local
+    for rank in range(P):
+        q_pos = global_positions(T, rank, P, layout)
+        for step in range(P):
+            k_pos = global_positions(T, (rank - step) % P, P, layout)
+            cover = torch.zeros(T_local, T_local, dtype=torch.int64)
+            for t in ring_step_tiles(rank, step, P, T, layout, True, tile):
+                rows = range(T_local)[t.rows]
+                assert 0 < len(rows) <= tile
+                box = torch.ones(len(rows), len(range(T_local)[t.cols]), dtype=torch.int64)
+                cover[t.rows, t.cols] += box if t.mask is None else t.mask.long()
+            assert torch.equal(cover, (k_pos[None, :] <= q_pos[:, None]).long())
+
+
+def test_ring_rejects_bad_tile_rows():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="tile_rows"):
+        ring_softmax_attention(q, q, q, causal=True, scale=1.0, group=None, layout="contiguous", tile_rows=0)

@@ -25,6 +25,13 @@ by :mod:`lasp.comm` (sends; the matching receives are the same sizes):
   bytes (the float32 dK/dV accumulator).
 
 All grow linearly with the sequence length; ``P-1`` (resp. ``2P-1``) dependent steps.
+
+Memory: each block is processed in row tiles of at most ``tile_rows`` queries
+(:data:`TILE_ROWS` by default; :func:`lasp.ops.softmax_local.row_tile_plans`), so the float32
+scores live at once are ``[B, H, tile_rows, T_local]`` (two such tensors in backward), not
+``[B, H, T_local, T_local]``: per-step memory is ``O(tile_rows * T_local)``. Tiling changes
+neither the result (tiles partition the rows; the log-sum-exp merge is per row) nor the
+communication (the same block sends, in the same order).
 """
 from __future__ import annotations
 
@@ -40,9 +47,13 @@ from .softmax_local import (
     causal_block_plan,
     group_queries,
     merge_partial,
+    row_tile_plans,
     sdpa_attention,
     ungroup_queries,
 )
+
+TILE_ROWS = 1024
+"""Default query rows per tile: the scores of one tile are ``B * H * TILE_ROWS * T_local`` floats."""
 
 _FWD_TAG = "ring.fwd"
 _BWD_KV_TAG = "ring.bwd.kv"
@@ -74,6 +85,17 @@ def ring_schedule(rank: int, size: int, T: int, layout: str, causal: bool, devic
     ]
 
 
+def ring_step_tiles(rank: int, step: int, size: int, T: int, layout: str, causal: bool, tile_rows: int, device=None) -> list[BlockPlan]:
+    """Row-tile plans of ring step ``step`` on ``rank`` (the K/V block of rank ``(rank - step) mod P``).
+
+    ``[]`` when the causal mask hides the whole block. Built per step (not ahead of time) so
+    only one step's tile masks exist at once.
+    """
+    q_pos = global_positions(T, rank, size, layout)
+    k_pos = global_positions(T, (rank - step) % size, size, layout)
+    return row_tile_plans(q_pos, k_pos, causal, tile_rows, device)
+
+
 def block_work(plan: BlockPlan | None, t_local: int) -> int:
     """Query-key pairs a plan computes (0 for a skipped block)."""
     if plan is None:
@@ -97,39 +119,39 @@ class RingSoftmax(torch.autograd.Function):
     """Ring attention over ``group``: q ``[B, T_local, H, D]``, k/v ``[B, T_local, H_kv, D]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, group, layout):
+    def forward(ctx, q, k, v, scale, causal, group, layout, tile_rows):
         rank, size = group_rank_size(group)
         h_kv, T = k.shape[2], q.shape[1] * size
         qg = group_queries(q, h_kv)  # [B, H_kv, R, T_local, D] float32
-        plans = ring_schedule(rank, size, T, layout, causal, q.device)
         o = torch.zeros_like(qg)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=qg.dtype, device=qg.device)
         cur = torch.stack([k, v])
         for s in range(size):
             if s < size - 1:
                 nxt, works = ring_shift(cur, group, _FWD_TAG)  # overlaps this block's compute
-            plan = plans[s]  # the block of rank (rank - s) mod P
-            if plan is not None:
-                kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
-                r = plan.rows
-                ob, lb = block_forward(qg[..., r, :], kb, vb, scale, plan.mask)
-                o[..., r, :], lse[..., r] = merge_partial(o[..., r, :], lse[..., r], ob, lb)
+            tiles = ring_step_tiles(rank, s, size, T, layout, causal, tile_rows, q.device)
+            if tiles:
+                kf, vf = _heads_first(cur[0]), _heads_first(cur[1])  # the block of rank (rank - s) mod P
+                for t in tiles:
+                    r, c = t.rows, t.cols
+                    ob, lb = block_forward(qg[..., r, :], kf[:, :, c], vf[:, :, c], scale, t.mask)
+                    o[..., r, :], lse[..., r] = merge_partial(o[..., r, :], lse[..., r], ob, lb)
+                del kf, vf
             if s < size - 1:
                 _wait(works)
                 cur = nxt
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.causal, ctx.group, ctx.layout = scale, causal, group, layout
+        ctx.scale, ctx.causal, ctx.group, ctx.layout, ctx.tile_rows = scale, causal, group, layout, tile_rows
         return ungroup_queries(o).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        scale, causal, group, layout = ctx.scale, ctx.causal, ctx.group, ctx.layout
+        scale, causal, group, layout, tile_rows = ctx.scale, ctx.causal, ctx.group, ctx.layout, ctx.tile_rows
         rank, size = group_rank_size(group)
         h_kv, T = k.shape[2], q.shape[1] * size
         qg, dog = group_queries(q, h_kv), group_queries(do, h_kv)
         delta = (dog * o).sum(-1)
-        plans = ring_schedule(rank, size, T, layout, causal, q.device)
         dq = torch.zeros_like(qg)
         B, T_local, _, D = k.shape
         cur = torch.stack([k, v])
@@ -138,16 +160,18 @@ class RingSoftmax(torch.autograd.Function):
             if s < size - 1:
                 nxt, works = ring_shift(cur, group, _BWD_KV_TAG)
             acc = torch.zeros(2, B, h_kv, T_local, D, dtype=torch.float32, device=q.device)
-            plan = plans[s]
-            if plan is not None:
-                kb, vb = (_heads_first(x[:, plan.cols]) for x in cur)
-                r, c = plan.rows, plan.cols
-                dq_b, dk_b, dv_b = block_backward(
-                    qg[..., r, :], kb, vb, dog[..., r, :], lse[..., r], delta[..., r], scale, plan.mask
-                )
-                dq[..., r, :] += dq_b
-                acc[0][:, :, c] += dk_b
-                acc[1][:, :, c] += dv_b
+            tiles = ring_step_tiles(rank, s, size, T, layout, causal, tile_rows, q.device)
+            if tiles:
+                kf, vf = _heads_first(cur[0]), _heads_first(cur[1])
+                for t in tiles:
+                    r, c = t.rows, t.cols
+                    dq_b, dk_b, dv_b = block_backward(
+                        qg[..., r, :], kf[:, :, c], vf[:, :, c], dog[..., r, :], lse[..., r], delta[..., r], scale, t.mask
+                    )
+                    dq[..., r, :] += dq_b
+                    acc[0][:, :, c] += dk_b
+                    acc[1][:, :, c] += dv_b
+                del kf, vf
             if s > 0:  # the accumulator of the block we hold now, sent by the previous rank
                 _wait(dkv_works)
                 acc += dkv_in
@@ -158,11 +182,20 @@ class RingSoftmax(torch.autograd.Function):
                 cur = nxt
         _wait(dkv_works)  # after P hops our own block's accumulator is back
         dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv_in)
-        return ungroup_queries(dq).to(q.dtype), dk, dv, None, None, None, None
+        return ungroup_queries(dq).to(q.dtype), dk, dv, None, None, None, None, None
 
 
-def ring_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str) -> torch.Tensor:
-    """Ring attention on validated inputs (see :func:`lasp.softmax_attention`)."""
+def ring_softmax_attention(
+    q, k, v, *, causal: bool, scale: float, group, layout: str, tile_rows: int | None = None
+) -> torch.Tensor:
+    """Ring attention on validated inputs (see :func:`lasp.softmax_attention`).
+
+    ``tile_rows``: query rows per score tile (default :data:`TILE_ROWS`); any value gives the
+    same result up to float rounding, smaller ones use less memory per step.
+    """
+    tile_rows = TILE_ROWS if tile_rows is None else tile_rows
+    if not isinstance(tile_rows, int) or isinstance(tile_rows, bool) or tile_rows < 1:
+        raise ValueError(f"tile_rows must be a positive integer, got {tile_rows!r}")
     if group_rank_size(group)[1] == 1:
         return sdpa_attention(q, k, v, causal=causal, scale=scale)
-    return RingSoftmax.apply(q, k, v, scale, causal, group, layout)
+    return RingSoftmax.apply(q, k, v, scale, causal, group, layout, tile_rows)

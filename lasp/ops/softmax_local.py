@@ -4,6 +4,9 @@
   ``[B, T, H, D]`` layout, GQA included. Used by ``group=None``, LASP-2H and Ulysses.
 - :func:`causal_block_plan`: which rows/columns of a (query block, key block) pair can see
   each other under a causal mask over GLOBAL positions, so fully masked work is skipped.
+- :func:`row_tile_plans`: the same plan split into row tiles of at most ``tile_rows`` queries
+  (each tile's key columns narrowed to the ones it can see), so a block's scores are never
+  materialised whole: ``[tile_rows, T_k]`` per head instead of ``[T_q, T_k]``.
 - :func:`block_forward` / :func:`block_backward` / :func:`merge_partial`: blockwise attention
   that returns the log-sum-exp of each query row, the flash-attention recurrence ring
   attention needs (``scaled_dot_product_attention`` does not expose the LSE). Float32,
@@ -69,6 +72,31 @@ def causal_block_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, de
     return BlockPlan(slice(r0, r1), slice(c0, c1), mask)
 
 
+def row_tile_plans(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, tile_rows: int, device=None
+) -> list[BlockPlan]:
+    """:func:`causal_block_plan` per tile of at most ``tile_rows`` consecutive queries.
+
+    Returns the plans of the tiles that see at least one key (``[]`` when the mask hides the
+    whole block), with ``rows`` as slices of the whole query block, ``cols`` the bounding box
+    of the keys that tile sees and ``mask`` ``[rows, cols]`` or None. The tiles partition the
+    visible rows, so per-row results (output, log-sum-exp, dq) are written once per tile and
+    per-key results (dk, dv) are summed over tiles. Host work is ``O(tile_rows * T_k)`` per tile.
+    """
+    if tile_rows < 1:
+        raise ValueError(f"tile_rows must be a positive integer, got {tile_rows}")
+    Tq = q_pos.shape[0]
+    plans = []
+    for t0 in range(0, Tq, tile_rows):
+        t1 = min(t0 + tile_rows, Tq)
+        plan = causal_block_plan(q_pos[t0:t1], k_pos, causal, device)
+        if plan is None:
+            continue
+        r0, r1, _ = plan.rows.indices(t1 - t0)
+        plans.append(BlockPlan(slice(t0 + r0, t0 + r1), plan.cols, plan.mask))
+    return plans
+
+
 def causal_key_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, device=None) -> torch.Tensor:
     """Bool ``[Tq, Tk]``: query i may see key j iff ``k_pos[j] <= q_pos[i]``."""
     return (k_pos[None, :] <= q_pos[:, None]).to(device)
@@ -90,9 +118,10 @@ def ungroup_queries(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q, k, scale, mask):
-    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k) * scale
+    """Scaled (and masked, ``-inf``) scores ``[B, H_kv, R, Tq, Tk]``, a fresh tensor (edited in place)."""
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k).mul_(scale)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s.masked_fill_(~mask, float("-inf"))
     return s
 
 
@@ -113,7 +142,7 @@ def block_forward(q, k, v, scale: float, mask: torch.Tensor | None = None):
     """
     s = _scores(q, k, scale, mask)
     lse = s.logsumexp(-1)
-    p = (s - _finite_or_zero(lse)[..., None]).exp()
+    p = s.sub_(_finite_or_zero(lse)[..., None]).exp_()  # in place: one score-sized tensor live
     return torch.einsum("bgrqk,bgkd->bgrqd", p, v), lse
 
 
@@ -136,11 +165,10 @@ def block_backward(q, k, v, do, lse, delta, scale: float, mask: torch.Tensor | N
     Returns float32 ``dq [B, H_kv, R, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]`` (summed over the R
     query heads sharing each KV head).
     """
-    s = _scores(q, k, scale, mask)
-    p = (s - _finite_or_zero(lse)[..., None]).exp()
+    p = _scores(q, k, scale, mask).sub_(_finite_or_zero(lse)[..., None]).exp_()
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
-    dp = torch.einsum("bgrqd,bgkd->bgrqk", do, v)
-    ds = p * (dp - delta[..., None])
+    ds = torch.einsum("bgrqd,bgkd->bgrqk", do, v).sub_(delta[..., None]).mul_(p)  # dS = P * (dP - delta)
+    del p  # two score-sized tensors live at most
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k) * scale
     dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q) * scale
     return dq, dk, dv
