@@ -107,7 +107,7 @@ class LASP2Causal(torch.autograd.Function):
         ctx.segs, ctx.group, ctx.layout, ctx.order = segs, group, layout, order
         ctx.save_for_backward(logA_all, states)
         ctx.has = (g is not None, g_gamma is not None)
-        return torch.cat(outs, dim=1).to(q.dtype)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
@@ -183,7 +183,9 @@ def _all_gather_async(t: torch.Tensor, group, size: int, tag: str):
 
 
 def _cat_or_none(xs):
-    return None if any(x is None for x in xs) else torch.cat(xs, dim=1)
+    if any(x is None for x in xs):
+        return None
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
 
 
 def _sum_or_none(xs):
