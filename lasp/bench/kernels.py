@@ -28,10 +28,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from .timing import time_step
 
 CHUNK = 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,32 +88,11 @@ def make_inputs(B, T, H, K, V, gates, dtype, device, seed=0):
     return to(q), to(k), to(v), to(g), to(gg)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(step, device, warmup: int, reps: int, budget_s: float) -> float:
-    """Median milliseconds of ``step()``: CUDA events on a GPU, wall clock on the CPU."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times, start = [], time.perf_counter()
-    for i in range(reps):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            step()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+    """Median milliseconds of ``step()`` on this process (CUDA events on a GPU, wall clock on
+    the CPU), through the benchmarks' shared adaptive timer."""
+    samples = time_step(step, group=None, device=device, warmup=warmup, reps=reps, max_seconds=budget_s)["samples_s"]
+    return statistics.median(samples) * 1e3
 
 
 def matmul_peak_tflops(device) -> float | None:
