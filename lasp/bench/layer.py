@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .. import comm
 from .plots import plot_metric_vs_seq_len, plot_speedup
-from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_json
+from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_results
 from .sweep import launched_world, local_device, resolve_device, run_points, spawned_cuda_check
 from .timing import env_info, mem_available_gb, measure_peak_memory, summarize_samples, time_interleaved, time_step
 
@@ -405,9 +405,7 @@ def write_outputs(out: str, records: list[dict], env: dict, config: dict, comman
             records, os.path.join(out, "lasp2_speedup.png"), series="method", base="lasp2",
             against=("ring", "lasp1", "allgather", "ulysses-linear"), title="LASP-2 speed-up (time ratio)")))
     doc = results_doc("layer", env, config, records, plots)
-    write_json(os.path.join(out, "results.json"), doc)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(layer_markdown(records, env, command))
+    write_results(out, doc, layer_markdown(records, env, command))
     return doc
 
 

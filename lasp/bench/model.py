@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .. import comm
 from .layer import common_args
 from .plots import plot_metric_vs_seq_len, plot_speedup
-from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_json
+from .results import env_line, fmt_bytes, fmt_num, markdown_table, results_doc, status_cell, write_results
 from .sweep import launched_world, local_device, resolve_device, run_points, spawned_cuda_check
 from .timing import env_info, mem_available_gb, measure_peak_memory, summarize_samples, time_step
 
@@ -231,9 +231,7 @@ def write_outputs(out: str, records: list[dict], env: dict, config: dict, comman
             records, os.path.join(out, "linear_speedup.png"), series="model", base="linear",
             against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"), title="pure linear (LASP-2) speed-up")))
     doc = results_doc("model", env, config, records, plots)
-    write_json(os.path.join(out, "results.json"), doc)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(model_markdown(records, env, command, _shape(config["base_config"])))
+    write_results(out, doc, model_markdown(records, env, command, _shape(config["base_config"])))
     return doc
 
 

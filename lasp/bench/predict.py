@@ -41,7 +41,7 @@ import sys
 from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
 from .layer import seq_len_arg
 from .plots import plot_metric_vs_seq_len
-from .results import fmt_num, load_results, markdown_table, results_doc, write_json
+from .results import fmt_num, load_results, markdown_table, results_doc, write_results
 
 PAPER = {  # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
     ("ring", 512 * 1024): 17.8,
@@ -307,8 +307,6 @@ def main(argv: list[str] | None = None) -> int:
         doc["plots"] = [os.path.basename(plot_metric_vs_seq_len(
             records, os.path.join(args.out, "predicted_tokens_per_s.png"), series="method", metric="tokens_per_s",
             ylabel="predicted training tokens/s", title=f"predicted, {args.devices} devices"))]
-        write_json(os.path.join(args.out, "results.json"), doc)
-        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_results(args.out, doc, text)
     print(text)
     return 0

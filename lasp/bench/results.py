@@ -73,6 +73,13 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out_dir: str, doc: dict, markdown: str) -> None:
+    """``out_dir/results.json`` (atomically) and ``out_dir/results.md``: every benchmark's output pair."""
+    write_json(os.path.join(out_dir, "results.json"), doc)
+    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(markdown)
+
+
 def load_results(path: str) -> dict:
     """Read and validate a ``results.json`` (a directory holding one is accepted too)."""
     if os.path.isdir(path):
