@@ -1,6 +1,19 @@
 # Shared by the launch scripts (sourced, not run): interpreter, backend, world-layout print.
 # shellcheck shell=bash
 
+# The run config from the first argument: -h/--help or no argument prints the caller's usage()
+# (exit 0 / 2); a missing file is an error. The caller then takes CONFIG=$1 and shifts.
+lasp_check_config_arg() {
+  if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+    usage
+    if [[ $# -ge 1 ]]; then exit 0; else exit 2; fi
+  fi
+  if [[ ! -f "$1" ]]; then
+    echo "error: run config '$1' not found" >&2
+    exit 2
+  fi
+}
+
 # The Python that has lasp installed: $PYTHON, else the repo's .venv, else python3.
 lasp_python() {
   if [[ -n "${PYTHON:-}" ]]; then

@@ -26,16 +26,9 @@ Examples:
 USAGE
 }
 
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  usage
-  [[ $# -ge 1 ]] && exit 0 || exit 2
-fi
+lasp_check_config_arg "$@"
 CONFIG=$1
 shift
-if [[ ! -f "$CONFIG" ]]; then
-  echo "error: run config '$CONFIG' not found" >&2
-  exit 2
-fi
 
 PY=$(lasp_python)
 BACKEND=$(lasp_backend)
