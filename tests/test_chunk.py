@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lasp.ops import chunk, reference
+from lasp.ops.segment import TorchSegment
 from lasp.testing import assert_close, linear_inputs
 
 GATES = ["none", "g", "g_gamma", "both"]
@@ -41,8 +42,7 @@ def test_initial_and_final_state():
 def test_segment_summary_composes(gates):
     """S_out = e^logA S_in + M: the summary of a segment equals its final state from zero."""
     q, k, v, g, gg = linear_inputs(2, 30, 2, 8, 4, gates=gates, seed=5)
-    a = chunk.log_gates(g, gg, 2, 30, 2, "cpu")
-    logA, M = chunk.segment_summary(chunk.to_heads_first(k), chunk.to_heads_first(v), a)
+    logA, M = TorchSegment(q, k, v, g, gg, 8**-0.5, chunk_size=8).summary()
     _, S = reference.naive_recurrent_linear_attention(q, k, v, g, gg, output_final_state=True)
     assert_close(S, M, name="M")
     S0 = torch.randn(2, 2, 8, 4)
@@ -53,3 +53,14 @@ def test_segment_summary_composes(gates):
 def test_noncausal_matches_oracle():
     q, k, v, _, _ = linear_inputs(2, 33, 2, 8, 12, seed=7)
     assert_close(reference.naive_noncausal_linear_attention(q.double(), k.double(), v.double()), chunk.noncausal_linear_attention(q, k, v))
+
+
+def test_segment_summary_keeps_fp32_precision_on_long_segments():
+    """The LASP-2 summary of a long gated segment (here 4000 tokens) stays within the fp32
+    contract: composed chunk by chunk, not as differences of one running sum over the segment
+    (which gave 2.9e-5 here)."""
+    q, k, v, g, gg = linear_inputs(1, 4000, 2, 16, 32, gates="both", seed=1)
+    _, S = reference.naive_recurrent_linear_attention(q.double(), k.double(), v.double(), g.double(), gg.double(), output_final_state=True)
+    logA, M = TorchSegment(q, k, v, g, gg, 16**-0.5).summary()
+    assert_close(S, M, name="M")
+    assert_close((g.double().sum(1) + 4000 * gg.double()), logA, name="logA")

@@ -37,20 +37,6 @@ def log_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: i
     return a
 
 
-def segment_summary(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor | None):
-    """The segment's summary ``(logA [B, H], M [B, H, K, V])``, both float32.
-
-    One matmul over the segment (no scan): ``M = (k * exp(G_T - G))^T v``.
-    """
-    B, H = k.shape[:2]
-    if a is None:
-        return k.new_zeros(B, H), k.transpose(-1, -2) @ v
-    G = a.cumsum(-1)
-    total = G[..., -1]
-    kd = k * (total[..., None] - G).exp()[..., None]
-    return total, kd.transpose(-1, -2) @ v
-
-
 def inter_output(q: torch.Tensor, a: torch.Tensor | None, state: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * (q * exp(G)) @ state``: the part of a segment's output due to the state entering it."""
     if a is not None:
@@ -63,6 +49,62 @@ def inter_state_grad(q: torch.Tensor, a: torch.Tensor | None, do: torch.Tensor, 
     if a is not None:
         q = q * a.cumsum(-1).exp()[..., None]
     return (q.transpose(-1, -2) @ do) * scale
+
+
+class ChunkedSegment:
+    """A segment cut into chunks of ``C`` tokens, with the state scan done (float32, autograd).
+
+    Built in two steps so LASP-2 can send the segment's summary before the O(T*C) intra-chunk
+    work: ``__init__`` computes each chunk's own state and runs the cheap sequential scan over
+    chunks (N steps of K x V), which gives the state entering every chunk and the state
+    leaving the segment; :meth:`output` then computes the outputs.
+    """
+
+    def __init__(self, q, k, v, a, chunk_size: int = DEFAULT_CHUNK_SIZE, initial_state=None):
+        B, H, T, K = q.shape
+        V = v.shape[-1]
+        C = max(1, min(chunk_size, T))
+        N = -(-T // C)
+        pad = N * C - T
+        if pad:  # zero tokens with zero log-decay change neither earlier outputs nor the states
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            a = None if a is None else F.pad(a, (0, pad))
+        self.T, self.C = T, C
+        self.qc, self.kc, self.vc = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
+        if a is None:
+            self.b = None
+            k_dec, decays = self.kc, None
+        else:
+            self.b = a.reshape(B, H, N, C).cumsum(-1)  # within-chunk inclusive cumsum
+            total = self.b[..., -1]  # [B, H, N]
+            k_dec = self.kc * (total[..., None] - self.b).exp()[..., None]
+            decays = total.exp().unbind(2)
+        chunk_states = k_dec.transpose(-1, -2) @ self.vc  # [B, H, N, K, V]
+        S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+        entering = []
+        # unbind, not chunk_states[:, :, n]: the backward of N indexings writes N full-size zero
+        # tensors (quadratic in T: 50x slower backward at 16K tokens); unbind's backward stacks once
+        for n, state in enumerate(chunk_states.unbind(2)):
+            entering.append(S)
+            S = S * decays[n][:, :, None, None] + state if decays is not None else S + state
+        self.entering = torch.stack(entering, dim=2)  # state entering each chunk [B, H, N, K, V]
+        self.final_state = S
+
+    def output(self, scale: float) -> torch.Tensor:
+        """``o [B, H, T, V]``: intra-chunk part plus each chunk's entering state."""
+        qc, kc, vc, b = self.qc, self.kc, self.vc, self.b
+        B, H, N, C, _ = qc.shape
+        scores = qc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
+        causal = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+        if b is None:
+            scores = scores.masked_fill(~causal, 0.0)
+            q_dec = qc
+        else:
+            diff = b[..., :, None] - b[..., None, :]
+            scores = scores * torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
+            q_dec = qc * b.exp()[..., None]
+        o = scores @ vc + q_dec @ self.entering
+        return (o * scale).reshape(B, H, N * C, -1)[:, :, : self.T]
 
 
 def chunk_local(
@@ -79,45 +121,8 @@ def chunk_local(
     Returns ``(o [B, H, T, V], final_state [B, H, K, V])``. With ``initial_state=None`` the
     output is the segment's own part (intra-chunk plus the chunks before it in the segment).
     """
-    B, H, T, K = q.shape
-    V = v.shape[-1]
-    C = max(1, min(chunk_size, T))
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:  # zero tokens with zero log-decay change neither earlier outputs nor the final state
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        a = None if a is None else F.pad(a, (0, pad))
-    qc, kc, vc = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
-    scores = qc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if a is None:
-        scores = scores.masked_fill(~causal, 0.0)
-        k_dec = kc
-        q_dec = qc
-        chunk_decay = None
-    else:
-        b = a.reshape(B, H, N, C).cumsum(-1)  # within-chunk inclusive cumsum
-        diff = b[..., :, None] - b[..., None, :]
-        decay = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
-        scores = scores * decay
-        total = b[..., -1]  # [B, H, N]
-        k_dec = kc * (total[..., None] - b).exp()[..., None]
-        q_dec = qc * b.exp()[..., None]
-        chunk_decay = total.exp()
-    o = scores @ vc  # intra-chunk part
-    chunk_states = k_dec.transpose(-1, -2) @ vc  # [B, H, N, K, V]
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
-    entering = []
-    # unbind, not chunk_states[:, :, n]: the backward of N indexings writes N full-size zero
-    # tensors (quadratic in T: 50x slower backward at 16K tokens); unbind's backward stacks once
-    states_in = chunk_states.unbind(2)
-    decays = None if chunk_decay is None else chunk_decay.unbind(2)
-    for n in range(N):
-        entering.append(S)
-        S = S * decays[n][:, :, None, None] + states_in[n] if decays is not None else S + states_in[n]
-    o = o + q_dec @ torch.stack(entering, dim=2)
-    o = (o * scale).reshape(B, H, N * C, V)[:, :, :T]
-    return o, S
+    seg = ChunkedSegment(q, k, v, a, chunk_size, initial_state)
+    return seg.output(scale), seg.final_state
 
 
 def chunk_linear_attention(

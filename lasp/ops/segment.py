@@ -28,21 +28,26 @@ class TorchSegment:
 
     def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = chunk.DEFAULT_CHUNK_SIZE):
         self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, g_gamma)]
-        self.scale, self.chunk_size = scale, chunk_size
+        self.scale = scale
         self._grads: list[torch.Tensor | None] = [None] * 5
         B, T, H, _ = q.shape
         qi, ki, vi, gi, ggi = self.inputs
         with torch.enable_grad():
             self.q, self.k, self.v = (chunk.to_heads_first(x) for x in (qi, ki, vi))
             self.a = chunk.log_gates(gi, ggi, B, T, H, q.device)
-            self.logA, self.M = chunk.segment_summary(self.k, self.v, self.a)
+            # the summary comes from the chunk scan (within-chunk cumsums composed chunk by
+            # chunk), not from differences of one running sum over the whole segment, which
+            # loses fp32 precision on long segments
+            self.chunked = chunk.ChunkedSegment(self.q, self.k, self.v, self.a, chunk_size)
+            self.M = self.chunked.final_state
+            self.logA = self.q.new_zeros(B, H) if self.a is None else self.a.sum(-1)
 
     def summary(self):
         return self.logA.detach(), self.M.detach()
 
     def compute_local(self) -> None:
         with torch.enable_grad():
-            self.o_local, _ = chunk.chunk_local(self.q, self.k, self.v, self.a, self.scale, self.chunk_size)
+            self.o_local = self.chunked.output(self.scale)
 
     def output(self, state: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
