@@ -1,6 +1,8 @@
 """Closeness metric and random inputs shared by the tests and benchmarks (DESIGN.md §4)."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 #: Relative-error bounds of the numerics contract, by input dtype.
@@ -28,6 +30,32 @@ def assert_close(ref: torch.Tensor, out: torch.Tensor, rtol: float | None = None
     if not err <= rtol:
         raise AssertionError(f"{name}: relative error {err:.3e} > {rtol:.0e}")
     return err
+
+
+def assert_close_sum(ref: torch.Tensor, out: torch.Tensor, summands_abs: torch.Tensor, rtol: float, name: str = "tensor") -> float:
+    """Assert a REDUCTION (e.g. ``dg_gamma = sum over batch and tokens of dL/da``) is accurate.
+
+    A sum of terms that cancel is ill-conditioned: its true value can be tiny next to its
+    terms, and no fp32 computation gets it to ``rtol`` relative to itself (seen here: terms
+    29,000x larger than their sum). The error is therefore measured against the sum of the
+    terms' magnitudes ``summands_abs`` (the sum's condition scale), the standard error bound of
+    a summation: ``||out - ref|| / max(||ref||, ||summands_abs||) <= rtol``.
+    """
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out.detach()).all():
+        raise AssertionError(f"{name}: not finite")
+    diff = (out.detach().double().cpu() - ref.detach().double().cpu()).norm().item()
+    scale = max(ref.detach().double().norm().item(), summands_abs.detach().double().norm().item())
+    err = diff / scale if scale > 0 else diff
+    if not err <= rtol:
+        raise AssertionError(f"{name}: error {err:.3e} relative to the summands' magnitude > {rtol:.0e}")
+    return err
+
+
+def seed_for(*parts) -> int:
+    """A stable seed from a test case's parameters (``hash`` of strings changes every run)."""
+    return zlib.crc32(repr(parts).encode()) % 100_000
 
 
 def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, seed: int = 0, device="cpu"):

@@ -9,7 +9,7 @@ import lasp
 from lasp import comm
 from lasp.ops import reference
 from lasp.parallel import shard_sequence, unshard_sequence
-from lasp.testing import assert_close, linear_inputs
+from lasp.testing import assert_close, assert_close_sum, linear_inputs, seed_for
 
 CASES = [  # (id, causal, gates)
     ("causal-nogate", True, "none"),
@@ -43,14 +43,23 @@ def run_linear(rank, world, full, do, *, causal, layout, method="lasp2", backend
 
 
 def oracle(full, do, causal):
+    """Float64 output and gradients on the whole sequence. Where ``g_gamma`` is given, also the
+    per-token gradient of the log-decay (via an extra zero ``g``), whose magnitudes summed over
+    batch and tokens are the scale of ``dg_gamma``, a sum of such terms."""
     ins = [None if x is None else x.detach().double().requires_grad_() for x in full]
-    ref = reference.linear_attention_reference(*ins, causal=causal)
+    q, k, v, g, gg = ins
+    g_probe = None
+    if gg is not None:
+        g_probe = torch.zeros(q.shape[:3], dtype=torch.float64, requires_grad=True)
+        g = g_probe if g is None else g + g_probe
+    ref = reference.linear_attention_reference(q, k, v, g, gg, causal=causal)
     ref.backward(do.double())
-    return ref, [None if x is None else x.grad for x in ins]
+    grads = [None if x is None else x.grad for x in ins]
+    return ref, grads, (None if g_probe is None else g_probe.grad.abs().sum((0, 1)))
 
 
 def check_against_oracle(results, full, do, causal, layout, lengths=None):
-    ref, ref_grads = oracle(full, do, causal)
+    ref, ref_grads, dgg_scale = oracle(full, do, causal)
     join = (lambda xs: torch.cat(xs, 1)) if lengths else (lambda xs: unshard_sequence(xs, layout))
     errs = {"o": assert_close(ref, join([r[0] for r in results]), name="o")}
     for i, name in enumerate(NAMES):
@@ -61,7 +70,10 @@ def check_against_oracle(results, full, do, causal, layout, lengths=None):
         else:
             got = join([r[1][i] for r in results])
         rtol = 1e-2 if full[0].dtype == torch.bfloat16 else 1e-5
-        errs[name] = assert_close(ref_grads[i], got, rtol=rtol, name=f"d{name}")
+        if name == "g_gamma":
+            errs[name] = assert_close_sum(ref_grads[i], got, dgg_scale, rtol=rtol, name="dg_gamma")
+        else:
+            errs[name] = assert_close(ref_grads[i], got, rtol=rtol, name=f"d{name}")
     return errs
 
 
@@ -71,7 +83,7 @@ def check_against_oracle(results, full, do, causal, layout, lengths=None):
 @pytest.mark.parametrize("P", [1, 2, 4], ids=lambda p: f"P{p}")
 def test_lasp2_matches_oracle(spawn, P, case, layout, dtype):
     _, causal, gates = case
-    full = linear_inputs(2, 96, 2, 16, 24, gates=gates, dtype=dtype, seed=hash((P, gates, layout)) % 1000)
+    full = linear_inputs(2, 96, 2, 16, 24, gates=gates, dtype=dtype, seed=seed_for(P, gates, layout, str(dtype)))
     do = torch.randn(2, 96, 2, 24, generator=torch.Generator().manual_seed(11)).to(dtype)
     results = spawn(P).run(run_linear, full, do, causal=causal, layout=layout)
     check_against_oracle(results, full, do, causal, layout)
