@@ -117,14 +117,9 @@ def comm_summary(events: list, n_fwd: int) -> dict:
     }
 
 
-def layer_worker(rank: int, world: int, point: dict) -> dict:
-    """Runs on every rank: warm up, instrument, time one point. Returns this rank's view."""
-    device = local_device(point.get("device", "auto"))
-    torch.manual_seed(0)
-    forward, backward = make_step(point, rank, world, device)
-
-    def step() -> None:
-        backward(forward())
+def instrument_for(forward, backward, device):
+    """The first warm-up step of a point, run under the communication recorder and the memory
+    meter: returns the comm summary (forward/backward split) and peak memory."""
 
     def instrument(_step) -> dict:
         split: dict[str, int] = {}
@@ -138,9 +133,22 @@ def layer_worker(rank: int, world: int, point: dict) -> dict:
             mem_mb, how = measure_peak_memory(fwd_bwd, device)
         return dict(comm_summary(log.events, split["n_fwd"]), peak_mem_mb=mem_mb, mem_method=how)
 
+    return instrument
+
+
+def layer_worker(rank: int, world: int, point: dict) -> dict:
+    """Runs on every rank: warm up, instrument, time one point. Returns this rank's view."""
+    device = local_device(point.get("device", "auto"))
+    torch.manual_seed(0)
+    forward, backward = make_step(point, rank, world, device)
+
+    def step() -> None:
+        backward(forward())
+
     group = dist.group.WORLD if world > 1 else None
     out = time_step(step, group=group, device=device, warmup=point["warmup"], reps=point["reps"],
-                    min_reps=point.get("min_reps", 3), max_seconds=point["max_seconds"], instrument=instrument)
+                    min_reps=point.get("min_reps", 3), max_seconds=point["max_seconds"],
+                    instrument=instrument_for(forward, backward, device))
     return {"rank": rank, "samples_s": out["samples_s"], "warmup_s": out["warmup_s"], **out["instrumented"]}
 
 
@@ -154,28 +162,11 @@ def layer_group_worker(rank: int, world: int, group_point: dict) -> list[dict]:
         forward, backward = make_step(p, rank, world, device)
         steps[p["method"]] = (forward, backward)
 
-    def instrument_of(fwd_bwd):
-        forward, backward = fwd_bwd
-
-        def instrument(_step) -> dict:
-            split: dict[str, int] = {}
-
-            def run() -> None:
-                o = forward()
-                split["n_fwd"] = len(log.events)
-                backward(o)
-
-            with comm.record() as log:
-                mem_mb, how = measure_peak_memory(run, device)
-            return dict(comm_summary(log.events, split["n_fwd"]), peak_mem_mb=mem_mb, mem_method=how)
-
-        return instrument
-
     p0 = group_point["points"][0]
     group = dist.group.WORLD if world > 1 else None
     outs = []
     calls = [(lambda f=f, b=b: b(f())) for f, b in steps.values()]
-    instruments = [instrument_of(fb) for fb in steps.values()]
+    instruments = [instrument_for(f, b, device) for f, b in steps.values()]
     timed = time_interleaved(calls, group=group, device=device, warmup=p0["warmup"], reps=p0["reps"],
                              min_reps=p0.get("min_reps", 3), max_seconds=p0["max_seconds"], instrument=instruments)
     for out in timed:
