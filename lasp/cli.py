@@ -19,6 +19,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def run_module_main(module: str, argv: list[str], label: str) -> int:
+    """Import ``module`` and return ``module.main(argv)``; exit status 2 if it is not there."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            print(f"{label}: not available ({module} is missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(mod.main(argv) or 0)
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: lasp <command> [args...]", "", "commands:"]
@@ -35,15 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lasp: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = COMMANDS[name][0]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            print(f"lasp: command {name!r} is not implemented yet ({module})", file=sys.stderr)
-            return 2
-        raise
-    return int(mod.main(rest) or 0)
+    return run_module_main(COMMANDS[name][0], rest, f"lasp {name}")
 
 
 if __name__ == "__main__":

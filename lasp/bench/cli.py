@@ -1,7 +1,6 @@
 """``lasp bench <kind> [args...]``: each kind is a module with ``main(argv)``."""
 from __future__ import annotations
 
-import importlib
 import sys
 
 KINDS = {
@@ -18,12 +17,6 @@ def main(argv: list[str]) -> int:
         for k, (_, h) in KINDS.items():
             print(f"  {k:<8} {h}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = KINDS[argv[0]][0]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            print(f"lasp bench: {argv[0]!r} is not implemented yet", file=sys.stderr)
-            return 2
-        raise
-    return int(mod.main(argv[1:]) or 0)
+    from lasp.cli import run_module_main
+
+    return run_module_main(KINDS[argv[0]][0], argv[1:], f"lasp bench {argv[0]}")
