@@ -1,7 +1,6 @@
 """``lasp bench <kind> [args...]``: each kind is a module with ``main(argv)``."""
 from __future__ import annotations
 
-import sys
 
 KINDS = {
     "kernels": ("lasp.bench.kernels", "Triton vs torch chunk path (vs fla when installed), one device"),
