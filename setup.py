@@ -1,6 +1,11 @@
 """Package metadata for lasp: sequence-parallel linear attention (LASP-2) and its hybrid."""
 from setuptools import find_packages, setup
 
+# The Triton kernels live in the top-level folder ``kernels/`` but install as ``lasp.kernels``:
+# the top-level name ``kernels`` belongs to the PyPI package of that name (Hugging Face's kernel
+# hub, which transformers imports), so a wheel of lasp installs no top-level module but ``lasp``.
+KERNEL_PACKAGES = ["lasp.kernels"] + ["lasp.kernels." + p for p in find_packages("kernels")]
+
 setup(
     name="lasp",
     version="0.1.0",
@@ -8,8 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lasp", "lasp.*", "kernels", "kernels.*"]),
-    package_data={"lasp": ["py.typed"]},
+    packages=find_packages(include=["lasp", "lasp.*"]) + KERNEL_PACKAGES,
+    package_dir={"lasp.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

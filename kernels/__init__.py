@@ -1,10 +1,10 @@
-"""Triton kernels for lasp (importable as ``kernels``), one folder per op.
+"""Triton kernels for lasp (imported as ``lasp.kernels``: setup.py maps this folder there), one folder per op.
 
-* :mod:`kernels.simple_gla`  chunked causal linear attention with ``g`` / ``g_gamma`` gating,
+* :mod:`lasp.kernels.simple_gla`  chunked causal linear attention with ``g`` / ``g_gamma`` gating,
   split into the forward and backward steps LASP-2 needs;
-* :mod:`kernels.segment`  ``TritonSegment``, the LASP-2 segment protocol on those kernels
+* :mod:`lasp.kernels.segment`  ``TritonSegment``, the LASP-2 segment protocol on those kernels
   (``lasp.linear_attention(..., backend="triton")``);
-* :mod:`kernels.compile_check`  builds every kernel for a GPU target without a GPU.
+* :mod:`lasp.kernels.compile_check`  builds every kernel for a GPU target without a GPU.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.
 """

@@ -1,4 +1,4 @@
-"""Compile every kernel variant for a GPU target without a GPU (``python -m kernels.compile_check``).
+"""Compile every kernel variant for a GPU target without a GPU (``python -m lasp.kernels.compile_check``).
 
 Catches what the interpreter cannot: code that only fails in Triton's compiler (types of
 loop-carried values, dot shapes, layouts) and shared-memory use per kernel. Needs Triton's
@@ -56,7 +56,7 @@ def variants(quick: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lasp.kernels.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, gated, K=32, V=64)")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """``TritonSegment``: the LASP-2 segment protocol (see :mod:`lasp.ops.segment`) on Triton kernels.
 
-Every step calls the kernels of :mod:`kernels.simple_gla` explicitly; no autograd graph is
+Every step calls the kernels of :mod:`lasp.kernels.simple_gla` explicitly; no autograd graph is
 built. Forward: gate summaries and the chunk states/summary (constructor, before the
 all-gather), the local output (``compute_local``, overlapping it), the inter part
 (``output``). Backward: ``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv``

@@ -14,8 +14,8 @@ from lasp.ops.segment import TorchSegment
 from lasp.parallel import shard_sequence, unshard_sequence
 from lasp.testing import assert_close, linear_inputs
 
-import kernels.utils
-from kernels.segment import TritonSegment
+import lasp.kernels.utils as kernel_utils
+from lasp.kernels.segment import TritonSegment
 
 GATES = ["none", "g", "g_gamma", "both"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -230,7 +230,7 @@ def test_noncausal_triton_backend_matches_oracle():
 
 def test_kernels_on_cpu_without_interpreter_are_a_clear_error(monkeypatch):
     """The kernels' own entry point refuses CPU tensors when Triton is not interpreting."""
-    monkeypatch.setattr(kernels.utils, "INTERPRET", False)
+    monkeypatch.setattr(kernel_utils, "INTERPRET", False)
     q, k, v, g, gg = linear_inputs(1, 20, 2, 16, 16, gates="both")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         TritonSegment(q, k, v, g, gg, scale=0.25)
@@ -252,7 +252,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--quick"], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "lasp.kernels.compile_check", "--quick"], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 failing variant(s)" in proc.stdout

@@ -3,7 +3,7 @@
 Memory layout (all contiguous): ``q, k [B, T, H, K]``, ``v, o [B, T, H, V]``, ``g [B, T, H]``,
 ``g_gamma [H]``. Per (batch, head) ``bh = b * H + h``; chunk ``n`` holds tokens
 ``n*BT .. n*BT+BT-1`` (the last one masked past ``T``). Gate summaries from
-:func:`kernels.simple_gla.fwd.chunk_gates`, all float32:
+:func:`lasp.kernels.simple_gla.fwd.chunk_gates`, all float32:
 
 * ``b  [B, H, T]``  inclusive cumsum of ``a = g + g_gamma`` inside each chunk;
 * ``bt [B, H, N]``  the chunk's total log decay;

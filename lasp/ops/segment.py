@@ -90,7 +90,7 @@ def segment_class(backend: str):
         return TorchSegment
     if backend == "triton":
         try:
-            from kernels.segment import TritonSegment
+            from ..kernels.segment import TritonSegment
         except ImportError as e:  # pragma: no cover - depends on the kernels package state
             raise NotImplementedError(f"backend='triton' is not available: {e}") from e
         return TritonSegment
