@@ -5,51 +5,33 @@ and dispatch to one module per method under :mod:`lasp.ops`.
 """
 from __future__ import annotations
 
-import importlib
-import os
+from typing import Callable
 
 import torch
 
-from .ops import chunk
+from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, resolve_backend
+from .ops.lasp1 import lasp1_linear_attention
+from .ops.lasp2 import lasp2_linear_attention
+from .ops.ring import ring_softmax_attention
+from .ops.single import full_sequence_linear
+from .ops.softmax_allgather import allgather_softmax_attention
 from .ops.softmax_local import sdpa_attention
-from .ops.checks import check_common, check_linear, SOFTMAX_METHODS
+from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
-# method -> (module under lasp.ops, function name)
-_LINEAR = {
-    "lasp2": ("lasp2", "lasp2_linear_attention"),
-    "lasp1": ("lasp1", "lasp1_linear_attention"),
-    "ulysses": ("ulysses", "ulysses_linear_attention"),
+#: Linear-attention methods: name -> ``f(q, k, v, g, g_gamma, *, scale, causal, group, layout, backend)``
+#: on validated inputs (the public list: benchmarks and users read it).
+LINEAR_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "lasp2": lasp2_linear_attention,
+    "lasp1": lasp1_linear_attention,
+    "ulysses": ulysses_linear_attention,
 }
-_SOFTMAX = {
-    "allgather": ("softmax_allgather", "allgather_softmax_attention"),
-    "ring": ("ring", "ring_softmax_attention"),
-    "ulysses": ("ulysses", "ulysses_softmax_attention"),
+#: Softmax-attention methods: name -> ``f(q, k, v, *, causal, scale, group, layout)`` on validated inputs.
+SOFTMAX_METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "allgather": allgather_softmax_attention,
+    "ring": ring_softmax_attention,
+    "ulysses": ulysses_softmax_attention,
 }
-
-
-def _method_impl(table: dict, method: str, what: str):
-    module, fn = table[method]
-    try:
-        mod = importlib.import_module(f"lasp.ops.{module}")
-        return getattr(mod, fn)
-    except (ModuleNotFoundError, AttributeError) as e:
-        if isinstance(e, ModuleNotFoundError) and e.name != f"lasp.ops.{module}":
-            raise
-        raise NotImplementedError(f"{what} method={method!r} is not implemented yet") from e
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors, ``torch`` otherwise; checks triton is usable."""
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
-            "triton is imported (the Triton interpreter); use backend='torch' on the CPU"
-        )
-    return backend
-
 
 def linear_attention(
     q: torch.Tensor,
@@ -76,18 +58,17 @@ def linear_attention(
         scale: default ``K ** -0.5``. causal: False = bidirectional (no gates allowed).
         group: the SP process group; None = the whole sequence is on this process.
         method: ``lasp2`` | ``lasp1`` | ``ulysses``. layout: ``contiguous`` | ``zigzag``.
-        backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA).
+        backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA for head dims the kernels take,
+            else torch with a warning).
     Returns:
         ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally).
     """
     check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = _method_impl(_LINEAR, method, "linear_attention")
-    if group_rank_size(group)[1] == 1 and backend == "torch":
-        if not causal:
-            return chunk.noncausal_linear_attention(q, k, v, scale)
-        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale)
+    if group_rank_size(group)[1] == 1:
+        return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend)
+    impl = LINEAR_METHODS[method]
     return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend)
 
 
@@ -112,7 +93,7 @@ def softmax_attention(
     Returns:
         ``o [B, T_local, H, D]`` in q's dtype.
     """
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=SOFTMAX_METHODS)
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=SOFTMAX_METHOD_NAMES)
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:
@@ -120,5 +101,5 @@ def softmax_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if group_rank_size(group)[1] == 1:
         return sdpa_attention(q, k, v, causal=causal, scale=scale)
-    impl = _method_impl(_SOFTMAX, method, "softmax_attention")
+    impl = SOFTMAX_METHODS[method]
     return impl(q, k, v, causal=causal, scale=scale, group=group, layout=layout)

@@ -60,3 +60,58 @@ def test_scale_and_dtype_preserved():
     q, k, v, g, gg = linear_inputs(1, 16, 2, 8, 8, gates="both", dtype=torch.bfloat16)
     o = lasp.linear_attention(q, k, v, g, gg, scale=0.5)
     assert o.dtype == torch.bfloat16 and o.shape == (1, 16, 2, 8)
+
+
+def test_method_tables_match_the_accepted_names():
+    from lasp import attention
+    from lasp.ops import checks
+
+    assert tuple(attention.LINEAR_METHODS) == checks.LINEAR_METHOD_NAMES
+    assert tuple(attention.SOFTMAX_METHODS) == checks.SOFTMAX_METHOD_NAMES
+    assert all(callable(f) for f in (*attention.LINEAR_METHODS.values(), *attention.SOFTMAX_METHODS.values()))
+
+
+def triton_head_dim_worker(rank, world, method):
+    from lasp import comm
+
+    q, k, v, g, _ = linear_inputs(1, 8, 2, 24, 32, gates="g", seed=rank)  # K=24: no kernel takes it
+    with comm.record() as log:
+        try:
+            lasp.linear_attention(q, k, v, g, group=dist.group.WORLD, method=method, backend="triton")
+        except ValueError as e:
+            return str(e), log.collectives
+    return None, log.collectives
+
+
+@pytest.mark.parametrize("method", ["ulysses", "lasp2"])
+def test_triton_unsupported_head_dim_raises_before_any_collective(spawn, method):
+    for msg, collectives in spawn(2).run(triton_head_dim_worker, method, timeout=60):
+        assert msg is not None and "K (q/k head dim)=24" in msg, msg
+        assert collectives == 0
+
+
+@pytest.mark.parametrize(
+    "backend,on_cuda,K,V,expected",
+    [
+        ("auto", False, 64, 64, "torch"),
+        ("auto", False, 24, 64, "torch"),  # CPU: torch anyway, no warning
+        ("auto", True, 64, 128, "triton"),
+        ("torch", True, 64, 64, "torch"),
+        ("triton", True, 64, 64, "triton"),
+    ],
+)
+def test_choose_backend(backend, on_cuda, K, V, expected, recwarn):
+    from lasp.ops.checks import choose_backend
+
+    assert choose_backend(backend, on_cuda=on_cuda, interpreting=False, K=K, V=V) == expected
+    assert not [w for w in recwarn if "backend='auto'" in str(w.message)]
+
+
+def test_auto_backend_falls_back_to_torch_with_one_warning_for_unsupported_head_dims():
+    from lasp.ops.checks import choose_backend
+
+    with pytest.warns(UserWarning, match=r"V \(v head dim\)=48.*torch chunk path") as record:
+        assert choose_backend("auto", on_cuda=True, interpreting=False, K=64, V=48) == "torch"
+    assert len(record) == 1
+    with pytest.raises(ValueError, match=r"backend='triton' needs head dims .* V \(v head dim\)=48"):
+        choose_backend("triton", on_cuda=True, interpreting=False, K=64, V=48)

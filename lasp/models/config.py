@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..ops.checks import LINEAR_METHODS, SOFTMAX_METHODS, BACKENDS
+from ..ops.checks import BACKENDS, LINEAR_METHOD_NAMES, SOFTMAX_METHOD_NAMES
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
 FEATURE_MAPS = ("identity", "elu+1", "silu", "relu")
@@ -105,9 +105,9 @@ class ModelConfig:
         choices = {
             "linear_variant": LINEAR_VARIANTS,
             "feature_map": FEATURE_MAPS,
-            "linear_method": LINEAR_METHODS,
+            "linear_method": LINEAR_METHOD_NAMES,
             "linear_backend": BACKENDS,
-            "softmax_method": SOFTMAX_METHODS,
+            "softmax_method": SOFTMAX_METHOD_NAMES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -2,13 +2,18 @@
 ValueError on every rank before any collective starts (a hang is never an error message)."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 
 from ..parallel import LAYOUTS
 
-LINEAR_METHODS = ("lasp2", "lasp1", "ulysses")
-SOFTMAX_METHODS = ("allgather", "ring", "ulysses")
+#: Method names accepted by the operators (``lasp.attention.LINEAR_METHODS`` /
+#: ``SOFTMAX_METHODS`` map them to their implementations; a test keeps the two in step).
+LINEAR_METHOD_NAMES = ("lasp2", "lasp1", "ulysses")
+SOFTMAX_METHOD_NAMES = ("allgather", "ring", "ulysses")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -51,7 +56,7 @@ def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str
 
 def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str, method: str, backend: str) -> None:
     """Validate the arguments of :func:`lasp.linear_attention`."""
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHODS)
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, T, H, _ = q.shape
@@ -71,6 +76,42 @@ def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str
         raise ValueError("g and g_gamma must be None when causal=False (non-causal linear attention has no decay)")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def choose_backend(backend: str, *, on_cuda: bool, interpreting: bool, K: int, V: int) -> str:
+    """The backend that runs (``torch`` or ``triton``) for a requested one; a ValueError where
+    ``triton`` cannot run. ``auto`` is ``triton`` on CUDA when the kernels take the head dims
+    ``K, V``, else ``torch`` (with a warning on CUDA: the kernels would be faster)."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto" and not on_cuda:
+        return "torch"
+    if backend == "triton" and not on_cuda and not interpreting:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            "triton is imported (the Triton interpreter); use backend='torch' on the CPU"
+        )
+    from ..kernels.utils import HEAD_DIMS  # imports triton: only when the kernels may run
+
+    bad = [f"{name}={d}" for name, d in (("K (q/k head dim)", K), ("V (v head dim)", V)) if d not in HEAD_DIMS]
+    if not bad:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' needs head dims in {HEAD_DIMS}, got {', '.join(bad)}")
+    warnings.warn(
+        f"backend='auto': the Triton kernels take head dims in {HEAD_DIMS}, got {', '.join(bad)}; "
+        "using the (slower) torch chunk path",
+        stacklevel=3,
+    )
+    return "torch"
+
+
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+    """:func:`choose_backend` for the operator's ``q [.., K]``, ``v [.., V]`` (before any collective)."""
+    return choose_backend(
+        backend, on_cuda=q.is_cuda, interpreting=os.environ.get("TRITON_INTERPRET") == "1",
+        K=q.shape[-1], V=v.shape[-1],
+    )
 
 
 def _shape(x) -> str:

@@ -26,8 +26,7 @@ import torch
 
 from .. import comm
 from ..parallel import group_rank_size, shard_sequence, unshard_sequence
-from . import chunk
-from .segment import segment_class
+from .single import full_sequence_linear
 from .softmax_local import sdpa_attention
 
 
@@ -91,38 +90,6 @@ def ulysses_softmax_attention(q, k, v, *, causal: bool, scale: float, group, lay
     return heads_to_seq(o, group, layout, "o")
 
 
-class SegmentAttention(torch.autograd.Function):
-    """Whole-sequence causal linear attention through a segment backend (:mod:`lasp.ops.segment`),
-    for backends without a plain autograd path (Triton). Same arguments as the chunked op."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, scale, backend):
-        B, _, H, K = q.shape
-        seg = segment_class(backend)(q, k, v, g, g_gamma, scale)
-        seg.compute_local()
-        o = seg.output(q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32))
-        ctx.seg, ctx.has = seg, (g is not None, g_gamma is not None)
-        return o.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, do):
-        seg = ctx.seg
-        ctx.seg = None
-        seg.backward_output(do)
-        dq, dk, dv, dg, dgg = seg.grads()
-        has_g, has_gg = ctx.has
-        return dq, dk, dv, (dg if has_g else None), (dgg if has_gg else None), None, None
-
-
-def full_sequence_linear(q, k, v, g, g_gamma, scale: float, causal: bool, backend: str) -> torch.Tensor:
-    """Single-process linear attention on the whole sequence ``[B, T, H, .]`` (autograd)."""
-    if not causal:
-        return chunk.noncausal_linear_attention(q, k, v, scale)
-    if backend == "torch":
-        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale)
-    return SegmentAttention.apply(q, k, v, g, g_gamma, scale, backend)
-
-
 def ulysses_linear_attention(q, k, v, g=None, g_gamma=None, *, scale: float, causal: bool, group, layout: str, backend: str):
     """Ulysses linear attention on validated inputs (see :func:`lasp.linear_attention`).
 
@@ -134,7 +101,7 @@ def ulysses_linear_attention(q, k, v, g=None, g_gamma=None, *, scale: float, cau
     rank, size = group_rank_size(group)
     K, V = q.shape[-1], v.shape[-1]
     if size == 1:
-        return full_sequence_linear(q, k, v, g, g_gamma, scale, causal, backend)
+        return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend)
     h = q.shape[2] // size
     dtype = q.dtype if g is None else torch.promote_types(q.dtype, g.dtype)
     parts = [q, k, v] if g is None else [q, k, v, g[..., None]]
@@ -143,5 +110,5 @@ def ulysses_linear_attention(q, k, v, g=None, g_gamma=None, *, scale: float, cau
     qf, kf, vf = (x.to(q.dtype) for x in full[..., : 2 * K + V].split([K, K, V], dim=-1))
     gf = None if g is None else full[..., -1].to(g.dtype)
     ggf = None if g_gamma is None else g_gamma[rank * h : (rank + 1) * h]
-    o = full_sequence_linear(qf, kf, vf, gf, ggf, scale, causal, backend).to(q.dtype)
+    o = full_sequence_linear(qf, kf, vf, gf, ggf, scale=scale, causal=causal, backend=backend)
     return heads_to_seq(o, group, layout, "o")
