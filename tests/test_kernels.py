@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp.ops import reference
+from lasp.ops.recurrence import log_gates
 from lasp.ops.segment import TorchSegment
 from lasp.parallel import shard_sequence, unshard_sequence
 from lasp.testing import assert_close, linear_inputs
@@ -44,12 +45,8 @@ def segment_oracle(full, state, do, dM, dlogA):
     o = reference.naive_recurrent_linear_attention(*ins, initial_state=s_in)
     _, M = reference.naive_recurrent_linear_attention(*ins, output_final_state=True)
     B, T, H = full[0].shape[:3]
-    a = torch.zeros(B, T, H, dtype=torch.float64)
-    if ins[3] is not None:
-        a = a + ins[3]
-    if ins[4] is not None:
-        a = a + ins[4]
-    logA = a.sum(1)  # [B, H]
+    a = log_gates(ins[3], ins[4], B, T, H, dtype=torch.float64)
+    logA = torch.zeros(B, H, dtype=torch.float64) if a is None else a.sum(-1)  # [B, H]
     (ds,) = torch.autograd.grad(o, s_in, do.double(), retain_graph=True)
     loss = (o * do.double()).sum() + (M * dM.double()).sum() + (logA * dlogA.double()).sum()
     loss.backward()

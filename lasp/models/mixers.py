@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import attention as ops
 from ..ops.chunk import chunk_linear_attention
+from ..ops.recurrence import recurrent_step
 from ..ops.softmax_local import sdpa_attention
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, feature_map, fixed_log_decay
@@ -82,22 +83,6 @@ class LinearAttention(nn.Module):
         else:
             o, cache["state"] = chunk_linear_attention(q, k, v, g, g_gamma, initial_state=cache.get("state"), output_final_state=True)
         return self._out(o)
-
-
-def recurrent_step(q, k, v, g, g_gamma, state: torch.Tensor):
-    """One decoding step: ``q, k [B, 1, H, K]``, ``v [B, 1, H, V]``, ``state [B, H, K, V]`` float32.
-
-    Returns ``(o [B, 1, H, V] in q's dtype, new state)``; memory is constant in the context length.
-    """
-    log_a = torch.zeros(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device)
-    if g is not None:
-        log_a = log_a + g[:, 0].float()
-    if g_gamma is not None:
-        log_a = log_a + g_gamma.float()
-    qf, kf, vf = q[:, 0].float(), k[:, 0].float(), v[:, 0].float()  # [B, H, D]
-    state = log_a.exp()[..., None, None] * state + kf[..., :, None] * vf[..., None, :]
-    o = torch.einsum("bhk,bhkv->bhv", qf, state) * q.shape[-1] ** -0.5
-    return o[:, None].to(q.dtype), state
 
 
 class SoftmaxAttention(nn.Module):

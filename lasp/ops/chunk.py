@@ -17,24 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .recurrence import log_gates
+
 DEFAULT_CHUNK_SIZE = 64
 
 
 def to_heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, D]`` (any dtype) -> ``[B, H, T, D]`` float32."""
     return x.transpose(1, 2).float()
-
-
-def log_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, device) -> torch.Tensor | None:
-    """Per-token log decay ``a = g + g_gamma`` as ``[B, H, T]`` float32, or ``None`` without gates."""
-    if g is None and g_gamma is None:
-        return None
-    a = torch.zeros(B, H, T, dtype=torch.float32, device=device)
-    if g is not None:
-        a = a + g.transpose(1, 2).float()
-    if g_gamma is not None:
-        a = a + g_gamma.float()[None, :, None]
-    return a
 
 
 def inter_output(q: torch.Tensor, a: torch.Tensor | None, state: torch.Tensor, scale: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .recurrence import log_gates, recurrent_update
+
 
 def naive_recurrent_linear_attention(
     q: torch.Tensor,
@@ -35,16 +37,12 @@ def naive_recurrent_linear_attention(
     cd = compute_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
     scale = K**-0.5 if scale is None else scale
     q, k, v = (x.to(cd).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    gate = torch.zeros(B, H, T, dtype=cd, device=q.device)
-    if g is not None:
-        gate = gate + g.to(cd).transpose(1, 2)
-    if g_gamma is not None:
-        gate = gate + g_gamma.to(cd)[None, :, None]
+    a = log_gates(g, g_gamma, B, T, H, q.device, dtype=cd)
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(cd)
     outs = []
     for t in range(T):
-        S = gate[:, :, t, None, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S) * scale)
+        o_t, S = recurrent_update(q[:, :, t], k[:, :, t], v[:, :, t], None if a is None else a[:, :, t], S, scale)
+        outs.append(o_t)
     o = torch.stack(outs, dim=2).transpose(1, 2).to(dtype)
     return (o, S) if output_final_state else o
 
