@@ -58,11 +58,13 @@ def seed_for(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) % 100_000
 
 
-def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, seed: int = 0, device="cpu"):
+def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, seed: int = 0, device="cpu", resets=()):
     """Random q, k, v, g, g_gamma for linear attention, fresh from ``seed`` (never zeros).
 
     ``gates``: ``none`` | ``g`` | ``g_gamma`` | ``both``. Gates are log-sigmoid-like values in
     (-0.5, -0.01) so decays are real but states do not vanish on short sequences.
+    ``resets``: token positions where ``g = -inf`` (a hard reset; needs ``g``), in every
+    (batch, head) row but the last head of the last batch entry, so one call mixes both.
     """
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, K, generator=gen)
@@ -71,6 +73,11 @@ def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, se
     g = g_gamma = None
     if gates in ("g", "both"):
         g = -(torch.rand(B, T, H, generator=gen) * 0.49 + 0.01)
+        keep = g[-1, :, -1].clone()
+        g[:, list(resets)] = float("-inf")
+        g[-1, :, -1] = keep
+    elif resets:
+        raise ValueError("resets need gates='g' or 'both'")
     if gates in ("g_gamma", "both"):
         g_gamma = -(torch.rand(H, generator=gen) * 0.2 + 0.01)
     cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .recurrence import log_gates
+from .recurrence import RESET_LOG_DECAY, log_gates
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -25,6 +25,12 @@ DEFAULT_CHUNK_SIZE = 64
 def to_heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, H, D]`` (any dtype) -> ``[B, H, T, D]`` float32."""
     return x.transpose(1, 2).float()
+
+
+def masked_exp(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` where ``keep``, exactly 0 elsewhere (and no gradient reaches ``x`` there, even
+    where ``x`` would overflow)."""
+    return torch.where(keep, x, torch.full_like(x, float("-inf"))).exp()
 
 
 def inter_output(q: torch.Tensor, a: torch.Tensor | None, state: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,13 +68,18 @@ class ChunkedSegment:
         self.T, self.C = T, C
         self.qc, self.kc, self.vc = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
         if a is None:
-            self.b = None
+            self.b = self.r = None
             k_dec, decays = self.kc, None
         else:
-            self.b = a.reshape(B, H, N, C).cumsum(-1)  # within-chunk inclusive cumsum
-            total = self.b[..., -1]  # [B, H, N]
-            k_dec = self.kc * (total[..., None] - self.b).exp()[..., None]
-            decays = total.exp().unbind(2)
+            # resets (see lasp.ops.recurrence.RESET_LOG_DECAY): the within-chunk cumsum b of the
+            # other gates and the count r of resets so far; e^(a_{j+1} + .. + a_i) is
+            # e^(b_i - b_j) when r_i == r_j, else 0
+            reset = a < RESET_LOG_DECAY
+            self.b = a.masked_fill(reset, 0.0).reshape(B, H, N, C).cumsum(-1)  # within-chunk inclusive cumsum
+            self.r = reset.reshape(B, H, N, C).cumsum(-1)
+            total, r_last = self.b[..., -1:], self.r[..., -1:]  # [B, H, N, 1]
+            k_dec = self.kc * masked_exp(r_last == self.r, total - self.b)[..., None]
+            decays = masked_exp(r_last[..., 0] == 0, total[..., 0]).unbind(2)
         chunk_states = k_dec.transpose(-1, -2) @ self.vc  # [B, H, N, K, V]
         S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
         entering = []
@@ -90,9 +101,10 @@ class ChunkedSegment:
             scores = scores.masked_fill(~causal, 0.0)
             q_dec = qc
         else:
-            diff = b[..., :, None] - b[..., None, :]
-            scores = scores * torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
-            q_dec = qc * b.exp()[..., None]
+            r = self.r
+            same = causal & (r[..., :, None] == r[..., None, :])
+            scores = scores * masked_exp(same, b[..., :, None] - b[..., None, :])
+            q_dec = qc * masked_exp(r == 0, b)[..., None]
         o = scores @ vc + q_dec @ self.entering
         return (o * scale).reshape(B, H, N * C, -1)[:, :, : self.T]
 

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import torch
 
+#: Log decays below this reset the state: ``e^a < 4e-44``, under fp32's smallest normal number,
+#: so a decayed state contributes nothing an fp32 result can hold. The chunked paths (torch and
+#: Triton) treat such a gate, ``-inf`` included, as an exact reset: they keep a per-chunk count
+#: of resets next to the cumulative sum of the other gates, and a decay ``e^(G_i - G_j)`` is 0
+#: when a reset lies between j and i, else the exponent of a difference of finite sums. So
+#: nothing computes ``-inf - (-inf)``, and no gate this large enters a cumulative sum whose
+#: differences would lose fp32 precision. The oracle computes ``e^a`` as given.
+RESET_LOG_DECAY = -100.0
+
 
 def log_gates(
     g: torch.Tensor | None,
