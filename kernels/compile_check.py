@@ -12,8 +12,10 @@ import os
 import sys
 import time
 
-#: Pointers in the input dtype (the chunk-state snapshots h, dh too: 16-bit for 16-bit inputs).
-INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "h_ptr", "dh_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+#: Pointers in the input dtype.
+INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+#: The chunk-state snapshots: bf16 for 16-bit inputs, else fp32 (``simple_gla.fwd.snapshot_dtype``).
+SNAPSHOT_PTRS = {"h_ptr", "dh_ptr"}
 #: Hopper's opt-in shared memory per block.
 SMEM_LIMIT = 227 * 1024
 
@@ -23,6 +25,8 @@ def signature(fn, input_type: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in SNAPSHOT_PTRS:
+            sig[name] = "*bf16" if input_type in ("*bf16", "*fp16") else "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = input_type if name in INPUT_PTRS else "*fp32"
         elif name == "scale":
@@ -46,7 +50,8 @@ def variants(quick: bool):
     dims = [(32, 64)] if quick else [(128, 128), (256, 64), (16, 32), (64, 16)]  # K != V: tiles differ
     for f, (dt, lowp), use_g, (K, V) in itertools.product(main, dtypes, gates, dims):
         w, s = 8, 2  # the heaviest of utils.GPU_CONFIGS
-        c = dict(H=16, K=K, V=V, BT=64, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, LOWP=lowp)
+        c = dict(H=16, K=K, V=V, BT=64, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, HAS_S=True, LOWP=lowp)
+        c = {name: value for name, value in c.items() if name in jit(f).arg_names}
         yield f"{jit(f).__name__}[{dt[1:]} K{K} V{V} g={use_g} w{w}s{s}]", jit(f), dt, c, w, s
     c = dict(H=16, NK=2, BT=64)
     yield "chunk_bwd_dg_kernel[NK2]", bwd.chunk_bwd_dg_kernel, "*fp32", c, 4, 2

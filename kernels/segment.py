@@ -3,11 +3,13 @@
 Every step calls the kernels of :mod:`lasp.kernels.simple_gla` explicitly; no autograd graph is
 built. Forward: gate summaries and the chunk states/summary (constructor, before the
 all-gather), the local output (``compute_local``, overlapping it), the inter part
-(``output``). Backward: ``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv``
-from ``dO`` (``backward_output``, overlapping the all-gather), the summary's share
-(``backward_summary``) and the gate gradients (``grads``). A zero incoming state (the first
-segment) skips the inter pass, a zero summary gradient (the last segment) the summary's
-backward: with P = 1 the path is the plain chunked algorithm.
+(``output``, added in place to the local output: one float32 output buffer). Backward:
+``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv`` from ``dO``
+(``backward_output``, overlapping the all-gather), the summary's share (``backward_summary``)
+and the gate gradients (``grads``). The driver says when the incoming state is zero
+(``output(S, state_is_zero=True)``: the first segment; the inter pass is skipped) and does not
+call ``backward_summary`` when the summary's gradient is zero (the last segment): with P = 1
+the path is the plain chunked algorithm. Nothing reads a device value on the host.
 """
 from __future__ import annotations
 
@@ -20,11 +22,16 @@ from .utils import DEFAULT_CHUNK, block, check_chunk_size, check_device, check_h
 class TritonSegment:
     """One segment's compute on Triton kernels; same constructor as ``TorchSegment``.
 
+    Protocol v2 (``lasp.ops.segment``): ``transition = "scalar"``; gates may hold hard resets
+    (``-inf``), then ``logA`` is ``-inf``.
+
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, fp16 or bf16; K, V powers of two 16..256).
         g: ``[B, T, H]`` log gates or None; g_gamma: ``[H]`` log decay or None.
         scale: output scale. chunk_size: 16, 32 or 64 tokens per chunk.
     """
+
+    transition = "scalar"
 
     def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = DEFAULT_CHUNK):
         check_device(q)
@@ -44,7 +51,7 @@ class TritonSegment:
             )
             self.h, self.M = sg.chunk_fwd_h(self.k, self.v, self.gates, self.BT)
         self.logA = self.gates.logA if self.gates is not None else self.M.new_zeros(B, H)
-        self._do = self._do_src = self.dh = self.dq = self.dk = self.dv = self.dgp = None
+        self._do = self._do_src = self.dh = self.dq = self.dk = self.dv = self.dgp = self.state = None
         self._c = self.M.new_zeros(B, H)  # gradient reaching logA (dlogA)
 
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,13 +61,15 @@ class TritonSegment:
     def compute_local(self) -> None:
         self.o_local = sg.chunk_fwd_o(self.q, self.k, self.v, self.gates, self.h, self.scale, self.BT)
 
-    def output(self, state: torch.Tensor) -> torch.Tensor:
-        """``o [B, T, H, V]`` float32 given the state ``[B, H, K, V]`` entering the segment."""
-        self.state = state.detach().float().contiguous()
+    def output(self, state: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
+        """``o [B, T, H, V]`` float32 given the state ``[B, H, K, V]`` entering the segment
+        (``state_is_zero``: the caller knows it is all zeros; the inter pass is skipped)."""
         o, self.o_local = self.o_local, None
-        if not _all_zero(self.state):  # the first segment of the sequence gets no state
-            o = sg.chunk_fwd_inter(self.q, self.gates, self.state, o, self.scale, self.BT)
-        return o
+        if state_is_zero:
+            self.state = None
+            return o
+        self.state = state.detach().float().contiguous()
+        return sg.chunk_fwd_inter(self.q, self.gates, self.state, o, self.scale, self.BT)
 
     def _grad_out(self, do: torch.Tensor) -> torch.Tensor:
         return do.detach().to(self.q.dtype).contiguous()
@@ -92,12 +101,12 @@ class TritonSegment:
             self.dgp = torch.zeros(K // block(K), B * H, T, dtype=torch.float32, device=self.q.device)
 
     def backward_summary(self, dM: torch.Tensor, dlogA: torch.Tensor) -> None:
-        """Add the gradients due to the summary's own gradient ``dM [B, H, K, V]``, ``dlogA [B, H]``."""
+        """Add the gradients due to the summary's own gradient ``dM [B, H, K, V]``, ``dlogA [B, H]``
+        (the driver skips this call when both are known to be zero)."""
         if self.dq is None:
             self._zero_grads()
         dM = dM.detach().float().contiguous()
-        if not _all_zero(dM):  # the last segment of the sequence: nothing reads its summary
-            sg.summary_bwd(self.k, self.v, self.h, self.gates, dM, self.dk, self.dv, self.dgp, self.BT)
+        sg.summary_bwd(self.k, self.v, self.h, self.gates, dM, self.dk, self.dv, self.dgp, self.BT)
         if self.gates is not None:
             self._c = self._c + dlogA.detach().float()
 
@@ -108,14 +117,9 @@ class TritonSegment:
         dg = dgg = None
         if self.gates is not None:
             B, T, H, _ = self.q.shape
-            da, dsum = sg.chunk_bwd_dg(self.dgp, self._c.contiguous(), B, T, H, self.BT)
+            da, dsum = sg.chunk_bwd_dg(self.dgp, self.gates, self._c.contiguous(), B, T, H, self.BT)
             dg = None if self.g_dtype is None else da.to(self.g_dtype)
             dgg = None if self.gg_dtype is None else dsum.sum(0).to(self.gg_dtype)
         self.h = None
         return self.dq, self.dk, self.dv, dg, dgg
 
-
-def _all_zero(x: torch.Tensor) -> bool:
-    """Whether ``x`` is all zeros: lets the first/last segment (all of it when P = 1) skip a
-    kernel pass over its tokens, at the price of one small device-to-host read."""
-    return not bool(torch.count_nonzero(x))

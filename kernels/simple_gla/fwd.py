@@ -9,7 +9,9 @@ For one segment (a rank's tokens) with no incoming state:
    (runs while the all-gather is in flight);
 4. :func:`chunk_fwd_inter`  adds ``scale * (q * e^G) @ S_in`` once the incoming state is known.
 
-All states and outputs are float32; inputs fp32, fp16 or bf16.
+Inputs fp32, fp16 or bf16. Incoming states, summaries and outputs are float32; the per-chunk
+state snapshots ``h`` float32, or bf16 for 16-bit inputs (:func:`snapshot_dtype`). Gates may
+hold hard resets (``-inf``): see :mod:`~.common`.
 """
 from __future__ import annotations
 
@@ -18,12 +20,30 @@ import triton
 import triton.language as tl
 
 from ..utils import block, low_precision_dots, maybe_autotune
-from .common import Gates, mm, n_chunks
+from .common import RESET, Gates, load_gates, masked_exp, mm, mm_state, n_chunks, to_chunk_end
+
+
+@triton.jit
+def load_a(g_ptr, gg_ptr, i_b, i_h, t, m, T, H: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, HAS_GG: tl.constexpr):
+    """``a = g + g_gamma`` at tokens ``t`` (0 where ``m`` is False)."""
+    a = tl.zeros([BT], dtype=tl.float32)
+    if HAS_G:
+        a += tl.load(g_ptr + (i_b.to(tl.int64) * T + t) * H + i_h, mask=m, other=0.0).to(tl.float32)
+    if HAS_GG:
+        a += tl.where(m, tl.load(gg_ptr + i_h).to(tl.float32), 0.0)
+    return a
+
+
+@triton.jit
+def chunk_total(a):
+    """A chunk's total log decay: the sum of its gates, ``-inf`` if one is a reset."""
+    reset = a < RESET
+    return tl.where(tl.sum(reset.to(tl.float32), axis=0) > 0, float("-inf"), tl.sum(tl.where(reset, 0.0, a), axis=0))
 
 
 @triton.jit
 def chunk_gates_kernel(
-    g_ptr, gg_ptr, b_ptr, bt_ptr, gs_ptr, ge_ptr, la_ptr, T, N,
+    g_ptr, gg_ptr, b_ptr, r_ptr, bt_ptr, gs_ptr, ge_ptr, la_ptr, T, N,
     H: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, HAS_GG: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -31,62 +51,55 @@ def chunk_gates_kernel(
     i_h = bh % H
     o = tl.arange(0, BT)
     carry = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+    plain = carry
     for n in range(0, N):
         t = n * BT + o
         m = t < T
-        a = tl.zeros([BT], dtype=tl.float32)
-        if HAS_G:
-            a += tl.load(g_ptr + (i_b * T + t).to(tl.int64) * H + i_h, mask=m, other=0.0).to(tl.float32)
-        if HAS_GG:
-            a += tl.where(m, tl.load(gg_ptr + i_h).to(tl.float32), 0.0)
-        tl.store(b_ptr + bh.to(tl.int64) * T + t, tl.cumsum(a, axis=0), mask=m)
-        tot = tl.sum(a, axis=0)
+        a = load_a(g_ptr, gg_ptr, i_b, i_h, t, m, T, H, BT, HAS_G, HAS_GG)
+        reset = a < RESET
+        tl.store(b_ptr + bh.to(tl.int64) * T + t, tl.cumsum(tl.where(reset, 0.0, a), axis=0), mask=m)
+        tl.store(r_ptr + bh.to(tl.int64) * T + t, tl.cumsum(reset.to(tl.float32), axis=0), mask=m)
+        tot = chunk_total(a)
         tl.store(bt_ptr + bh * N + n, tot)
         tl.store(gs_ptr + bh * N + n, carry)
         carry += tot
-    tl.store(la_ptr + bh, carry)
-    rev = carry * 0.0
+        plain += tl.sum(a, axis=0)
+    tl.store(la_ptr + bh, plain)
+    rev = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)  # not carry * 0: carry may be -inf
     for j in range(0, N):  # suffix sums, summed from the end so they stay exact near it
         n = N - 1 - j
         t = n * BT + o
-        m = t < T
-        a = tl.zeros([BT], dtype=tl.float32)
-        if HAS_G:
-            a += tl.load(g_ptr + (i_b * T + t).to(tl.int64) * H + i_h, mask=m, other=0.0).to(tl.float32)
-        if HAS_GG:
-            a += tl.where(m, tl.load(gg_ptr + i_h).to(tl.float32), 0.0)
+        a = load_a(g_ptr, gg_ptr, i_b, i_h, t, t < T, T, H, BT, HAS_G, HAS_GG)
         tl.store(ge_ptr + bh * N + n, rev)
-        rev += tl.sum(a, axis=0)
+        rev += chunk_total(a)
 
 
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
 @triton.jit
 def chunk_fwd_h_kernel(
-    k_ptr, v_ptr, b_ptr, bt_ptr, h_ptr, m_ptr, T, N,
+    k_ptr, v_ptr, b_ptr, r_ptr, bt_ptr, h_ptr, m_ptr, T, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, LOWP: tl.constexpr,
 ):
-    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = bh // H
     i_h = bh % H
     ok = i_k * BK + tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     o = tl.arange(0, BT)
     kv = ok[:, None] * V + ov[None, :]
-    h_base = bh.to(tl.int64) * N * K * V
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(0, N):
-        tl.store(h_ptr + h_base + n * K * V + kv, h.to(h_ptr.dtype.element_ty))
+        tl.store(h_ptr + (bh.to(tl.int64) * N + n) * (K * V) + kv, h.to(h_ptr.dtype.element_ty))
         t = n * BT + o
         m = t < T
-        row = (i_b * T + t).to(tl.int64) * H + i_h
+        row = (i_b.to(tl.int64) * T + t) * H + i_h
         kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
         vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
         if USE_G:
-            bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
-            tot = tl.load(bt_ptr + bh * N + n)
-            kd = kk.to(tl.float32) * tl.exp(tot - bb)[:, None]
-            h = h * tl.exp(tot) + mm(tl.trans(kd), vv, k_ptr, LOWP)
+            bb, rr = load_gates(b_ptr, r_ptr, bh, t, m, T)
+            kd = kk.to(tl.float32) * to_chunk_end(bb, rr, n, T, BT)[:, None]
+            h = h * tl.exp(tl.load(bt_ptr + bh * N + n)) + mm(tl.trans(kd), vv, k_ptr, LOWP)
         else:
             h += mm(tl.trans(kk), vv, k_ptr, LOWP)
     tl.store(m_ptr + bh.to(tl.int64) * K * V + kv, h)
@@ -95,19 +108,21 @@ def chunk_fwd_h_kernel(
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
 @triton.jit
 def chunk_fwd_o_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, scale, T, N,
+    q_ptr, k_ptr, v_ptr, b_ptr, r_ptr, h_ptr, o_ptr, scale, T, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, LOWP: tl.constexpr,
 ):
-    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid, i_v = tl.program_id(0), tl.program_id(1)  # pid = bh * N + n: no chunk count on a short grid axis
+    bh = pid // N
+    n = pid % N
     i_b = bh // H
     i_h = bh % H
     ov = i_v * BV + tl.arange(0, BV)
     o = tl.arange(0, BT)
     t = n * BT + o
     m = t < T
-    row = (i_b * T + t).to(tl.int64) * H + i_h
-    h_base = (bh.to(tl.int64) * N + n) * K * V
+    row = (i_b.to(tl.int64) * T + t) * H + i_h
+    h_base = pid.to(tl.int64) * K * V
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, K // BK):
@@ -116,12 +131,12 @@ def chunk_fwd_o_kernel(
         kk = tl.load(k_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
         s += mm(qq, tl.trans(kk), q_ptr, LOWP)
         hh = tl.load(h_ptr + h_base + ok[:, None] * V + ov[None, :])
-        acc += mm(qq, hh, q_ptr, LOWP)
+        acc += mm_state(qq, hh, LOWP)
     causal = (o[:, None] >= o[None, :]) & m[:, None]
     if USE_G:
-        bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
-        acc = acc * tl.exp(bb)[:, None]
-        s = tl.where(causal, s * tl.exp(bb[:, None] - bb[None, :]), 0.0)
+        bb, rr = load_gates(b_ptr, r_ptr, bh, t, m, T)
+        acc = acc * masked_exp(rr == 0, bb)[:, None]
+        s = s * masked_exp(causal & (rr[:, None] == rr[None, :]), bb[:, None] - bb[None, :])
     else:
         s = tl.where(causal, s, 0.0)
     vv = tl.load(v_ptr + row[:, None] * V + ov[None, :], mask=m[:, None], other=0.0)
@@ -129,32 +144,34 @@ def chunk_fwd_o_kernel(
     tl.store(o_ptr + row[:, None] * V + ov[None, :], acc * scale, mask=m[:, None])
 
 
-@maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
 @triton.jit
 def chunk_fwd_inter_kernel(
-    q_ptr, b_ptr, gs_ptr, s_ptr, ol_ptr, o_ptr, scale, T, N,
+    q_ptr, b_ptr, r_ptr, gs_ptr, s_ptr, o_ptr, scale, T, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, LOWP: tl.constexpr,
 ):
-    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``o += scale * (q * e^G) @ S_in`` in place (so not autotuned: a re-run would add twice)."""
+    pid, i_v = tl.program_id(0), tl.program_id(1)
+    bh = pid // N
+    n = pid % N
     i_b = bh // H
     i_h = bh % H
     ov = i_v * BV + tl.arange(0, BV)
     t = n * BT + tl.arange(0, BT)
     m = t < T
-    row = (i_b * T + t).to(tl.int64) * H + i_h
+    row = (i_b.to(tl.int64) * T + t) * H + i_h
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, K // BK):
         ok = i_k * BK + tl.arange(0, BK)
         qq = tl.load(q_ptr + row[:, None] * K + ok[None, :], mask=m[:, None], other=0.0)
         ss = tl.load(s_ptr + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :])
-        acc += mm(qq, ss, q_ptr, LOWP)
+        acc += mm_state(qq, ss, LOWP)
     if USE_G:
-        bb = tl.load(b_ptr + bh.to(tl.int64) * T + t, mask=m, other=0.0)
-        acc = acc * tl.exp(tl.load(gs_ptr + bh * N + n) + bb)[:, None]
+        bb, rr = load_gates(b_ptr, r_ptr, bh, t, m, T)
+        acc = acc * masked_exp(rr == 0, tl.load(gs_ptr + bh * N + n) + bb)[:, None]
     o_offs = row[:, None] * V + ov[None, :]
-    acc = acc * scale + tl.load(ol_ptr + o_offs, mask=m[:, None], other=0.0)
-    tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m[:, None])
+    acc = acc * scale + tl.load(o_ptr + o_offs, mask=m[:, None], other=0.0)
+    tl.store(o_ptr + o_offs, acc, mask=m[:, None])
 
 
 def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T: int, H: int, BT: int, device) -> Gates | None:
@@ -166,20 +183,26 @@ def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T:
         return None
     N = n_chunks(T, BT)
     f32 = dict(dtype=torch.float32, device=device)
-    b = torch.empty(B, H, T, **f32)
+    b, r = torch.empty(B, H, T, **f32), torch.empty(B, H, T, **f32)
     bt, gs, ge = (torch.empty(B, H, N, **f32) for _ in range(3))
     logA = torch.empty(B, H, **f32)
     chunk_gates_kernel[(B * H,)](
-        g if g is not None else b, g_gamma if g_gamma is not None else b, b, bt, gs, ge, logA, T, N,
+        g if g is not None else b, g_gamma if g_gamma is not None else b, b, r, bt, gs, ge, logA, T, N,
         H=H, BT=BT, HAS_G=g is not None, HAS_GG=g_gamma is not None,
     )
-    return Gates(b, bt, gs, ge, logA)
+    return Gates(b, r, bt, gs, ge, logA)
 
 
 def snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of per-chunk state snapshots: the input dtype for 16-bit inputs (the dots
-    that read them take 16-bit operands anyway; running sums stay fp32), else float32."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """Storage dtype of the per-chunk state snapshots ``h``, ``dh``: bf16 for 16-bit inputs (the
+    dots that read them take bf16 operands on a GPU; fp16 would overflow past 65504 on long
+    sequences with weak decay), else float32. Running sums and incoming states stay fp32."""
+    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def gate_args(gates: Gates | None, dummy: torch.Tensor, *names: str) -> list[torch.Tensor]:
+    """The named :class:`Gates` tensors, or ``dummy`` (never read: ``USE_G`` is False) without gates."""
+    return [dummy if gates is None else getattr(gates, name) for name in names]
 
 
 def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, gates: Gates | None, BT: int):
@@ -194,9 +217,8 @@ def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, gates: Gates | None, BT: int):
     BK, BV = block(K), block(V)
     h = torch.empty(B, H, N, K, V, dtype=snapshot_dtype(k.dtype), device=k.device)
     M = torch.empty(B, H, K, V, dtype=torch.float32, device=k.device)
-    b, bt = (gates.b, gates.bt) if gates is not None else (M, M)
-    chunk_fwd_h_kernel[(K // BK, V // BV, B * H)](
-        k, v, b, bt, h, M, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    chunk_fwd_h_kernel[(B * H, K // BK, V // BV)](
+        k, v, *gate_args(gates, M, "b", "r", "bt"), h, M, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
     )
     return h, M
@@ -209,28 +231,25 @@ def chunk_fwd_o(q, k, v, gates: Gates | None, h: torch.Tensor, scale: float, BT:
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    chunk_fwd_o_kernel[(V // BV, N, B * H)](
-        q, k, v, gates.b if gates is not None else o, h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    chunk_fwd_o_kernel[(B * H * N, V // BV)](
+        q, k, v, *gate_args(gates, o, "b", "r"), h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
     )
     return o
 
 
-def chunk_fwd_inter(
-    q, gates: Gates | None, state: torch.Tensor, o_local: torch.Tensor, scale: float, BT: int, out_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``o_local + scale * (q * e^G) @ state``: the full output ``[B, T, H, V]`` in ``out_dtype``.
+def chunk_fwd_inter(q, gates: Gates | None, state: torch.Tensor, o: torch.Tensor, scale: float, BT: int) -> torch.Tensor:
+    """``o += scale * (q * e^G) @ state`` in place; returns ``o`` (the full output ``[B, T, H, V]``).
 
-    state: ``[B, H, K, V]`` float32 contiguous, the state entering the segment; o_local float32.
+    state: ``[B, H, K, V]`` float32 contiguous, the state entering the segment; o: the local
+    output from :func:`chunk_fwd_o` (float32, contiguous).
     """
     B, T, H, K = q.shape
-    V = o_local.shape[-1]
+    V = o.shape[-1]
     N = n_chunks(T, BT)
     BK, BV = block(K), block(V)
-    o = torch.empty(B, T, H, V, dtype=out_dtype, device=q.device)
-    b, gs = (gates.b, gates.gs) if gates is not None else (o_local, o_local)
-    chunk_fwd_inter_kernel[(V // BV, N, B * H)](
-        q, b, gs, state, o_local, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype),
+    chunk_fwd_inter_kernel[(B * H * N, V // BV)](
+        q, *gate_args(gates, o, "b", "r", "gs"), state, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype), num_warps=4,
     )
     return o

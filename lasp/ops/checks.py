@@ -97,7 +97,7 @@ def choose_backend(backend: str, *, on_cuda: bool, interpreting: bool, K: int, V
     if not bad:
         return "triton"
     if backend == "triton":
-        raise ValueError(f"backend='triton' needs head dims in {HEAD_DIMS}, got {', '.join(bad)}")
+        raise ValueError(f"{', '.join(bad)}: backend='triton' needs head dims that are a power of two in {HEAD_DIMS}")
     warnings.warn(
         f"backend='auto': the Triton kernels take head dims in {HEAD_DIMS}, got {', '.join(bad)}; "
         "using the (slower) torch chunk path",

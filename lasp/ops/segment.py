@@ -26,6 +26,8 @@ from . import chunk
 class TorchSegment:
     """The plain-torch segment: builds a small autograd graph in forward, replays it in backward."""
 
+    transition = "scalar"
+
     def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = chunk.DEFAULT_CHUNK_SIZE):
         self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, g_gamma)]
         self.scale = scale
@@ -49,9 +51,9 @@ class TorchSegment:
         with torch.enable_grad():
             self.o_local = self.chunked.output(self.scale)
 
-    def output(self, state: torch.Tensor) -> torch.Tensor:
+    def output(self, state: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
         with torch.enable_grad():
-            self.o = self.o_local + chunk.inter_output(self.q, self.a, state, self.scale)
+            self.o = self.o_local if state_is_zero else self.o_local + chunk.inter_output(self.q, self.a, state, self.scale)
         return self.o.detach().transpose(1, 2)
 
     def state_grad(self, do: torch.Tensor) -> torch.Tensor:
