@@ -1,6 +1,7 @@
 """Closeness metric and random inputs shared by the tests and benchmarks (DESIGN.md §4)."""
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -82,3 +83,40 @@ def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, se
         g_gamma = -(torch.rand(H, generator=gen) * 0.2 + 0.01)
     cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), (None if g is None else g.to(device)), (None if g_gamma is None else g_gamma.to(device))
+
+
+#: What reads a device value on the host (a host-device synchronisation on a GPU).
+HOST_SYNCS = (
+    (torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"), (torch.Tensor, "numpy"),
+    (torch.Tensor, "count_nonzero"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"),
+    (torch.Tensor, "__int__"), (torch, "count_nonzero"),
+)
+
+
+class HostSyncError(AssertionError):
+    """Raised by :func:`no_host_sync` when an operator reads a device value on the host."""
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside the block, :data:`HOST_SYNCS` (``Tensor.item/.tolist/.cpu/.numpy``,
+    ``count_nonzero``, ``bool/float/int(tensor)``) raise :class:`HostSyncError`: run an operator's forward
+    and backward in it to show they never wait for the device. Not thread-safe (patches torch)."""
+
+    def forbid(name: str):
+        def raise_(*args, **kwargs):
+            raise HostSyncError(f"host-device synchronisation inside an operator: {name}")
+
+        return raise_
+
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name in HOST_SYNCS]
+    try:
+        for obj, name in HOST_SYNCS:
+            setattr(obj, name, forbid(f"{getattr(obj, '__name__', obj)}.{name}"))
+        yield
+    finally:
+        for obj, name, old in saved:
+            if old is None:
+                delattr(obj, name)  # inherited (from torch's C base class): unshadow it
+            else:
+                setattr(obj, name, old)

@@ -270,3 +270,62 @@ def test_bench_kernels_cli_on_cpu(tmp_path):
     assert "| fwdbwd | 64 | 16 | torch |" in (tmp_path / "kernels.md").read_text()
     # the FLOP count of the chunked algorithm (module docstring), per (batch, head)
     assert bench.chunked_flops(1, 1, 64, 16, 32, "fwd") == 2 * 64 * 64 * 48 + 4 * 64 * 16 * 32
+
+
+# ----------------------------------------------------------------------------- hard resets (g = -inf)
+
+RESETS = {  # T = 70, chunk 16: chunks start at 0, 16, 32, 48, 64
+    "single": (23,),
+    "several": (3, 4, 40, 41, 52),
+    "chunk-edges": (0, 15, 16, 47, 48, 64, 69),
+}
+
+
+@pytest.mark.parametrize("gates", ["g", "both"])
+@pytest.mark.parametrize("resets", RESETS.values(), ids=RESETS.keys())
+def test_segment_hard_resets_match_oracle(resets, gates):
+    """Both segment backends, every protocol step, with g = -inf at the given tokens (in all but
+    one (batch, head) row): everything finite and equal to the float64 oracle; logA = -inf."""
+    B, T, H, K, V = 2, 70, 2, 16, 32
+    full = linear_inputs(B, T, H, K, V, gates=gates, seed=21, resets=resets)
+    state = randn(B, H, K, V, seed=22) * 0.5
+    do, dM, dlogA = randn(B, T, H, V, seed=23), randn(B, H, K, V, seed=24) * 0.1, randn(B, H, seed=25)
+    ref_out, ref_grads = segment_oracle(full, state, do, dM, dlogA)
+    ref_logA = ref_out.pop("logA")
+    assert all(torch.isfinite(x).all() for x in (*ref_out.values(), *[gr for gr in ref_grads if gr is not None]))
+    for cls in (TorchSegment, TritonSegment):
+        out, grads = run_segment(cls, full, state, do, dM, dlogA, chunk_size=16)
+        logA = out.pop("logA")
+        assert torch.equal(torch.isneginf(logA), torch.isneginf(ref_logA)) and torch.isneginf(logA).any()
+        fin = torch.isfinite(ref_logA)
+        assert_close(ref_logA[fin], logA[fin], name=f"{cls.__name__} logA")
+        for x in (*out.values(), *[gr for gr in grads if gr is not None]):
+            assert torch.isfinite(x).all(), cls.__name__
+        _compare(ref_out, ref_grads, out, grads, full, torch.float32, cls.__name__)
+
+
+def test_linear_attention_triton_p1_hard_resets():
+    """The public op (P = 1, Triton) with resets at a chunk's first and last token and mid-chunk."""
+    B, T, H, K, V = 1, 100, 2, 16, 16
+    full = linear_inputs(B, T, H, K, V, gates="both", seed=31, resets=(0, 37, 63, 64))
+    do = randn(B, T, H, V, seed=32)
+    ins = [x.clone().requires_grad_() for x in full]
+    o = lasp.linear_attention(*ins, backend="triton")
+    o.backward(do)
+    ref, ref_grads = _oracle(full, do)
+    assert_close(ref, o, name="o")
+    for i, name in enumerate(NAMES):
+        assert_close(ref_grads[i], ins[i].grad, rtol=rtol_for(name, torch.float32), name=f"d{name}")
+
+
+def test_lasp2_triton_two_ranks_hard_resets(spawn):
+    """LASP-2 over 2 ranks with resets inside a segment and at the rank edge (token 42 starts
+    rank 1's shard): a segment summary with logA = -inf in the fold."""
+    B, T, H, K, V = 1, 84, 2, 16, 16
+    full = linear_inputs(B, T, H, K, V, gates="g", seed=33, resets=(10, 42))
+    do = randn(B, T, H, V, seed=34)
+    results = spawn(2).run(run_triton_lasp2, full, do, "contiguous")
+    ref, ref_grads = _oracle(full, do)
+    assert_close(ref, unshard_sequence([r[0] for r in results], "contiguous"), name="o")
+    for i in range(4):
+        assert_close(ref_grads[i], unshard_sequence([r[1][i] for r in results], "contiguous"), name=f"d{NAMES[i]}")
