@@ -26,11 +26,6 @@ CHUNK_SIZES = (16, 32, 64)
 DEFAULT_CHUNK = 64
 
 
-def interpreting() -> bool:
-    """Whether kernels run in the Triton interpreter (read at import, like Triton itself)."""
-    return INTERPRET
-
-
 def check_device(x: torch.Tensor, name: str = "q") -> None:
     """A clear ValueError when the kernels cannot run on ``x``'s device."""
     if x.is_cuda:

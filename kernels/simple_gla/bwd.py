@@ -270,11 +270,13 @@ def chunk_bwd_dqk(q, k, v, do, gates: Gates | None, h, state: torch.Tensor | Non
 
     ``state [B, H, K, V]`` float32 entered the segment (None: a zero state). ``dgp`` (None without gates) holds per
     K tile the gradient w.r.t. the chunk-local cumsum ``b`` of the log decay:
-    ``db_i = <q_i, dq_i> - <k_i, dk_i>``, plus, at the chunk's last token (``b_last`` is the
-    chunk's total decay), ``<dS_n, S_{n+1}> = e^(b_last) <dS_n, S_n> + sum_j <k_j, dk_j^state>``
-    with ``S_n`` the state entering chunk n, ``dS_n`` the gradient of the one leaving it and
-    ``dk^state`` the part of dk due to ``dS_n``. Chunk-local sums keep rounding errors from
-    accumulating over the whole sequence.
+    ``db_i = <q_i, dq_i> - <k_i, dk_i>``, plus, at the chunk's last token (``bt_n`` is the
+    chunk's total log decay, ``-inf`` past a reset), ``<dS_n, S_{n+1}> = e^(bt_n) <dS_n, S_n> +
+    sum_j <k_j, dk_j^state>`` with ``S_n`` the state entering chunk n, ``dS_n`` the gradient of
+    the one leaving it and ``dk^state`` the part of dk due to ``dS_n``. The decays in dq, dk are
+    masked where a reset intervenes, so these identities hold with resets too (a reset's own
+    gate is in no cumsum: :func:`chunk_bwd_dg` gives it only ``dlogA``). Chunk-local sums keep
+    rounding errors from accumulating over the whole sequence.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

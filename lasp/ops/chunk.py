@@ -109,24 +109,6 @@ class ChunkedSegment:
         return (o * scale).reshape(B, H, N * C, -1)[:, :, : self.T]
 
 
-def chunk_local(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor | None,
-    scale: float,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    initial_state: torch.Tensor | None = None,
-):
-    """Chunked causal linear attention over one segment (head-first float32 tensors).
-
-    Returns ``(o [B, H, T, V], final_state [B, H, K, V])``. With ``initial_state=None`` the
-    output is the segment's own part (intra-chunk plus the chunks before it in the segment).
-    """
-    seg = ChunkedSegment(q, k, v, a, chunk_size, initial_state)
-    return seg.output(scale), seg.final_state
-
-
 def chunk_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,8 +127,8 @@ def chunk_linear_attention(
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
     a = log_gates(g, g_gamma, B, T, H, q.device)
-    o, S = chunk_local(to_heads_first(q), to_heads_first(k), to_heads_first(v), a, scale, chunk_size, initial_state)
-    o = o.transpose(1, 2).to(q.dtype)
+    seg = ChunkedSegment(to_heads_first(q), to_heads_first(k), to_heads_first(v), a, chunk_size, initial_state)
+    o, S = seg.output(scale).transpose(1, 2).to(q.dtype), seg.final_state
     return (o, S) if output_final_state else o
 
 
