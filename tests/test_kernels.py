@@ -329,3 +329,28 @@ def test_lasp2_triton_two_ranks_hard_resets(spawn):
     assert_close(ref, unshard_sequence([r[0] for r in results], "contiguous"), name="o")
     for i in range(4):
         assert_close(ref_grads[i], unshard_sequence([r[1][i] for r in results], "contiguous"), name=f"d{NAMES[i]}")
+
+
+def test_fp16_states_past_fp16_range_stay_finite():
+    """fp16 inputs whose state entries pass 65504 (weak decay, large k and v): the incoming state
+    and the per-chunk snapshots are not stored in fp16, so the output stays finite and exact."""
+    from lasp.kernels.simple_gla.fwd import snapshot_dtype
+
+    assert snapshot_dtype(torch.float16) == torch.bfloat16 and snapshot_dtype(torch.float32) == torch.float32
+    B, T, H, K, V = 1, 150, 1, 16, 16
+    q = randn(B, T, H, K, seed=41) * 1e-3
+    k, v = randn(B, T, H, K, seed=42).abs() * 30 + 10, randn(B, T, H, V, seed=43).abs() * 30 + 10
+    g = torch.full((B, T, H), -1e-4)
+    full = [x.half() for x in (q, k, v)] + [g, None]
+    state = torch.full((B, H, K, V), 1e5)  # past fp16's 65504 already
+    seg = TritonSegment(*full, scale=K**-0.5, chunk_size=16)
+    _, M = seg.summary()
+    seg.compute_local()
+    o = seg.output(state)
+    ref, ref_M = reference.naive_recurrent_linear_attention(
+        *(x.double() for x in full[:4]), initial_state=state.double(), output_final_state=True
+    )
+    assert ref_M.max() > 65504 and M.max() > 65504
+    assert_close(ref, o, rtol=1e-2, name="o")
+    _, ref_M0 = reference.naive_recurrent_linear_attention(*(x.double() for x in full[:4]), output_final_state=True)
+    assert_close(ref_M0, M, rtol=1e-5, name="M")
