@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
-from lasp.ops import reference
+from lasp.ops import reference, softmax_local
 from lasp.ops.ring import step_blocks
 from lasp.ops.softmax_local import (
     attend,
@@ -95,11 +95,17 @@ def _grad_check(ref_ins, outs, grads, ref, names="qkv", rtol=1e-5):
         assert_close(x.grad, g, rtol=rtol, name=f"d{name}")
 
 
+@pytest.mark.parametrize("kernel", ["flash", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(12, 12), (5, 13), (1, 9)], ids=["square", "5x13", "1x9"])
-def test_lower_right_causal_matches_oracle(shape, dtype):
+def test_lower_right_causal_matches_oracle(monkeypatch, shape, dtype, kernel):
     """Single-process path with more keys than queries (decoding cache, LASP-2H spans): causal is
-    bottom-right aligned, computed mask-free (prefix block + diagonal block merged by LSE)."""
+    bottom-right aligned, computed mask-free (prefix block + diagonal block merged by LSE); also
+    through the float32 reference blocks that devices without the CPU flash kernel use (in row
+    tiles of 4 queries here: ragged tiles, tiles across the diagonal)."""
+    if kernel == "reference":
+        monkeypatch.setattr(softmax_local, "_cpu_flash", lambda q: False)
+        monkeypatch.setattr(softmax_local, "REFERENCE_TILE_ROWS", 4)
     Tq, Tk = shape
     (_, k, v), _ = softmax_inputs(2, Tk, 4, 2, 8, dtype, seed=seed_for("lr", Tq, Tk, str(dtype)))
     (q, _, _), do = softmax_inputs(2, Tq, 4, 2, 8, dtype, seed=seed_for("lrq", Tq, Tk, str(dtype)))

@@ -16,8 +16,9 @@ fully visible prefix ``[0, Tk - Tq)`` plus the diagonal block, merged by log-sum
   flash-attention recurrence; ``scaled_dot_product_attention`` does not return the LSE). On
   the CPU these are torch's fused flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu``
   and its backward: no scores in memory, GQA without repeating K/V); other devices use a
-  float32 reference (:func:`block_forward` / :func:`block_backward`, scores ``[B, H, Tq, Tk]``
-  of ONE block; wiring the CUDA flash kernel is the next step).
+  float32 reference (:func:`block_forward` / :func:`block_backward` in row tiles: scores
+  ``[B, H, REFERENCE_TILE_ROWS, Tk]`` at most; wiring the CUDA flash kernel, which also returns
+  the LSE, is the next step).
 - :func:`merge_partial`: the log-sum-exp merge of two partial results over disjoint keys.
 
 Heads-first layout for the block functions: ``q [B, H, Tq, D]``, ``k, v [B, H_kv, Tk, D]``
@@ -60,10 +61,13 @@ def attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Ten
     Returns:
         ``o [B, H, Tq, D]`` in q's dtype (normalised within the block), ``lse [B, H, Tq]`` float32.
     """
-    if q.device.type == "cpu":
+    if _cpu_flash(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return o, lse
-    o, lse = block_forward(*_grouped(q, k, v), scale, _diagonal_mask(q, k, causal))
+    qg, kf, vf = _grouped(q, k, v)
+    o, lse = torch.empty_like(qg), torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
+    for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
+        o[..., rows, :], lse[..., rows] = block_forward(qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], scale, mask)
     return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
 
 
@@ -74,14 +78,20 @@ def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool):
     like q and ``dk, dv`` like k (summed over the query heads sharing each KV head), in the
     input dtype.
     """
-    if q.device.type == "cpu":
+    if _cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, causal, scale=scale
         )
     qg, kf, vf = _grouped(q, k, v)
     dog, og = (_grouped(x, k, v)[0] for x in (do, o))
-    lse_g = lse.reshape(qg.shape[:-1])
-    dq, dk, dv = block_backward(qg, kf, vf, dog, lse_g, (dog * og).sum(-1), scale, _diagonal_mask(q, k, causal))
+    lse_g, delta = lse.reshape(qg.shape[:-1]), (dog * og).sum(-1)
+    dq, dk, dv = torch.empty_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
+    for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
+        dq[..., rows, :], dk_t, dv_t = block_backward(
+            qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], dog[..., rows, :], lse_g[..., rows], delta[..., rows], scale, mask
+        )
+        dk[:, :, keys] += dk_t
+        dv[:, :, keys] += dv_t
     return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -158,11 +168,25 @@ def _grouped(q, k, v):
     return q.float().reshape(B, h_kv, H // h_kv, T, D), k.float(), v.float()
 
 
-def _diagonal_mask(q, k, causal: bool) -> torch.Tensor | None:
-    """``[T, T]`` lower triangle of the square diagonal block (None for a full block)."""
-    if not causal:
-        return None
-    return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+REFERENCE_TILE_ROWS = 256
+"""Query rows per tile of the float32 reference: its scores are ``[B, H, tile, Tk]`` at most."""
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    """Whether :func:`attend` runs torch's CPU flash kernel (else the float32 reference)."""
+    return q.device.type == "cpu"
+
+
+def _row_tiles(Tq: int, Tk: int, causal: bool, device):
+    """``(rows, keys, mask)`` per tile of at most :data:`REFERENCE_TILE_ROWS` queries of a full
+    (``keys`` all) or square diagonal block (``keys`` up to the tile's last row, ``mask`` its
+    ``[tile, keys]`` lower triangle)."""
+    for t0 in range(0, Tq, REFERENCE_TILE_ROWS):
+        t1 = min(t0 + REFERENCE_TILE_ROWS, Tq)
+        if not causal:
+            yield slice(t0, t1), slice(0, Tk), None
+        else:
+            yield slice(t0, t1), slice(0, t1), torch.ones(t1 - t0, t1, dtype=torch.bool, device=device).tril(t0)
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
