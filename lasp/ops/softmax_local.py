@@ -3,10 +3,9 @@
 Nothing here builds a mask or a score matrix over the whole key range: every piece of work is
 either a FULLY VISIBLE block (every query sees every key) or a SQUARE CAUSAL DIAGONAL block
 (query i sees keys 0..i of the block), and both are what a flash kernel computes without a mask.
-A query range whose keys end ``n`` tokens later than its own start (bottom-right aligned causal
-attention: queries ``[Tk - Tq, Tk)`` of a ``Tk``-token sequence against keys ``[0, Tk)``) is the
-fully visible prefix ``[0, Tk - Tq)`` plus the diagonal block, merged by log-sum-exp
-(:func:`lower_right_blocks`, :func:`attend_blocks`).
+Bottom-right aligned causal attention (the last ``Tq`` queries of a ``Tk``-token sequence
+against keys ``[0, Tk)``) is the fully visible prefix ``[0, Tk - Tq)`` plus the diagonal block
+``[Tk - Tq, Tk)``, merged by log-sum-exp (:func:`lower_right_blocks`, :func:`attend_blocks`).
 
 - :func:`sdpa_attention`: autograd softmax attention in the ``[B, T, H, D]`` layout, GQA
   included, causal bottom-right aligned when there are more keys than queries. Used by
