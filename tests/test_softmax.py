@@ -155,7 +155,7 @@ def test_blocks_merge_equals_full_attention():
 def test_ring_blocks_cover_the_causal_pairs_and_balance(P):
     """Per ring step, the (rows, cols) blocks, full or the square diagonal, cover exactly the
     causally visible (query, key) pairs once; zigzag gives every rank the same work (its
-    diagonal block, then half a block per step), contiguous gives rank r r+1 blocks."""
+    diagonal block, then half a block per step in one call), contiguous gives rank r r+1 blocks."""
     T_local = 16
     T = P * T_local
     for layout in ("contiguous", "zigzag"):
@@ -175,6 +175,8 @@ def test_ring_blocks_cover_the_causal_pairs_and_balance(P):
                     cover[rows, cols] += box
                     pairs += int(box.sum())
                 assert torch.equal(cover, (k_pos[None, :] <= q_pos[:, None]).long())
+                if layout == "zigzag" and step > 0:  # half a block, one kernel call
+                    assert len(step_blocks(rank, src, P, layout, T_local, True)) == 1
             work.append(pairs)
         if layout == "zigzag":
             assert len(set(work)) == 1

@@ -63,19 +63,30 @@ def step_blocks(rank: int, src: int, size: int, layout: str, t_local: int, causa
     """The work of ``rank``'s local queries against the K/V block of rank ``src``.
 
     Returns ``(rows, cols, diagonal)`` per visible (query chunk, key chunk) pair: local query
-    rows, block key columns, and whether it is the square causal diagonal (else fully visible).
-    ``[]`` when the causal mask hides the whole block.
+    rows, block key columns, and whether it is the square causal diagonal (else fully visible);
+    two fully visible pairs that form one rectangle are one block (a zigzag off-diagonal step
+    is a single call). ``[]`` when the causal mask hides the whole block.
     """
     if not causal:
         return [(slice(0, t_local), slice(0, t_local), False)]
     q_chunks, k_chunks = layout_chunks(rank, size, layout), layout_chunks(src, size, layout)
     C = t_local // len(q_chunks)
-    return [
-        (slice(i * C, (i + 1) * C), slice(j * C, (j + 1) * C), b == a)
-        for i, a in enumerate(q_chunks)
-        for j, b in enumerate(k_chunks)
-        if b <= a
-    ]
+    blocks: list[tuple[slice, slice, bool]] = []
+    for i, a in enumerate(q_chunks):
+        for j, b in enumerate(k_chunks):
+            if b > a:
+                continue
+            rows, cols, diag = slice(i * C, (i + 1) * C), slice(j * C, (j + 1) * C), b == a
+            if blocks and not diag and not blocks[-1][2]:
+                r, c, _ = blocks[-1]
+                if c == cols and r.stop == rows.start:
+                    blocks[-1] = (slice(r.start, rows.stop), cols, False)
+                    continue
+                if r == rows and c.stop == cols.start:
+                    blocks[-1] = (rows, slice(c.start, cols.stop), False)
+                    continue
+            blocks.append((rows, cols, diag))
+    return blocks
 
 
 def _wait(works) -> None:
