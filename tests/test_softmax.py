@@ -8,9 +8,18 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
-from lasp.ops import reference
-from lasp.ops.softmax_local import block_backward, block_forward, group_queries, merge_partial, ungroup_queries
-from lasp.ops.ring import block_work, ring_schedule, ring_softmax_attention, ring_step_tiles
+from lasp.ops import reference, softmax_local
+from lasp.ops.ring import step_blocks
+from lasp.ops.softmax_local import (
+    attend,
+    attend_backward,
+    attend_blocks,
+    block_backward,
+    block_forward,
+    lower_right_blocks,
+    merge_partial,
+    sdpa_attention,
+)
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
 from lasp.testing import assert_close, seed_for
 
@@ -80,95 +89,96 @@ def run_softmax_scaled(rank, world, full, do, *, method):
     return o.detach(), [x.grad for x in ins]
 
 
-def test_blockwise_merge_equals_full_attention():
-    """The ring's building blocks on one process: two key blocks merged by LSE == one softmax."""
-    (q, k, v), do = softmax_inputs(1, 12, 4, 2, 8, torch.float64, seed=3)
-    qg = group_queries(q, 2).double()
-    kh, vh = (x.transpose(1, 2) for x in (k, v))
-    mask = torch.ones(12, 12, dtype=torch.bool).tril()
-    o1, l1 = block_forward(qg, kh[:, :, :5], vh[:, :, :5], 0.5, mask[:, :5])
-    o2, l2 = block_forward(qg, kh[:, :, 5:], vh[:, :, 5:], 0.5, mask[:, 5:])  # rows 0..4 see nothing here
-    o, lse = merge_partial(o1, l1, o2, l2)
+def _grad_check(ref_ins, outs, grads, ref, names="qkv", rtol=1e-5):
+    assert_close(ref, outs, rtol=rtol, name="o")
+    for x, g, name in zip(ref_ins, grads, names):
+        assert_close(x.grad, g, rtol=rtol, name=f"d{name}")
+
+
+@pytest.mark.parametrize("kernel", ["flash", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(12, 12), (5, 13), (1, 9)], ids=["square", "5x13", "1x9"])
+def test_lower_right_causal_matches_oracle(monkeypatch, shape, dtype, kernel):
+    """Single-process path with more keys than queries (decoding cache, LASP-2H spans): causal is
+    bottom-right aligned, computed mask-free (prefix block + diagonal block merged by LSE); also
+    through the float32 reference blocks that devices without the CPU flash kernel use (in row
+    tiles of 4 queries here: ragged tiles, tiles across the diagonal)."""
+    if kernel == "reference":
+        monkeypatch.setattr(softmax_local, "_cpu_flash", lambda q: False)
+        monkeypatch.setattr(softmax_local, "REFERENCE_TILE_ROWS", 4)
+    Tq, Tk = shape
+    (_, k, v), _ = softmax_inputs(2, Tk, 4, 2, 8, dtype, seed=seed_for("lr", Tq, Tk, str(dtype)))
+    (q, _, _), do = softmax_inputs(2, Tq, 4, 2, 8, dtype, seed=seed_for("lrq", Tq, Tk, str(dtype)))
     ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = sdpa_attention(*ins, causal=True, scale=0.3)
+    o.backward(do)
+    ref_ins = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    q_pad = torch.cat([torch.zeros(2, Tk - Tq, 4, 8, dtype=torch.float64), ref_ins[0]], 1)  # queries at the end
+    ref = reference.softmax_attention_reference(q_pad, ref_ins[1], ref_ins[2], causal=True, scale=0.3)[:, Tk - Tq :]
+    ref.backward(do.double())
+    _grad_check(ref_ins, o, [x.grad for x in ins], ref, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_blocks_merge_equals_full_attention():
+    """The block pieces on one process: a causal sequence as (full prefix, diagonal) blocks merged
+    by LSE, and its backward through the final (o, lse), equal one softmax; the float32 reference
+    (used off the CPU) gives the same blocks."""
+    (q, k, v), do = softmax_inputs(1, 12, 4, 2, 8, torch.float64, seed=3)
+    q, k, v, do = (x.float().transpose(1, 2) for x in (q, k, v, do))  # heads first
+    ins = [x.detach().double().transpose(1, 2).requires_grad_() for x in (q, k, v)]
     ref = reference.softmax_attention_reference(*ins, causal=True, scale=0.5)
-    assert_close(ref, ungroup_queries(o), name="o")
-    ref.backward(do)
-    dog = group_queries(do, 2).double()
-    delta = (dog * o).sum(-1)
-    dq, dk, dv = block_backward(qg, kh, vh, dog, lse, delta, 0.5, mask)
-    assert_close(ins[0].grad, ungroup_queries(dq), name="dq")
-    assert_close(ins[1].grad, dk.transpose(1, 2), name="dk")
-    assert_close(ins[2].grad, dv.transpose(1, 2), name="dv")
+    ref.backward(do.double().transpose(1, 2))
+    rows = slice(7, 12)  # queries 7..11: keys [0, 7) fully visible, [7, 12) the diagonal
+    blocks = lower_right_blocks(5, 12)
+    assert blocks == [(0, 7, False), (7, 12, True)]
+    o, lse = attend_blocks(q[:, :, rows], k, v, 0.5, blocks)
+    assert_close(ref[:, rows].transpose(1, 2), o, name="o")
+    dq = torch.zeros_like(q[:, :, rows])
+    for k0, k1, diag in blocks:
+        dq_b, _, _ = attend_backward(do[:, :, rows], q[:, :, rows], k[:, :, k0:k1], v[:, :, k0:k1], o, lse, 0.5, diag)
+        dq += dq_b
+    assert_close(ins[0].grad[:, rows].transpose(1, 2), dq, name="dq")
+    # float32 reference blocks (grouped heads [B, H_kv, R, T, D]) against the kernel's
+    qg = q[:, :, rows].reshape(1, 2, 2, 5, 8)
+    o1, l1 = block_forward(qg, k[:, :, :7], v[:, :, :7], 0.5)
+    o2, l2 = block_forward(qg, k[:, :, 7:], v[:, :, 7:], 0.5, torch.ones(5, 5, dtype=torch.bool).tril())
+    og, lg = merge_partial(o1, l1, o2, l2)
+    assert_close(o, og.reshape(o.shape), name="o (reference blocks)")
+    assert_close(lse, lg.reshape(lse.shape), name="lse (reference blocks)")
+    dog = do[:, :, rows].reshape(qg.shape)
+    dq1, _, _ = block_backward(qg, k[:, :, :7], v[:, :, :7], dog, lg, (dog * og).sum(-1), 0.5)
+    dq2, _, _ = block_backward(qg, k[:, :, 7:], v[:, :, 7:], dog, lg, (dog * og).sum(-1), 0.5, torch.ones(5, 5, dtype=torch.bool).tril())
+    assert_close(dq, (dq1 + dq2).reshape(dq.shape), name="dq (reference blocks)")
 
 
 @pytest.mark.parametrize("P", [2, 4, 8], ids=lambda p: f"P{p}")
-def test_ring_zigzag_balances_causal_work(P):
-    """Zigzag: every rank computes the same number of query-key pairs (its masked diagonal block,
-    then half a block per step); contiguous: rank r computes r full blocks plus its diagonal."""
+def test_ring_blocks_cover_the_causal_pairs_and_balance(P):
+    """Per ring step, the (rows, cols) blocks, full or the square diagonal, cover exactly the
+    causally visible (query, key) pairs once; zigzag gives every rank the same work (its
+    diagonal block, then half a block per step in one call), contiguous gives rank r r+1 blocks."""
     T_local = 16
     T = P * T_local
-    zig = [sum(block_work(p, T_local) for p in ring_schedule(r, P, T, "zigzag", True)) for r in range(P)]
-    assert len(set(zig)) == 1
-    assert zig[0] == T_local * T_local + (P - 1) * T_local * T_local // 2  # masked diagonal + half blocks
-    cont = [sum(block_work(p, T_local) for p in ring_schedule(r, P, T, "contiguous", True)) for r in range(P)]
-    assert cont == [(r + 1) * T_local * T_local for r in range(P)]
-    for r in range(P):  # off-diagonal zigzag blocks need no mask at all
-        plans = ring_schedule(r, P, T, "zigzag", True)
-        assert all(p is not None and p.mask is None for p in plans[1:])
-
-
-def run_ring_tiled(rank, world, full, do, *, causal, layout, tile_rows):
-    """Worker: ring attention with ``tile_rows`` query rows per tile; also the comm events of the
-    same call with the default tile, which must be identical (tiling is local compute only)."""
-    torch.set_num_threads(1)
-    events = []
-    for tiles in (tile_rows, None):
-        ins = [shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in full]
-        with comm.record() as log:
-            o = ring_softmax_attention(*ins, causal=causal, scale=full[0].shape[-1] ** -0.5,
-                                       group=dist.group.WORLD, layout=layout, tile_rows=tiles)
-            o.backward(shard_sequence(do, rank, world, layout))
-        events.append([(e.kind, e.bytes, e.tag) for e in log.events])
-        if tiles == tile_rows:
-            result = (o.detach(), [x.grad for x in ins])
-    return (*result, events[0] == events[1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("P", [2, 4], ids=lambda p: f"P{p}")
-def test_ring_row_tiles_match_oracle(spawn, P, layout, causal, dtype):
-    """Ring attention with tiles of 5 query rows (T_local = 24 or 12: several tiles per block,
-    a ragged last tile, tiles that straddle the zigzag halves and the causal diagonal), GQA,
-    vs the float64 oracle: output and dq/dk/dv; communication identical to the default tile."""
-    full, do = softmax_inputs(1, 48, 8, 4, 8, dtype, seed=11 + P)
-    results = spawn(P).run(run_ring_tiled, full, do, causal=causal, layout=layout, tile_rows=5)
-    check_softmax([r[:2] for r in results], full, do, causal, layout)
-    assert all(r[2] for r in results), "tiling changed the communication"
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("P", [2, 4], ids=lambda p: f"P{p}")
-def test_row_tiles_cover_the_visible_pairs_once(P, layout):
-    """Per ring step, the row tiles' (rows x cols, mask) boxes cover exactly the causally visible
-    (query, key) pairs, each once, and no tile is taller than tile_rows."""
-    T_local, tile = 16, 3
-    T = P * T_local
-    for rank in range(P):
-        q_pos = global_positions(T, rank, P, layout)
-        for step in range(P):
-            k_pos = global_positions(T, (rank - step) % P, P, layout)
-            cover = torch.zeros(T_local, T_local, dtype=torch.int64)
-            for t in ring_step_tiles(rank, step, P, T, layout, True, tile):
-                rows = range(T_local)[t.rows]
-                assert 0 < len(rows) <= tile
-                box = torch.ones(len(rows), len(range(T_local)[t.cols]), dtype=torch.int64)
-                cover[t.rows, t.cols] += box if t.mask is None else t.mask.long()
-            assert torch.equal(cover, (k_pos[None, :] <= q_pos[:, None]).long())
-
-
-def test_ring_rejects_bad_tile_rows():
-    q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="tile_rows"):
-        ring_softmax_attention(q, q, q, causal=True, scale=1.0, group=None, layout="contiguous", tile_rows=0)
+    for layout in ("contiguous", "zigzag"):
+        work = []
+        for rank in range(P):
+            q_pos = global_positions(T, rank, P, layout)
+            pairs = 0
+            for step in range(P):
+                src = (rank - step) % P
+                k_pos = global_positions(T, src, P, layout)
+                cover = torch.zeros(T_local, T_local, dtype=torch.int64)
+                for rows, cols, diag in step_blocks(rank, src, P, layout, T_local, True):
+                    n = rows.stop - rows.start
+                    assert n == cols.stop - cols.start or not diag
+                    box = torch.ones(n, cols.stop - cols.start, dtype=torch.int64)
+                    box = box.tril() if diag else box
+                    cover[rows, cols] += box
+                    pairs += int(box.sum())
+                assert torch.equal(cover, (k_pos[None, :] <= q_pos[:, None]).long())
+                if layout == "zigzag" and step > 0:  # half a block, one kernel call
+                    assert len(step_blocks(rank, src, P, layout, T_local, True)) == 1
+            work.append(pairs)
+        if layout == "zigzag":
+            assert len(set(work)) == 1
+        else:
+            assert work == [r * T_local * T_local + T_local * (T_local + 1) // 2 for r in range(P)]

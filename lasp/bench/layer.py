@@ -222,21 +222,11 @@ def estimate_memory_gb(point: dict) -> float:
     """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard.
 
     Linear in T for every method (inputs, outputs, gradients, fp32 copies, chunk work:
-    ``~40 * B * T * H * D * 4`` bytes), plus the quadratic part of the softmax methods:
-    ``ring`` computes each ``(T/P) x (T/P)`` block in row tiles of ``tile = min(TILE_ROWS, T/P)``
-    queries (:mod:`lasp.ops.ring`): fp32 score tiles ``[B, H, tile, T/P]``, about three live at
-    once in backward (P, dS and a temporary), so ``3 * 4 * B * H * tile * T/P`` bytes per rank,
-    ``3 * 4 * B * H * tile * T`` in all; ``allgather`` passes a boolean causal mask
-    ``[T/P, T]`` to SDPA per rank (``T^2`` bytes in all).
+    ``~40 * B * T * H * D * 4`` bytes); the softmax methods run flash kernels on blocks
+    that need no mask and keep no scores (:mod:`lasp.ops.softmax_local`).
     """
-    B, T, H, D, P = point["batch"], point["seq_len"], point["heads"], point["head_dim"], point["sp"]
+    B, T, H, D = point["batch"], point["seq_len"], point["heads"], point["head_dim"]
     total = 40.0 * B * T * H * D * 4
-    if point["method"] == "ring":
-        from ..ops.ring import TILE_ROWS
-
-        total += 3 * 4.0 * B * H * min(TILE_ROWS, T // P) * T
-    elif point["method"] == "allgather":
-        total += float(T) * T
     return total / 2**30
 
 

@@ -114,7 +114,5 @@ class SoftmaxAttention(nn.Module):
             if cache.get("k") is not None:
                 k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
             cache["k"], cache["v"] = k, v
-            S = k.shape[1]
-            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            o = sdpa_attention(q, k, v, causal=False, scale=self.head_dim**-0.5, attn_mask=mask)
+            o = sdpa_attention(q, k, v, causal=True, scale=self.head_dim**-0.5)  # bottom-right: new tokens are last
         return self.o_proj(o.reshape(B, T, -1))

@@ -1,13 +1,29 @@
 """LASP-2H: softmax attention with ONE all-gather of K/V forward and ONE reduce-scatter backward.
 
-Each rank holds ``T_local`` tokens of the sequence (``contiguous`` or ``zigzag`` layout).
-Forward: K and V (the ``H_kv`` KV heads, never the GQA-expanded ones) are packed in one buffer
-``[2, B, T_local, H_kv, D]`` and all-gathered; the gathered pieces are put back in natural
-token order and the local queries attend to them through ``scaled_dot_product_attention``,
-with the causal mask over GLOBAL positions (keys after this rank's last query are cropped
-away, so a contiguous rank r attends to ``(r+1) T_local`` keys and a zigzag rank to
-``(2P-r) T/(2P)``). Backward: the local ``dK, dV`` over the whole sequence are cut back into
-each rank's slot, packed ``[P, 2, B, T_local, H_kv, D]`` and reduce-scattered, one collective.
+Each rank holds ``T_local`` tokens of the sequence (``contiguous`` or ``zigzag`` layout), cut
+into equal chunks of ``C`` tokens (``C = T_local`` contiguous, ``T_local / 2`` zigzag).
+
+Forward:
+
+1. K and V (the ``H_kv`` KV heads, never the GQA-expanded ones) are packed in one buffer
+   ``[2, B, T_local, H_kv, D]`` and all-gathered;
+2. the gathered chunks are put in natural token order, only as far as this rank's last query
+   (causal): keys ``[0, end)`` with ``end = (r+1) T_local`` (contiguous) or ``(2P-r) C`` (zigzag);
+3. each local query chunk attends to the keys up to its own end, bottom-right aligned, with NO
+   mask: contiguous, one span (queries ``[0, T_local)`` vs keys ``[0, (r+1) T_local)``); zigzag,
+   two spans (chunk r vs keys ``[0, (r+1) C)``, chunk 2P-1-r vs ``[0, (2P-r) C)``). A span is the
+   fully visible key prefix plus the causal diagonal block, two flash-kernel calls merged by
+   log-sum-exp (:mod:`lasp.ops.softmax_local`). Non-causal: one call against all ``T`` keys.
+
+Backward: the same blocks through the flash backward with the final output and log-sum-exp
+(no scores in memory); each block's ``dK, dV`` is added straight into this rank's float32
+send buffer ``[P, 2, B, T_local, H_kv, D]`` (slot j = rank j's tokens, in j's local order),
+which is reduce-scattered: one collective, summed in float32 whatever the input dtype (P
+partial gradients summed in bf16 would lose ~1e-2 at P=64).
+
+Saved for backward (``save_for_backward`` only, so activation checkpointing can drop them):
+the local q, the natural-order keys/values ``[2, B, end, H_kv, D]`` (input dtype), the output
+and the float32 log-sum-exp ``[B, H, T_local]``. Nothing of size ``T_local x T`` exists.
 
 The all-gather and its backward live in one custom ``autograd.Function``: two separate
 differentiable all-gathers (K and V) could run their backward collectives in different
@@ -17,21 +33,40 @@ Communication per rank and call (``e`` = bytes per element of the input dtype), 
 by :mod:`lasp.comm`:
 
 - forward: 1 ``all_gather`` of ``2 * B * T_local * H_kv * D * e`` bytes (its input);
-- backward: 1 ``reduce_scatter`` of ``P * 2 * B * T_local * H_kv * D * e`` bytes (its input,
-  one slot per rank; on a ring each rank sends ``(P-1)/P`` of it).
+- backward: 1 ``reduce_scatter`` of ``P * 2 * B * T_local * H_kv * D * 4`` bytes (its input,
+  float32, one slot per rank; on a ring each rank sends ``(P-1)/P`` of it).
 
-Both grow linearly with the sequence length; gradients are reduced in the input dtype.
+Both grow linearly with the sequence length.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import comm
-from ..parallel import global_positions, group_rank_size, shard_sequence, unshard_sequence
-from .softmax_local import causal_block_plan, sdpa_attention
+from ..parallel import group_rank_size, layout_chunks, num_chunks
+from .softmax_local import attend_backward, attend_blocks, lower_right_blocks, sdpa_attention
 
 _FWD_TAG = "allgather.fwd"
 _BWD_TAG = "allgather.bwd"
+
+
+def chunk_owners(size: int, layout: str) -> list[tuple[int, int]]:
+    """For every global chunk c (natural order): ``(rank that holds it, its chunk index on that rank)``."""
+    owners = [(0, 0)] * num_chunks(size, layout)
+    for j in range(size):
+        for i, c in enumerate(layout_chunks(j, size, layout)):
+            owners[c] = (j, i)
+    return owners
+
+
+def query_spans(rank: int, size: int, layout: str, t_local: int, causal: bool) -> list[tuple[int, int, int]]:
+    """``(q0, q1, end)``: local queries ``[q0, q1)`` attend to global keys ``[0, end)``
+    (bottom-right aligned when causal; all ``T`` keys when not)."""
+    if not causal:
+        return [(0, t_local, t_local * size)]
+    chunks = layout_chunks(rank, size, layout)
+    C = t_local // len(chunks)
+    return [(i * C, (i + 1) * C, (c + 1) * C) for i, c in enumerate(chunks)]
 
 
 class AllGatherSoftmax(torch.autograd.Function):
@@ -40,34 +75,51 @@ class AllGatherSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, group, layout):
         rank, size = group_rank_size(group)
-        T = q.shape[1] * size
-        kv = torch.stack([k, v])  # [2, B, T_local, H_kv, D]: one buffer, one collective
-        gathered, _ = comm.all_gather(kv, group, tag=_FWD_TAG)  # [P, 2, B, T_local, H_kv, D]
-        kv_full = unshard_sequence(list(gathered.unbind(0)), layout, dim=2)  # natural token order
-
-        q_pos = global_positions(T, rank, size, layout)
-        plan = causal_block_plan(q_pos, torch.arange(T), causal, device=q.device)
-        # every query sees at least itself, so the plan keeps all rows; crop the keys
-        grad = any(ctx.needs_input_grad[:3])
-        with torch.set_grad_enabled(grad):
-            q_in = q.detach().requires_grad_(grad)
-            kv_in = kv_full[:, :, plan.cols].detach().requires_grad_(grad)
-            o = sdpa_attention(q_in, kv_in[0], kv_in[1], causal=False, scale=scale, attn_mask=plan.mask)
-        ctx.graph = (q_in, kv_in, o)
-        ctx.cols, ctx.T, ctx.group, ctx.layout = plan.cols, T, group, layout
-        return o.detach()
+        t_local = q.shape[1]
+        gathered, _ = comm.all_gather(torch.stack([k, v]), group, tag=_FWD_TAG)  # [P, 2, B, T_local, H_kv, D]
+        spans = query_spans(rank, size, layout, t_local, causal)
+        end = max(s[2] for s in spans)
+        C = t_local * size // num_chunks(size, layout)
+        owners = chunk_owners(size, layout)
+        kv = torch.cat([gathered[j, :, :, i * C : (i + 1) * C] for j, i in owners[: end // C]], dim=2)  # [2, B, end, H_kv, D]
+        del gathered
+        qh, kh, vh = q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+        out = torch.empty_like(q)
+        lse = torch.empty(qh.shape[:-1], dtype=torch.float32, device=q.device)  # [B, H, T_local]
+        for q0, q1, e in spans:
+            o_s, lse[:, :, q0:q1] = attend_blocks(qh[:, :, q0:q1], kh, vh, scale, lower_right_blocks(q1 - q0, e, causal))
+            out[:, q0:q1] = o_s.transpose(1, 2)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.scale, ctx.causal, ctx.group, ctx.layout = scale, causal, group, layout
+        return out
 
     @staticmethod
     def backward(ctx, do):
-        q_in, kv_in, o = ctx.graph
-        ctx.graph = None
-        dq, dkv_box = torch.autograd.grad(o, (q_in, kv_in), do)
-        _, size = group_rank_size(ctx.group)
-        dkv_full = dkv_box.new_zeros((*dkv_box.shape[:2], ctx.T, *dkv_box.shape[3:]))
-        dkv_full[:, :, ctx.cols] = dkv_box
-        slots = torch.stack([shard_sequence(dkv_full, r, size, ctx.layout, dim=2) for r in range(size)])
-        mine = comm.reduce_scatter(slots, ctx.group, tag=_BWD_TAG)  # [2, B, T_local, H_kv, D]
-        return dq, mine[0], mine[1], None, None, None, None
+        q, kv, out, lse = ctx.saved_tensors
+        rank, size = group_rank_size(ctx.group)
+        B, t_local, _, D = q.shape
+        h_kv = kv.shape[3]
+        C = t_local * size // num_chunks(size, ctx.layout)
+        owners = chunk_owners(size, ctx.layout)
+        qh, kh, vh, oh, doh = (x.transpose(1, 2) for x in (q, kv[0], kv[1], out, do))
+        dq = torch.empty_like(q)
+        slots = torch.zeros(size, 2, B, t_local, h_kv, D, dtype=torch.float32, device=q.device)  # the send buffer
+        for q0, q1, e in query_spans(rank, size, ctx.layout, t_local, ctx.causal):
+            rows = slice(q0, q1)
+            dq_s = None
+            for k0, k1, diag in lower_right_blocks(q1 - q0, e, ctx.causal):
+                dq_b, dk_b, dv_b = attend_backward(
+                    doh[:, :, rows], qh[:, :, rows], kh[:, :, k0:k1], vh[:, :, k0:k1], oh[:, :, rows], lse[:, :, rows], ctx.scale, diag
+                )
+                dq_s = dq_b.float() if dq_s is None else dq_s.add_(dq_b)
+                for c in range(k0 // C, k1 // C):  # blocks start and end on chunk edges
+                    j, i = owners[c]
+                    src = slice(c * C - k0, (c + 1) * C - k0)
+                    slots[j, 0, :, i * C : (i + 1) * C] += dk_b[:, :, src].transpose(1, 2)
+                    slots[j, 1, :, i * C : (i + 1) * C] += dv_b[:, :, src].transpose(1, 2)
+            dq[:, rows] = dq_s.transpose(1, 2)
+        mine = comm.reduce_scatter(slots, ctx.group, tag=_BWD_TAG)  # [2, B, T_local, H_kv, D] float32
+        return dq, mine[0].to(kv.dtype), mine[1].to(kv.dtype), None, None, None, None
 
 
 def allgather_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str) -> torch.Tensor:

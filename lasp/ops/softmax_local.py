@@ -1,120 +1,196 @@
 """Local (single-process) softmax attention pieces the sequence-parallel methods are built from.
 
-- :func:`sdpa_attention`: ``scaled_dot_product_attention`` (fused kernels on GPU) in the
-  ``[B, T, H, D]`` layout, GQA included. Used by ``group=None``, LASP-2H and Ulysses.
-- :func:`causal_block_plan`: which rows/columns of a (query block, key block) pair can see
-  each other under a causal mask over GLOBAL positions, so fully masked work is skipped.
-- :func:`row_tile_plans`: the same plan split into row tiles of at most ``tile_rows`` queries
-  (each tile's key columns narrowed to the ones it can see), so a block's scores are never
-  materialised whole: ``[tile_rows, T_k]`` per head instead of ``[T_q, T_k]``.
-- :func:`block_forward` / :func:`block_backward` / :func:`merge_partial`: blockwise attention
-  that returns the log-sum-exp of each query row, the flash-attention recurrence ring
-  attention needs (``scaled_dot_product_attention`` does not expose the LSE). Float32,
-  heads-first, GQA by broadcasting (the KV heads are never expanded in memory):
-  ``q [B, H_kv, R, Tq, D]`` (R = H / H_kv query heads per KV head), ``k, v [B, H_kv, Tk, D]``.
+Nothing here builds a mask or a score matrix over the whole key range: every piece of work is
+either a FULLY VISIBLE block (every query sees every key) or a SQUARE CAUSAL DIAGONAL block
+(query i sees keys 0..i of the block), and both are what a flash kernel computes without a mask.
+Bottom-right aligned causal attention (the last ``Tq`` queries of a ``Tk``-token sequence
+against keys ``[0, Tk)``) is the fully visible prefix ``[0, Tk - Tq)`` plus the diagonal block
+``[Tk - Tq, Tk)``, merged by log-sum-exp (:func:`lower_right_blocks`, :func:`attend_blocks`).
+
+- :func:`sdpa_attention`: autograd softmax attention in the ``[B, T, H, D]`` layout, GQA
+  included, causal bottom-right aligned when there are more keys than queries. Used by
+  ``group=None``, Ulysses and the model's decoding cache.
+- :func:`attend` / :func:`attend_backward`: one block (full or square diagonal) with its
+  log-sum-exp, and its gradients given the FINAL output and log-sum-exp of its rows (the
+  flash-attention recurrence; ``scaled_dot_product_attention`` does not return the LSE). On
+  the CPU these are torch's fused flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu``
+  and its backward: no scores in memory, GQA without repeating K/V); other devices use a
+  float32 reference (:func:`block_forward` / :func:`block_backward` in row tiles: scores
+  ``[B, H, REFERENCE_TILE_ROWS, Tk]`` at most; wiring the CUDA flash kernel, which also returns
+  the LSE, is the next step).
+- :func:`merge_partial`: the log-sum-exp merge of two partial results over disjoint keys.
+
+Heads-first layout for the block functions: ``q [B, H, Tq, D]``, ``k, v [B, H_kv, Tk, D]``
+(query head h uses KV head ``h // (H / H_kv)``), ``lse [B, H, Tq]`` float32.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+Block = tuple[int, int, bool]
+"""``(k0, k1, causal)``: keys ``[k0, k1)`` of a key range, fully visible or (causal) the square diagonal."""
 
-def sdpa_attention(q, k, v, *, causal: bool, scale: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, T, H, D]`` q against ``[B, S, H_kv, D]`` k/v (GQA when H_kv < H) -> ``[B, T, H, D]``.
 
-    ``causal`` masks key j for query i when j > i (T == S). ``attn_mask`` (bool, True = keep)
-    replaces it for offset layouts.
+def sdpa_attention(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+    """``[B, Tq, H, D]`` q against ``[B, Tk, H_kv, D]`` k/v (GQA when H_kv < H) -> ``[B, Tq, H, D]``.
+
+    ``causal``: query i sits at position ``Tk - Tq + i`` of the keys (bottom-right aligned; the
+    usual mask when ``Tq == Tk``) and sees the keys up to its own position. No mask is built.
     """
+    Tq, Tk = q.shape[1], k.shape[1]
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}")
+    if causal and Tq != Tk:
+        return LowerRightAttention.apply(q, k, v, scale)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(
-        qh, kh, vh, attn_mask=attn_mask, is_causal=causal and attn_mask is None, scale=scale,
-        enable_gqa=k.shape[2] != q.shape[2],
-    )
+    o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
     return o.transpose(1, 2)
 
 
-# ----------------------------------------------------------------------------- masking plans
+# ----------------------------------------------------------------------------- one block
 
 
-@dataclass(frozen=True)
-class BlockPlan:
-    """The part of a (queries, keys) block pair that is not fully masked.
+def attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of attention with its row log-sum-exp.
 
-    ``rows``/``cols``: slices of the query / key block to compute; ``mask``: bool
-    ``[rows, cols]`` (True = keep) or ``None`` when every pair in that box is visible.
+    Args:
+        q: ``[B, H, Tq, D]``; k, v: ``[B, H_kv, Tk, D]`` (any strides with a unit last one).
+        causal: the square diagonal block (``Tq == Tk``, query i sees keys 0..i).
+    Returns:
+        ``o [B, H, Tq, D]`` in q's dtype (normalised within the block), ``lse [B, H, Tq]`` float32.
     """
+    if _cpu_flash(q):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return o, lse
+    qg, kf, vf = _grouped(q, k, v)
+    o, lse = torch.empty_like(qg), torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
+    for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
+        o[..., rows, :], lse[..., rows] = block_forward(qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], scale, mask)
+    return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
 
-    rows: slice
-    cols: slice
-    mask: torch.Tensor | None
+
+def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool):
+    """Gradients of one block given the FINAL ``o`` (q's dtype) and ``lse`` of its rows.
+
+    Shapes as in :func:`attend` (``do, o [B, H, Tq, D]``, ``lse [B, H, Tq]``). Returns ``dq``
+    like q and ``dk, dv`` like k (summed over the query heads sharing each KV head), in the
+    input dtype.
+    """
+    if _cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, 0.0, causal, scale=scale
+        )
+    qg, kf, vf = _grouped(q, k, v)
+    dog, og = (_grouped(x, k, v)[0] for x in (do, o))
+    lse_g, delta = lse.reshape(qg.shape[:-1]), (dog * og).sum(-1)
+    dq, dk, dv = torch.empty_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
+    for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
+        dq[..., rows, :], dk_t, dv_t = block_backward(
+            qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], dog[..., rows, :], lse_g[..., rows], delta[..., rows], scale, mask
+        )
+        dk[:, :, keys] += dk_t
+        dv[:, :, keys] += dv_t
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def causal_block_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, device=None) -> BlockPlan | None:
-    """Plan for queries at global positions ``q_pos [Tq]`` against keys at ``k_pos [Tk]``.
+def lower_right_blocks(Tq: int, Tk: int, causal: bool = True) -> list[Block]:
+    """The blocks of ``Tq`` queries against keys ``[0, Tk)``, bottom-right aligned when causal.
 
-    Returns ``None`` when the causal mask hides the whole block; otherwise the bounding box of
-    the visible pairs and, if it is not fully visible, its mask. Positions are small CPU
-    tensors (no device synchronisation); the mask is moved to ``device``.
+    Causal: the fully visible prefix ``[0, Tk - Tq)`` (if any) and the diagonal ``[Tk - Tq, Tk)``;
+    non-causal: one fully visible block.
     """
     if not causal:
-        return BlockPlan(slice(None), slice(None), None)
-    visible = k_pos[None, :] <= q_pos[:, None]
-    rows = visible.any(1).nonzero()
-    if rows.numel() == 0:
-        return None
-    cols = visible.any(0).nonzero()
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    box = visible[r0:r1, c0:c1]
-    mask = None if bool(box.all()) else box.to(device)
-    return BlockPlan(slice(r0, r1), slice(c0, c1), mask)
+        return [(0, Tk, False)]
+    n = Tk - Tq
+    return ([(0, n, False)] if n > 0 else []) + [(n, Tk, True)]
 
 
-def row_tile_plans(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, tile_rows: int, device=None
-) -> list[BlockPlan]:
-    """:func:`causal_block_plan` per tile of at most ``tile_rows`` consecutive queries.
+def attend_blocks(q, k, v, scale: float, blocks: list[Block]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, H, Tq, D]`` against the ``blocks`` of ``k, v [B, H_kv, Tk, D]``, merged by log-sum-exp.
 
-    Returns the plans of the tiles that see at least one key (``[]`` when the mask hides the
-    whole block), with ``rows`` as slices of the whole query block, ``cols`` the bounding box
-    of the keys that tile sees and ``mask`` ``[rows, cols]`` or None. The tiles partition the
-    visible rows, so per-row results (output, log-sum-exp, dq) are written once per tile and
-    per-key results (dk, dv) are summed over tiles. Host work is ``O(tile_rows * T_k)`` per tile.
+    Returns ``o`` float32 ``[B, H, Tq, D]`` and ``lse [B, H, Tq]``.
     """
-    if tile_rows < 1:
-        raise ValueError(f"tile_rows must be a positive integer, got {tile_rows}")
-    Tq = q_pos.shape[0]
-    plans = []
-    for t0 in range(0, Tq, tile_rows):
-        t1 = min(t0 + tile_rows, Tq)
-        plan = causal_block_plan(q_pos[t0:t1], k_pos, causal, device)
-        if plan is None:
-            continue
-        r0, r1, _ = plan.rows.indices(t1 - t0)
-        plans.append(BlockPlan(slice(t0 + r0, t0 + r1), plan.cols, plan.mask))
-    return plans
+    o = lse = None
+    for k0, k1, causal in blocks:
+        ob, lb = attend(q, k[:, :, k0:k1], v[:, :, k0:k1], scale, causal)
+        o, lse = (ob.float(), lb) if o is None else merge_partial(o, lse, ob, lb)
+    return o, lse
 
 
-def causal_key_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, device=None) -> torch.Tensor:
-    """Bool ``[Tq, Tk]``: query i may see key j iff ``k_pos[j] <= q_pos[i]``."""
-    return (k_pos[None, :] <= q_pos[:, None]).to(device)
+def merge_partial(o, lse, o_blk, lse_blk):
+    """Log-sum-exp merge of two normalised partial results over disjoint key sets.
+
+    ``o, o_blk [..., T, D]``, ``lse, lse_blk [..., T]`` -> merged ``(o, lse)`` float32; rows where
+    both are ``-inf`` stay ``(0, -inf)``.
+    """
+    new = torch.logaddexp(lse, lse_blk)
+    ref = _finite_or_zero(new)
+    wa, wb = (lse - ref).exp(), (lse_blk - ref).exp()
+    return o * wa[..., None] + o_blk.float() * wb[..., None], new
 
 
-# ----------------------------------------------------------------------------- blockwise math
+class LowerRightAttention(torch.autograd.Function):
+    """Bottom-right aligned causal attention, ``[B, Tq, H, D]`` vs ``[B, Tk, H_kv, D]`` (Tq < Tk):
+    two kernel calls merged by LSE forward, two backward calls with the final ``o, lse``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        o, lse = attend_blocks(qh, kh, vh, scale, lower_right_blocks(q.shape[1], k.shape[1]))
+        out = o.to(q.dtype).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        qh, kh, vh, oh, doh = (x.transpose(1, 2) for x in (q, k, v, out, do))
+        dq = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for k0, k1, causal in lower_right_blocks(q.shape[1], k.shape[1]):
+            dq_b, dk_b, dv_b = attend_backward(doh, qh, kh[:, :, k0:k1], vh[:, :, k0:k1], oh, lse, ctx.scale, causal)
+            dq += dq_b
+            dk[:, k0:k1] = dk_b.transpose(1, 2)
+            dv[:, k0:k1] = dv_b.transpose(1, 2)
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, None
 
 
-def group_queries(q: torch.Tensor, h_kv: int) -> torch.Tensor:
-    """``[B, T, H, D]`` (any dtype) -> float32 ``[B, H_kv, H/H_kv, T, D]`` (query head h uses KV head h // R)."""
-    B, T, H, D = q.shape
-    return q.float().permute(0, 2, 1, 3).reshape(B, h_kv, H // h_kv, T, D)
+# ----------------------------------------------------------------------------- float32 reference
 
 
-def ungroup_queries(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`group_queries` (stays float32): ``[B, H_kv, R, T, D]`` -> ``[B, T, H, D]``."""
-    B, G, R, T, D = x.shape
-    return x.reshape(B, G * R, T, D).permute(0, 2, 1, 3)
+def _grouped(q, k, v):
+    """Heads-first ``q [B, H, T, D]`` -> float32 ``[B, H_kv, R, T, D]``; k, v -> float32."""
+    B, H, T, D = q.shape
+    h_kv = k.shape[1]
+    return q.float().reshape(B, h_kv, H // h_kv, T, D), k.float(), v.float()
+
+
+REFERENCE_TILE_ROWS = 256
+"""Query rows per tile of the float32 reference: its scores are ``[B, H, tile, Tk]`` at most."""
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    """Whether :func:`attend` runs torch's CPU flash kernel (else the float32 reference)."""
+    return q.device.type == "cpu"
+
+
+def _row_tiles(Tq: int, Tk: int, causal: bool, device):
+    """``(rows, keys, mask)`` per tile of at most :data:`REFERENCE_TILE_ROWS` queries of a full
+    (``keys`` all) or square diagonal block (``keys`` up to the tile's last row, ``mask`` its
+    ``[tile, keys]`` lower triangle)."""
+    for t0 in range(0, Tq, REFERENCE_TILE_ROWS):
+        t1 = min(t0 + REFERENCE_TILE_ROWS, Tq)
+        if not causal:
+            yield slice(t0, t1), slice(0, Tk), None
+        else:
+            yield slice(t0, t1), slice(0, t1), torch.ones(t1 - t0, t1, dtype=torch.bool, device=device).tril(t0)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """-inf (a row that saw no key yet) -> 0, so ``exp(-inf - 0) = 0`` instead of NaN."""
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
 
 
 def _scores(q, k, scale, mask):
@@ -125,20 +201,11 @@ def _scores(q, k, scale, mask):
     return s
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """-inf (a row that saw no key yet) -> 0, so ``exp(-inf - 0) = 0`` instead of NaN."""
-    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
-
-
 def block_forward(q, k, v, scale: float, mask: torch.Tensor | None = None):
-    """One block of attention with its log-sum-exp.
+    """Float32 reference of :func:`attend` (one block, its scores in memory).
 
-    Args:
-        q: ``[B, H_kv, R, Tq, D]`` float32; k, v: ``[B, H_kv, Tk, D]`` float32.
-        mask: bool ``[Tq, Tk]`` (True = keep) or None.
-    Returns:
-        ``o [B, H_kv, R, Tq, D]`` (normalised within the block) and ``lse [B, H_kv, R, Tq]``
-        (``-inf`` for a row that sees no key in this block, whose ``o`` is 0).
+    ``q [B, H_kv, R, Tq, D]``, ``k, v [B, H_kv, Tk, D]``, mask bool ``[Tq, Tk]`` (True = keep) or
+    None. Returns ``o [B, H_kv, R, Tq, D]`` and ``lse [B, H_kv, R, Tq]``.
     """
     s = _scores(q, k, scale, mask)
     lse = s.logsumexp(-1)
@@ -146,29 +213,15 @@ def block_forward(q, k, v, scale: float, mask: torch.Tensor | None = None):
     return torch.einsum("bgrqk,bgkd->bgrqd", p, v), lse
 
 
-def merge_partial(o, lse, o_blk, lse_blk):
-    """Log-sum-exp merge of two normalised partial results over disjoint key sets.
-
-    ``o, o_blk [..., T, D]``, ``lse, lse_blk [..., T]`` -> merged ``(o, lse)``; rows where both
-    are ``-inf`` stay ``(0, -inf)``.
-    """
-    new = torch.logaddexp(lse, lse_blk)
-    ref = _finite_or_zero(new)
-    wa, wb = (lse - ref).exp(), (lse_blk - ref).exp()
-    return o * wa[..., None] + o_blk * wb[..., None], new
-
-
 def block_backward(q, k, v, do, lse, delta, scale: float, mask: torch.Tensor | None = None):
-    """Gradients of one block given the FINAL ``lse`` and ``delta = rowsum(dO * O)`` of its rows.
+    """Float32 reference of :func:`attend_backward`, given ``delta = rowsum(dO * O)``.
 
-    Shapes as in :func:`block_forward`; ``do [B, H_kv, R, Tq, D]``, ``lse, delta [B, H_kv, R, Tq]``.
-    Returns float32 ``dq [B, H_kv, R, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]`` (summed over the R
-    query heads sharing each KV head).
+    Shapes as in :func:`block_forward`; returns ``dq [B, H_kv, R, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]``.
     """
     p = _scores(q, k, scale, mask).sub_(_finite_or_zero(lse)[..., None]).exp_()
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
     ds = torch.einsum("bgrqd,bgkd->bgrqk", do, v).sub_(delta[..., None]).mul_(p)  # dS = P * (dP - delta)
-    del p  # two score-sized tensors live at most
+    del p
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k) * scale
     dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q) * scale
     return dq, dk, dv
