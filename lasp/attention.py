@@ -12,7 +12,12 @@ import torch
 
 from .ops import chunk
 from .ops.softmax_local import sdpa_attention
-from .ops.checks import check_common, check_linear, SOFTMAX_METHODS
+from .ops.checks import check_common, check_linear
+from .ops.lasp1 import lasp1_linear_attention
+from .ops.lasp2 import lasp2_linear_attention
+from .ops.ring import ring_softmax_attention
+from .ops.softmax_allgather import allgather_softmax_attention
+from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
 # method -> (module under lasp.ops, function name)
@@ -26,6 +31,10 @@ _SOFTMAX = {
     "ring": ("ring", "ring_softmax_attention"),
     "ulysses": ("ulysses", "ulysses_softmax_attention"),
 }
+
+# the public method tables: method name -> implementation (what benchmarks and users list)
+LINEAR_METHODS = {"lasp2": lasp2_linear_attention, "lasp1": lasp1_linear_attention, "ulysses": ulysses_linear_attention}
+SOFTMAX_METHODS = {"allgather": allgather_softmax_attention, "ring": ring_softmax_attention, "ulysses": ulysses_softmax_attention}
 
 
 def _method_impl(table: dict, method: str, what: str):
@@ -112,7 +121,7 @@ def softmax_attention(
     Returns:
         ``o [B, T_local, H, D]`` in q's dtype.
     """
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=SOFTMAX_METHODS)
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=tuple(SOFTMAX_METHODS))
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:

@@ -25,26 +25,22 @@ def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status", "ok") == "ok" and r.get("time_ms") is not None]
 
 
-def _panels(records: list[dict]) -> list[int]:
-    return sorted({r["sp"] for r in records})
-
-
 def _axes(n: int):
     fig, axes = plt.subplots(1, max(n, 1), figsize=(5.2 * max(n, 1), 4.2), squeeze=False)
     return fig, axes[0]
 
 
 def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metric: str, ylabel: str, title: str,
-                           logy: bool = True, dashed: tuple[str, ...] = ()) -> str:
-    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``sp``."""
+                           logy: bool = True, dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P") -> str:
+    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``panel``."""
     ok = _ok(records)
-    panels = _panels(ok) or [0]
+    panels = sorted({r[panel] for r in ok}) or [0]
     colors = _colors(r[series] for r in ok)
     fig, axes = _axes(len(panels))
     for ax, sp in zip(axes, panels):
         lines = defaultdict(list)
         for r in ok:
-            if r["sp"] == sp and r.get(metric) is not None:
+            if r[panel] == sp and r.get(metric) is not None:
                 lines[r[series]].append((r["seq_len"], r[metric]))
         for name, pts in sorted(lines.items()):
             pts.sort()
@@ -55,7 +51,7 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
             ax.set_yscale("log")
         ax.set_xlabel("total sequence length (tokens)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}, P={sp}" if sp else title)
+        ax.set_title(f"{title}, {panel_name}={sp}" if sp else title)
         ax.grid(True, which="both", alpha=0.3)
         if lines:
             ax.legend(fontsize=8)

@@ -38,8 +38,10 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
+
 from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
-from .layer import seq_len_arg
+from .cli import seq_len_arg
 from .plots import plot_metric_vs_seq_len
 from .results import fmt_num, load_results, markdown_table, results_doc, write_results
 
@@ -56,25 +58,17 @@ DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 # ----------------------------------------------------------------------------- calibration
 
 
-def _lsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """``y = a + b x`` minimising the RELATIVE squared error (weights ``1 / y^2``), so small and
-    large points count alike; through the origin when there is only one x value."""
-    ws = [1.0 / (y * y) if y else 1.0 for y in ys]
-    sw = sum(ws)
-    mx = sum(w * x for w, x in zip(ws, xs)) / sw
-    my = sum(w * y for w, y in zip(ws, ys)) / sw
-    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
-    if len(xs) < 2 or sxx == 0:
-        return 0.0, _lsq0(xs, ys)
-    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
-    return my - b * mx, b
-
-
-def _lsq0(xs: list[float], ys: list[float]) -> float:
-    """``y = b x`` minimising the relative squared error."""
-    num = sum(x / y for x, y in zip(xs, ys) if y)
-    den = sum((x / y) ** 2 for x, y in zip(xs, ys) if y)
-    return num / den if den else 0.0
+def _fit(xs, ys) -> tuple[float, float]:
+    """``y = t0 + b x`` minimising the RELATIVE squared error (``numpy.polyfit`` with weights
+    ``1 / y``), so small and large points count alike; through the origin (``t0 = 0``) when there
+    is only one x value or the intercept comes out negative or the slope not positive."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if len(np.unique(x)) > 1:
+        b, t0 = np.polyfit(x, y, 1, w=1.0 / y)
+        if b > 0 and t0 >= 0:
+            return float(t0), float(b)
+    r = x / y  # y = b x in relative terms: minimise sum (1 - b r)^2
+    return 0.0, float(r.sum() / (r * r).sum())
 
 
 def _shape_of(rec: dict) -> Shape:
@@ -96,23 +90,18 @@ def calibrate(layer_doc: dict) -> dict:
         pts = [r for r in ok if r["method"] == ref] or [r for r in ok if r.get("kind") == kind]
         if not pts:
             continue
-        xs, ys = [_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts]
-        t0, slope = _lsq(xs, ys)
-        if slope <= 0 or t0 < 0:  # no usable intercept: fit through the origin
-            t0, slope = 0.0, _lsq0(xs, ys)
-        fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": max(t0, 0.0), "reference": pts[0]["method"], "points": len(pts)}
+        t0, slope = _fit([_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts])
+        fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": t0, "reference": pts[0]["method"], "points": len(pts)}
+    # one bandwidth: the time left after compute = bytes / bw, in relative least squares
+    comm = [r for r in ok if r.get("kind", "linear") in fits and r["sp"] > 1]
     bw = None
-    num = den = 0.0
-    for r in ok:  # residual = bytes / bw, relative least squares
-        f = fits.get(r.get("kind", "linear"))
-        if f is None or r["sp"] == 1:
-            continue
-        y = r["time_ms"] / 1e3
-        resid = y - f["t0_s"] - _flops(r) / f["flops_per_s"]
-        num += (r["bytes_per_rank"] / y) ** 2
-        den += r["bytes_per_rank"] * resid / y**2
-    if den > 0:
-        bw = num / den
+    if comm:
+        n = np.array([r["bytes_per_rank"] for r in comm], dtype=np.float64)
+        y = np.array([r["time_ms"] / 1e3 for r in comm])
+        f = [fits[r.get("kind", "linear")] for r in comm]
+        resid = y - np.array([fi["t0_s"] + _flops(r) / fi["flops_per_s"] for r, fi in zip(comm, f)])
+        den = (n * resid / y**2).sum()
+        bw = float(((n / y) ** 2).sum() / den) if den > 0 else None
     rows = []
     for r in ok:
         f = fits.get(r.get("kind", "linear"))

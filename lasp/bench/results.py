@@ -3,15 +3,15 @@
 
 ``results.json``::
 
-    {"schema": "lasp-bench/1", "kind": "layer" | "model" | "predict",
+    {"schema": "lasp-bench/1", "kind": "layer" | "model" | "kernels" | "predict",
      "env": {torch, triton, device, world, cpu_count, date, ...},
      "config": {the command's arguments},
      "records": [{...}, ...],          # one per measured point
      "plots": ["time_vs_seq_len.png", ...]}
 
-Every ``layer``/``model`` record has ``status`` (``ok`` | ``unavailable`` | ``skipped`` |
-``error``) and ``reason``; an ``ok`` record has ``time_ms`` (median), the spread
-(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms`` and ``warmup_ms``.
+Every ``layer``/``model``/``kernels`` record has ``status`` (``ok`` | ``unavailable`` |
+``skipped`` | ``error``) and ``reason``; an ``ok`` record has ``time_ms`` (median), the spread
+(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms`` (and ``warmup_ms``).
 """
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ STATUSES = ("ok", "unavailable", "skipped", "error")
 REQUIRED = {
     "layer": ("method", "seq_len", "sp", "status", "time_ms", "bytes_per_rank", "collectives"),
     "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
+    "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
     "predict": ("method", "seq_len", "devices", "time_ms"),
 }
 OK_REQUIRED = {
     "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
     "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
+    "kernels": ("samples_ms", "n_reps", "tflops"),
     "predict": (),
 }
 
@@ -64,18 +66,14 @@ def validate_results(data: dict) -> None:
                 raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str, doc: dict, markdown: str) -> None:
     """``out_dir/results.json`` (atomically) and ``out_dir/results.md``: every benchmark's output pair."""
-    write_json(os.path.join(out_dir, "results.json"), doc)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+        fh.write("\n")
+    os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown)
 
@@ -109,17 +107,14 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_num(x: float | None, digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.{digits}f}"
+    return "-" if x is None else f"{x:,.{digits}f}"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table (numbers right-aligned: every column after the first two)."""
     align = ["---" if i < 2 else "---:" for i in range(len(headers))]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def status_cell(rec: dict) -> str:
@@ -130,3 +125,9 @@ def status_cell(rec: dict) -> str:
 def env_line(env: dict) -> str:
     keys = ("device", "world", "cpu_count", "torch_threads_per_rank", "torch", "triton", "date")
     return ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+
+
+def report(kind: str, command: str, env: dict, table: str, note: str, header: str = "") -> str:
+    """A benchmark's results.md: title, command, optional header line, environment, table, note."""
+    lines = [f"# lasp bench {kind}", "", f"`{command}`", ""] + ([header, ""] if header else [])
+    return "\n".join(lines + [f"Environment: {env_line(env)}", "", table, "", note, ""])

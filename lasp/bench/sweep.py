@@ -1,31 +1,52 @@
-"""Running a benchmark sweep over points on P ranks, whatever launched us.
+"""The one driver of ``lasp bench layer`` and ``lasp bench model``: points on P ranks, whatever
+launched us.
 
 - **Spawned** (the default; CPU): for each SP size P, a :class:`lasp.spawn.SpawnedGroup` of P
-  gloo processes (one torch thread each) runs ``worker(rank, P, point)`` for every point of
-  that size; P = 1 runs in this process with one thread. The groups are kept for later sweeps
-  of the same process and stopped at exit (:func:`close_pools`).
+  gloo processes (one torch thread each), kept for later sweeps of this process and stopped at
+  exit (:func:`close_pools`); P = 1 runs in this process with one thread.
 - **Launched** (``torchrun`` / the deepspeed launcher set ``WORLD_SIZE``; GPUs use NCCL): this
   process is one rank; points whose ``sp`` is not the world size are skipped; the per-rank
   results are gathered on rank 0, which alone writes files.
 
-A point that fails never ends the sweep: the record gets ``status`` ``unavailable`` (the
-method is not implemented), ``skipped`` (a ValueError before any collective, e.g. the heads do
-not divide by P) or ``error`` (anything else, the rank's last traceback line as ``reason``).
+Points run in GROUPS (same SP size and length) whose timed repetitions are interleaved
+(:func:`lasp.bench.timing.time_steps`); without interleaving each point is a group of one. A
+point that fails never ends the sweep: its record gets ``status`` ``unavailable`` (the method
+is not implemented), ``skipped`` (a ValueError before any collective, e.g. the heads do not
+divide by P, or a precheck) or ``error`` (anything else: an exception, out of memory, a
+timeout), with the ``reason``.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..spawn import RankError, SpawnedGroup
+from .. import comm
+from ..spawn import Failure, RankError, SpawnedGroup
+from .results import fmt_bytes, fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
-Worker = Callable[[int, int, dict], dict]
-Merge = Callable[[dict, list[dict]], dict]
+
+@dataclass
+class Bench:
+    """What one benchmark plugs into the driver."""
+
+    kind: str  # results.json kind: "layer" | "model"
+    series: str  # the record key that names a series: "method" | "model"
+    order: dict  # the series in table order (the registry)
+    build: Callable  # module-level build(point, rank, world, device) -> (forward, backward, info dict)
+    precheck: Callable[[dict], tuple[str, str] | None]  # (status, reason) of a point that must not run
+    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> the bench's own ok fields
+    columns: list[tuple[str, Callable[[dict], str]]]  # markdown columns of an ok record, after tokens/s
+    time_header: str
+    note: str  # markdown footnote; {mem_method} is filled in
+    plots: Callable[[list[dict], str], list[str]]  # (records, out dir) -> PNG file names
+    header: Callable[[dict], str] = lambda config: ""  # an optional line above the environment
 
 
 def launched_world() -> int:
@@ -35,9 +56,7 @@ def launched_world() -> int:
 
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def local_device(name: str = "auto") -> torch.device:
@@ -45,14 +64,6 @@ def local_device(name: str = "auto") -> torch.device:
     if resolve_device(name) == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def spawned_cuda_check(point: dict) -> dict | None:
-    """Spawned ranks talk gloo: multi-rank CUDA points need an external launcher (NCCL)."""
-    if point.get("device") == "cuda" and point["sp"] > 1 and not launched_world():
-        return dict(point, status="skipped", reason=f"sp={point['sp']} on CUDA needs one process per GPU: "
-                    f"torchrun --nproc-per-node {point['sp']} -m lasp.cli bench ...")
-    return None
 
 
 _POOLS: dict[int, SpawnedGroup] = {}
@@ -75,127 +86,226 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-def _failure(point: dict, exc_text: str) -> dict:
-    """Classify a failure from its traceback text."""
-    lines = [ln.strip() for ln in exc_text.strip().splitlines() if ln.strip()]
-    for kind, status in (("NotImplementedError", "unavailable"), ("ValueError", "skipped")):
-        hits = [ln for ln in lines if ln.startswith(kind + ":")]
-        if hits:
-            return dict(point, status=status, reason=hits[-1].split(":", 1)[1].strip())
-    tail = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))]
-    return dict(point, status="error", reason=(tail[-1] if tail else exc_text)[:300])
+# ----------------------------------------------------------------------------- on every rank
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def _instrument(forward, backward, device):
+    """The first warm-up step of a point, under the communication recorder and the memory meter:
+    bytes this rank sends and calls it makes (forward / backward / by kind / by tag), peak memory."""
 
-    return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    def run(_step) -> dict:
+        n_fwd = []
 
+        def fwd_bwd() -> None:
+            o = forward()
+            n_fwd.append(len(log.events))
+            backward(o)
 
-def run_points(
-    points: list[dict],
-    worker: Worker,
-    merge: Merge,
-    *,
-    desc: str,
-    timeout_s: float,
-    precheck: Callable[[dict], dict | None] | None = None,
-    on_record: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Run every point; returns one record per point (on launched ranks > 0: an empty list).
+        with comm.record() as log:
+            mem_mb, how = measure_peak_memory(fwd_bwd, device)
+        sent = [e for e in log.events if e.kind != "recv"]
+        fwd = [e for e in log.events[: n_fwd[0]] if e.kind != "recv"]
+        by_kind: dict[str, int] = {}
+        by_tag: dict[str, list[int]] = {}
+        for e in sent:
+            by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+            tag = by_tag.setdefault(e.tag, [0, 0])
+            tag[0], tag[1] = tag[0] + 1, tag[1] + e.bytes
+        return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
+                "calls_fwd": len(fwd), "by_kind": by_kind, "by_tag": by_tag, "peak_mem_mb": mem_mb, "mem_method": how}
 
-    ``worker(rank, world, point) -> dict`` runs on every rank; ``merge(point, per_rank)`` builds
-    the record (or a list of records, for a point that is a group ``{"points": [...], ...}``). ``precheck(point)`` may return a finished record (skipped / unavailable) so the
-    point never reaches the ranks. ``on_record`` is called after each record (partial saves).
-    """
-    world = launched_world()
-    if world > 1 or (world == 1 and dist.is_initialized()):
-        return _run_launched(points, worker, merge, desc=desc, precheck=precheck, on_record=on_record)
-    records: list[dict] = []
-    bar = _progress(len(points), desc, True)
-    by_sp: dict[int, list[dict]] = {}
-    for p in points:
-        by_sp.setdefault(p["sp"], []).append(p)
-    for sp, pts in by_sp.items():
-        for p in pts:
-            bar.set_postfix_str(_label(p))
-            rec = precheck(p) if precheck else None
-            if rec is None:
-                rec = _run_one(_pool(sp, timeout_s) if sp > 1 else None, worker, merge, p, timeout_s)
-            for r in _expand(rec):
-                records.append(r)
-                if on_record:
-                    on_record(r)
-            bar.update(1)
-    bar.close()
-    return records
+    return run
 
 
-def _expand(rec: dict | list[dict]) -> list[dict]:
-    """A merge may return several records (a group of points); a failed group fails each point."""
-    if isinstance(rec, list):
-        return rec
-    if "points" in rec:
-        return [dict(p, status=rec["status"], reason=rec.get("reason", "")) for p in rec["points"]]
-    return [rec]
+def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> list[dict]:
+    """Runs on every rank: build, warm up, instrument and time the points of one group (their
+    repetitions interleaved); returns this rank's view of each."""
+    device = local_device(points[0]["device"])
+    torch.manual_seed(0)
+    built = [build(p, rank, world, device) for p in points]
+    p0 = points[0]
+    timed = time_steps([lambda f=f, b=b: b(f()) for f, b, _ in built], group=dist.group.WORLD if world > 1 else None,
+                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"],
+                       max_seconds=p0["max_seconds"], instrument=[_instrument(f, b, device) for f, b, _ in built])
+    return [dict(info, rank=rank, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **t["instrumented"])
+            for (_, _, info), t in zip(built, timed)]
 
 
-def _label(p: dict) -> str:
-    name = p.get("method") or p.get("model")
-    return f"{name} T={p['seq_len']} P={p['sp']}"
+# ----------------------------------------------------------------------------- records
 
 
-def _run_one(pool: SpawnedGroup | None, worker: Worker, merge: Merge, point: dict, timeout_s: float) -> dict:
-    if pool is None:  # P = 1: this process, one thread (as one rank of a spawned group)
+def _public(point: dict) -> dict:
+    """A point's fields for its record (``_``-prefixed ones only feed the workers)."""
+    return {k: v for k, v in point.items() if not k.startswith("_")}
+
+
+def ok_record(bench: Bench, point: dict, per_rank: list[dict]) -> dict:
+    """One record from every rank's view of a point."""
+    r0 = per_rank[0]
+    rec = dict(_public(point), status="ok", reason="", **summarize_samples(r0["samples_s"]))
+    rec.update(
+        samples_ms=[s * 1e3 for s in r0["samples_s"]], warmup_ms=[s * 1e3 for s in r0["warmup_s"]],
+        tokens_per_s=point["batch"] * point["seq_len"] / (rec["time_ms"] / 1e3),
+        peak_mem_mb=max(r["peak_mem_mb"] for r in per_rank), peak_mem_mb_by_rank=[r["peak_mem_mb"] for r in per_rank],
+        mem_method=r0["mem_method"], bytes_per_rank=max(r["bytes"] for r in per_rank),
+        bytes_per_rank_fwd=max(r["bytes_fwd"] for r in per_rank),
+        bytes_per_rank_bwd=max(r["bytes"] - r["bytes_fwd"] for r in per_rank), bytes_by_rank=[r["bytes"] for r in per_rank],
+        collectives=max(r["calls"] for r in per_rank), collectives_fwd=max(r["calls_fwd"] for r in per_rank),
+        collectives_by_kind=r0["by_kind"],
+    )
+    rec.update(bench.finish(point, rec, per_rank))
+    return rec
+
+
+def failure_record(point: dict, failure: Failure) -> dict:
+    """The record of a point whose run failed: NotImplementedError -> ``unavailable``, ValueError
+    (raised on every rank before any collective) -> ``skipped``, anything else -> ``error``."""
+    status = "error"
+    if failure.kind == "exception":
+        status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    reason = failure.message
+    if status == "error" and failure.exc_type:
+        reason = f"{failure.exc_type}: {reason}"
+    if failure.kind == "oom":
+        reason = f"out of memory: {reason}"
+    return dict(_public(point), status=status, reason=reason[:300])
+
+
+def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
+    from ..parallel import check_shardable
+
+    if world and point["sp"] != world:
+        return "skipped", f"launched with world size {world}; this point needs sp={point['sp']}"
+    if point["device"] == "cuda" and point["sp"] > 1 and not world:
+        return "skipped", (f"sp={point['sp']} on CUDA needs one process per GPU: "
+                           f"torchrun --nproc-per-node {point['sp']} -m lasp.cli bench ...")
+    try:
+        check_shardable(point["seq_len"], point["sp"], point["layout"])
+    except ValueError as e:
+        return "skipped", str(e)
+    return bench.precheck(point)
+
+
+def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
+    """Every record of one group of points (same SP size and length)."""
+    per_rank, failure = None, None
+    if world:  # launched: this process is one rank
+        try:
+            mine = group_worker(dist.get_rank(), world, bench.build, points)
+        except Exception as e:  # noqa: BLE001 - ValueErrors are raised on every rank alike
+            mine, failure = None, Failure.from_exception(e, dist.get_rank())
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (mine, failure))
+        failure = next((f for _, f in gathered if f), None)
+        per_rank = [m for m, _ in gathered]
+    elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return merge(point, [worker(0, 1, point)])
-        except Exception:  # noqa: BLE001 - any failure becomes a record
-            import traceback
-
-            return _failure(point, traceback.format_exc())
+            per_rank = [group_worker(0, 1, bench.build, points)]
+        except Exception as e:  # noqa: BLE001 - any failure becomes a record
+            failure = Failure.from_exception(e, 0)
         finally:
             torch.set_num_threads(threads)
-    try:
-        return merge(point, pool.run(worker, point, timeout=timeout_s))
-    except RankError as e:
-        text = str(e)
-        if "did not finish" in text and "raised" not in text:
-            return dict(point, status="error", reason=f"timed out after {timeout_s:.0f} s (pool restarted)")
-        return _failure(point, text)
+    else:
+        try:
+            per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
+        except RankError as e:
+            failure = e.failure
+    if failure is not None:
+        return [failure_record(p, failure) for p in points]
+    return [ok_record(bench, p, [r[i] for r in per_rank]) for i, p in enumerate(points)]
 
 
-def _run_launched(points, worker, merge, *, desc, precheck, on_record) -> list[dict]:
-    """This process is one rank of an externally launched world (torchrun; NCCL on GPUs)."""
-    if not dist.is_initialized():
+def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: float,
+              on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every point; one record per point (on launched ranks > 0: an empty list).
+    ``on_record`` is called after each record (partial saves)."""
+    from tqdm import tqdm
+
+    world = launched_world()
+    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
+    if world and not dist.is_initialized():
         from ..parallel import init_parallel
 
-        init_parallel(sp_size=launched_world())
-    rank, world = dist.get_rank(), dist.get_world_size()
+        init_parallel(sp_size=world)
+    main_rank = not world or dist.get_rank() == 0
     records: list[dict] = []
-    bar = _progress(len(points), desc, rank == 0)
-    for p in points:
-        rec = precheck(p) if precheck else None
-        if rec is None and p["sp"] != world:
-            rec = dict(p, status="skipped", reason=f"launched with world size {world}; this point needs sp={p['sp']}")
-        if rec is None:
-            try:
-                mine = worker(rank, world, p)
-                failed = None
-            except Exception:  # noqa: BLE001 - ValueErrors are raised on every rank alike
-                import traceback
 
-                mine, failed = None, traceback.format_exc()
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (mine, failed))
-            errs = [f for _, f in gathered if f]
-            rec = _failure(p, errs[0]) if errs else merge(p, [m for m, _ in gathered])
-        if rank == 0:
-            for r in _expand(rec):
-                records.append(r)
-                if on_record:
-                    on_record(r)
+    def emit(recs: list[dict]) -> None:
+        for r in recs if main_rank else ():
+            records.append(r)
+            if on_record:
+                on_record(r)
+
+    groups: dict[tuple, list[dict]] = {}
+    for i, p in enumerate(points):
+        why = _precheck(bench, p, world)
+        if why:
+            emit([dict(_public(p), status=why[0], reason=why[1])])
+        else:
+            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
+    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr,
+               dynamic_ncols=True)
+    for pts in groups.values():
+        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
+        emit(_run_group(bench, pts, world, timeout_s * len(pts)))
         bar.update(1)
     bar.close()
     return records
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown(bench: Bench, records: list[dict], env: dict, command: str, config: dict) -> str:
+    """results.md of a sweep: one row per record."""
+    headers = [bench.series, "status", "P", "seq len", bench.time_header, "min-max ms", "reps", "tokens/s"]
+    rows = []
+    order = list(bench.order)
+    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
+        cells = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"]
+        if r["status"] == "ok":
+            cells += [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
+                      fmt_num(r["tokens_per_s"], 0)] + [cell(r) for _, cell in bench.columns]
+            cells.append(f"{r['peak_mem_mb']:.0f} MiB")
+        else:
+            cells += ["-"] * (len(headers) + len(bench.columns) - 3)
+        rows.append(cells)
+    headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
+    mem = next((r["mem_method"] for r in records if r.get("mem_method")), "-")
+    return report(bench.kind, command, env, markdown_table(headers, rows), bench.note.format(mem_method=mem),
+                  bench.header(config))
+
+
+def write_outputs(bench: Bench, out: str, records: list[dict], env: dict, config: dict, command: str, *,
+                  final: bool = True) -> str:
+    """results.json, results.md and (when ``final``) the plots; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    plots = bench.plots(records, out) if final else []
+    text = markdown(bench, records, env, command, config)
+    write_results(out, results_doc(bench.kind, env, config, records, plots), text)
+    return text
+
+
+def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
+    """A sweep command: run ``points``, save after each record, write the outputs, print the table."""
+    command = f"lasp bench {bench.kind} " + " ".join(argv)
+    world = launched_world()
+    env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
+                   mem_available_gb=mem_available_gb())
+    if not world:
+        env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
+    config = dict(vars(args))
+    done: list[dict] = []
+
+    def save_partial(rec: dict) -> None:
+        done.append(rec)
+        write_outputs(bench, args.out, done, env, config, command, final=False)
+
+    records = run_sweep(bench, points, interleave=interleave, timeout_s=args.point_timeout, on_record=save_partial)
+    if world > 1 and dist.get_rank() != 0:
+        return 0
+    print(write_outputs(bench, args.out, records, env, config, command))
+    print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
+    return 0

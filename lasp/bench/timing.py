@@ -1,28 +1,21 @@
 """Measuring one distributed step: adaptive repetitions, per-rank peak memory, env facts.
 
 Timing (every rank takes the same decisions, so every rank enters the same collectives):
+CPU: ``barrier; t0; step(); barrier; t1`` (the trailing barrier makes a sample the SLOWEST
+rank's time); CUDA: CUDA events around ``step()`` on each rank. The samples are max-reduced over
+the group.
 
-- CPU: ``barrier; t0 = perf_counter(); step(); barrier; t1`` -- the trailing barrier makes
-  each sample the time of the SLOWEST rank; the samples are then max-reduced over the group.
-- CUDA: CUDA events around ``step()`` on each rank, ``synchronize``, then the per-rank
-  samples are max-reduced over the group (the step time is the slowest rank's).
+Repetitions adapt to a time budget: ``warmup`` steps (at least one; stopped early once they used
+a third of ``max_seconds``), then ``n = min(reps, (max_seconds - warm-up time) / estimate)``
+timed steps (the estimate: the slowest rank's last warm-up step); ``n`` is at least ``min_reps``
+when that many fit in ``max_seconds``, else at least 1. :func:`time_steps` times several steps
+with their repetitions interleaved round-robin (fair ratios under background load).
 
-Repetitions adapt to a time budget: ``warmup`` steps (at least one; stopped early once they
-used a third of ``max_seconds``), then ``n = min(reps, (max_seconds - warm-up time) / estimate)``
-timed steps, where the estimate is the slowest rank's last warm-up step; ``n`` is at least
-``min_reps`` when that many steps fit in ``max_seconds``, else at least 1 (a slow point gets
-one timed step after one warm-up step). :func:`time_interleaved` times several steps with
-their repetitions interleaved round-robin (fair ratios under background load).
-
-Peak memory of a step (measured on the first warm-up step, per rank, max over ranks):
-
-- CUDA: ``torch.cuda.max_memory_allocated() - memory_allocated()`` before the step, after
-  ``reset_peak_memory_stats`` (the caching allocator's view: tensors only).
-- CPU (Linux): ``VmHWM - VmRSS``: the resident-set high-water mark during the step (reset via
-  ``/proc/self/clear_refs``) over the resident set before it, after ``malloc_trim(0)`` hands
-  freed heap back to the OS. It is process memory (allocator slack included), not a tensor
-  count. Elsewhere it falls back to ``ru_maxrss`` growth, which is 0 when the step stays below
-  an earlier peak of the process.
+Peak memory of a step (measured on the first warm-up step, per rank):
+CUDA: ``max_memory_allocated - memory_allocated`` before the step (tensors only). CPU (Linux):
+``VmHWM - VmRSS``, the resident-set high-water mark during the step (reset through
+``/proc/self/clear_refs``) over the resident set before it, after ``malloc_trim(0)``: process
+memory, allocator slack included. Elsewhere ``ru_maxrss`` growth (0 below an earlier peak).
 """
 from __future__ import annotations
 
@@ -31,13 +24,14 @@ import datetime
 import os
 import platform
 import resource
-import statistics
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_MEM_METHOD = "rss-hwm-delta"  # VmHWM - VmRSS around the step (Linux)
 CPU_MEM_FALLBACK = "ru_maxrss-delta"
 CUDA_MEM_METHOD = "cuda-max-allocated-delta"
@@ -69,12 +63,9 @@ def max_over_group(values: list[float], group) -> list[float]:
 def _proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in fh if line.startswith(key + ":")), None)
     except OSError:
         return None
-    return None
 
 
 def _reset_hwm() -> bool:
@@ -86,13 +77,6 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
     """Run ``step()`` once; return (peak extra memory in MiB during it, method name)."""
     if device.type == "cuda":
@@ -102,12 +86,14 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, CUDA_MEM_METHOD
-    _malloc_trim()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     rss = _proc_status_kb("VmRSS")
     if rss is not None and _reset_hwm():
         step()
-        hwm = _proc_status_kb("VmHWM") or rss
-        return max(hwm - rss, 0) / 1024, CPU_MEM_METHOD
+        return max((_proc_status_kb("VmHWM") or rss) - rss, 0) / 1024, CPU_MEM_METHOD
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, 0) / 1024, CPU_MEM_FALLBACK
@@ -118,42 +104,18 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
 
 def _timed(step: Callable[[], None], group, device: torch.device) -> float:
     """One step's seconds on this rank (CPU: barrier-to-barrier; CUDA: events)."""
+    barrier(group)
     if device.type == "cuda":
-        barrier(group)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3
-    barrier(group)
     t0 = time.perf_counter()
     step()
     barrier(group)
     return time.perf_counter() - t0
-
-
-def time_step(
-    step: Callable[[], None],
-    *,
-    group,
-    device: torch.device,
-    warmup: int,
-    reps: int,
-    max_seconds: float,
-    min_reps: int = 3,
-    instrument: Callable[[Callable[[], None]], object] | None = None,
-) -> dict:
-    """Warm up, then time ``step`` adaptively (see the module docstring).
-
-    ``instrument(step)``, if given, runs the FIRST warm-up step instead of ``step()`` (e.g. under
-    the communication recorder and the memory meter) and its return value is kept.
-
-    Returns ``{"samples_s": [...], "warmup_s": [...], "instrumented": <instrument's result>}``;
-    samples are max-reduced over the group (identical on every rank).
-    """
-    return time_interleaved([step], group=group, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds,
-                            min_reps=min_reps, instrument=instrument)[0]
 
 
 def _warm_up(step, instrument, *, group, device, warmup: int, max_seconds: float) -> tuple[list[float], object]:
@@ -173,7 +135,7 @@ def _warm_up(step, instrument, *, group, device, warmup: int, max_seconds: float
     return max_over_group(warm, group), instrumented
 
 
-def time_interleaved(
+def time_steps(
     steps: list[Callable[[], None]],
     *,
     group,
@@ -182,19 +144,19 @@ def time_interleaved(
     reps: int,
     max_seconds: float,
     min_reps: int = 3,
-    instrument: Callable | list[Callable] | None = None,
+    instrument: list[Callable | None] | None = None,
 ) -> list[dict]:
-    """:func:`time_step` for several steps whose timed repetitions are INTERLEAVED.
+    """Warm up and time each of ``steps`` adaptively (module docstring), repetitions interleaved.
 
-    ``instrument`` is one callable for all steps or a list, one per step. Each step is warmed
-    up and gets its own repetition count within its own ``max_seconds``
-    budget; then round r runs every step that still needs an r-th sample, starting from a
-    rotating position. On a machine shared with other work, the steps see the same background
-    load, so their ratios are fairer than those of back-to-back runs.
+    ``instrument[i](step)``, if given, runs step i's FIRST warm-up step instead of ``step()``
+    (e.g. under the communication recorder and the memory meter); its return value is kept. Each
+    step gets its own repetition count within its own ``max_seconds``; round r then runs every
+    step that still needs an r-th sample, from a rotating start, so all see the same background
+    load. Returns per step ``{"samples_s", "warmup_s", "instrumented"}``, samples max-reduced over
+    the group (identical on every rank).
     """
     warms, instrumented, counts = [], [], []
-    instruments = instrument if isinstance(instrument, list) else [instrument] * len(steps)
-    for step, instr in zip(steps, instruments):
+    for step, instr in zip(steps, instrument or [None] * len(steps)):
         warm, inst = _warm_up(step, instr, group=group, device=device, warmup=warmup, max_seconds=max_seconds)
         estimate = max(warm[-1], 1e-6)
         fit = int((max_seconds - sum(warm)) // estimate)
@@ -204,32 +166,24 @@ def time_interleaved(
         counts.append(max(1, min(reps, max(fit, floor))))
     samples: list[list[float]] = [[] for _ in steps]
     k = len(steps)
-    for r in range(max(counts)):
+    for r in range(max(counts, default=0)):
         for j in range(k):
             i = (r + j) % k
             if len(samples[i]) < counts[i]:
                 samples[i].append(_timed(steps[i], group, device))
-    return [
-        {"samples_s": max_over_group(s, group), "warmup_s": w, "instrumented": inst}
-        for s, w, inst in zip(samples, warms, instrumented)
-    ]
+    return [{"samples_s": max_over_group(s, group), "warmup_s": w, "instrumented": inst}
+            for s, w, inst in zip(samples, warms, instrumented)]
 
 
 def summarize_samples(samples_s: list[float]) -> dict:
     """Median, min, max, quartiles and std of the samples, in milliseconds."""
-    ms = sorted(s * 1e3 for s in samples_s)
-    if not ms:
+    if not samples_s:
         return {}
-    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-    return {
-        "time_ms": statistics.median(ms),
-        "time_ms_min": ms[0],
-        "time_ms_max": ms[-1],
-        "time_ms_p25": q[0],
-        "time_ms_p75": q[2],
-        "time_ms_std": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-        "n_reps": len(ms),
-    }
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+    p25, p50, p75 = np.percentile(ms, [25, 50, 75])
+    return {"time_ms": float(p50), "time_ms_min": float(ms.min()), "time_ms_max": float(ms.max()),
+            "time_ms_p25": float(p25), "time_ms_p75": float(p75),
+            "time_ms_std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "n_reps": len(ms)}
 
 
 # ----------------------------------------------------------------------------- environment
@@ -243,32 +197,21 @@ def env_info(device: str, world: int, **extra) -> dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - triton is optional at run time
         triton_version = None
-    dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
-        dev = f"{device} ({torch.cuda.get_device_name(0)})"
-    info = {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "device": dev,
-        "world": world,
-        "cpu_count": os.cpu_count(),
-        "torch_threads_per_rank": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device = f"{device} ({torch.cuda.get_device_name(0)})"
+    return {
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(), "device": device,
+        "world": world, "cpu_count": os.cpu_count(), "torch_threads_per_rank": torch.get_num_threads(),
+        "platform": platform.platform(), "hostname": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra,
     }
-    info.update(extra)
-    return info
 
 
 def mem_available_gb() -> float | None:
     """``MemAvailable`` of /proc/meminfo in GiB (None when unknown)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
+            kb = next((int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")), None)
     except OSError:
         return None
-    return None
+    return None if kb is None else kb / 2**20
