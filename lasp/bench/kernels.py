@@ -2,20 +2,19 @@
 
 Providers: ``triton`` (``lasp.linear_attention(..., backend="triton")``, the kernels under
 ``kernels/``), ``torch`` (the chunked torch path), and ``fla`` (flash-linear-attention's
-``chunk_simple_gla``) when that package is importable; on the CPU the torch path only. Modes:
-``fwd`` (no autograd) and ``fwdbwd`` (forward + backward). CUDA: ``triton.testing.do_bench``
-(25 ms warm-up, ``--budget`` seconds of repetitions, L2 flushed between them; every sample
-kept); CPU: wall clock, ``--warmup`` steps then up to ``--reps`` within ``--budget`` seconds.
+``chunk_simple_gla``) when importable; on the CPU the torch path only. Modes: ``fwd`` (no
+autograd), ``fwdbwd``. CUDA: ``triton.testing.do_bench`` (25 ms warm-up, ``--budget`` seconds
+of repetitions, L2 flushed between them); CPU: wall clock (:func:`lasp.bench.timing.time_steps`),
+``--warmup`` runs then up to ``--reps`` within ``--budget`` seconds.
 
-FLOPs counted are those of the chunked algorithm with chunk ``C = 64`` per (batch, head)
-(the same count for every provider): forward ``2 T C (K + V) + 4 T K V`` (intra scores and
-their product with V; chunk states; queries against states); backward
-``2 T C (3K + 2V) + 8 T K V``. TFLOP/s is also given against a bf16 matmul peak measured on
-the same device (8192^3 ``torch.matmul``).
+FLOPs are those of the chunked algorithm, chunk ``C = 64``, per (batch, head), the same for every
+provider: forward ``2 T C (K + V) + 4 T K V`` (intra scores and their product with V; chunk
+states; queries against states), backward ``2 T C (3K + 2V) + 8 T K V``; also as a fraction of
+a bf16 ``8192^3`` matmul measured on the same device.
 
-Writes ``results.json`` (schema ``lasp-bench/1``, kind ``kernels``), ``results.md`` and
-``kernels.png`` under ``--out``. ``--check`` first compares each provider with the float64
-oracle (outputs and all gradients) on a small problem.
+Writes ``results.json`` (``lasp-bench/1``, kind ``kernels``), ``results.md`` and ``kernels.png``
+under ``--out``. ``--check`` first compares each provider with the float64 oracle (outputs and
+all gradients, fp32 and bf16) on a small problem; exit status 1 when one fails.
 """
 from __future__ import annotations
 
@@ -74,14 +73,26 @@ def providers(device: torch.device, wanted: list[str]) -> dict:
     return {n: table[n] for n in wanted if table.get(n) is not None}
 
 
-def make_inputs(B, T, H, K, V, gates, dtype, device, seed=0):
+def make_inputs(B, T, H, K, V, gates, dtype, device, seed=0) -> list:
     from lasp.testing import linear_inputs
 
     return [None if x is None else x.to(device) for x in linear_inputs(B, T, H, K, V, gates=gates, dtype=dtype, seed=seed)]
 
 
-def time_samples_ms(step, device: torch.device, args) -> list[float]:
-    """Milliseconds per run of ``step()``: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
+def bench_case(fn, T: int, d: int, mode: str, device: torch.device, args) -> list[float]:
+    """Milliseconds per run of one case: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
+    q, k, v, g, gg = make_inputs(args.B, T, args.H, d, d, args.gates, DTYPES[args.dtype], device)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None and mode != "fwd"]
+    do = torch.randn(args.B, T, args.H, d, device=device, dtype=DTYPES[args.dtype])
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(q, k, v, g, gg, d**-0.5)
+        for x in leaves:
+            x.grad = None
+        fn(q, k, v, g, gg, d**-0.5).backward(do)
+
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -90,41 +101,20 @@ def time_samples_ms(step, device: torch.device, args) -> list[float]:
     return [s * 1e3 for s in out[0]["samples_s"]]
 
 
-def bench_case(fn, B, T, H, d, mode, device, args) -> list[float]:
-    q, k, v, g, gg = make_inputs(B, T, H, d, d, args.gates, DTYPES[args.dtype], device)
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                fn(q, k, v, g, gg, d**-0.5)
-
-    else:
-        leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None]
-        do = torch.randn(B, T, H, d, device=device, dtype=DTYPES[args.dtype])
-
-        def step():
-            for x in leaves:
-                x.grad = None
-            fn(q, k, v, g, gg, d**-0.5).backward(do)
-
-    return time_samples_ms(step, device, args)
-
-
-def check_provider(fn, name, dims, gates, device) -> list[dict]:
+def check_provider(fn, name: str, dims: list[int], gates: str, device: torch.device) -> list[dict]:
     """Rel. errors vs the float64 oracle, fp32 and bf16 inputs, T not a multiple of the chunk."""
     from lasp.ops import reference
     from lasp.testing import rel_error
 
     rows = []
     for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for K, V in dims:
-            full = make_inputs(2, 777, 4, K, V, gates, dtype, device, seed=K + V)
-            do = torch.randn(2, 777, 4, V, generator=torch.Generator().manual_seed(K)).to(device=device, dtype=dtype)
+        for d in dims:
+            full = make_inputs(2, 777, 4, d, d, gates, dtype, device, seed=2 * d)
+            do = torch.randn(2, 777, 4, d, generator=torch.Generator().manual_seed(d)).to(device=device, dtype=dtype)
             ins = [None if x is None else x.clone().requires_grad_() for x in full]
-            o = fn(*ins, K**-0.5)
-            o.backward(do)
             ref_in = [None if x is None else x.detach().double().requires_grad_() for x in full]
-            ref = reference.naive_recurrent_linear_attention(*ref_in, scale=K**-0.5)
+            o, ref = fn(*ins, d**-0.5), reference.naive_recurrent_linear_attention(*ref_in, scale=d**-0.5)
+            o.backward(do)
             ref.backward(do.double())
             errs = {"o": rel_error(ref, o)}
             for n, a, r in zip(("q", "k", "v", "g", "g_gamma"), ins, ref_in):
@@ -132,8 +122,9 @@ def check_provider(fn, name, dims, gates, device) -> list[dict]:
                     errs["d" + n] = None if a.grad is None else rel_error(r.grad, a.grad)
             bound = {"fp32": 1e-5, "bf16": 1e-2}[dname]
             ok = all(e is None or e <= (1e-4 if n == "dg_gamma" and dname == "fp32" else bound) for n, e in errs.items())
-            rows.append({"provider": name, "dtype": dname, "K": K, "V": V, "gates": gates, "errors": errs, "ok": ok})
-            print(f"check {name:6s} {dname} K={K} V={V}: " + " ".join(f"{n}={e:.1e}" if e is not None else f"{n}=none" for n, e in errs.items()) + ("" if ok else "  FAIL"))
+            rows.append({"provider": name, "dtype": dname, "K": d, "V": d, "gates": gates, "errors": errs, "ok": ok})
+            print(f"check {name:6s} {dname} K=V={d}: " + " ".join(f"{n}={'none' if e is None else f'{e:.1e}'}"
+                                                               for n, e in errs.items()) + ("" if ok else "  FAIL"))
     return rows
 
 
@@ -152,9 +143,9 @@ def markdown(records: list[dict], env: dict, command: str, peak: float | None, a
     rows = []
     for r in records:
         ok, ref = r["status"] == "ok", fla.get((r["mode"], r["seq_len"], r["K"]))
-        vs = f"{ref['time_ms'] / r['time_ms']:.2f}x" if ok and ref and r["provider"] != "fla" else ""
         rows.append([r["provider"], r["mode"], str(r["seq_len"]), str(r["K"]), status_cell(r), fmt_num(r.get("time_ms"), 3),
-                     f"{r['tflops']:.4g}" if ok else "-", f"{r['frac_peak'] * 100:.1f}%" if ok and r["frac_peak"] else "", vs])
+                     f"{r['tflops']:.4g}" if ok else "-", f"{r['frac_peak'] * 100:.1f}%" if ok and peak else "",
+                     f"{ref['time_ms'] / r['time_ms']:.2f}x" if ok and ref and r["provider"] != "fla" else ""])
     table = markdown_table(["provider", "mode", "T", "K=V", "status", "ms (median)", "TFLOP/s", "of peak", "vs fla"], rows)
     header = (f"B {args.B}, H {args.H}, dtype {args.dtype}, gates {args.gates}; bf16 matmul peak measured: "
               + (f"{peak:.0f} TFLOP/s" if peak else "n/a"))
@@ -174,22 +165,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--warmup", type=int, default=3, help="CPU: warm-up runs (CUDA: do_bench warms up for 25 ms)")
     p.add_argument("--reps", type=int, default=20, help="CPU: most timed runs per case")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case (default 3 on CPU; "
-                   "CUDA: do_bench's repetition time, default 0.25)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case (CPU: default 3; CUDA: "
+                   "do_bench's repetition time, default 0.25)")
     p.add_argument("--check", action="store_true", help="compare each provider with the float64 oracle first")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, kernels.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    gpu = args.device.type == "cuda"
+    args.B, args.H, args.budget = args.B or (8 if gpu else 1), args.H or (16 if gpu else 2), args.budget or (0.25 if gpu else 3.0)
+    args.T, args.dims = args.T or ([2048, 8192, 32768] if gpu else [256, 1024]), args.dims or ([64, 128] if gpu else [64])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    gpu = device.type == "cuda"
-    args.B, args.H = args.B or (8 if gpu else 1), args.H or (16 if gpu else 2)
-    args.T, args.dims = args.T or ([2048, 8192, 32768] if gpu else [256, 1024]), args.dims or ([64, 128] if gpu else [64])
-    args.budget = args.budget or (0.25 if gpu else 3.0)
+    device = args.device
     provs = providers(device, args.providers.split(","))
     if not provs:
         print(f"no provider of {args.providers!r} is available on {device}", file=sys.stderr)
@@ -198,44 +189,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lasp bench kernels on {env['device']}: providers {list(provs)}, B={args.B} H={args.H} T={args.T} "
           f"K=V={args.dims} {args.dtype} gates={args.gates}")
     checks = []
-    if args.check:
-        for name, fn in provs.items():
-            try:
-                checks += check_provider(fn, name, [(d, d) for d in args.dims], args.gates, device)
-            except Exception as e:  # noqa: BLE001 - report and go on to timing
-                checks.append({"provider": name, "error": f"{type(e).__name__}: {e}", "ok": False})
-                print(f"check {name}: {checks[-1]['error']}")
+    for name, fn in provs.items() if args.check else ():
+        try:
+            checks += check_provider(fn, name, args.dims, args.gates, device)
+        except Exception as e:  # noqa: BLE001 - report and go on to timing
+            checks.append({"provider": name, "error": f"{type(e).__name__}: {e}", "ok": False})
+            print(f"check {name}: {checks[-1]['error']}")
     peak = matmul_peak_tflops(device)
     records = []
-    for mode in args.modes.split(","):
-        for d in args.dims:
-            for T in args.T:
-                for name, fn in provs.items():
-                    rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H,
-                               status="ok", reason="")
-                    try:
-                        samples = bench_case(fn, args.B, T, args.H, d, mode, device, args)
-                        rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
-                        rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
-                        rec["frac_peak"] = rec["tflops"] / peak if peak else None
-                    except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
-                        rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                        if gpu:
-                            torch.cuda.empty_cache()
-                    print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} " + (f"{rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s"
-                          if rec["status"] == "ok" else f"ERROR {rec['reason']}"))
-                    records.append(rec)
-    command = "lasp bench kernels " + " ".join(argv)
-    text = markdown(records, env, command, peak, args)
+    for mode, d, T, (name, fn) in ((m, d, T, p) for m in args.modes.split(",") for d in args.dims for T in args.T
+                                   for p in provs.items()):
+        rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
+        try:
+            samples = bench_case(fn, T, d, mode, device, args)
+            rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
+            rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
+            rec["frac_peak"] = rec["tflops"] / peak if peak else None
+            print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} {rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s")
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
+            rec.update(status="error", reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} ERROR {rec['reason']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        records.append(rec)
+    text = markdown(records, env, "lasp bench kernels " + " ".join(argv), peak, args)
     print("\n" + text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         plot = plot_metric_vs_seq_len(records, os.path.join(args.out, "kernels.png"), series="series", metric="tflops",
-                                      ylabel="TFLOP/s (chunked algorithm)", title="kernels (dashed: fwd only)", panel="K", panel_name="K=V",
-                                      dashed=tuple(f"{n} fwd" for n in provs))
-        doc = results_doc("kernels", env, dict(vars(args)), records, [os.path.basename(plot)])
-        doc.update(peak_tflops=peak, checks=checks)
-        write_results(args.out, doc, text)
+                                      ylabel="TFLOP/s (chunked algorithm)", title="kernels (dashed: fwd only)", panel="K",
+                                      panel_name="K=V", dashed=tuple(f"{n} fwd" for n in provs))
+        doc = results_doc("kernels", env, dict(vars(args), device=str(device)), records, [os.path.basename(plot)])
+        write_results(args.out, dict(doc, peak_tflops=peak, checks=checks), text)
         print(f"wrote {args.out}/results.json, results.md, kernels.png")
     if not all(r["ok"] for r in checks):
         print("CHECK FAILED: a provider exceeded the numerics contract (see above)", file=sys.stderr)

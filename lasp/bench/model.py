@@ -100,12 +100,11 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
     from ..models.info import count_flops
 
     cfg = model_config(point)
-    grads = [r["by_tag"].get(GRAD_TAG, [0, 0]) for r in per_rank]
     return dict(
         layer_pattern=cfg.layer_pattern, parameters=per_rank[0]["parameters"],
         model_tflops=count_flops(cfg, rec["seq_len"]) * rec["tokens_per_s"] / 1e12,
-        bytes_per_rank_attention=max(r["bytes"] - g[1] for r, g in zip(per_rank, grads)),
-        collectives_attention=max(r["calls"] - g[0] for r, g in zip(per_rank, grads)),
+        bytes_per_rank_attention=max(r["bytes"] - r["tag_bytes"].get(GRAD_TAG, 0) for r in per_rank),
+        collectives_attention=max(r["calls"] - r["tag_calls"].get(GRAD_TAG, 0) for r in per_rank),
     )
 
 

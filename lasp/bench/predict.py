@@ -10,26 +10,19 @@ Parallelism for Linear Attention and Its Hybrid", arXiv 2502.07563): Linear-Llam
 1, total sequence 2K ... 2048K. The paper reports LASP-2's training throughput +36.6% over
 Ring Attention and +15.2% over LASP-1 at 2048K, and +17.8% / +7.3% at 512K.
 
-Hardware assumptions (flags override each):
-
-- A100-80GB SXM: 312 TFLOP/s dense bf16 peak, used at ``--mfu 0.40`` (Megatron-class
-  training of 1B-8B models reaches 40-50% MFU on A100; one factor for matmuls and attention
-  kernels alike);
-- intra-node NVLink 3: 600 GB/s bidirectional = 300 GB/s per direction per GPU; 5 us/message;
-- inter-node InfiniBand HDR 8 x 200 Gb/s per node = 200 GB/s per node = 25 GB/s per GPU per
-  direction; 10 us/message;
-- 50 us per call / dependent step (kernel launch, stream sync, NCCL and Python dispatch): what
-  makes a chain of 63 dependent P2P hops (LASP-1) cost more than one all-gather;
-- the bf16 gradient all-reduce over the 64 GPUs is part of every step (same for all methods).
-
-Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1`` (the paper's "+36.6%").
+Hardware (flags override each; :class:`lasp.bench.costmodel.Hardware`): A100-80GB SXM, 312 TFLOP/s
+dense bf16 used at ``--mfu 0.40`` (Megatron-class 1B-8B training reaches 40-50%); NVLink 3 at
+300 GB/s per direction per GPU, 5 us/message; InfiniBand HDR 8 x 200 Gb/s per node = 25 GB/s per
+GPU per direction, 10 us/message; 50 us per call / dependent step (what makes a chain of 63
+dependent P2P hops, LASP-1, cost more than one all-gather); the bf16 gradient all-reduce is part
+of every step. Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1``.
 
 Calibration (``--calibrate`` a ``lasp bench layer`` results.json): per operator kind the
-effective compute rate ``F`` and fixed cost ``t0`` are fitted by least squares (of the relative
-error) of the measured step time against the model's FLOPs of the reference method (``lasp2``
-for linear, ``allgather`` for softmax), then one effective link bandwidth from the residuals
-of all points against the bytes they send; every measured point is then predicted and the error
-printed. ``--use-calibration`` runs the cluster prediction with the fitted ``F`` and bandwidth.
+effective compute rate ``F`` and fixed cost ``t0`` are fitted (``numpy.polyfit``, relative
+error) to the measured time against the model's FLOPs of the reference method (``lasp2`` for
+linear, ``allgather`` for softmax), then one link bandwidth to the residuals against the bytes
+sent; every measured point is then predicted and the error printed. ``--use-calibration`` runs
+the cluster prediction with the fitted ``F`` and bandwidth.
 """
 from __future__ import annotations
 
@@ -45,12 +38,8 @@ from .cli import seq_len_arg
 from .plots import plot_metric_vs_seq_len
 from .results import fmt_num, load_results, markdown_table, results_doc, write_results
 
-PAPER = {  # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
-    ("ring", 512 * 1024): 17.8,
-    ("lasp1", 512 * 1024): 7.3,
-    ("ring", 2048 * 1024): 36.6,
-    ("lasp1", 2048 * 1024): 15.2,
-}
+# LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
+PAPER = {("ring", 512 * 1024): 17.8, ("lasp1", 512 * 1024): 7.3, ("ring", 2048 * 1024): 36.6, ("lasp1", 2048 * 1024): 15.2}
 PAPER_CITE = "Sun et al. 2025, LASP-2, arXiv 2502.07563"
 DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 
@@ -218,21 +207,25 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+# hardware flags: (flag, Hardware field, flag unit in the field's unit, help)
+HW_FLAGS = [("--gpus-per-node", "gpus_per_node", 1, ""),
+            ("--peak-tflops", "peak_flops", 1e12, "per-device dense peak (A100 bf16: 312)"),
+            ("--mfu", "mfu", 1, "achieved fraction of peak"),
+            ("--bw-intra-gbs", "bw_intra", 1e9, "GB/s per GPU per direction inside a node"),
+            ("--bw-inter-gbs", "bw_inter", 1e9, "GB/s per GPU per direction between nodes"),
+            ("--lat-intra-us", "lat_intra", 1e-6, ""), ("--lat-inter-us", "lat_inter", 1e-6, ""),
+            ("--lat-launch-us", "lat_launch", 1e-6, "per call / dependent step")]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
     ap.add_argument("--devices", type=int, default=64, help="GPUs in the SP group")
     ap.add_argument("--seq-len", default="2K,8K,32K,128K,512K,2048K", help="total sequence lengths, comma-separated")
     ap.add_argument("--methods", default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
-    d = Hardware()
-    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    ap.add_argument("--peak-tflops", type=float, default=d.peak_flops / 1e12, help="per-device dense peak (A100 bf16: 312)")
-    ap.add_argument("--mfu", type=float, default=d.mfu, help="achieved fraction of peak")
-    ap.add_argument("--bw-intra-gbs", type=float, default=d.bw_intra / 1e9, help="GB/s per GPU per direction inside a node")
-    ap.add_argument("--bw-inter-gbs", type=float, default=d.bw_inter / 1e9, help="GB/s per GPU per direction between nodes")
-    ap.add_argument("--lat-intra-us", type=float, default=d.lat_intra * 1e6)
-    ap.add_argument("--lat-inter-us", type=float, default=d.lat_inter * 1e6)
-    ap.add_argument("--lat-launch-us", type=float, default=d.lat_launch * 1e6, help="per call / dependent step")
+    for flag, field, unit, help_ in HW_FLAGS:
+        default = getattr(Hardware(), field)
+        ap.add_argument(flag, type=type(default), default=default / unit if unit != 1 else default, help=help_ or None)
     ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
     ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
     ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
@@ -262,32 +255,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ..models import ModelConfig
 
+    hw = Hardware(**{field: getattr(args, flag[2:].replace("-", "_")) * unit for flag, field, unit, _ in HW_FLAGS})
+    what = "--config"
     try:
         cfg = ModelConfig.from_yaml(args.config)
-    except (ValueError, OSError) as e:
-        print(f"lasp bench predict: --config: {e}", file=sys.stderr)
+        what = "--calibrate"
+        cal = calibrate(load_results(args.calibrate)) if args.calibrate else None
+    except (ValueError, OSError, KeyError) as e:
+        print(f"lasp bench predict: {what}: {e}", file=sys.stderr)
         return 2
-    hw = Hardware(peak_flops=args.peak_tflops * 1e12, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
-                  bw_intra=args.bw_intra_gbs * 1e9, bw_inter=args.bw_inter_gbs * 1e9, lat_intra=args.lat_intra_us * 1e-6,
-                  lat_inter=args.lat_inter_us * 1e-6, lat_launch=args.lat_launch_us * 1e-6)
-    cal = None
-    if args.calibrate:
-        try:
-            cal = calibrate(load_results(args.calibrate))
-        except (ValueError, OSError, KeyError) as e:
-            print(f"lasp bench predict: --calibrate: {e}", file=sys.stderr)
-            return 2
-        if args.use_calibration and "linear" in cal["fits"]:
-            bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
-            hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
+    if cal and args.use_calibration and "linear" in cal["fits"]:
+        bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
+        hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
     records = predict(cfg, args.seq_len, args.devices, args.methods, hw)
     config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": hw.to_dict(), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.costmodel)"}, config, records)
     doc["paper_comparison"] = paper_comparison(records) if args.devices == 64 else []
-    doc["paper_match"] = match_paper(cfg, args.devices, hw, doc["paper_comparison"])
-    doc["paper"] = PAPER_CITE
+    doc.update(paper_match=match_paper(cfg, args.devices, hw, doc["paper_comparison"]), paper=PAPER_CITE)
     if cal:
         doc["calibration"] = cal
     text = report_markdown(doc)

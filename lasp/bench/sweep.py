@@ -1,25 +1,25 @@
 """The one driver of ``lasp bench layer`` and ``lasp bench model``: points on P ranks, whatever
 launched us.
 
-- **Spawned** (the default; CPU): for each SP size P, a :class:`lasp.spawn.SpawnedGroup` of P
-  gloo processes (one torch thread each), kept for later sweeps of this process and stopped at
-  exit (:func:`close_pools`); P = 1 runs in this process with one thread.
+- **Spawned** (the default; CPU): per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo
+  processes (one torch thread each), kept for later sweeps and stopped at exit
+  (:func:`close_pools`); P = 1 runs in this process with one thread.
 - **Launched** (``torchrun`` / the deepspeed launcher set ``WORLD_SIZE``; GPUs use NCCL): this
-  process is one rank; points whose ``sp`` is not the world size are skipped; the per-rank
-  results are gathered on rank 0, which alone writes files.
+  process is one rank; points whose ``sp`` is not the world size are skipped; rank 0 gathers the
+  per-rank results and alone writes files.
 
-Points run in GROUPS (same SP size and length) whose timed repetitions are interleaved
-(:func:`lasp.bench.timing.time_steps`); without interleaving each point is a group of one. A
-point that fails never ends the sweep: its record gets ``status`` ``unavailable`` (the method
-is not implemented), ``skipped`` (a ValueError before any collective, e.g. the heads do not
-divide by P, or a precheck) or ``error`` (anything else: an exception, out of memory, a
-timeout), with the ``reason``.
+Points run in GROUPS (same P and length) whose timed repetitions are interleaved
+(:func:`lasp.bench.timing.time_steps`); a single point is a group of one. A failed point never
+ends the sweep: its record gets ``status`` ``unavailable`` (not implemented), ``skipped`` (a
+precheck, or a ValueError raised before any collective) or ``error`` (any other exception, out
+of memory, a timeout) and the ``reason``.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..spawn import Failure, RankError, SpawnedGroup
-from .results import fmt_bytes, fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
 from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
 
@@ -37,16 +37,16 @@ class Bench:
     """What one benchmark plugs into the driver."""
 
     kind: str  # results.json kind: "layer" | "model"
-    series: str  # the record key that names a series: "method" | "model"
-    order: dict  # the series in table order (the registry)
+    series: str  # the record key naming a series: "method" | "model"
+    order: dict  # the registry: series names in table order
     build: Callable  # module-level build(point, rank, world, device) -> (forward, backward, info dict)
     precheck: Callable[[dict], tuple[str, str] | None]  # (status, reason) of a point that must not run
-    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> the bench's own ok fields
-    columns: list[tuple[str, Callable[[dict], str]]]  # markdown columns of an ok record, after tokens/s
+    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> more ok-record fields
+    columns: list[tuple[str, Callable[[dict], str]]]  # results.md: (header, cell of an ok record) after tokens/s
     time_header: str
-    note: str  # markdown footnote; {mem_method} is filled in
+    note: str  # results.md footnote; {mem_method} is filled in
     plots: Callable[[list[dict], str], list[str]]  # (records, out dir) -> PNG file names
-    header: Callable[[dict], str] = lambda config: ""  # an optional line above the environment
+    header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
 
 
 def launched_world() -> int:
@@ -61,9 +61,8 @@ def resolve_device(name: str) -> str:
 
 def local_device(name: str = "auto") -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` or the CPU."""
-    if resolve_device(name) == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    cuda = resolve_device(name) == "cuda"
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
 
 
 _POOLS: dict[int, SpawnedGroup] = {}
@@ -71,12 +70,11 @@ _POOLS: dict[int, SpawnedGroup] = {}
 
 def _pool(size: int, timeout_s: float) -> SpawnedGroup:
     """A spawned group of ``size`` ranks, kept for later sweeps of this process (closed at exit)."""
-    if size not in _POOLS:
-        if not _POOLS:
-            atexit.register(close_pools)
-        _POOLS[size] = SpawnedGroup(size, timeout=timeout_s)
-    _POOLS[size].timeout = timeout_s
-    return _POOLS[size]
+    if not _POOLS:
+        atexit.register(close_pools)
+    pool = _POOLS.setdefault(size, SpawnedGroup(size, timeout=timeout_s))
+    pool.timeout = timeout_s
+    return pool
 
 
 def close_pools() -> None:
@@ -86,12 +84,9 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-# ----------------------------------------------------------------------------- on every rank
-
-
-def _instrument(forward, backward, device):
+def _instrument(forward, backward, device: torch.device):
     """The first warm-up step of a point, under the communication recorder and the memory meter:
-    bytes this rank sends and calls it makes (forward / backward / by kind / by tag), peak memory."""
+    what this rank sends (calls and bytes: all, forward, by kind, by tag), its peak memory."""
 
     def run(_step) -> dict:
         n_fwd = []
@@ -103,16 +98,13 @@ def _instrument(forward, backward, device):
 
         with comm.record() as log:
             mem_mb, how = measure_peak_memory(fwd_bwd, device)
-        sent = [e for e in log.events if e.kind != "recv"]
-        fwd = [e for e in log.events[: n_fwd[0]] if e.kind != "recv"]
-        by_kind: dict[str, int] = {}
-        by_tag: dict[str, list[int]] = {}
+        sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
+        tag_bytes: Counter = Counter()
         for e in sent:
-            by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
-            tag = by_tag.setdefault(e.tag, [0, 0])
-            tag[0], tag[1] = tag[0] + 1, tag[1] + e.bytes
+            tag_bytes[e.tag] += e.bytes
         return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
-                "calls_fwd": len(fwd), "by_kind": by_kind, "by_tag": by_tag, "peak_mem_mb": mem_mb, "mem_method": how}
+                "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
+                "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
 
     return run
 
@@ -127,11 +119,8 @@ def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> 
     timed = time_steps([lambda f=f, b=b: b(f()) for f, b, _ in built], group=dist.group.WORLD if world > 1 else None,
                        device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"],
                        max_seconds=p0["max_seconds"], instrument=[_instrument(f, b, device) for f, b, _ in built])
-    return [dict(info, rank=rank, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **t["instrumented"])
+    return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **t["instrumented"])
             for (_, _, info), t in zip(built, timed)]
-
-
-# ----------------------------------------------------------------------------- records
 
 
 def _public(point: dict) -> dict:
@@ -141,20 +130,17 @@ def _public(point: dict) -> dict:
 
 def ok_record(bench: Bench, point: dict, per_rank: list[dict]) -> dict:
     """One record from every rank's view of a point."""
-    r0 = per_rank[0]
+    r0, most = per_rank[0], lambda key: max(r[key] for r in per_rank)
     rec = dict(_public(point), status="ok", reason="", **summarize_samples(r0["samples_s"]))
     rec.update(
         samples_ms=[s * 1e3 for s in r0["samples_s"]], warmup_ms=[s * 1e3 for s in r0["warmup_s"]],
-        tokens_per_s=point["batch"] * point["seq_len"] / (rec["time_ms"] / 1e3),
-        peak_mem_mb=max(r["peak_mem_mb"] for r in per_rank), peak_mem_mb_by_rank=[r["peak_mem_mb"] for r in per_rank],
-        mem_method=r0["mem_method"], bytes_per_rank=max(r["bytes"] for r in per_rank),
-        bytes_per_rank_fwd=max(r["bytes_fwd"] for r in per_rank),
+        tokens_per_s=point["batch"] * point["seq_len"] / (rec["time_ms"] / 1e3), peak_mem_mb=most("peak_mem_mb"),
+        peak_mem_mb_by_rank=[r["peak_mem_mb"] for r in per_rank], mem_method=r0["mem_method"],
+        bytes_per_rank=most("bytes"), bytes_per_rank_fwd=most("bytes_fwd"),
         bytes_per_rank_bwd=max(r["bytes"] - r["bytes_fwd"] for r in per_rank), bytes_by_rank=[r["bytes"] for r in per_rank],
-        collectives=max(r["calls"] for r in per_rank), collectives_fwd=max(r["calls_fwd"] for r in per_rank),
-        collectives_by_kind=r0["by_kind"],
+        collectives=most("calls"), collectives_fwd=most("calls_fwd"), collectives_by_kind=r0["by_kind"],
     )
-    rec.update(bench.finish(point, rec, per_rank))
-    return rec
+    return dict(rec, **bench.finish(point, rec, per_rank))
 
 
 def failure_record(point: dict, failure: Failure) -> dict:
@@ -163,12 +149,8 @@ def failure_record(point: dict, failure: Failure) -> dict:
     status = "error"
     if failure.kind == "exception":
         status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
-    reason = failure.message
-    if status == "error" and failure.exc_type:
-        reason = f"{failure.exc_type}: {reason}"
-    if failure.kind == "oom":
-        reason = f"out of memory: {reason}"
-    return dict(_public(point), status=status, reason=reason[:300])
+    reason = f"{failure.exc_type}: {failure.message}" if status == "error" and failure.exc_type else failure.message
+    return dict(_public(point), status=status, reason=("out of memory: " if failure.kind == "oom" else "") + reason[:300])
 
 
 def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
@@ -186,27 +168,26 @@ def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
     return bench.precheck(point)
 
 
+def _run_here(build: Callable, points: list[dict], rank: int, world: int) -> tuple[list | None, Failure | None]:
+    try:
+        return group_worker(rank, world, build, points), None
+    except Exception as e:  # noqa: BLE001 - any failure becomes a record (ValueErrors are raised on every rank alike)
+        return None, Failure.from_exception(e, rank)
+
+
 def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
     """Every record of one group of points (same SP size and length)."""
     per_rank, failure = None, None
     if world:  # launched: this process is one rank
-        try:
-            mine = group_worker(dist.get_rank(), world, bench.build, points)
-        except Exception as e:  # noqa: BLE001 - ValueErrors are raised on every rank alike
-            mine, failure = None, Failure.from_exception(e, dist.get_rank())
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (mine, failure))
-        failure = next((f for _, f in gathered if f), None)
-        per_rank = [m for m, _ in gathered]
+        dist.all_gather_object(gathered, _run_here(bench.build, points, dist.get_rank(), world))
+        per_rank, failure = [m for m, _ in gathered], next((f for _, f in gathered if f), None)
     elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        try:
-            per_rank = [group_worker(0, 1, bench.build, points)]
-        except Exception as e:  # noqa: BLE001 - any failure becomes a record
-            failure = Failure.from_exception(e, 0)
-        finally:
-            torch.set_num_threads(threads)
+        mine, failure = _run_here(bench.build, points, 0, 1)
+        torch.set_num_threads(threads)
+        per_rank = [mine]
     else:
         try:
             per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
@@ -219,8 +200,8 @@ def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -
 
 def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: float,
               on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every point; one record per point (on launched ranks > 0: an empty list).
-    ``on_record`` is called after each record (partial saves)."""
+    """Run every point (by default the points of one (P, length) as one group); one record per
+    point (on launched ranks > 0: none). ``on_record`` is called after each (partial saves)."""
     from tqdm import tqdm
 
     world = launched_world()
@@ -245,8 +226,7 @@ def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: 
             emit([dict(_public(p), status=why[0], reason=why[1])])
         else:
             groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
-    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
     for pts in groups.values():
         bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
         emit(_run_group(bench, pts, world, timeout_s * len(pts)))
@@ -255,24 +235,17 @@ def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: 
     return records
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
 def markdown(bench: Bench, records: list[dict], env: dict, command: str, config: dict) -> str:
     """results.md of a sweep: one row per record."""
     headers = [bench.series, "status", "P", "seq len", bench.time_header, "min-max ms", "reps", "tokens/s"]
-    rows = []
-    order = list(bench.order)
-    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
-        cells = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"]
-        if r["status"] == "ok":
-            cells += [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
-                      fmt_num(r["tokens_per_s"], 0)] + [cell(r) for _, cell in bench.columns]
-            cells.append(f"{r['peak_mem_mb']:.0f} MiB")
-        else:
-            cells += ["-"] * (len(headers) + len(bench.columns) - 3)
-        rows.append(cells)
     headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
+    rows, order = [], list(bench.order)
+    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
+        row = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
+        if r["status"] == "ok":
+            row[4:] = [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
+                       fmt_num(r["tokens_per_s"], 0), *(cell(r) for _, cell in bench.columns), f"{r['peak_mem_mb']:.0f} MiB"]
+        rows.append(row)
     mem = next((r["mem_method"] for r in records if r.get("mem_method")), "-")
     return report(bench.kind, command, env, markdown_table(headers, rows), bench.note.format(mem_method=mem),
                   bench.header(config))
@@ -282,22 +255,19 @@ def write_outputs(bench: Bench, out: str, records: list[dict], env: dict, config
                   final: bool = True) -> str:
     """results.json, results.md and (when ``final``) the plots; returns the markdown."""
     os.makedirs(out, exist_ok=True)
-    plots = bench.plots(records, out) if final else []
     text = markdown(bench, records, env, command, config)
-    write_results(out, results_doc(bench.kind, env, config, records, plots), text)
+    write_results(out, results_doc(bench.kind, env, config, records, bench.plots(records, out) if final else []), text)
     return text
 
 
 def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
     """A sweep command: run ``points``, save after each record, write the outputs, print the table."""
-    command = f"lasp bench {bench.kind} " + " ".join(argv)
-    world = launched_world()
+    command, world = f"lasp bench {bench.kind} " + " ".join(argv), launched_world()
     env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
                    mem_available_gb=mem_available_gb())
     if not world:
         env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
-    config = dict(vars(args))
-    done: list[dict] = []
+    config, done = dict(vars(args)), []
 
     def save_partial(rec: dict) -> None:
         done.append(rec)
