@@ -39,31 +39,26 @@ OK_REQUIRED = {
 
 def validate_results(data: dict) -> None:
     """Raise ``ValueError`` naming the first problem of a loaded ``results.json``."""
-    for key in ("schema", "kind", "env", "config", "records"):
-        if key not in data:
-            raise ValueError(f"results.json: missing key {key!r}")
+    def need(keys, where: dict, what: str) -> None:
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise ValueError(f"results.json: {what} {missing[0]!r}")
+
+    need(("schema", "kind", "env", "config", "records"), data, "missing key")
+    kind = data["kind"]
     if data["schema"] != SCHEMA:
         raise ValueError(f"results.json: schema must be {SCHEMA!r}, got {data['schema']!r}")
-    kind = data["kind"]
     if kind not in REQUIRED:
         raise ValueError(f"results.json: kind must be one of {tuple(REQUIRED)}, got {kind!r}")
     if kind != "predict":
-        for key in ("torch", "triton", "device", "world", "cpu_count", "date"):
-            if key not in data["env"]:
-                raise ValueError(f"results.json: env is missing {key!r}")
+        need(("torch", "triton", "device", "world", "cpu_count", "date"), data["env"], "env is missing")
     for i, rec in enumerate(data["records"]):
-        for key in REQUIRED[kind]:
-            if key not in rec:
-                raise ValueError(f"results.json: record {i} is missing {key!r}")
         status = rec.get("status", "ok")
+        need(REQUIRED[kind] + (OK_REQUIRED[kind] if status == "ok" else ()), rec, f"record {i} is missing")
         if status not in STATUSES:
             raise ValueError(f"results.json: record {i} has status {status!r}, expected one of {STATUSES}")
-        if status == "ok":
-            for key in OK_REQUIRED[kind]:
-                if key not in rec:
-                    raise ValueError(f"results.json: ok record {i} is missing {key!r}")
-            if kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
-                raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
+        if status == "ok" and kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
+            raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
 def write_results(out_dir: str, doc: dict, markdown: str) -> None:

@@ -1,21 +1,17 @@
 """Measuring one distributed step: adaptive repetitions, per-rank peak memory, env facts.
 
-Timing (every rank takes the same decisions, so every rank enters the same collectives):
-CPU: ``barrier; t0; step(); barrier; t1`` (the trailing barrier makes a sample the SLOWEST
-rank's time); CUDA: CUDA events around ``step()`` on each rank. The samples are max-reduced over
-the group.
+Timing (every rank takes the same decisions, so every rank enters the same collectives): CPU
+``barrier; t0; step(); barrier; t1`` (a sample is the SLOWEST rank's time); CUDA: events around
+``step()``. Samples are max-reduced over the group. Repetitions adapt to a time budget:
+``warmup`` steps (at least one; stopped once they used a third of ``max_seconds``), then
+``min(reps, (max_seconds - warm-up time) / last warm-up step)`` timed steps, at least
+``min_reps`` when that many fit in ``max_seconds``, else at least 1.
 
-Repetitions adapt to a time budget: ``warmup`` steps (at least one; stopped early once they used
-a third of ``max_seconds``), then ``n = min(reps, (max_seconds - warm-up time) / estimate)``
-timed steps (the estimate: the slowest rank's last warm-up step); ``n`` is at least ``min_reps``
-when that many fit in ``max_seconds``, else at least 1. :func:`time_steps` times several steps
-with their repetitions interleaved round-robin (fair ratios under background load).
-
-Peak memory of a step (measured on the first warm-up step, per rank):
-CUDA: ``max_memory_allocated - memory_allocated`` before the step (tensors only). CPU (Linux):
-``VmHWM - VmRSS``, the resident-set high-water mark during the step (reset through
-``/proc/self/clear_refs``) over the resident set before it, after ``malloc_trim(0)``: process
-memory, allocator slack included. Elsewhere ``ru_maxrss`` growth (0 below an earlier peak).
+Peak memory of a step (the first warm-up step, per rank): CUDA ``max_memory_allocated`` over
+``memory_allocated`` before it (tensors only); CPU (Linux) ``VmHWM - VmRSS``, the resident-set
+high-water mark during the step (reset through ``/proc/self/clear_refs``) over the resident set
+before it, after ``malloc_trim(0)`` (process memory, allocator slack included); elsewhere
+``ru_maxrss`` growth (0 below an earlier peak).
 """
 from __future__ import annotations
 
@@ -32,9 +28,6 @@ import torch
 import torch.distributed as dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_MEM_METHOD = "rss-hwm-delta"  # VmHWM - VmRSS around the step (Linux)
-CPU_MEM_FALLBACK = "ru_maxrss-delta"
-CUDA_MEM_METHOD = "cuda-max-allocated-delta"
 
 
 def _world(group) -> int:
@@ -50,31 +43,18 @@ def max_over_group(values: list[float], group) -> list[float]:
     """Element-wise max of a list of floats over the group (identity for one process)."""
     if _world(group) == 1 or not values:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.cpu().tolist()
 
 
-# ----------------------------------------------------------------------------- memory
-
-
-def _proc_status_kb(key: str) -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """A ``key: N kB`` value of a /proc file (None when unknown)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as fh:
+        with open(path, encoding="ascii") as fh:
             return next((int(line.split()[1]) for line in fh if line.startswith(key + ":")), None)
     except OSError:
         return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
@@ -85,21 +65,23 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, CUDA_MEM_METHOD
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda-max-allocated-delta"
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    rss = _proc_status_kb("VmRSS")
-    if rss is not None and _reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # resets VmHWM
+        rss = _proc_kb("/proc/self/status", "VmRSS")
+    except OSError:
+        rss = None
+    if rss is not None:
         step()
-        return max((_proc_status_kb("VmHWM") or rss) - rss, 0) / 1024, CPU_MEM_METHOD
+        return max((_proc_kb("/proc/self/status", "VmHWM") or rss) - rss, 0) / 1024, "rss-hwm-delta"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, 0) / 1024, CPU_MEM_FALLBACK
-
-
-# ----------------------------------------------------------------------------- timing
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, 0) / 1024, "ru_maxrss-delta"
 
 
 def _timed(step: Callable[[], None], group, device: torch.device) -> float:
@@ -118,61 +100,43 @@ def _timed(step: Callable[[], None], group, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _warm_up(step, instrument, *, group, device, warmup: int, max_seconds: float) -> tuple[list[float], object]:
-    warm: list[float] = []
-    instrumented = None
-    for i in range(max(1, warmup)):
-        if i > 0 and max_over_group([sum(warm)], group)[0] > max_seconds / 3:
-            break  # slow point: spend the budget on timed steps
-        if i == 0 and instrument is not None:
-            barrier(group)
-            t0 = time.perf_counter()
-            instrumented = instrument(step)
-            barrier(group)
-            warm.append(time.perf_counter() - t0)
-        else:
-            warm.append(_timed(step, group, device))
-    return max_over_group(warm, group), instrumented
+def time_steps(steps: list[Callable[[], None]], *, group, device: torch.device, warmup: int, reps: int,
+               max_seconds: float, min_reps: int = 3, instrument: list[Callable | None] | None = None) -> list[dict]:
+    """Warm up and time each of ``steps`` adaptively (module docstring), repetitions INTERLEAVED:
+    round r runs every step that still needs an r-th sample, from a rotating start, so all see
+    the same background load. ``instrument[i](step)``, if given, runs step i's first warm-up step
+    instead of ``step()`` (e.g. under the communication recorder) and its result is kept.
 
-
-def time_steps(
-    steps: list[Callable[[], None]],
-    *,
-    group,
-    device: torch.device,
-    warmup: int,
-    reps: int,
-    max_seconds: float,
-    min_reps: int = 3,
-    instrument: list[Callable | None] | None = None,
-) -> list[dict]:
-    """Warm up and time each of ``steps`` adaptively (module docstring), repetitions interleaved.
-
-    ``instrument[i](step)``, if given, runs step i's FIRST warm-up step instead of ``step()``
-    (e.g. under the communication recorder and the memory meter); its return value is kept. Each
-    step gets its own repetition count within its own ``max_seconds``; round r then runs every
-    step that still needs an r-th sample, from a rotating start, so all see the same background
-    load. Returns per step ``{"samples_s", "warmup_s", "instrumented"}``, samples max-reduced over
-    the group (identical on every rank).
+    Returns per step ``{"samples_s", "warmup_s", "instrumented"}``, samples max-reduced over the
+    group (identical on every rank).
     """
-    warms, instrumented, counts = [], [], []
+    out, counts = [], []
     for step, instr in zip(steps, instrument or [None] * len(steps)):
-        warm, inst = _warm_up(step, instr, group=group, device=device, warmup=warmup, max_seconds=max_seconds)
+        warm, inst = [], None
+        for i in range(max(1, warmup)):
+            if i > 0 and max_over_group([sum(warm)], group)[0] > max_seconds / 3:
+                break  # slow point: spend the budget on timed steps
+            if i == 0 and instr is not None:
+                barrier(group)
+                t0 = time.perf_counter()
+                inst = instr(step)
+                barrier(group)
+                warm.append(time.perf_counter() - t0)
+            else:
+                warm.append(_timed(step, group, device))
+        warm = max_over_group(warm, group)
         estimate = max(warm[-1], 1e-6)
-        fit = int((max_seconds - sum(warm)) // estimate)
         floor = min_reps if min_reps * estimate <= max_seconds else 1
-        warms.append(warm)
-        instrumented.append(inst)
-        counts.append(max(1, min(reps, max(fit, floor))))
-    samples: list[list[float]] = [[] for _ in steps]
-    k = len(steps)
+        counts.append(max(1, min(reps, max(int((max_seconds - sum(warm)) // estimate), floor))))
+        out.append({"samples_s": [], "warmup_s": warm, "instrumented": inst})
     for r in range(max(counts, default=0)):
-        for j in range(k):
-            i = (r + j) % k
-            if len(samples[i]) < counts[i]:
-                samples[i].append(_timed(steps[i], group, device))
-    return [{"samples_s": max_over_group(s, group), "warmup_s": w, "instrumented": inst}
-            for s, w, inst in zip(samples, warms, instrumented)]
+        for j in range(len(steps)):
+            i = (r + j) % len(steps)
+            if len(out[i]["samples_s"]) < counts[i]:
+                out[i]["samples_s"].append(_timed(steps[i], group, device))
+    for o in out:
+        o["samples_s"] = max_over_group(o["samples_s"], group)
+    return out
 
 
 def summarize_samples(samples_s: list[float]) -> dict:
@@ -184,9 +148,6 @@ def summarize_samples(samples_s: list[float]) -> dict:
     return {"time_ms": float(p50), "time_ms_min": float(ms.min()), "time_ms_max": float(ms.max()),
             "time_ms_p25": float(p25), "time_ms_p75": float(p75),
             "time_ms_std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "n_reps": len(ms)}
-
-
-# ----------------------------------------------------------------------------- environment
 
 
 def env_info(device: str, world: int, **extra) -> dict:
@@ -209,9 +170,5 @@ def env_info(device: str, world: int, **extra) -> dict:
 
 def mem_available_gb() -> float | None:
     """``MemAvailable`` of /proc/meminfo in GiB (None when unknown)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            kb = next((int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")), None)
-    except OSError:
-        return None
+    kb = _proc_kb("/proc/meminfo", "MemAvailable")
     return None if kb is None else kb / 2**20
