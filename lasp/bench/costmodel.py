@@ -1,47 +1,31 @@
 """Analytic cost model of sequence-parallel attention and of a training step (the math behind
 ``lasp bench predict``).
 
-Notation: ``P`` devices in one SP group (DP = 1), ``G`` GPUs per node, total sequence ``T``,
-``T_l = T / P`` tokens per device, batch ``B``, ``H`` heads of ``D``, ``e`` bytes per activation
-element (2 for bf16), states fp32. Hardware: matmul rate ``F = peak * mfu``; links ``bw_intra``
-(NVLink) and ``bw_inter`` (the node's InfiniBand shared by its G GPUs), both per direction per
-GPU; latencies ``a`` per message and ``a_launch`` per dependent step (kernel launch + stream sync
-+ framework). A group spanning nodes (``P > G``) runs at the inter values.
-
-Collectives (ring algorithms, as NCCL on these sizes), ``n`` = bytes per rank:
+``P`` devices in one SP group (DP = 1), ``G`` GPUs per node, total sequence ``T``, ``T_l = T/P``,
+batch ``B``, ``H`` heads of ``D``, ``e`` bytes per activation element, states fp32. Hardware:
+``F = peak * mfu`` FLOP/s; links ``bw_intra`` / ``bw_inter`` per direction per GPU; latency ``a``
+per message, ``a_launch`` per dependent step; a group spanning nodes (``P > G``) runs at the
+inter values. Collectives (ring algorithms, as NCCL), ``n`` = bytes per rank:
 
     all-gather(n) = reduce-scatter(n) = a_launch + (P-1) a + (P-1) n / bw
     all-to-all(n)      = a_launch + (P-1) a + (P-1)/P n / bw
     all-reduce(n)      = a_launch + 2 (P-1) a + 2 (P-1)/P n / bw
     ring step(n)       = a_launch + a + n / bw               (all ranks shift at once)
-    chain hop(n, link) = 2 a_launch + a_link + n / bw_link  (receive, state update kernel, send)
+    chain hop(n, link) = 2 a_launch + a_link + n / bw_link  (receive, state update, send)
 
-A chain of P-1 dependent hops (LASP-1) crosses node boundaries ``ceil(P/G) - 1`` times.
-
-Per layer, forward + backward (``x3`` FLOPs = forward + 2x backward), on the slowest rank:
-
-- linear attention compute: ``3 B T_l H (4 D^2 + 2 C D)`` FLOPs (state update and read-out
-  ``4 D^2``; the masked intra-chunk ``Q K^T V`` of chunk ``C``: ``2 C D`` per token), the intra
-  part overlappable.
-- softmax attention compute: ``3 * 4 B H D pairs``, ``pairs`` = the visible (query, key) pairs of
-  the slowest rank: ``T_l (T - T_l / 2)`` (contiguous: the last rank), ``T^2 / (2P)`` (zigzag, or
-  head-sharded all-to-all).
-- ``lasp2``: ONE all-gather of the state ``n = B H D^2 4`` forward and one backward, each
-  overlapped with the intra-chunk compute: exposed ``max(0, t_ag - t_intra)``.
-- ``lasp1``: a chain of P-1 hops of the same ``n`` forward and backward; exposed
-  ``max(0, chain - t_intra)``.
-- ``ring`` (softmax) and ``ring-linear`` (the LASP-2 paper's ring baseline on a linear model):
-  P-1 ring steps of the K/V block ``2 B T_l h_kv e`` forward; backward P-1 K/V steps plus P
-  steps of the fp32 dK/dV accumulator; each step overlaps one block of compute: exposed
-  ``sum max(0, t_step - t_block)``. On a linear model every received block costs its
-  ``K_j^T V_j`` (``3 * 2 B T_l H D^2`` FLOPs) on every rank: P-1 blocks of redundant work.
-- ``allgather`` (LASP-2H): all-gather K/V ``2 B T_l h_kv e`` forward, reduce-scatter backward.
-- ``ulysses`` (all-to-all): q,k,v ``B T_l (h + 2 h_kv) e`` and o ``B T_l h e``, forward and
-  backward; needs ``H % P == 0`` (flagged infeasible otherwise).
-
-A training step = dense matmuls (``6 * params_in_matrices`` FLOPs per token, LM head included)
-``/ F`` + per layer (attention compute + exposed communication) + one all-reduce of the bf16
-gradients over the group (the same for every method).
+Per layer, forward + backward (3x forward FLOPs), on the slowest rank. Linear compute
+``3 B T_l H (4 D^2 + 2 C D)`` (state update and read-out; intra-chunk ``Q K^T V`` of chunk C, the
+overlappable part); softmax ``3 * 4 B H D pairs``, ``pairs`` = ``T_l (T - T_l / 2)`` (contiguous,
+last rank) or ``T^2 / (2P)`` (zigzag, all-to-all). ``lasp2``: one all-gather of the state
+``B H D^2 4`` forward and one backward, each hidden behind the intra compute; ``lasp1``: a
+chain of P-1 such hops (``ceil(P/G) - 1`` of them inter-node) each way; ``ring`` /
+``ring-linear`` (the paper's ring baseline on a linear model): P-1 ring steps of the K/V block
+``2 B T_l h_kv e`` forward, P-1 plus P of the fp32 dK/dV accumulator backward, each hidden behind
+one block of compute (on a linear model every received block also costs its ``K_j^T V_j`` on
+every rank); ``allgather`` (LASP-2H): all-gather K/V forward, reduce-scatter backward;
+``ulysses``: all-to-all of q, k, v and of o each way, needs ``H % P == 0``. A training step =
+dense matmuls (``6 * params_in_matrices`` FLOPs per token) / F + per layer (compute + exposed
+communication) + one all-reduce of the bf16 gradients.
 """
 from __future__ import annotations
 

@@ -3,31 +3,21 @@ sequence lengths and SP sizes.
 
     lasp bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2,4 --out DIR
 
-Methods (benchmark name -> public operator; the registry :data:`METHODS`):
+Methods: the registry :data:`METHODS` (benchmark name -> the public operator and its
+``method=``: ``lasp2``, ``lasp1``, ``ulysses-linear`` of ``lasp.linear_attention``;
+``allgather`` (LASP-2H), ``ring``, ``ulysses-softmax`` of ``lasp.softmax_attention``). Each point
+builds random ``[B, T/P, H, D]`` q, k, v (and ``do``) on every rank; the methods of one
+(P, length) have their repetitions interleaved (``--no-interleave``: each point alone). Recorded
+(:mod:`lasp.bench.sweep`): median time and spread, every raw sample, tokens/s (``B * T / time``,
+the whole group), peak memory per rank, and from :func:`lasp.comm.record` the calls and bytes
+each rank sends per forward + backward (``bytes_per_rank`` = max over ranks; ``collectives`` =
+calls per rank, a send/recv pair counted once).
 
-    lasp2            lasp.linear_attention(method="lasp2")      one all-gather of states
-    lasp1            lasp.linear_attention(method="lasp1")      P2P ring of states
-    ulysses-linear   lasp.linear_attention(method="ulysses")    all-to-all of q/k/v/o
-    allgather        lasp.softmax_attention(method="allgather") LASP-2H: all-gather K/V
-    ring             lasp.softmax_attention(method="ring")      ring attention, P2P K/V
-    ulysses-softmax  lasp.softmax_attention(method="ulysses")   all-to-all of q/k/v/o
-
-Each point builds random ``[B, T/P, H, D]`` q, k, v (and ``do``) on every rank, runs warm-up
-steps (the first under the communication recorder and the memory meter), then timed steps
-(:mod:`lasp.bench.timing`); by default the methods of one (P, length) have their repetitions
-interleaved (``--no-interleave``: each point alone). Recorded per point: median time and
-spread, every raw sample, tokens/s (``B * T / time``, the whole group), peak memory per rank,
-and from :func:`lasp.comm.record` the calls and bytes each rank sends per forward + backward
-(``bytes_per_rank`` = max over ranks; ``collectives`` = calls per rank, a send/recv pair
-counted once).
-
-On the CPU the ranks are spawned gloo processes, one thread each. Under ``torchrun`` (GPUs:
-NCCL, one process per GPU) each process is a rank: ``torchrun --nproc-per-node 8 -m lasp.cli
-bench layer --sp 8 ...``; CUDA events time the steps.
-
-Memory guard (CPU): a point whose rough peak-memory estimate (:func:`estimate_memory_gb`)
-exceeds ``--max-memory-gb`` (default 70% of the memory available at start) is recorded as
-``skipped`` instead of run, so a quadratic method cannot take the machine down.
+CPU: spawned gloo ranks, one thread each. GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench
+layer --sp 8 ...`` (NCCL, one process per GPU, CUDA events). Memory guard (CPU): a point whose
+rough estimate (:func:`estimate_memory_gb`) exceeds ``--max-memory-gb`` (default 70% of the
+memory available at start) is recorded as ``skipped``, so a quadratic method cannot take the
+machine down.
 """
 from __future__ import annotations
 
@@ -41,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import sweep
-from .cli import common_args, check_common, csv_arg
+from .cli import check_common, common_args, csv_arg
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
@@ -49,21 +39,21 @@ from .timing import DTYPES, mem_available_gb
 
 def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
     """``(forward, backward)`` of ``lasp.linear_attention`` / ``lasp.softmax_attention`` (by
-    ``m.kind``) with ``method=m.op`` on this rank's shard: random local ``q, k, v, do`` seeded
-    by rank; softmax K/V have ``kv_heads`` heads."""
+    ``m.kind``) with ``method=m.op`` on this rank's random shard (seeded by rank; softmax K/V
+    have ``kv_heads`` heads)."""
     import lasp
 
     B, H, D, T = point["batch"], point["heads"], point["head_dim"], point["seq_len"]
-    H_kv = H if m.kind == "linear" else point["kv_heads"]
     gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
 
     def rnd(h: int, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(B, T // world, h, D, generator=gen) * std).to(device=device, dtype=DTYPES[point["dtype"]])
 
+    H_kv = H if m.kind == "linear" else point["kv_heads"]
     q, k, v = (x.requires_grad_() for x in (rnd(H, 0.5), rnd(H_kv, 0.5), rnd(H_kv)))
     do = rnd(H) / T**0.5
-    op = lasp.linear_attention if m.kind == "linear" else lasp.softmax_attention
     kw = dict(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
+    op = lasp.softmax_attention if m.kind == "softmax" else lasp.linear_attention
     if m.kind == "linear":
         kw["backend"] = point["backend"]
 
@@ -77,8 +67,8 @@ def attention_step(m: "Method", point: dict, rank: int, world: int, device: torc
 @dataclass(frozen=True)
 class Method:
     """A benchmark method: ``kind`` (``linear`` | ``softmax`` | a new family), ``op`` (the public
-    operator's ``method=``) and ``step(method, point, rank, world, device) -> (forward,
-    backward)``: builds this rank's inputs; ``backward(forward())`` is one measured step."""
+    operator's ``method=``) and ``step(method, point, rank, world, device) -> (forward, backward)``,
+    which builds this rank's inputs; ``backward(forward())`` is one measured step."""
 
     kind: str
     op: str
@@ -104,15 +94,11 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
 
 
 def estimate_memory_gb(point: dict) -> float:
-    """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard.
-
-    Linear in T for every method (inputs, outputs, gradients, fp32 copies, chunk work:
-    ``~40 * B * T * H * D * 4`` bytes), plus the quadratic part of the softmax methods:
-    ``ring`` computes each ``(T/P) x (T/P)`` block in row tiles of ``tile = min(TILE_ROWS, T/P)``
-    queries (:mod:`lasp.ops.ring`): fp32 score tiles ``[B, H, tile, T/P]``, about three live at
-    once in backward (P, dS and a temporary), so ``3 * 4 * B * H * tile * T`` bytes in all;
-    ``allgather`` passes a boolean causal mask ``[T/P, T]`` to SDPA per rank (``T^2`` bytes).
-    """
+    """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard: linear in T for
+    every method (``~40 * B * T * H * D * 4`` bytes: inputs, outputs, gradients, fp32 copies, chunk
+    work), plus for ``ring`` about three live fp32 score tiles ``[B, H, tile, T/P]`` per rank in
+    backward, ``tile = min(TILE_ROWS, T/P)`` (:mod:`lasp.ops.ring`), and for ``allgather`` the
+    boolean causal mask ``[T/P, T]`` per rank that SDPA gets."""
     B, T, H, D, P = point["batch"], point["seq_len"], point["heads"], point["head_dim"], point["sp"]
     total = 40.0 * B * T * H * D * 4
     if point["method"] == "ring":
@@ -125,7 +111,7 @@ def estimate_memory_gb(point: dict) -> float:
 
 
 def precheck(point: dict) -> tuple[str, str] | None:
-    """Unavailable (not in the operators' public table) or over the memory guard."""
+    """Unavailable (not in the operators' public method table) or over the memory guard."""
     from ..attention import LINEAR_METHODS, SOFTMAX_METHODS
 
     m = METHODS[point["method"]]
@@ -157,7 +143,8 @@ BENCH = sweep.Bench(
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", type=csv_arg(str, "--method"), default=["lasp2", "lasp1", "ring"], help=f"comma-separated, of {', '.join(METHODS)}")
     common_args(ap, default_budget=20.0)
@@ -173,25 +160,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for m in args.method:
         if m not in METHODS:
             ap.error(f"--method: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for name in ("heads", "head_dim"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.heads < 1 or args.head_dim < 1:
+        ap.error("--heads and --head-dim must be >= 1")
     check_common(ap, args)
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
-    return args
-
-
-def build_points(args) -> list[dict]:
-    return [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp,
-                 batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
-                 dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
-                 min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.resolve_device(args.device),
-                 _max_memory_gb=args.max_memory_gb)
-            for sp in args.sp for method in args.method for n in args.seq_len]
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    return sweep.main(BENCH, args, argv, build_points(args), interleave=args.interleave)
+    points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp,
+                   batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+                   dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
+                   min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.resolve_device(args.device),
+                   _max_memory_gb=args.max_memory_gb)
+              for sp in args.sp for method in args.method for n in args.seq_len]
+    return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

@@ -4,22 +4,16 @@ their token mixers, at growing sequence lengths, on P ranks.
 
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
 
-Models (every one is the base config -- ``--config`` or the built-in small shape -- with the
-layer pattern and methods below; ``num_kv_heads`` is set to ``num_heads`` so all variants have
-the same parameters, up to the D-sized output norm of each linear layer):
-
-    linear        pattern "L"     every layer linear attention, LASP-2
-    hybrid        pattern "LLLS"  1/4 softmax: LASP-2 + LASP-2H (all-gather K/V)
-    llama-ring    pattern "S"     plain Llama (softmax only), ring attention
-    llama-allgather  pattern "S"  plain Llama, LASP-2H
-    linear-lasp1  pattern "L"     pure linear with LASP-1
-
-One step on every rank: random token ids of the whole sequence (same seed on every rank),
-this rank's shard in ``--layout`` order, ``model(ids, group=, layout=)``, mean cross-entropy of
-the local tokens, backward, ONE all-reduce of the flattened gradients (averaged over the SP
-ranks, as data parallelism would), ``torch.optim.AdamW.step``. Timing, repetitions and memory
-as in :mod:`lasp.bench.timing`; ``tokens_per_s = B * T / step time`` for the whole group, and
-``model_tflops`` = training FLOPs per token (:func:`lasp.models.info.count_flops`) x tokens/s.
+Models (:data:`MODELS`): the base config (``--config`` or the built-in small shape) with a layer
+pattern and methods: ``linear`` (all LASP-2), ``hybrid`` ("LLLS": LASP-2 + LASP-2H),
+``llama-ring`` / ``llama-allgather`` (softmax only, ring attention / LASP-2H), ``linear-lasp1``;
+``num_kv_heads = num_heads``, so all have the same parameters up to the D-sized output norm of
+each linear layer. One step on every rank: random ids of the whole sequence (same seed on every
+rank), this rank's shard in ``--layout`` order, ``model(ids, group=, layout=)``, mean
+cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gradients (averaged
+over the SP ranks, as data parallelism would), AdamW. ``tokens_per_s = B * T / step time`` (the
+whole group); ``model_tflops`` = training FLOPs per token (:func:`lasp.models.info.count_flops`)
+x tokens/s.
 """
 from __future__ import annotations
 
@@ -33,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import comm
 from . import sweep
-from .cli import check_common, common_args
+from .cli import check_common, common_args, csv_arg
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES
@@ -141,9 +135,10 @@ BENCH = sweep.Bench(
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=["linear", "hybrid", "llama-ring"],
+    ap.add_argument("--models", type=csv_arg(str, "--models"), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
@@ -163,17 +158,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.base_config = ModelConfig.from_yaml(args.config).to_dict()
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
-    return args
-
-
-def build_points(args) -> list[dict]:
-    return [dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
-                 warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-                 device=sweep.resolve_device(args.device), _base_config=args.base_config)
-            for sp in args.sp for m in args.models for n in args.seq_len]
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    return sweep.main(BENCH, args, argv, build_points(args))
+    points = [dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
+                   warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
+                   device=sweep.resolve_device(args.device), _base_config=args.base_config)
+              for sp in args.sp for m in args.models for n in args.seq_len]
+    return sweep.main(BENCH, args, argv, points)

@@ -61,46 +61,35 @@ def _fit(xs, ys) -> tuple[float, float]:
 
 
 def _shape_of(rec: dict) -> Shape:
-    e = {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")]
     return Shape(rec["seq_len"], rec["sp"], rec.get("batch", 1), rec.get("heads", 8), rec.get("kv_heads", rec.get("heads", 8)),
-                 rec.get("head_dim", 64), e, 64, rec.get("layout", "contiguous"))
-
-
-def _flops(rec: dict) -> float:
-    unit = Hardware(peak_flops=1.0, mfu=1.0)
-    return layer_cost(rec["method"], _shape_of(rec), unit)["compute_s"]
+                 rec.get("head_dim", 64), {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")], 64,
+                 rec.get("layout", "contiguous"))
 
 
 def calibrate(layer_doc: dict) -> dict:
     """Fit ``F`` and ``t0`` per kind and one bandwidth; predict every ok point of ``layer_doc``."""
-    ok = [r for r in layer_doc["records"] if r.get("status") == "ok"]
+    unit = Hardware(peak_flops=1.0, mfu=1.0)  # compute_s = the model's FLOPs
+    ok = [(dict(r, kind=r.get("kind", "linear")), layer_cost(r["method"], _shape_of(r), unit)["compute_s"])
+          for r in layer_doc["records"] if r.get("status") == "ok"]
     fits: dict[str, dict] = {}
     for kind, ref in (("linear", "lasp2"), ("softmax", "allgather")):
-        pts = [r for r in ok if r["method"] == ref] or [r for r in ok if r.get("kind") == kind]
-        if not pts:
-            continue
-        t0, slope = _fit([_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts])
-        fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": t0, "reference": pts[0]["method"], "points": len(pts)}
-    # one bandwidth: the time left after compute = bytes / bw, in relative least squares
-    comm = [r for r in ok if r.get("kind", "linear") in fits and r["sp"] > 1]
-    bw = None
-    if comm:
-        n = np.array([r["bytes_per_rank"] for r in comm], dtype=np.float64)
-        y = np.array([r["time_ms"] / 1e3 for r in comm])
-        f = [fits[r.get("kind", "linear")] for r in comm]
-        resid = y - np.array([fi["t0_s"] + _flops(r) / fi["flops_per_s"] for r, fi in zip(comm, f)])
-        den = (n * resid / y**2).sum()
-        bw = float(((n / y) ** 2).sum() / den) if den > 0 else None
+        pts = [p for p in ok if p[0]["method"] == ref] or [p for p in ok if p[0]["kind"] == kind]
+        if pts:
+            t0, slope = _fit([f for _, f in pts], [r["time_ms"] / 1e3 for r, _ in pts])
+            fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": t0, "reference": pts[0][0]["method"], "points": len(pts)}
+    ok = [(r, f, fits[r["kind"]]) for r, f in ok if r["kind"] in fits]
+    comm = [(r, f, fit) for r, f, fit in ok if r["sp"] > 1]  # the time left after compute = bytes / bw
+    n = np.array([r["bytes_per_rank"] for r, _, _ in comm], dtype=np.float64)
+    y = np.array([r["time_ms"] / 1e3 for r, _, _ in comm])
+    den = (n * (y - np.array([fit["t0_s"] + f / fit["flops_per_s"] for _, f, fit in comm])) / y**2).sum()
+    bw = float(((n / y) ** 2).sum() / den) if den > 0 else None
     rows = []
-    for r in ok:
-        f = fits.get(r.get("kind", "linear"))
-        if f is None:
-            continue
-        hw = Hardware(peak_flops=f["flops_per_s"], mfu=1.0, gpus_per_node=1 << 20, bw_intra=bw or 1e30, bw_inter=bw or 1e30,
-                      lat_intra=0.0, lat_inter=0.0, lat_launch=0.0)
-        pred = f["t0_s"] + layer_cost(r["method"], _shape_of(r), hw)["total_s"]
+    for r, _, fit in ok:
+        hw = Hardware(peak_flops=fit["flops_per_s"], mfu=1.0, gpus_per_node=1 << 20, bw_intra=bw or 1e30,
+                      bw_inter=bw or 1e30, lat_intra=0.0, lat_inter=0.0, lat_launch=0.0)
+        pred = 1e3 * (fit["t0_s"] + layer_cost(r["method"], _shape_of(r), hw)["total_s"])
         rows.append({"method": r["method"], "seq_len": r["seq_len"], "sp": r["sp"], "measured_ms": r["time_ms"],
-                     "predicted_ms": pred * 1e3, "error_pct": 100 * (pred * 1e3 / r["time_ms"] - 1)})
+                     "predicted_ms": pred, "error_pct": 100 * (pred / r["time_ms"] - 1)})
     return {"fits": fits, "bandwidth_bytes_per_s": bw, "points": rows}
 
 
@@ -121,12 +110,10 @@ def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hard
 def paper_comparison(records: list[dict]) -> list[dict]:
     rows = []
     for (method, n), paper in PAPER.items():
-        hit = [r for r in records if r["method"] == method and r["seq_len"] == n]
-        if not hit:
-            continue
-        ours = hit[0]["lasp2_speedup_pct"]
-        rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
-                     "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
+        ours = next((r["lasp2_speedup_pct"] for r in records if r["method"] == method and r["seq_len"] == n), None)
+        if ours is not None:
+            rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
+                         "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
     return rows
 
 
@@ -148,15 +135,11 @@ def match_paper(cfg, devices: int, hw: Hardware, comparison: list[dict]) -> list
             return 100 * (a / b - 1) - c["paper_pct"]
 
         lo, hi = getattr(hw, field) / 1e4, getattr(hw, field) * 1e4
-        g_lo, g_hi = gap(lo), gap(hi)
-        value = None
-        if g_lo * g_hi < 0:
+        value, sign = None, gap(lo) < 0
+        if sign != (gap(hi) < 0):
             for _ in range(80):
                 mid = (lo * hi) ** 0.5
-                if (gap(mid) < 0) == (g_lo < 0):
-                    lo = mid
-                else:
-                    hi = mid
+                lo, hi = (mid, hi) if (gap(mid) < 0) == sign else (lo, mid)
             value = (lo * hi) ** 0.5
         out.append({"versus": c["versus"], "seq_len": c["seq_len"], "knob": field, "knob_meaning": what,
                     "assumed": getattr(hw, field) / unit, "needed": None if value is None else value / unit, "unit": uname})
