@@ -144,9 +144,8 @@ def test_time_steps_respects_budget():
         calls.append(1)
         time.sleep(0.02)
 
-    (out,) = time_steps([step], group=None, device=__import__("torch").device("cpu"), warmup=1, reps=100, max_seconds=0.1,
-                        instrument=[lambda s: s() or "seen"])
-    assert out["instrumented"] == "seen"
+    (out,) = time_steps([step], group=None, device=__import__("torch").device("cpu"), warmup=1, reps=100, max_seconds=0.1)
+    assert len(out["warmup_s"]) == 1
     assert 1 <= len(out["samples_s"]) <= 5 and len(calls) == 1 + len(out["samples_s"])
     stats = summarize_samples(out["samples_s"])
     assert stats["n_reps"] == len(out["samples_s"]) and stats["time_ms_min"] <= stats["time_ms"]

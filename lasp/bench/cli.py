@@ -24,17 +24,14 @@ def main(argv: list[str]) -> int:
     return run_module_main(KINDS[argv[0]][0], argv[1:], f"lasp bench {argv[0]}")
 
 
-def csv_arg(kind, what: str):
-    """An argparse type: a non-empty comma-separated list of ``kind``."""
+def positive(kind=int):
+    """An argparse type: a ``kind`` > 0."""
 
     def parse(s: str):
-        try:
-            vals = [kind(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list, got {s!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError(f"{what} must not be empty")
-        return vals
+        x = kind(s)
+        if not x > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
+        return x
 
     return parse
 
@@ -46,26 +43,34 @@ def seq_len_arg(s: str) -> int:
     return int(s[:-1] if mult > 1 else s) * mult
 
 
+def csv_arg(kind, what: str):
+    """An argparse type: a non-empty comma-separated list of ``kind``."""
+
+    def parse(s: str):
+        try:
+            vals = [kind(x) for x in s.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of values > 0, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return vals
+
+    return parse
+
+
 def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
     """The sweep flags of ``lasp bench layer`` and ``lasp bench model``."""
-    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg, "--seq-len"), default=[2048, 8192], help="total sequence lengths (8192 or 8K), comma-separated")
-    ap.add_argument("--sp", type=csv_arg(int, "--sp"), default=[2], help="sequence-parallel sizes P, comma-separated")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[2048, 8192],
+                    help="total sequence lengths (8192 or 8K), comma-separated")
+    ap.add_argument("--sp", type=csv_arg(positive(), "--sp"), default=[2], help="sequence-parallel sizes P, comma-separated")
+    ap.add_argument("--batch", type=positive(), default=1)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps (at least 1; fewer for slow points)")
-    ap.add_argument("--reps", type=int, default=10, help="most timed steps per point")
+    ap.add_argument("--reps", type=positive(), default=10, help="most timed steps per point")
     ap.add_argument("--min-reps", type=int, default=3, help="fewest timed steps when that many fit in the budget")
-    ap.add_argument("--max-seconds-per-point", type=float, default=default_budget, help="time budget per point (warm-up + timed steps)")
+    ap.add_argument("--max-seconds-per-point", type=positive(float), default=default_budget, help="time budget per point (warm-up + timed steps)")
     ap.add_argument("--point-timeout", type=float, default=1200.0, help="seconds before a point is abandoned (pool restarted)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CUDA when visible (P > 1 on GPUs: launch with torchrun, one process per GPU)")
     ap.add_argument("--out", required=True, help="output directory (results.json, results.md, PNG plots)")
-
-
-def check_common(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``ap.error`` on a sweep flag out of range."""
-    if any(p < 1 for p in args.sp) or any(n < 1 for n in args.seq_len) or args.batch < 1 or args.reps < 1:
-        ap.error("--sp, --seq-len, --batch and --reps must be >= 1")
-    if args.max_seconds_per_point <= 0:
-        ap.error("--max-seconds-per-point must be > 0")

@@ -1,20 +1,15 @@
 """``lasp bench kernels``: one-device speed of the chunked linear-attention compute paths.
 
-Providers: ``triton`` (``lasp.linear_attention(..., backend="triton")``, the kernels under
-``kernels/``), ``torch`` (the chunked torch path), and ``fla`` (flash-linear-attention's
-``chunk_simple_gla``) when importable; on the CPU the torch path only. Modes: ``fwd`` (no
-autograd), ``fwdbwd``. CUDA: ``triton.testing.do_bench`` (25 ms warm-up, ``--budget`` seconds
-of repetitions, L2 flushed between them); CPU: wall clock (:func:`lasp.bench.timing.time_steps`),
-``--warmup`` runs then up to ``--reps`` within ``--budget`` seconds.
-
-FLOPs are those of the chunked algorithm, chunk ``C = 64``, per (batch, head), the same for every
-provider: forward ``2 T C (K + V) + 4 T K V`` (intra scores and their product with V; chunk
-states; queries against states), backward ``2 T C (3K + 2V) + 8 T K V``; also as a fraction of
-a bf16 ``8192^3`` matmul measured on the same device.
-
-Writes ``results.json`` (``lasp-bench/1``, kind ``kernels``), ``results.md`` and ``kernels.png``
-under ``--out``. ``--check`` first compares each provider with the float64 oracle (outputs and
-all gradients, fp32 and bf16) on a small problem; exit status 1 when one fails.
+Providers: ``triton`` and ``torch`` (``lasp.linear_attention(..., backend=)``), ``fla``
+(flash-linear-attention's ``chunk_simple_gla``) when importable; on the CPU the torch path only.
+Modes ``fwd`` (no autograd) and ``fwdbwd``. CUDA: ``triton.testing.do_bench`` (25 ms warm-up,
+``--budget`` seconds of repetitions); CPU: wall clock, ``--warmup`` runs then up to ``--reps``
+within ``--budget``. FLOPs: the chunked algorithm's (chunk ``C = 64``, per batch and head, the
+same for every provider): forward ``2 T C (K + V) + 4 T K V``, backward
+``2 T C (3K + 2V) + 8 T K V``; also as a fraction of a measured bf16 ``8192^3`` matmul. Writes
+``results.json`` (kind ``kernels``), ``results.md`` and ``kernels.png`` under ``--out``.
+``--check`` first compares each provider with the float64 oracle (outputs and all gradients,
+fp32 and bf16); exit status 1 when one fails.
 """
 from __future__ import annotations
 
@@ -177,41 +172,43 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args) -> dict:
+    rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
+    try:
+        samples = bench_case(fn, T, d, mode, args.device, args)
+        rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
+        rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
+        rec["frac_peak"] = rec["tflops"] / peak if peak else None
+        result = f"{rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s"
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
+        rec.update(status="error", reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        result = f"ERROR {rec['reason']}"
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} {result}")
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    device = args.device
-    provs = providers(device, args.providers.split(","))
+    provs = providers(args.device, args.providers.split(","))
     if not provs:
-        print(f"no provider of {args.providers!r} is available on {device}", file=sys.stderr)
+        print(f"no provider of {args.providers!r} is available on {args.device}", file=sys.stderr)
         return 2
-    env = env_info(str(device), 1, providers=list(provs), fla_available=fla_fn() is not None, chunk=CHUNK)
+    env = env_info(str(args.device), 1, providers=list(provs), fla_available=fla_fn() is not None, chunk=CHUNK)
     print(f"lasp bench kernels on {env['device']}: providers {list(provs)}, B={args.B} H={args.H} T={args.T} "
           f"K=V={args.dims} {args.dtype} gates={args.gates}")
     checks = []
     for name, fn in provs.items() if args.check else ():
         try:
-            checks += check_provider(fn, name, args.dims, args.gates, device)
+            checks += check_provider(fn, name, args.dims, args.gates, args.device)
         except Exception as e:  # noqa: BLE001 - report and go on to timing
             checks.append({"provider": name, "error": f"{type(e).__name__}: {e}", "ok": False})
             print(f"check {name}: {checks[-1]['error']}")
-    peak = matmul_peak_tflops(device)
-    records = []
-    for mode, d, T, (name, fn) in ((m, d, T, p) for m in args.modes.split(",") for d in args.dims for T in args.T
-                                   for p in provs.items()):
-        rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
-        try:
-            samples = bench_case(fn, T, d, mode, device, args)
-            rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
-            rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
-            rec["frac_peak"] = rec["tflops"] / peak if peak else None
-            print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} {rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s")
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
-            rec.update(status="error", reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-            print(f"{mode:7s} T={T:6d} K=V={d:4d} {name:7s} ERROR {rec['reason']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        records.append(rec)
+    peak = matmul_peak_tflops(args.device)
+    records = [run_case(fn, name, mode, T, d, peak, args) for mode in args.modes.split(",") for d in args.dims
+               for T in args.T for name, fn in provs.items()]
     text = markdown(records, env, "lasp bench kernels " + " ".join(argv), peak, args)
     print("\n" + text)
     if args.out:
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         plot = plot_metric_vs_seq_len(records, os.path.join(args.out, "kernels.png"), series="series", metric="tflops",
                                       ylabel="TFLOP/s (chunked algorithm)", title="kernels (dashed: fwd only)", panel="K",
                                       panel_name="K=V", dashed=tuple(f"{n} fwd" for n in provs))
-        doc = results_doc("kernels", env, dict(vars(args), device=str(device)), records, [os.path.basename(plot)])
+        doc = results_doc("kernels", env, dict(vars(args), device=str(args.device)), records, [os.path.basename(plot)])
         write_results(args.out, dict(doc, peak_tflops=peak, checks=checks), text)
         print(f"wrote {args.out}/results.json, results.md, kernels.png")
     if not all(r["ok"] for r in checks):

@@ -3,21 +3,14 @@ sequence lengths and SP sizes.
 
     lasp bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2,4 --out DIR
 
-Methods: the registry :data:`METHODS` (benchmark name -> the public operator and its
-``method=``: ``lasp2``, ``lasp1``, ``ulysses-linear`` of ``lasp.linear_attention``;
-``allgather`` (LASP-2H), ``ring``, ``ulysses-softmax`` of ``lasp.softmax_attention``). Each point
-builds random ``[B, T/P, H, D]`` q, k, v (and ``do``) on every rank; the methods of one
-(P, length) have their repetitions interleaved (``--no-interleave``: each point alone). Recorded
-(:mod:`lasp.bench.sweep`): median time and spread, every raw sample, tokens/s (``B * T / time``,
-the whole group), peak memory per rank, and from :func:`lasp.comm.record` the calls and bytes
-each rank sends per forward + backward (``bytes_per_rank`` = max over ranks; ``collectives`` =
-calls per rank, a send/recv pair counted once).
-
-CPU: spawned gloo ranks, one thread each. GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench
-layer --sp 8 ...`` (NCCL, one process per GPU, CUDA events). Memory guard (CPU): a point whose
-rough estimate (:func:`estimate_memory_gb`) exceeds ``--max-memory-gb`` (default 70% of the
-memory available at start) is recorded as ``skipped``, so a quadratic method cannot take the
-machine down.
+Methods: the registry :data:`METHODS` (name -> public operator and its ``method=``). Each point
+builds random ``[B, T/P, H, D]`` q, k, v, do on every rank; the methods of one (P, length) have
+their repetitions interleaved (``--no-interleave``: each point alone). Recorded
+(:mod:`lasp.bench.sweep`): time (median, spread, samples), tokens/s (``B * T / time``), peak
+memory per rank, and from :func:`lasp.comm.record` the calls and bytes each rank sends per
+forward + backward (max over ranks). GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench layer
+--sp 8 ...``. CPU memory guard: a point whose estimate (:func:`estimate_memory_gb`) exceeds
+``--max-memory-gb`` (default 70% of the available memory) is ``skipped``, not run.
 """
 from __future__ import annotations
 
@@ -31,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import sweep
-from .cli import check_common, common_args, csv_arg
+from .cli import common_args, csv_arg, positive
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
@@ -150,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     common_args(ap, default_budget=20.0)
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each point on its own instead of interleaving the methods' repetitions per (P, length)")
-    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
-    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--head-dim", type=positive(), default=64)
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
@@ -160,9 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.method:
         if m not in METHODS:
             ap.error(f"--method: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    if args.heads < 1 or args.head_dim < 1:
-        ap.error("--heads and --head-dim must be >= 1")
-    check_common(ap, args)
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp,

@@ -4,16 +4,12 @@ their token mixers, at growing sequence lengths, on P ranks.
 
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
 
-Models (:data:`MODELS`): the base config (``--config`` or the built-in small shape) with a layer
-pattern and methods: ``linear`` (all LASP-2), ``hybrid`` ("LLLS": LASP-2 + LASP-2H),
-``llama-ring`` / ``llama-allgather`` (softmax only, ring attention / LASP-2H), ``linear-lasp1``;
-``num_kv_heads = num_heads``, so all have the same parameters up to the D-sized output norm of
-each linear layer. One step on every rank: random ids of the whole sequence (same seed on every
-rank), this rank's shard in ``--layout`` order, ``model(ids, group=, layout=)``, mean
-cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gradients (averaged
-over the SP ranks, as data parallelism would), AdamW. ``tokens_per_s = B * T / step time`` (the
-whole group); ``model_tflops`` = training FLOPs per token (:func:`lasp.models.info.count_flops`)
-x tokens/s.
+Models (:data:`MODELS`): the base config (``--config`` or a built-in small shape) with a layer
+pattern and methods, ``num_kv_heads = num_heads`` (same parameters up to the D-sized output
+norm of each linear layer). A step: random ids of the whole sequence, this rank's shard, mean
+cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gradients
+(averaged, as data parallelism would), AdamW. ``model_tflops`` = training FLOPs per token
+(:func:`lasp.models.info.count_flops`) x tokens/s.
 """
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import comm
 from . import sweep
-from .cli import check_common, common_args, csv_arg
+from .cli import common_args, csv_arg
 from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES
@@ -149,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
     if args.dtype == "fp16":
         ap.error("--dtype: the model bench supports fp32 and bf16")
-    check_common(ap, args)
     args.base_config = dict(SMALL)
     if args.config:
         from ..models import ModelConfig

@@ -4,25 +4,19 @@ training step on a cluster, next to the LASP-2 paper's reported speed-ups.
     lasp bench predict --out DIR                        # the paper's setting, A100 defaults
     lasp bench predict --calibrate bench-results/cpu-p2 --out DIR
 
-Default setting = the LASP-2 paper's (Sun et al., 2025, "LASP-2: Rethinking Sequence
-Parallelism for Linear Attention and Its Hybrid", arXiv 2502.07563): Linear-Llama3-1B
-(``configs/models/linear-llama3-1b.yaml``), 64 A100 GPUs in 8 nodes of 8, SP size 64, batch
-1, total sequence 2K ... 2048K. The paper reports LASP-2's training throughput +36.6% over
-Ring Attention and +15.2% over LASP-1 at 2048K, and +17.8% / +7.3% at 512K.
+Default = the paper's setting (Sun et al., 2025, arXiv 2502.07563): Linear-Llama3-1B, 64 A100
+in 8 nodes of 8, SP 64, batch 1, 2K ... 2048K tokens; it reports LASP-2's throughput +36.6% over
+Ring Attention and +15.2% over LASP-1 at 2048K, +17.8% / +7.3% at 512K. Hardware (flags
+override; :class:`~lasp.bench.costmodel.Hardware`): 312 TFLOP/s bf16 at MFU 0.40, NVLink 300
+GB/s and InfiniBand 25 GB/s per GPU per direction, 5 / 10 us per message, 50 us per call or
+dependent step (what makes LASP-1's 63 dependent hops cost more than one all-gather), plus the
+bf16 gradient all-reduce. Speed-up over X = ``tokens/s(LASP-2) / tokens/s(X) - 1``.
 
-Hardware (flags override each; :class:`lasp.bench.costmodel.Hardware`): A100-80GB SXM, 312 TFLOP/s
-dense bf16 used at ``--mfu 0.40`` (Megatron-class 1B-8B training reaches 40-50%); NVLink 3 at
-300 GB/s per direction per GPU, 5 us/message; InfiniBand HDR 8 x 200 Gb/s per node = 25 GB/s per
-GPU per direction, 10 us/message; 50 us per call / dependent step (what makes a chain of 63
-dependent P2P hops, LASP-1, cost more than one all-gather); the bf16 gradient all-reduce is part
-of every step. Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1``.
-
-Calibration (``--calibrate`` a ``lasp bench layer`` results.json): per operator kind the
-effective compute rate ``F`` and fixed cost ``t0`` are fitted (``numpy.polyfit``, relative
-error) to the measured time against the model's FLOPs of the reference method (``lasp2`` for
-linear, ``allgather`` for softmax), then one link bandwidth to the residuals against the bytes
-sent; every measured point is then predicted and the error printed. ``--use-calibration`` runs
-the cluster prediction with the fitted ``F`` and bandwidth.
+``--calibrate`` (a ``lasp bench layer`` results.json): per operator kind, compute rate ``F``
+and fixed cost ``t0`` fitted (``numpy.polyfit``, relative error) to the measured times against
+the model's FLOPs of ``lasp2`` / ``allgather``, then one link bandwidth to the residuals against
+the bytes sent; every measured point is predicted with its error. ``--use-calibration``
+predicts the cluster with the fitted ``F`` and bandwidth.
 """
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ import sys
 import numpy as np
 
 from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
-from .cli import seq_len_arg
+from .cli import csv_arg, positive, seq_len_arg
 from .plots import plot_metric_vs_seq_len
 from .results import fmt_num, load_results, markdown_table, results_doc, write_results
 
@@ -203,31 +197,25 @@ HW_FLAGS = [("--gpus-per-node", "gpus_per_node", 1, ""),
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
-    ap.add_argument("--devices", type=int, default=64, help="GPUs in the SP group")
-    ap.add_argument("--seq-len", default="2K,8K,32K,128K,512K,2048K", help="total sequence lengths, comma-separated")
-    ap.add_argument("--methods", default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
+    ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
+    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg, "--seq-len"), default="2K,8K,32K,128K,512K,2048K",
+                    help="total sequence lengths, comma-separated")
+    ap.add_argument("--methods", type=csv_arg(str, "--methods"), default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
     for flag, field, unit, help_ in HW_FLAGS:
         default = getattr(Hardware(), field)
-        ap.add_argument(flag, type=type(default), default=default / unit if unit != 1 else default, help=help_ or None)
+        kind = type(default) if field.startswith("lat") else positive(type(default))
+        ap.add_argument(flag, type=kind, default=default / unit if unit != 1 else default, help=help_ or None)
     ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
     ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
     ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
     args = ap.parse_args(argv)
-    try:
-        args.seq_len = [seq_len_arg(s) for s in args.seq_len.split(",") if s]
-    except ValueError:
-        ap.error(f"--seq-len must be comma-separated lengths like 512K, got {args.seq_len!r}")
-    args.methods = [m for m in args.methods.split(",") if m]
     for m in args.methods:
         if m not in LINEAR_SP:
             ap.error(f"--methods: unknown method {m!r}; choose from {', '.join(LINEAR_SP)}")
     if "lasp2" not in args.methods:
         args.methods.insert(0, "lasp2")
-    if args.devices < 1 or args.gpus_per_node < 1 or any(n < args.devices for n in args.seq_len):
-        ap.error("--devices and --gpus-per-node must be >= 1 and every --seq-len >= --devices")
-    for name in ("peak_tflops", "mfu", "bw_intra_gbs", "bw_inter_gbs"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if any(n < args.devices for n in args.seq_len):
+        ap.error("every --seq-len must be >= --devices")
     if args.use_calibration and not args.calibrate:
         ap.error("--use-calibration needs --calibrate")
     return args

@@ -1,17 +1,8 @@
-"""Benchmark output files: ``results.json`` (every record, raw samples, environment),
-``results.md`` (a markdown table) and the PNG plots, plus the schema check the tests use.
-
-``results.json``::
-
-    {"schema": "lasp-bench/1", "kind": "layer" | "model" | "kernels" | "predict",
-     "env": {torch, triton, device, world, cpu_count, date, ...},
-     "config": {the command's arguments},
-     "records": [{...}, ...],          # one per measured point
-     "plots": ["time_vs_seq_len.png", ...]}
-
-Every ``layer``/``model``/``kernels`` record has ``status`` (``ok`` | ``unavailable`` |
-``skipped`` | ``error``) and ``reason``; an ``ok`` record has ``time_ms`` (median), the spread
-(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms`` (and ``warmup_ms``).
+"""Benchmark output files: ``results.json`` (schema ``lasp-bench/1``: ``kind`` layer | model |
+kernels | predict, ``env`` facts, ``config`` = the arguments, ``records``, ``plots``) and
+``results.md``, plus the schema check. A layer / model / kernels record has ``status`` (ok |
+unavailable | skipped | error) and ``reason``; an ok one ``time_ms`` (median), the spread
+(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms``.
 """
 from __future__ import annotations
 
@@ -89,16 +80,11 @@ def results_doc(kind: str, env: dict, config: dict, records: list[dict], plots: 
     return {"schema": SCHEMA, "kind": kind, "env": env, "config": config, "records": records, "plots": list(plots)}
 
 
-# ----------------------------------------------------------------------------- markdown
-
-
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
     for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
+        if n is not None and n >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    return "-" if n is None else f"{int(n)} B"
 
 
 def fmt_num(x: float | None, digits: int = 1) -> str:
@@ -117,12 +103,9 @@ def status_cell(rec: dict) -> str:
     return rec["status"] if not reason else f"{rec['status']}: {reason[:90]}"
 
 
-def env_line(env: dict) -> str:
-    keys = ("device", "world", "cpu_count", "torch_threads_per_rank", "torch", "triton", "date")
-    return ", ".join(f"{k} {env[k]}" for k in keys if k in env)
-
-
 def report(kind: str, command: str, env: dict, table: str, note: str, header: str = "") -> str:
     """A benchmark's results.md: title, command, optional header line, environment, table, note."""
+    keys = ("device", "world", "cpu_count", "torch_threads_per_rank", "torch", "triton", "date")
+    env_line = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
     lines = [f"# lasp bench {kind}", "", f"`{command}`", ""] + ([header, ""] if header else [])
-    return "\n".join(lines + [f"Environment: {env_line(env)}", "", table, "", note, ""])
+    return "\n".join(lines + [f"Environment: {env_line}", "", table, "", note, ""])

@@ -1,18 +1,11 @@
-"""The one driver of ``lasp bench layer`` and ``lasp bench model``: points on P ranks, whatever
-launched us.
-
-- **Spawned** (the default; CPU): per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo
-  processes (one torch thread each), kept for later sweeps and stopped at exit
-  (:func:`close_pools`); P = 1 runs in this process with one thread.
-- **Launched** (``torchrun`` / the deepspeed launcher set ``WORLD_SIZE``; GPUs use NCCL): this
-  process is one rank; points whose ``sp`` is not the world size are skipped; rank 0 gathers the
-  per-rank results and alone writes files.
-
-Points run in GROUPS (same P and length) whose timed repetitions are interleaved
-(:func:`lasp.bench.timing.time_steps`); a single point is a group of one. A failed point never
-ends the sweep: its record gets ``status`` ``unavailable`` (not implemented), ``skipped`` (a
-precheck, or a ValueError raised before any collective) or ``error`` (any other exception, out
-of memory, a timeout) and the ``reason``.
+"""The one driver of ``lasp bench layer`` and ``lasp bench model``. Spawned (the default; CPU):
+per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo processes, one torch thread each,
+kept for later sweeps (:func:`close_pools`); P = 1 runs in this process. Launched (``torchrun``
+sets ``WORLD_SIZE``; NCCL on GPUs): this process is one rank, points of another ``sp`` are
+skipped, rank 0 gathers and writes. Points run in groups (same P and length) with interleaved
+repetitions; a single point is a group of one. A failed point gets ``status`` ``unavailable``
+(not implemented), ``skipped`` (a precheck, or a ValueError raised before any collective) or
+``error`` (any other exception, out of memory, a timeout), and the ``reason``.
 """
 from __future__ import annotations
 
@@ -84,43 +77,48 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-def _instrument(forward, backward, device: torch.device):
-    """The first warm-up step of a point, under the communication recorder and the memory meter:
-    what this rank sends (calls and bytes: all, forward, by kind, by tag), its peak memory."""
+def _instrumented(forward, backward, device: torch.device) -> dict:
+    """Run one step under the communication recorder and the memory meter: what this rank sends
+    (calls and bytes: all, forward, by kind, by tag) and its peak memory."""
+    n_fwd = []
 
-    def run(_step) -> dict:
-        n_fwd = []
+    def fwd_bwd() -> None:
+        o = forward()
+        n_fwd.append(len(log.events))
+        backward(o)
 
-        def fwd_bwd() -> None:
-            o = forward()
-            n_fwd.append(len(log.events))
-            backward(o)
-
-        with comm.record() as log:
-            mem_mb, how = measure_peak_memory(fwd_bwd, device)
-        sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
-        tag_bytes: Counter = Counter()
-        for e in sent:
-            tag_bytes[e.tag] += e.bytes
-        return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
-                "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
-                "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
-
-    return run
+    with comm.record() as log:
+        mem_mb, how = measure_peak_memory(fwd_bwd, device)
+    sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
+    tag_bytes: Counter = Counter()
+    for e in sent:
+        tag_bytes[e.tag] += e.bytes
+    return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
+            "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
+            "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
 
 
 def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> list[dict]:
-    """Runs on every rank: build, warm up, instrument and time the points of one group (their
-    repetitions interleaved); returns this rank's view of each."""
+    """Runs on every rank: build, warm up and time the points of one group (their repetitions
+    interleaved), the first warm-up step of each instrumented; this rank's view of each."""
     device = local_device(points[0]["device"])
     torch.manual_seed(0)
     built = [build(p, rank, world, device) for p in points]
+    seen: list[dict] = [{} for _ in points]
+
+    def step(i: int, forward, backward):
+        def run() -> None:
+            if seen[i]:
+                backward(forward())
+            else:  # the first warm-up step
+                seen[i].update(_instrumented(forward, backward, device))
+
+        return run
+
     p0 = points[0]
-    timed = time_steps([lambda f=f, b=b: b(f()) for f, b, _ in built], group=dist.group.WORLD if world > 1 else None,
-                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"],
-                       max_seconds=p0["max_seconds"], instrument=[_instrument(f, b, device) for f, b, _ in built])
-    return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **t["instrumented"])
-            for (_, _, info), t in zip(built, timed)]
+    timed = time_steps([step(i, f, b) for i, (f, b, _) in enumerate(built)], group=dist.group.WORLD if world > 1 else None,
+                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"], max_seconds=p0["max_seconds"])
+    return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **inst) for (_, _, info), t, inst in zip(built, timed, seen)]
 
 
 def _public(point: dict) -> dict:

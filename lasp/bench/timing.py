@@ -1,17 +1,12 @@
 """Measuring one distributed step: adaptive repetitions, per-rank peak memory, env facts.
 
-Timing (every rank takes the same decisions, so every rank enters the same collectives): CPU
-``barrier; t0; step(); barrier; t1`` (a sample is the SLOWEST rank's time); CUDA: events around
-``step()``. Samples are max-reduced over the group. Repetitions adapt to a time budget:
-``warmup`` steps (at least one; stopped once they used a third of ``max_seconds``), then
-``min(reps, (max_seconds - warm-up time) / last warm-up step)`` timed steps, at least
-``min_reps`` when that many fit in ``max_seconds``, else at least 1.
-
-Peak memory of a step (the first warm-up step, per rank): CUDA ``max_memory_allocated`` over
-``memory_allocated`` before it (tensors only); CPU (Linux) ``VmHWM - VmRSS``, the resident-set
-high-water mark during the step (reset through ``/proc/self/clear_refs``) over the resident set
-before it, after ``malloc_trim(0)`` (process memory, allocator slack included); elsewhere
-``ru_maxrss`` growth (0 below an earlier peak).
+Every rank takes the same decisions (so enters the same collectives). A sample: CPU
+``barrier; step(); barrier`` wall time, CUDA events; max-reduced over the group (the slowest
+rank). ``warmup`` steps (at least one; stopped after a third of ``max_seconds``), then
+``min(reps, remaining budget / last warm-up step)`` timed steps, at least ``min_reps`` when they
+fit, else at least 1. Peak memory of a step: CUDA ``max_memory_allocated`` over the allocation
+before it; CPU (Linux) ``VmHWM - VmRSS`` around it (high-water mark reset via
+``/proc/self/clear_refs``, after ``malloc_trim``; process memory); elsewhere ``ru_maxrss`` growth.
 """
 from __future__ import annotations
 
@@ -101,34 +96,23 @@ def _timed(step: Callable[[], None], group, device: torch.device) -> float:
 
 
 def time_steps(steps: list[Callable[[], None]], *, group, device: torch.device, warmup: int, reps: int,
-               max_seconds: float, min_reps: int = 3, instrument: list[Callable | None] | None = None) -> list[dict]:
+               max_seconds: float, min_reps: int = 3) -> list[dict]:
     """Warm up and time each of ``steps`` adaptively (module docstring), repetitions INTERLEAVED:
     round r runs every step that still needs an r-th sample, from a rotating start, so all see
-    the same background load. ``instrument[i](step)``, if given, runs step i's first warm-up step
-    instead of ``step()`` (e.g. under the communication recorder) and its result is kept.
-
-    Returns per step ``{"samples_s", "warmup_s", "instrumented"}``, samples max-reduced over the
-    group (identical on every rank).
-    """
+    the same background load. Returns per step ``{"samples_s", "warmup_s"}``, max-reduced over
+    the group (identical on every rank)."""
     out, counts = [], []
-    for step, instr in zip(steps, instrument or [None] * len(steps)):
-        warm, inst = [], None
+    for step in steps:
+        warm: list[float] = []
         for i in range(max(1, warmup)):
             if i > 0 and max_over_group([sum(warm)], group)[0] > max_seconds / 3:
                 break  # slow point: spend the budget on timed steps
-            if i == 0 and instr is not None:
-                barrier(group)
-                t0 = time.perf_counter()
-                inst = instr(step)
-                barrier(group)
-                warm.append(time.perf_counter() - t0)
-            else:
-                warm.append(_timed(step, group, device))
+            warm.append(_timed(step, group, device))
         warm = max_over_group(warm, group)
         estimate = max(warm[-1], 1e-6)
         floor = min_reps if min_reps * estimate <= max_seconds else 1
         counts.append(max(1, min(reps, max(int((max_seconds - sum(warm)) // estimate), floor))))
-        out.append({"samples_s": [], "warmup_s": warm, "instrumented": inst})
+        out.append({"samples_s": [], "warmup_s": warm})
     for r in range(max(counts, default=0)):
         for j in range(len(steps)):
             i = (r + j) % len(steps)
