@@ -62,21 +62,15 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
     return _save(fig, path)
 
 
-def speedups(records: list[dict], *, series: str, base: str, against: tuple[str, ...], metric: str = "time_ms") -> dict:
-    """``{(other, sp): [(seq_len, time_other / time_base), ...]}`` for points both have."""
-    t = {(r[series], r["sp"], r["seq_len"]): r[metric] for r in _ok(records)}
-    out: dict = defaultdict(list)
-    for (name, sp, n), tb in sorted(t.items()):
-        for other in against if name == base and tb > 0 else ():
-            if (other, sp, n) in t:
-                out[(other, sp)].append((n, t[(other, sp, n)] / tb))
-    return dict(out)
-
-
 def plot_speedup(records: list[dict], path: str, *, series: str, base: str, against: tuple[str, ...], title: str) -> str:
     """Speed-up of ``base`` over each of ``against`` (time ratio) vs sequence length; one colour
     per baseline, one line style per SP size."""
-    data = speedups(records, series=series, base=base, against=against)
+    t = {(r[series], r["sp"], r["seq_len"]): r["time_ms"] for r in _ok(records)}
+    data: dict = defaultdict(list)  # (other, sp) -> [(seq_len, time_other / time_base)]
+    for (name, sp, n), tb in sorted(t.items()):
+        for other in against if name == base and tb > 0 else ():
+            if (other, sp, n) in t:
+                data[(other, sp)].append((n, t[(other, sp, n)] / tb))
     colors = _colors(other for other, _ in data)
     styles = {sp: _LINESTYLES[i % len(_LINESTYLES)] for i, sp in enumerate(sorted({sp for _, sp in data}))}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

@@ -169,7 +169,7 @@ def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
 def _run_here(build: Callable, points: list[dict], rank: int, world: int) -> tuple[list | None, Failure | None]:
     try:
         return group_worker(rank, world, build, points), None
-    except Exception as e:  # noqa: BLE001 - any failure becomes a record (ValueErrors are raised on every rank alike)
+    except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
         return None, Failure.from_exception(e, rank)
 
 
