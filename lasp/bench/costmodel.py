@@ -30,7 +30,7 @@ communication) + one all-reduce of the bf16 gradients.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 LINEAR_SP = ("lasp2", "lasp1", "ring", "ulysses")
 LAYER_METHODS = ("lasp2", "lasp1", "ulysses-linear", "ring-linear", "allgather", "ring", "ulysses-softmax")
@@ -56,9 +56,6 @@ class Hardware:
     def link(self, P: int) -> tuple[float, float]:
         """(bandwidth, latency) of a group of P ranks (contiguous ranks, nodes of G)."""
         return (self.bw_inter, self.lat_inter) if P > self.gpus_per_node else (self.bw_intra, self.lat_intra)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from ..ops.reference import naive_recurrent_linear_attention
+from ..testing import linear_inputs, rel_error
 from .cli import csv_arg
 from .plots import plot_metric_vs_seq_len
 from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
@@ -68,15 +70,9 @@ def providers(device: torch.device, wanted: list[str]) -> dict:
     return {n: table[n] for n in wanted if table.get(n) is not None}
 
 
-def make_inputs(B, T, H, K, V, gates, dtype, device, seed=0) -> list:
-    from lasp.testing import linear_inputs
-
-    return [None if x is None else x.to(device) for x in linear_inputs(B, T, H, K, V, gates=gates, dtype=dtype, seed=seed)]
-
-
 def bench_case(fn, T: int, d: int, mode: str, device: torch.device, args) -> list[float]:
     """Milliseconds per run of one case: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
-    q, k, v, g, gg = make_inputs(args.B, T, args.H, d, d, args.gates, DTYPES[args.dtype], device)
+    q, k, v, g, gg = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=device)
     leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None and mode != "fwd"]
     do = torch.randn(args.B, T, args.H, d, device=device, dtype=DTYPES[args.dtype])
 
@@ -98,17 +94,14 @@ def bench_case(fn, T: int, d: int, mode: str, device: torch.device, args) -> lis
 
 def check_provider(fn, name: str, dims: list[int], gates: str, device: torch.device) -> list[dict]:
     """Rel. errors vs the float64 oracle, fp32 and bf16 inputs, T not a multiple of the chunk."""
-    from lasp.ops import reference
-    from lasp.testing import rel_error
-
     rows = []
     for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for d in dims:
-            full = make_inputs(2, 777, 4, d, d, gates, dtype, device, seed=2 * d)
+            full = linear_inputs(2, 777, 4, d, d, gates=gates, dtype=dtype, seed=2 * d, device=device)
             do = torch.randn(2, 777, 4, d, generator=torch.Generator().manual_seed(d)).to(device=device, dtype=dtype)
             ins = [None if x is None else x.clone().requires_grad_() for x in full]
             ref_in = [None if x is None else x.detach().double().requires_grad_() for x in full]
-            o, ref = fn(*ins, d**-0.5), reference.naive_recurrent_linear_attention(*ref_in, scale=d**-0.5)
+            o, ref = fn(*ins, d**-0.5), naive_recurrent_linear_attention(*ref_in, scale=d**-0.5)
             o.backward(do)
             ref.backward(do.double())
             errs = {"o": rel_error(ref, o)}

@@ -38,9 +38,6 @@ PAPER_CITE = "Sun et al. 2025, LASP-2, arXiv 2502.07563"
 DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 
 
-# ----------------------------------------------------------------------------- calibration
-
-
 def _fit(xs, ys) -> tuple[float, float]:
     """``y = t0 + b x`` minimising the RELATIVE squared error (``numpy.polyfit`` with weights
     ``1 / y``), so small and large points count alike; through the origin (``t0 = 0``) when there
@@ -87,17 +84,12 @@ def calibrate(layer_doc: dict) -> dict:
     return {"fits": fits, "bandwidth_bytes_per_s": bw, "points": rows}
 
 
-# ----------------------------------------------------------------------------- prediction
-
-
 def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hardware) -> list[dict]:
-    recs = []
-    for n in seq_lens:
-        base = step_cost(cfg, n, devices, "lasp2", hw)
-        for m in methods:
-            r = step_cost(cfg, n, devices, m, hw)
-            r.update(sp=devices, status="ok", lasp2_speedup_pct=100 * (base["tokens_per_s"] / r["tokens_per_s"] - 1))
-            recs.append(r)
+    """One step-cost record per (length, method), with LASP-2's speed-up over it."""
+    recs = [dict(step_cost(cfg, n, devices, m, hw), sp=devices, status="ok") for n in seq_lens for m in methods]
+    for r in recs:
+        base = step_cost(cfg, r["seq_len"], devices, "lasp2", hw)["tokens_per_s"]
+        r["lasp2_speedup_pct"] = 100 * (base / r["tokens_per_s"] - 1)
     return recs
 
 
@@ -194,7 +186,8 @@ HW_FLAGS = [("--gpus-per-node", "gpus_per_node", 1, ""),
             ("--lat-launch-us", "lat_launch", 1e-6, "per call / dependent step")]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
     ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
@@ -218,12 +211,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("every --seq-len must be >= --devices")
     if args.use_calibration and not args.calibrate:
         ap.error("--use-calibration needs --calibrate")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     from ..models import ModelConfig
 
     hw = Hardware(**{field: getattr(args, flag[2:].replace("-", "_")) * unit for flag, field, unit, _ in HW_FLAGS})
@@ -240,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
     records = predict(cfg, args.seq_len, args.devices, args.methods, hw)
     config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
-              "seq_lens": args.seq_len, "methods": args.methods, "hardware": hw.to_dict(), "calibrate": args.calibrate,
+              "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.costmodel)"}, config, records)
     doc["paper_comparison"] = paper_comparison(records) if args.devices == 64 else []

@@ -249,17 +249,9 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
                   bench.header(config))
 
 
-def write_outputs(bench: Bench, out: str, records: list[dict], env: dict, config: dict, command: str, *,
-                  final: bool = True) -> str:
-    """results.json, results.md and (when ``final``) the plots; returns the markdown."""
-    os.makedirs(out, exist_ok=True)
-    text = markdown(bench, records, env, command, config)
-    write_results(out, results_doc(bench.kind, env, config, records, bench.plots(records, out) if final else []), text)
-    return text
-
-
 def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
-    """A sweep command: run ``points``, save after each record, write the outputs, print the table."""
+    """A sweep command: run ``points``; after each record write results.json and results.md, at
+    the end also the plots; print the table."""
     command, world = f"lasp bench {bench.kind} " + " ".join(argv), launched_world()
     env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
                    mem_available_gb=mem_available_gb())
@@ -267,13 +259,19 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
         env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
     config, done = dict(vars(args)), []
 
+    def write(records: list[dict], final: bool) -> str:
+        os.makedirs(args.out, exist_ok=True)
+        text = markdown(bench, records, env, command, config)
+        write_results(args.out, results_doc(bench.kind, env, config, records, bench.plots(records, args.out) if final else []), text)
+        return text
+
     def save_partial(rec: dict) -> None:
         done.append(rec)
-        write_outputs(bench, args.out, done, env, config, command, final=False)
+        write(done, False)
 
     records = run_sweep(bench, points, interleave=interleave, timeout_s=args.point_timeout, on_record=save_partial)
     if world > 1 and dist.get_rank() != 0:
         return 0
-    print(write_outputs(bench, args.out, records, env, config, command))
+    print(write(records, True))
     print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
     return 0
