@@ -70,28 +70,6 @@ def providers(device: torch.device, wanted: list[str]) -> dict:
     return {n: table[n] for n in wanted if table.get(n) is not None}
 
 
-def bench_case(fn, T: int, d: int, mode: str, device: torch.device, args) -> list[float]:
-    """Milliseconds per run of one case: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
-    q, k, v, g, gg = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=device)
-    leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None and mode != "fwd"]
-    do = torch.randn(args.B, T, args.H, d, device=device, dtype=DTYPES[args.dtype])
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return fn(q, k, v, g, gg, d**-0.5)
-        for x in leaves:
-            x.grad = None
-        fn(q, k, v, g, gg, d**-0.5).backward(do)
-
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return list(do_bench(step, warmup=25, rep=1e3 * args.budget, return_mode="all"))
-    out = time_steps([step], group=None, device=device, warmup=args.warmup, reps=args.reps, max_seconds=args.budget)
-    return [s * 1e3 for s in out[0]["samples_s"]]
-
-
 def check_provider(fn, name: str, dims: list[int], gates: str, device: torch.device) -> list[dict]:
     """Rel. errors vs the float64 oracle, fp32 and bf16 inputs, T not a multiple of the chunk."""
     rows = []
@@ -166,9 +144,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args) -> dict:
+    """One (provider, mode, T, K=V) record: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
     rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
     try:
-        samples = bench_case(fn, T, d, mode, args.device, args)
+        q, k, v, g, gg = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=args.device)
+        leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None and mode != "fwd"]
+        do = torch.randn(args.B, T, args.H, d, device=args.device, dtype=DTYPES[args.dtype])
+
+        def step():
+            if mode == "fwd":
+                with torch.no_grad():
+                    return fn(q, k, v, g, gg, d**-0.5)
+            for x in leaves:
+                x.grad = None
+            fn(q, k, v, g, gg, d**-0.5).backward(do)
+
+        if args.device.type == "cuda":
+            from triton.testing import do_bench
+
+            samples = list(do_bench(step, warmup=25, rep=1e3 * args.budget, return_mode="all"))
+        else:
+            out = time_steps([step], group=None, device=args.device, warmup=args.warmup, reps=args.reps, max_seconds=args.budget)
+            samples = [s * 1e3 for s in out[0]["samples_s"]]
         rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
         rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
         rec["frac_peak"] = rec["tflops"] / peak if peak else None

@@ -15,7 +15,6 @@ forward + backward (max over ranks). GPUs: ``torchrun --nproc-per-node 8 -m lasp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +24,6 @@ import torch.distributed as dist
 
 from . import sweep
 from .cli import common_args, csv_arg, positive
-from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
 
@@ -117,18 +115,14 @@ def precheck(point: dict) -> tuple[str, str] | None:
     return None
 
 
-def plots(records: list[dict], out: str) -> list[str]:
-    return [os.path.basename(p) for p in (
-        plot_metric_vs_seq_len(records, os.path.join(out, "time_vs_seq_len.png"), series="method", metric="time_ms",
-                               ylabel="fwd+bwd time per step (ms)", title="one attention layer (dashed: softmax)",
-                               dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
-        plot_speedup(records, os.path.join(out, "lasp2_speedup.png"), series="method", base="lasp2",
-                     against=("ring", "lasp1", "allgather", "ulysses-linear"), title="LASP-2 speed-up (time ratio)"))]
-
-
 BENCH = sweep.Bench(
     kind="layer", series="method", order=METHODS, build=build_step, precheck=precheck,
-    finish=lambda point, rec, per_rank: {}, time_header="time ms (median)", plots=plots,
+    finish=lambda point, rec, per_rank: {}, time_header="time ms (median)",
+    plots={"time_vs_seq_len.png": dict(metric="time_ms", ylabel="fwd+bwd time per step (ms)",
+                                       title="one attention layer (dashed: softmax)",
+                                       dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
+           "lasp2_speedup.png": dict(base="lasp2", against=("ring", "lasp1", "allgather", "ulysses-linear"),
+                                     title="LASP-2 speed-up (time ratio)")},
     columns=[("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
     note="time: one forward + backward of one attention layer, slowest rank, median of the timed steps; "
          "sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "

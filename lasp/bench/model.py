@@ -14,7 +14,6 @@ cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gra
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from .. import comm
 from . import sweep
 from .cli import common_args, csv_arg
-from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_bytes
 from .timing import DTYPES
 
@@ -106,16 +104,6 @@ def precheck(point: dict) -> tuple[str, str] | None:
     return None
 
 
-def plots(records: list[dict], out: str) -> list[str]:
-    return [os.path.basename(p) for p in (
-        plot_metric_vs_seq_len(records, os.path.join(out, "tokens_per_s_vs_seq_len.png"), series="model",
-                               metric="tokens_per_s", ylabel="training tokens/s (whole SP group)", title="training step"),
-        plot_metric_vs_seq_len(records, os.path.join(out, "time_vs_seq_len.png"), series="model", metric="time_ms",
-                               ylabel="step time (ms)", title="training step"),
-        plot_speedup(records, os.path.join(out, "linear_speedup.png"), series="model", base="linear",
-                     against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"), title="pure linear (LASP-2) speed-up"))]
-
-
 def shape_line(config: dict) -> str:
     keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")
     return "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in keys)
@@ -123,7 +111,12 @@ def shape_line(config: dict) -> str:
 
 BENCH = sweep.Bench(
     kind="model", series="model", order=MODELS, build=build_step, precheck=precheck, finish=finish,
-    time_header="step ms (median)", plots=plots, header=shape_line,
+    time_header="step ms (median)", header=shape_line,
+    plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
+                                               title="training step"),
+           "time_vs_seq_len.png": dict(metric="time_ms", ylabel="step time (ms)", title="training step"),
+           "linear_speedup.png": dict(base="linear", against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"),
+                                      title="pure linear (LASP-2) speed-up")},
     columns=[("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
              ("sent/rank (attention)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])})")],
     note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank "

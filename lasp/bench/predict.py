@@ -6,11 +6,9 @@ training step on a cluster, next to the LASP-2 paper's reported speed-ups.
 
 Default = the paper's setting (Sun et al., 2025, arXiv 2502.07563): Linear-Llama3-1B, 64 A100
 in 8 nodes of 8, SP 64, batch 1, 2K ... 2048K tokens; it reports LASP-2's throughput +36.6% over
-Ring Attention and +15.2% over LASP-1 at 2048K, +17.8% / +7.3% at 512K. Hardware (flags
-override; :class:`~lasp.bench.costmodel.Hardware`): 312 TFLOP/s bf16 at MFU 0.40, NVLink 300
-GB/s and InfiniBand 25 GB/s per GPU per direction, 5 / 10 us per message, 50 us per call or
-dependent step (what makes LASP-1's 63 dependent hops cost more than one all-gather), plus the
-bf16 gradient all-reduce. Speed-up over X = ``tokens/s(LASP-2) / tokens/s(X) - 1``.
+Ring Attention and +15.2% over LASP-1 at 2048K, +17.8% / +7.3% at 512K. Hardware defaults:
+:class:`~lasp.bench.costmodel.Hardware` (flags override each). Speed-up over X =
+``tokens/s(LASP-2) / tokens/s(X) - 1``.
 
 ``--calibrate`` (a ``lasp bench layer`` results.json): per operator kind, compute rate ``F``
 and fixed cost ``t0`` fitted (``numpy.polyfit``, relative error) to the measured times against

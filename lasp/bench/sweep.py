@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..spawn import Failure, RankError, SpawnedGroup
+from .plots import plot_metric_vs_seq_len, plot_speedup
 from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
 from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
@@ -38,7 +39,7 @@ class Bench:
     columns: list[tuple[str, Callable[[dict], str]]]  # results.md: (header, cell of an ok record) after tokens/s
     time_header: str
     note: str  # results.md footnote; {mem_method} is filled in
-    plots: Callable[[list[dict], str], list[str]]  # (records, out dir) -> PNG file names
+    plots: dict[str, dict]  # PNG name -> plot_speedup(**kw) when kw has "base", else plot_metric_vs_seq_len(**kw)
     header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
 
 
@@ -262,7 +263,9 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
     def write(records: list[dict], final: bool) -> str:
         os.makedirs(args.out, exist_ok=True)
         text = markdown(bench, records, env, command, config)
-        write_results(args.out, results_doc(bench.kind, env, config, records, bench.plots(records, args.out) if final else []), text)
+        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=bench.series, **kw)
+                 for name, kw in bench.plots.items()] if final else []
+        write_results(args.out, results_doc(bench.kind, env, config, records, [os.path.basename(p) for p in plots]), text)
         return text
 
     def save_partial(rec: dict) -> None:
