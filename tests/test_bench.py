@@ -88,6 +88,17 @@ def test_layer_unavailable_and_skipped_points(tmp_path, monkeypatch):
     assert recs["lasp2"]["status"] == "ok"  # 63 tokens on one rank is fine
 
 
+def test_layer_group_with_a_failing_method(tmp_path):
+    """Interleaved group: the method that raises (Ulysses: 3 heads over P = 2) is skipped, the others measured."""
+    out = str(tmp_path)
+    rc = layer.main(["--method", "lasp2,ulysses-linear", "--sp", "2", "--seq-len", "64", "--heads", "3", "--out", out,
+                     *TINY_LAYER[4:]])
+    assert rc == 0
+    recs = {r["method"]: r for r in load_results(out)["records"]}
+    assert recs["lasp2"]["status"] == "ok"
+    assert recs["ulysses-linear"]["status"] == "skipped" and "divisible" in recs["ulysses-linear"]["reason"]
+
+
 def test_layer_memory_guard_skips(tmp_path):
     out = str(tmp_path)
     rc = layer.main(["--method", "ring", "--sp", "2", "--seq-len", "64", "--max-memory-gb", "1e-9", "--out", out, *TINY_LAYER[2:]])

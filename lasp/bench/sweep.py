@@ -192,6 +192,8 @@ def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -
             per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
         except RankError as e:
             failure = e.failure
+    if failure is not None and failure.kind == "exception" and len(points) > 1:  # find the failing point(s): one by one
+        return [rec for p in points for rec in _run_group(bench, [p], world, timeout_s / len(points))]
     if failure is not None:
         return [failure_record(p, failure) for p in points]
     return [ok_record(bench, p, [r[i] for r in per_rank]) for i, p in enumerate(points)]
