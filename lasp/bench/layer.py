@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp,
                    batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                    dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
-                   min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.resolve_device(args.device),
+                   min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.local_device(args.device).type,
                    _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

@@ -148,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--config: {e}")
     points = [dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
                    warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-                   device=sweep.resolve_device(args.device), _base_config=args.base_config)
+                   device=sweep.local_device(args.device).type, _base_config=args.base_config)
               for sp in args.sp for m in args.models for n in args.seq_len]
     return sweep.main(BENCH, args, argv, points)

@@ -48,15 +48,11 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "0") or 0)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def local_device(name: str = "auto") -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` or the CPU."""
-    cuda = resolve_device(name) == "cuda"
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    """This rank's device: ``cuda:LOCAL_RANK`` (``auto``: when a GPU is visible) or the CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 _POOLS: dict[int, SpawnedGroup] = {}
