@@ -33,6 +33,7 @@ SOFTMAX_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "ulysses": ulysses_softmax_attention,
 }
 
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,

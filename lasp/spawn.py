@@ -2,10 +2,11 @@
 harness and the CPU benchmarks' launcher.
 
 ``pool.run(fn, *args)`` calls ``fn(rank, world_size, *args)`` on every rank (``fn`` must be
-importable, i.e. defined at module level) and returns the per-rank results. A rank that raises
-makes ``run`` raise :class:`RankError` with that rank's traceback; a run that does not finish
-in ``timeout`` seconds kills the pool and raises (never a hang). A broken pool is restarted on
-the next ``run``.
+importable, i.e. defined at module level) and returns the per-rank results. A failed run raises
+:class:`RankError` carrying a structured :class:`Failure` per failed rank (``kind``:
+``exception``, ``oom`` or ``timeout``; the exception's class name and message; the traceback).
+A run that does not finish in ``timeout`` seconds kills the pool (never a hang); a broken pool is
+restarted on the next ``run``.
 """
 from __future__ import annotations
 
@@ -16,10 +17,37 @@ import queue
 import socket
 import time
 import traceback
+from dataclasses import dataclass
+
+_GRACE_S = 5.0  # after a rank failed, how long its peers (maybe stuck in a collective) get
+
+
+@dataclass
+class Failure:
+    """Why a rank (or a whole run) failed. ``kind``: ``exception`` | ``oom`` | ``timeout``."""
+
+    kind: str
+    exc_type: str = ""  # the exception's class name, e.g. "ValueError" ("" for a timeout / killed rank)
+    message: str = ""  # str(exception), or what happened
+    traceback: str = ""
+    rank: int | None = None
+
+    @classmethod
+    def from_exception(cls, e: BaseException, rank: int | None = None) -> "Failure":
+        """The failure of the exception being handled (call inside ``except``)."""
+        oom = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError
+        return cls("oom" if oom else "exception", type(e).__name__, str(e), traceback.format_exc(), rank)
 
 
 class RankError(AssertionError):
-    """A rank raised, or the pool timed out."""
+    """A rank raised, died or the pool timed out: ``.failures`` (rank -> Failure), ``.failure``
+    (the first rank's), ``.kind`` (its kind). ``str()`` gives every failed rank's traceback."""
+
+    def __init__(self, failures: dict[int, Failure], text: str):
+        super().__init__(text)
+        self.failures = failures
+        self.failure = failures[min(failures)]
+        self.kind = self.failure.kind
 
 
 def free_port() -> int:
@@ -42,8 +70,8 @@ def _worker(rank: int, world: int, port: int, inbox, outbox, threads: int, timeo
         job_id, fn, args, kwargs = job
         try:
             outbox.put((job_id, rank, True, fn(rank, world, *args, **kwargs)))
-        except BaseException:  # noqa: BLE001 - report everything to the parent
-            outbox.put((job_id, rank, False, traceback.format_exc()))
+        except BaseException as e:  # noqa: BLE001 - report everything to the parent
+            outbox.put((job_id, rank, False, Failure.from_exception(e, rank)))
     dist.destroy_process_group()
 
 
@@ -79,28 +107,37 @@ class SpawnedGroup:
         self._job += 1
         for box in self._inboxes:
             box.put((self._job, fn, args, kwargs))
+        timeout = timeout or self.timeout
         results: dict[int, object] = {}
-        errors: dict[int, str] = {}
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while len(results) + len(errors) < self.world_size:
-            remaining = deadline - time.monotonic()
-            if errors:  # peers of a failed rank may be stuck in a collective: short grace
-                remaining = min(remaining, 5.0)
+        errors: dict[int, Failure] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < self.world_size and time.monotonic() < deadline:
             try:
-                job_id, rank, ok, value = self._outbox.get(timeout=max(remaining, 0.01))
+                job_id, rank, ok, value = self._outbox.get(timeout=1.0)
             except queue.Empty:
-                break
+                for r, p in enumerate(self._procs):  # a rank that died without reporting (e.g. the OOM killer)
+                    if p.exitcode is not None and r not in results and r not in errors:
+                        errors[r] = Failure("oom" if p.exitcode == -9 else "exception", "",
+                                            f"rank {r} died with exit code {p.exitcode}", rank=r)
+                continue
             if job_id != self._job:
                 continue
-            (results if ok else errors)[rank] = value
+            if ok:
+                results[rank] = value
+            else:
+                errors[rank] = value
+            if errors:  # peers of a failed rank may be stuck in a collective: short grace
+                deadline = min(deadline, time.monotonic() + _GRACE_S)
         if errors or len(results) < self.world_size:
             missing = sorted(set(range(self.world_size)) - set(results) - set(errors))
+            msg = [f"rank {r} raised:\n{f.traceback or f.message}" for r, f in sorted(errors.items())]
             if missing:
                 self.close()  # stuck ranks: restart the pool next time
-            msg = [f"rank {r} raised:\n{tb}" for r, tb in sorted(errors.items())]
-            if missing:
-                msg.append(f"ranks {missing} did not finish (timeout or stuck in a collective); pool restarted")
-            raise RankError("\n".join(msg))
+                text = f"ranks {missing} did not finish in {timeout:.0f} s (timeout or stuck in a collective); pool restarted"
+                msg.append(text)
+                if not errors:
+                    errors = {r: Failure("timeout", "", text, rank=r) for r in missing}
+            raise RankError(errors, "\n".join(msg))
         return [results[r] for r in range(self.world_size)]
 
     def close(self) -> None:

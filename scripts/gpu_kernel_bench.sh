@@ -11,7 +11,7 @@
 #   .venv/bin/pip download --no-deps -d .wheels flash-linear-attention==0.6.0 fla-core==0.6.0
 #   echo /.wheels/ >> .git/info/exclude
 #   device run: command "bash scripts/gpu_kernel_bench.sh", carry [".wheels"], timeout_s 600
-# Results (kernels.json, kernels.md, kernels.png, log.txt) go to $OUT (the device tool's
+# Results (results.json [schema lasp-bench/1], results.md, kernels.png, log.txt) go to $OUT (the device tool's
 # output folder) or bench-results/gpu-kernels. Extra arguments are passed to `lasp bench kernels`
 # (e.g. --T 8192 --dims 128 for the speed target alone). Exit status 1: the accuracy check failed.
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Smoke tests of ``lasp bench layer | model | predict`` on tiny sizes: the JSON schema, the
+"""Smoke tests of ``lasp bench layer | model | kernels | predict`` on tiny sizes: the JSON schema, the
 markdown table, PNG plots, failure records, the cost model's structure. No test asserts on time."""
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from lasp.bench import costmodel, layer, model, predict
+from lasp.bench import costmodel, kernels, layer, model, predict
 from lasp.bench.plots import PNG_MAGIC
 from lasp.bench.results import load_results, validate_results
-from lasp.bench.sweep import _failure, close_pools
-from lasp.bench.timing import summarize_samples, time_step
+from lasp.bench.sweep import close_pools, failure_record
+from lasp.bench.timing import summarize_samples, time_steps
+from lasp.spawn import Failure, RankError, SpawnedGroup
 
 TINY_LAYER = ["--seq-len", "64,128", "--heads", "2", "--head-dim", "8", "--warmup", "1", "--reps", "2",
               "--max-seconds-per-point", "2"]
@@ -74,10 +75,10 @@ def test_layer_comm_accounting(layer_run):
 
 
 def test_layer_unavailable_and_skipped_points(tmp_path, monkeypatch):
-    from lasp import attention
+    from lasp.attention import LINEAR_METHODS
 
-    monkeypatch.setitem(layer.METHODS, "future-method", ("linear", "future"))
-    monkeypatch.setitem(attention._LINEAR, "future", ("no_such_module_yet", "fn"))
+    monkeypatch.setitem(layer.METHODS, "future-method", layer.Method("linear", "future"))
+    assert "future" not in LINEAR_METHODS  # not in the operators' public table: unavailable, never run
     out = str(tmp_path)
     rc = layer.main(["--method", "future-method,lasp2", "--sp", "1", "--seq-len", "63", "--no-interleave", "--out", out,
                      *TINY_LAYER[2:]])
@@ -85,6 +86,17 @@ def test_layer_unavailable_and_skipped_points(tmp_path, monkeypatch):
     recs = {r["method"]: r for r in load_results(out)["records"]}
     assert recs["future-method"]["status"] == "unavailable" and "not implemented" in recs["future-method"]["reason"]
     assert recs["lasp2"]["status"] == "ok"  # 63 tokens on one rank is fine
+
+
+def test_layer_group_with_a_failing_method(tmp_path):
+    """Interleaved group: the method that raises (Ulysses: 3 heads over P = 2) is skipped, the others measured."""
+    out = str(tmp_path)
+    rc = layer.main(["--method", "lasp2,ulysses-linear", "--sp", "2", "--seq-len", "64", "--heads", "3", "--out", out,
+                     *TINY_LAYER[4:]])
+    assert rc == 0
+    recs = {r["method"]: r for r in load_results(out)["records"]}
+    assert recs["lasp2"]["status"] == "ok"
+    assert recs["ulysses-linear"]["status"] == "skipped" and "divisible" in recs["ulysses-linear"]["reason"]
 
 
 def test_layer_memory_guard_skips(tmp_path):
@@ -96,11 +108,35 @@ def test_layer_memory_guard_skips(tmp_path):
 
 
 def test_failure_classification():
-    tb = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: q must have shape [B, T, H, K]\n'
-    assert _failure({"method": "m"}, tb) == {"method": "m", "status": "skipped", "reason": "q must have shape [B, T, H, K]"}
-    tb = "rank 0 raised:\nNotImplementedError: linear_attention method='x' is not implemented yet\n"
-    assert _failure({}, tb)["status"] == "unavailable"
-    assert _failure({}, "rank 1 raised:\nRuntimeError: boom\n") == {"status": "error", "reason": "RuntimeError: boom"}
+    f = Failure("exception", "ValueError", "q must have shape [B, T, H, K]")
+    assert failure_record({"method": "m"}, f) == {"method": "m", "status": "skipped", "reason": "q must have shape [B, T, H, K]"}
+    assert failure_record({}, Failure("exception", "NotImplementedError", "not yet"))["status"] == "unavailable"
+    assert failure_record({}, Failure("exception", "RuntimeError", "boom")) == {"status": "error", "reason": "RuntimeError: boom"}
+    rec = failure_record({}, Failure("oom", "OutOfMemoryError", "CUDA out of memory"))
+    assert rec["status"] == "error" and rec["reason"].startswith("out of memory")
+    assert failure_record({}, Failure("timeout", "", "ranks [1] did not finish"))["reason"] == "ranks [1] did not finish"
+
+
+def _raise_on_rank(rank: int, world: int, kind: str) -> None:
+    if kind == "hang":
+        time.sleep(30)
+    elif rank == 1:
+        raise {"value": ValueError, "oom": MemoryError}[kind](f"{kind} on rank 1")
+
+
+def test_spawned_group_failure_kinds():
+    """Structured failures: the exception's class and message, out of memory, timeout."""
+    with SpawnedGroup(2, timeout=60) as pool:
+        with pytest.raises(RankError) as err:
+            pool.run(_raise_on_rank, "value")
+        assert err.value.kind == "exception" and err.value.failure.exc_type == "ValueError"
+        assert err.value.failure.message == "value on rank 1" and err.value.failure.rank == 1
+        with pytest.raises(RankError) as err:
+            pool.run(_raise_on_rank, "oom")
+        assert err.value.kind == "oom"
+        with pytest.raises(RankError) as err:
+            pool.run(_raise_on_rank, "hang", timeout=2)
+        assert err.value.kind == "timeout" and "did not finish" in err.value.failure.message
 
 
 def test_schema_rejects_missing_fields():
@@ -112,19 +148,33 @@ def test_schema_rejects_missing_fields():
         validate_results(bad)
 
 
-def test_time_step_respects_budget():
+def test_time_steps_respects_budget():
     calls = []
 
     def step():
         calls.append(1)
         time.sleep(0.02)
 
-    out = time_step(step, group=None, device=__import__("torch").device("cpu"), warmup=1, reps=100, max_seconds=0.1,
-                    instrument=lambda s: s() or "seen")
-    assert out["instrumented"] == "seen"
+    (out,) = time_steps([step], group=None, device=__import__("torch").device("cpu"), warmup=1, reps=100, max_seconds=0.1)
+    assert len(out["warmup_s"]) == 1
     assert 1 <= len(out["samples_s"]) <= 5 and len(calls) == 1 + len(out["samples_s"])
     stats = summarize_samples(out["samples_s"])
     assert stats["n_reps"] == len(out["samples_s"]) and stats["time_ms_min"] <= stats["time_ms"]
+    assert summarize_samples([0.001, 0.002, 0.003, 0.010])["time_ms_p25"] == pytest.approx(1.75)  # numpy's linear percentile
+
+
+def test_kernels_bench_on_cpu(tmp_path):
+    """`lasp bench kernels` on the CPU: torch path only, tiny sizes, the shared results files."""
+    rc = kernels.main(["--device", "cpu", "--B", "1", "--H", "1", "--T", "64", "--dims", "16", "--reps", "1", "--warmup", "0",
+                       "--out", str(tmp_path)])
+    assert rc == 0
+    doc = _assert_outputs(str(tmp_path), "kernels")
+    assert {r["provider"] for r in doc["records"]} == {"torch"}
+    assert {r["mode"] for r in doc["records"]} == {"fwd", "fwdbwd"}
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["tflops"] > 0 for r in doc["records"])
+    assert "| torch | fwdbwd | 64 | 16 | ok |" in (tmp_path / "results.md").read_text()
+    # the FLOP count of the chunked algorithm (module docstring), per (batch, head)
+    assert kernels.chunked_flops(1, 1, 64, 16, 32, "fwd") == 2 * 64 * 64 * 48 + 4 * 64 * 16 * 32
 
 
 def test_model_bench(tmp_path):

@@ -255,23 +255,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert "0 failing variant(s)" in proc.stdout
 
 
-def test_bench_kernels_cli_on_cpu(tmp_path):
-    """`lasp bench kernels` on the CPU: torch path only, tiny sizes, JSON and table written."""
-    import json
-
-    from lasp.bench import kernels as bench
-
-    rc = bench.main(["--device", "cpu", "--B", "1", "--H", "1", "--T", "64", "--dims", "16", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
-    assert rc == 0
-    data = json.loads((tmp_path / "kernels.json").read_text())
-    assert {r["provider"] for r in data["results"]} == {"torch"}
-    assert {r["mode"] for r in data["results"]} == {"fwd", "fwdbwd"}
-    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in data["results"])
-    assert "| fwdbwd | 64 | 16 | torch |" in (tmp_path / "kernels.md").read_text()
-    # the FLOP count of the chunked algorithm (module docstring), per (batch, head)
-    assert bench.chunked_flops(1, 1, 64, 16, 32, "fwd") == 2 * 64 * 64 * 48 + 4 * 64 * 16 * 32
-
-
 # ----------------------------------------------------------------------------- hard resets (g = -inf)
 
 RESETS = {  # T = 70, chunk 16: chunks start at 0, 16, 32, 48, 64

@@ -1,13 +1,16 @@
-"""``lasp bench <kind> [args...]``: each kind is a module with ``main(argv)``."""
+"""``lasp bench <kind> [args...]`` (each kind is a module with ``main(argv)``) and the argument
+helpers the benchmarks share."""
 from __future__ import annotations
 
+import argparse
 
 KINDS = {
     "kernels": ("lasp.bench.kernels", "Triton vs torch chunk path (vs fla when installed), one device"),
     "layer": ("lasp.bench.layer", "one attention layer fwd+bwd across methods, sequence lengths, SP sizes"),
     "model": ("lasp.bench.model", "tokens/s of a training step: pure linear, 1/4 hybrid, Llama + ring"),
-    "predict": ("lasp.bench.predict", "analytic cluster cost model, calibrated from a layer run"),
+    "predict": ("lasp.bench.predict", "analytic cost model, calibrated from a layer run"),
 }
+DTYPES = ("fp32", "bf16", "fp16")  # torch dtypes: lasp.bench.timing.DTYPES
 
 
 def main(argv: list[str]) -> int:
@@ -19,3 +22,55 @@ def main(argv: list[str]) -> int:
     from lasp.cli import run_module_main
 
     return run_module_main(KINDS[argv[0]][0], argv[1:], f"lasp bench {argv[0]}")
+
+
+def positive(kind=int):
+    """An argparse type: a ``kind`` > 0."""
+
+    def parse(s: str):
+        x = kind(s)
+        if not x > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
+        return x
+
+    return parse
+
+
+def seq_len_arg(s: str) -> int:
+    """``8192``, ``8K``, ``1M`` -> tokens."""
+    s = s.strip().upper()
+    mult = {"K": 1024, "M": 1024**2}.get(s[-1:], 1)
+    return int(s[:-1] if mult > 1 else s) * mult
+
+
+def csv_arg(kind, what: str):
+    """An argparse type: a non-empty comma-separated list of ``kind``."""
+
+    def parse(s: str):
+        try:
+            vals = [kind(x) for x in s.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of values > 0, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return vals
+
+    return parse
+
+
+def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
+    """The sweep flags of ``lasp bench layer`` and ``lasp bench model``."""
+    ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[2048, 8192],
+                    help="total sequence lengths (8192 or 8K), comma-separated")
+    ap.add_argument("--sp", type=csv_arg(positive(), "--sp"), default=[2], help="sequence-parallel sizes P, comma-separated")
+    ap.add_argument("--batch", type=positive(), default=1)
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
+    ap.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps (at least 1; fewer for slow points)")
+    ap.add_argument("--reps", type=positive(), default=10, help="most timed steps per point")
+    ap.add_argument("--min-reps", type=int, default=3, help="fewest timed steps when that many fit in the budget")
+    ap.add_argument("--max-seconds-per-point", type=positive(float), default=default_budget, help="time budget per point (warm-up + timed steps)")
+    ap.add_argument("--point-timeout", type=float, default=1200.0, help="seconds before a point is abandoned (pool restarted)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when visible (P > 1 on GPUs: launch with torchrun, one process per GPU)")
+    ap.add_argument("--out", required=True, help="output directory (results.json, results.md, PNG plots)")

@@ -4,32 +4,17 @@ training step on a cluster, next to the LASP-2 paper's reported speed-ups.
     lasp bench predict --out DIR                        # the paper's setting, A100 defaults
     lasp bench predict --calibrate bench-results/cpu-p2 --out DIR
 
-Default setting = the LASP-2 paper's (Sun et al., 2025, "LASP-2: Rethinking Sequence
-Parallelism for Linear Attention and Its Hybrid", arXiv 2502.07563): Linear-Llama3-1B
-(``configs/models/linear-llama3-1b.yaml``), 64 A100 GPUs in 8 nodes of 8, SP size 64, batch
-1, total sequence 2K ... 2048K. The paper reports LASP-2's training throughput +36.6% over
-Ring Attention and +15.2% over LASP-1 at 2048K, and +17.8% / +7.3% at 512K.
+Default = the paper's setting (Sun et al., 2025, arXiv 2502.07563): Linear-Llama3-1B, 64 A100
+in 8 nodes of 8, SP 64, batch 1, 2K ... 2048K tokens; it reports LASP-2's throughput +36.6% over
+Ring Attention and +15.2% over LASP-1 at 2048K, +17.8% / +7.3% at 512K. Hardware defaults:
+:class:`~lasp.bench.costmodel.Hardware` (flags override each). Speed-up over X =
+``tokens/s(LASP-2) / tokens/s(X) - 1``.
 
-Hardware assumptions (flags override each):
-
-- A100-80GB SXM: 312 TFLOP/s dense bf16 peak, used at ``--mfu 0.40`` (Megatron-class
-  training of 1B-8B models reaches 40-50% MFU on A100; one factor for matmuls and attention
-  kernels alike);
-- intra-node NVLink 3: 600 GB/s bidirectional = 300 GB/s per direction per GPU; 5 us/message;
-- inter-node InfiniBand HDR 8 x 200 Gb/s per node = 200 GB/s per node = 25 GB/s per GPU per
-  direction; 10 us/message;
-- 50 us per call / dependent step (kernel launch, stream sync, NCCL and Python dispatch): what
-  makes a chain of 63 dependent P2P hops (LASP-1) cost more than one all-gather;
-- the bf16 gradient all-reduce over the 64 GPUs is part of every step (same for all methods).
-
-Speed-up of LASP-2 over X = ``tokens/s(LASP-2) / tokens/s(X) - 1`` (the paper's "+36.6%").
-
-Calibration (``--calibrate`` a ``lasp bench layer`` results.json): per operator kind the
-effective compute rate ``F`` and fixed cost ``t0`` are fitted by least squares (of the relative
-error) of the measured step time against the model's FLOPs of the reference method (``lasp2``
-for linear, ``allgather`` for softmax), then one effective link bandwidth from the residuals
-of all points against the bytes they send; every measured point is then predicted and the error
-printed. ``--use-calibration`` runs the cluster prediction with the fitted ``F`` and bandwidth.
+``--calibrate`` (a ``lasp bench layer`` results.json): per operator kind, compute rate ``F``
+and fixed cost ``t0`` fitted (``numpy.polyfit``, relative error) to the measured times against
+the model's FLOPs of ``lasp2`` / ``allgather``, then one link bandwidth to the residuals against
+the bytes sent; every measured point is predicted with its error. ``--use-calibration``
+predicts the cluster with the fitted ``F`` and bandwidth.
 """
 from __future__ import annotations
 
@@ -38,117 +23,81 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
+
 from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
-from .layer import seq_len_arg
+from .cli import csv_arg, positive, seq_len_arg
 from .plots import plot_metric_vs_seq_len
 from .results import fmt_num, load_results, markdown_table, results_doc, write_results
 
-PAPER = {  # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
-    ("ring", 512 * 1024): 17.8,
-    ("lasp1", 512 * 1024): 7.3,
-    ("ring", 2048 * 1024): 36.6,
-    ("lasp1", 2048 * 1024): 15.2,
-}
+# LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
+PAPER = {("ring", 512 * 1024): 17.8, ("lasp1", 512 * 1024): 7.3, ("ring", 2048 * 1024): 36.6, ("lasp1", 2048 * 1024): 15.2}
 PAPER_CITE = "Sun et al. 2025, LASP-2, arXiv 2502.07563"
 DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 
 
-# ----------------------------------------------------------------------------- calibration
-
-
-def _lsq(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """``y = a + b x`` minimising the RELATIVE squared error (weights ``1 / y^2``), so small and
-    large points count alike; through the origin when there is only one x value."""
-    ws = [1.0 / (y * y) if y else 1.0 for y in ys]
-    sw = sum(ws)
-    mx = sum(w * x for w, x in zip(ws, xs)) / sw
-    my = sum(w * y for w, y in zip(ws, ys)) / sw
-    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
-    if len(xs) < 2 or sxx == 0:
-        return 0.0, _lsq0(xs, ys)
-    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
-    return my - b * mx, b
-
-
-def _lsq0(xs: list[float], ys: list[float]) -> float:
-    """``y = b x`` minimising the relative squared error."""
-    num = sum(x / y for x, y in zip(xs, ys) if y)
-    den = sum((x / y) ** 2 for x, y in zip(xs, ys) if y)
-    return num / den if den else 0.0
+def _fit(xs, ys) -> tuple[float, float]:
+    """``y = t0 + b x`` minimising the RELATIVE squared error (``numpy.polyfit`` with weights
+    ``1 / y``), so small and large points count alike; through the origin (``t0 = 0``) when there
+    is only one x value or the intercept comes out negative or the slope not positive."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if len(np.unique(x)) > 1:
+        b, t0 = np.polyfit(x, y, 1, w=1.0 / y)
+        if b > 0 and t0 >= 0:
+            return float(t0), float(b)
+    r = x / y  # y = b x in relative terms: minimise sum (1 - b r)^2
+    return 0.0, float(r.sum() / (r * r).sum())
 
 
 def _shape_of(rec: dict) -> Shape:
-    e = {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")]
     return Shape(rec["seq_len"], rec["sp"], rec.get("batch", 1), rec.get("heads", 8), rec.get("kv_heads", rec.get("heads", 8)),
-                 rec.get("head_dim", 64), e, 64, rec.get("layout", "contiguous"))
-
-
-def _flops(rec: dict) -> float:
-    unit = Hardware(peak_flops=1.0, mfu=1.0)
-    return layer_cost(rec["method"], _shape_of(rec), unit)["compute_s"]
+                 rec.get("head_dim", 64), {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")], 64,
+                 rec.get("layout", "contiguous"))
 
 
 def calibrate(layer_doc: dict) -> dict:
     """Fit ``F`` and ``t0`` per kind and one bandwidth; predict every ok point of ``layer_doc``."""
-    ok = [r for r in layer_doc["records"] if r.get("status") == "ok"]
+    unit = Hardware(peak_flops=1.0, mfu=1.0)  # compute_s = the model's FLOPs
+    ok = [(dict(r, kind=r.get("kind", "linear")), layer_cost(r["method"], _shape_of(r), unit)["compute_s"])
+          for r in layer_doc["records"] if r.get("status") == "ok"]
     fits: dict[str, dict] = {}
     for kind, ref in (("linear", "lasp2"), ("softmax", "allgather")):
-        pts = [r for r in ok if r["method"] == ref] or [r for r in ok if r.get("kind") == kind]
-        if not pts:
-            continue
-        xs, ys = [_flops(r) for r in pts], [r["time_ms"] / 1e3 for r in pts]
-        t0, slope = _lsq(xs, ys)
-        if slope <= 0 or t0 < 0:  # no usable intercept: fit through the origin
-            t0, slope = 0.0, _lsq0(xs, ys)
-        fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": max(t0, 0.0), "reference": pts[0]["method"], "points": len(pts)}
-    bw = None
-    num = den = 0.0
-    for r in ok:  # residual = bytes / bw, relative least squares
-        f = fits.get(r.get("kind", "linear"))
-        if f is None or r["sp"] == 1:
-            continue
-        y = r["time_ms"] / 1e3
-        resid = y - f["t0_s"] - _flops(r) / f["flops_per_s"]
-        num += (r["bytes_per_rank"] / y) ** 2
-        den += r["bytes_per_rank"] * resid / y**2
-    if den > 0:
-        bw = num / den
+        pts = [p for p in ok if p[0]["method"] == ref] or [p for p in ok if p[0]["kind"] == kind]
+        if pts:
+            t0, slope = _fit([f for _, f in pts], [r["time_ms"] / 1e3 for r, _ in pts])
+            fits[kind] = {"flops_per_s": 1.0 / slope, "t0_s": t0, "reference": pts[0][0]["method"], "points": len(pts)}
+    ok = [(r, f, fits[r["kind"]]) for r, f in ok if r["kind"] in fits]
+    comm = [(r, f, fit) for r, f, fit in ok if r["sp"] > 1]  # the time left after compute = bytes / bw
+    n = np.array([r["bytes_per_rank"] for r, _, _ in comm], dtype=np.float64)
+    y = np.array([r["time_ms"] / 1e3 for r, _, _ in comm])
+    den = (n * (y - np.array([fit["t0_s"] + f / fit["flops_per_s"] for _, f, fit in comm])) / y**2).sum()
+    bw = float(((n / y) ** 2).sum() / den) if den > 0 else None
     rows = []
-    for r in ok:
-        f = fits.get(r.get("kind", "linear"))
-        if f is None:
-            continue
-        hw = Hardware(peak_flops=f["flops_per_s"], mfu=1.0, gpus_per_node=1 << 20, bw_intra=bw or 1e30, bw_inter=bw or 1e30,
-                      lat_intra=0.0, lat_inter=0.0, lat_launch=0.0)
-        pred = f["t0_s"] + layer_cost(r["method"], _shape_of(r), hw)["total_s"]
+    for r, _, fit in ok:
+        hw = Hardware(peak_flops=fit["flops_per_s"], mfu=1.0, gpus_per_node=1 << 20, bw_intra=bw or 1e30,
+                      bw_inter=bw or 1e30, lat_intra=0.0, lat_inter=0.0, lat_launch=0.0)
+        pred = 1e3 * (fit["t0_s"] + layer_cost(r["method"], _shape_of(r), hw)["total_s"])
         rows.append({"method": r["method"], "seq_len": r["seq_len"], "sp": r["sp"], "measured_ms": r["time_ms"],
-                     "predicted_ms": pred * 1e3, "error_pct": 100 * (pred * 1e3 / r["time_ms"] - 1)})
+                     "predicted_ms": pred, "error_pct": 100 * (pred / r["time_ms"] - 1)})
     return {"fits": fits, "bandwidth_bytes_per_s": bw, "points": rows}
 
 
-# ----------------------------------------------------------------------------- prediction
-
-
 def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hardware) -> list[dict]:
-    recs = []
-    for n in seq_lens:
-        base = step_cost(cfg, n, devices, "lasp2", hw)
-        for m in methods:
-            r = step_cost(cfg, n, devices, m, hw)
-            r.update(sp=devices, status="ok", lasp2_speedup_pct=100 * (base["tokens_per_s"] / r["tokens_per_s"] - 1))
-            recs.append(r)
+    """One step-cost record per (length, method), with LASP-2's speed-up over it."""
+    recs = [dict(step_cost(cfg, n, devices, m, hw), sp=devices, status="ok") for n in seq_lens for m in methods]
+    for r in recs:
+        base = step_cost(cfg, r["seq_len"], devices, "lasp2", hw)["tokens_per_s"]
+        r["lasp2_speedup_pct"] = 100 * (base / r["tokens_per_s"] - 1)
     return recs
 
 
 def paper_comparison(records: list[dict]) -> list[dict]:
     rows = []
     for (method, n), paper in PAPER.items():
-        hit = [r for r in records if r["method"] == method and r["seq_len"] == n]
-        if not hit:
-            continue
-        ours = hit[0]["lasp2_speedup_pct"]
-        rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
-                     "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
+        ours = next((r["lasp2_speedup_pct"] for r in records if r["method"] == method and r["seq_len"] == n), None)
+        if ours is not None:
+            rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
+                         "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
     return rows
 
 
@@ -170,15 +119,11 @@ def match_paper(cfg, devices: int, hw: Hardware, comparison: list[dict]) -> list
             return 100 * (a / b - 1) - c["paper_pct"]
 
         lo, hi = getattr(hw, field) / 1e4, getattr(hw, field) * 1e4
-        g_lo, g_hi = gap(lo), gap(hi)
-        value = None
-        if g_lo * g_hi < 0:
+        value, sign = None, gap(lo) < 0
+        if sign != (gap(hi) < 0):
             for _ in range(80):
                 mid = (lo * hi) ** 0.5
-                if (gap(mid) < 0) == (g_lo < 0):
-                    lo = mid
-                else:
-                    hi = mid
+                lo, hi = (mid, hi) if (gap(mid) < 0) == sign else (lo, mid)
             value = (lo * hi) ** 0.5
         out.append({"versus": c["versus"], "seq_len": c["seq_len"], "knob": field, "knob_meaning": what,
                     "assumed": getattr(hw, field) / unit, "needed": None if value is None else value / unit, "unit": uname})
@@ -229,76 +174,62 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+# hardware flags: (flag, Hardware field, flag unit in the field's unit, help)
+HW_FLAGS = [("--gpus-per-node", "gpus_per_node", 1, ""),
+            ("--peak-tflops", "peak_flops", 1e12, "per-device dense peak (A100 bf16: 312)"),
+            ("--mfu", "mfu", 1, "achieved fraction of peak"),
+            ("--bw-intra-gbs", "bw_intra", 1e9, "GB/s per GPU per direction inside a node"),
+            ("--bw-inter-gbs", "bw_inter", 1e9, "GB/s per GPU per direction between nodes"),
+            ("--lat-intra-us", "lat_intra", 1e-6, ""), ("--lat-inter-us", "lat_inter", 1e-6, ""),
+            ("--lat-launch-us", "lat_launch", 1e-6, "per call / dependent step")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
-    ap.add_argument("--devices", type=int, default=64, help="GPUs in the SP group")
-    ap.add_argument("--seq-len", default="2K,8K,32K,128K,512K,2048K", help="total sequence lengths, comma-separated")
-    ap.add_argument("--methods", default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
-    d = Hardware()
-    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    ap.add_argument("--peak-tflops", type=float, default=d.peak_flops / 1e12, help="per-device dense peak (A100 bf16: 312)")
-    ap.add_argument("--mfu", type=float, default=d.mfu, help="achieved fraction of peak")
-    ap.add_argument("--bw-intra-gbs", type=float, default=d.bw_intra / 1e9, help="GB/s per GPU per direction inside a node")
-    ap.add_argument("--bw-inter-gbs", type=float, default=d.bw_inter / 1e9, help="GB/s per GPU per direction between nodes")
-    ap.add_argument("--lat-intra-us", type=float, default=d.lat_intra * 1e6)
-    ap.add_argument("--lat-inter-us", type=float, default=d.lat_inter * 1e6)
-    ap.add_argument("--lat-launch-us", type=float, default=d.lat_launch * 1e6, help="per call / dependent step")
+    ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
+    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg, "--seq-len"), default="2K,8K,32K,128K,512K,2048K",
+                    help="total sequence lengths, comma-separated")
+    ap.add_argument("--methods", type=csv_arg(str, "--methods"), default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
+    for flag, field, unit, help_ in HW_FLAGS:
+        default = getattr(Hardware(), field)
+        kind = type(default) if field.startswith("lat") else positive(type(default))
+        ap.add_argument(flag, type=kind, default=default / unit if unit != 1 else default, help=help_ or None)
     ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
     ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
     ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
     args = ap.parse_args(argv)
-    try:
-        args.seq_len = [seq_len_arg(s) for s in args.seq_len.split(",") if s]
-    except ValueError:
-        ap.error(f"--seq-len must be comma-separated lengths like 512K, got {args.seq_len!r}")
-    args.methods = [m for m in args.methods.split(",") if m]
     for m in args.methods:
         if m not in LINEAR_SP:
             ap.error(f"--methods: unknown method {m!r}; choose from {', '.join(LINEAR_SP)}")
     if "lasp2" not in args.methods:
         args.methods.insert(0, "lasp2")
-    if args.devices < 1 or args.gpus_per_node < 1 or any(n < args.devices for n in args.seq_len):
-        ap.error("--devices and --gpus-per-node must be >= 1 and every --seq-len >= --devices")
-    for name in ("peak_tflops", "mfu", "bw_intra_gbs", "bw_inter_gbs"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if any(n < args.devices for n in args.seq_len):
+        ap.error("every --seq-len must be >= --devices")
     if args.use_calibration and not args.calibrate:
         ap.error("--use-calibration needs --calibrate")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     from ..models import ModelConfig
 
+    hw = Hardware(**{field: getattr(args, flag[2:].replace("-", "_")) * unit for flag, field, unit, _ in HW_FLAGS})
+    what = "--config"
     try:
         cfg = ModelConfig.from_yaml(args.config)
-    except (ValueError, OSError) as e:
-        print(f"lasp bench predict: --config: {e}", file=sys.stderr)
+        what = "--calibrate"
+        cal = calibrate(load_results(args.calibrate)) if args.calibrate else None
+    except (ValueError, OSError, KeyError) as e:
+        print(f"lasp bench predict: {what}: {e}", file=sys.stderr)
         return 2
-    hw = Hardware(peak_flops=args.peak_tflops * 1e12, mfu=args.mfu, gpus_per_node=args.gpus_per_node,
-                  bw_intra=args.bw_intra_gbs * 1e9, bw_inter=args.bw_inter_gbs * 1e9, lat_intra=args.lat_intra_us * 1e-6,
-                  lat_inter=args.lat_inter_us * 1e-6, lat_launch=args.lat_launch_us * 1e-6)
-    cal = None
-    if args.calibrate:
-        try:
-            cal = calibrate(load_results(args.calibrate))
-        except (ValueError, OSError, KeyError) as e:
-            print(f"lasp bench predict: --calibrate: {e}", file=sys.stderr)
-            return 2
-        if args.use_calibration and "linear" in cal["fits"]:
-            bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
-            hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
+    if cal and args.use_calibration and "linear" in cal["fits"]:
+        bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
+        hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
     records = predict(cfg, args.seq_len, args.devices, args.methods, hw)
     config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
-              "seq_lens": args.seq_len, "methods": args.methods, "hardware": hw.to_dict(), "calibrate": args.calibrate,
+              "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.costmodel)"}, config, records)
     doc["paper_comparison"] = paper_comparison(records) if args.devices == 64 else []
-    doc["paper_match"] = match_paper(cfg, args.devices, hw, doc["paper_comparison"])
-    doc["paper"] = PAPER_CITE
+    doc.update(paper_match=match_paper(cfg, args.devices, hw, doc["paper_comparison"]), paper=PAPER_CITE)
     if cal:
         doc["calibration"] = cal
     text = report_markdown(doc)

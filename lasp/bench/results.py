@@ -1,17 +1,8 @@
-"""Benchmark output files: ``results.json`` (every record, raw samples, environment),
-``results.md`` (a markdown table) and the PNG plots, plus the schema check the tests use.
-
-``results.json``::
-
-    {"schema": "lasp-bench/1", "kind": "layer" | "model" | "predict",
-     "env": {torch, triton, device, world, cpu_count, date, ...},
-     "config": {the command's arguments},
-     "records": [{...}, ...],          # one per measured point
-     "plots": ["time_vs_seq_len.png", ...]}
-
-Every ``layer``/``model`` record has ``status`` (``ok`` | ``unavailable`` | ``skipped`` |
-``error``) and ``reason``; an ``ok`` record has ``time_ms`` (median), the spread
-(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms`` and ``warmup_ms``.
+"""Benchmark output files: ``results.json`` (schema ``lasp-bench/1``: ``kind`` layer | model |
+kernels | predict, ``env`` facts, ``config`` = the arguments, ``records``, ``plots``) and
+``results.md``, plus the schema check. A layer / model / kernels record has ``status`` (ok |
+unavailable | skipped | error) and ``reason``; an ok one ``time_ms`` (median), the spread
+(``time_ms_min/max/p25/p75/std``, ``n_reps``) and the raw ``samples_ms``.
 """
 from __future__ import annotations
 
@@ -26,56 +17,49 @@ STATUSES = ("ok", "unavailable", "skipped", "error")
 REQUIRED = {
     "layer": ("method", "seq_len", "sp", "status", "time_ms", "bytes_per_rank", "collectives"),
     "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
+    "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
     "predict": ("method", "seq_len", "devices", "time_ms"),
 }
 OK_REQUIRED = {
     "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
     "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
+    "kernels": ("samples_ms", "n_reps", "tflops"),
     "predict": (),
 }
 
 
 def validate_results(data: dict) -> None:
     """Raise ``ValueError`` naming the first problem of a loaded ``results.json``."""
-    for key in ("schema", "kind", "env", "config", "records"):
-        if key not in data:
-            raise ValueError(f"results.json: missing key {key!r}")
+    def need(keys, where: dict, what: str) -> None:
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise ValueError(f"results.json: {what} {missing[0]!r}")
+
+    need(("schema", "kind", "env", "config", "records"), data, "missing key")
+    kind = data["kind"]
     if data["schema"] != SCHEMA:
         raise ValueError(f"results.json: schema must be {SCHEMA!r}, got {data['schema']!r}")
-    kind = data["kind"]
     if kind not in REQUIRED:
         raise ValueError(f"results.json: kind must be one of {tuple(REQUIRED)}, got {kind!r}")
     if kind != "predict":
-        for key in ("torch", "triton", "device", "world", "cpu_count", "date"):
-            if key not in data["env"]:
-                raise ValueError(f"results.json: env is missing {key!r}")
+        need(("torch", "triton", "device", "world", "cpu_count", "date"), data["env"], "env is missing")
     for i, rec in enumerate(data["records"]):
-        for key in REQUIRED[kind]:
-            if key not in rec:
-                raise ValueError(f"results.json: record {i} is missing {key!r}")
         status = rec.get("status", "ok")
+        need(REQUIRED[kind] + (OK_REQUIRED[kind] if status == "ok" else ()), rec, f"record {i} is missing")
         if status not in STATUSES:
             raise ValueError(f"results.json: record {i} has status {status!r}, expected one of {STATUSES}")
-        if status == "ok":
-            for key in OK_REQUIRED[kind]:
-                if key not in rec:
-                    raise ValueError(f"results.json: ok record {i} is missing {key!r}")
-            if kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
-                raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
-
-
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+        if status == "ok" and kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
+            raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
 def write_results(out_dir: str, doc: dict, markdown: str) -> None:
     """``out_dir/results.json`` (atomically) and ``out_dir/results.md``: every benchmark's output pair."""
-    write_json(os.path.join(out_dir, "results.json"), doc)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+        fh.write("\n")
+    os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown)
 
@@ -96,30 +80,22 @@ def results_doc(kind: str, env: dict, config: dict, records: list[dict], plots: 
     return {"schema": SCHEMA, "kind": kind, "env": env, "config": config, "records": records, "plots": list(plots)}
 
 
-# ----------------------------------------------------------------------------- markdown
-
-
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
     for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
+        if n is not None and n >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    return "-" if n is None else f"{int(n)} B"
 
 
 def fmt_num(x: float | None, digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.{digits}f}"
+    return "-" if x is None else f"{x:,.{digits}f}"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table (numbers right-aligned: every column after the first two)."""
     align = ["---" if i < 2 else "---:" for i in range(len(headers))]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def status_cell(rec: dict) -> str:
@@ -127,6 +103,9 @@ def status_cell(rec: dict) -> str:
     return rec["status"] if not reason else f"{rec['status']}: {reason[:90]}"
 
 
-def env_line(env: dict) -> str:
+def report(kind: str, command: str, env: dict, table: str, note: str, header: str = "") -> str:
+    """A benchmark's results.md: title, command, optional header line, environment, table, note."""
     keys = ("device", "world", "cpu_count", "torch_threads_per_rank", "torch", "triton", "date")
-    return ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+    env_line = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+    lines = [f"# lasp bench {kind}", "", f"`{command}`", ""] + ([header, ""] if header else [])
+    return "\n".join(lines + [f"Environment: {env_line}", "", table, "", note, ""])

@@ -1,31 +1,46 @@
-"""Running a benchmark sweep over points on P ranks, whatever launched us.
-
-- **Spawned** (the default; CPU): for each SP size P, a :class:`lasp.spawn.SpawnedGroup` of P
-  gloo processes (one torch thread each) runs ``worker(rank, P, point)`` for every point of
-  that size; P = 1 runs in this process with one thread. The groups are kept for later sweeps
-  of the same process and stopped at exit (:func:`close_pools`).
-- **Launched** (``torchrun`` / the deepspeed launcher set ``WORLD_SIZE``; GPUs use NCCL): this
-  process is one rank; points whose ``sp`` is not the world size are skipped; the per-rank
-  results are gathered on rank 0, which alone writes files.
-
-A point that fails never ends the sweep: the record gets ``status`` ``unavailable`` (the
-method is not implemented), ``skipped`` (a ValueError before any collective, e.g. the heads do
-not divide by P) or ``error`` (anything else, the rank's last traceback line as ``reason``).
+"""The one driver of ``lasp bench layer`` and ``lasp bench model``. Spawned (the default; CPU):
+per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo processes, one torch thread each,
+kept for later sweeps (:func:`close_pools`); P = 1 runs in this process. Launched (``torchrun``
+sets ``WORLD_SIZE``; NCCL on GPUs): this process is one rank, points of another ``sp`` are
+skipped, rank 0 gathers and writes. Points run in groups (same P and length) with interleaved
+repetitions; a single point is a group of one. A failed point gets ``status`` ``unavailable``
+(not implemented), ``skipped`` (a precheck, or a ValueError raised before any collective) or
+``error`` (any other exception, out of memory, a timeout), and the ``reason``.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..spawn import RankError, SpawnedGroup
+from .. import comm
+from ..spawn import Failure, RankError, SpawnedGroup
+from .plots import plot_metric_vs_seq_len, plot_speedup
+from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
-Worker = Callable[[int, int, dict], dict]
-Merge = Callable[[dict, list[dict]], dict]
+
+@dataclass
+class Bench:
+    """What one benchmark plugs into the driver."""
+
+    kind: str  # results.json kind: "layer" | "model"
+    series: str  # the record key naming a series: "method" | "model"
+    order: dict  # the registry: series names in table order
+    build: Callable  # module-level build(point, rank, world, device) -> (forward, backward, info dict)
+    precheck: Callable[[dict], tuple[str, str] | None]  # (status, reason) of a point that must not run
+    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> more ok-record fields
+    columns: list[tuple[str, Callable[[dict], str]]]  # results.md: (header, cell of an ok record) after tokens/s
+    time_header: str
+    note: str  # results.md footnote; {mem_method} is filled in
+    plots: dict[str, dict]  # PNG name -> plot_speedup(**kw) when kw has "base", else plot_metric_vs_seq_len(**kw)
+    header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
 
 
 def launched_world() -> int:
@@ -33,26 +48,11 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "0") or 0)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def local_device(name: str = "auto") -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` or the CPU."""
-    if resolve_device(name) == "cuda":
+    """This rank's device: ``cuda:LOCAL_RANK`` (``auto``: when a GPU is visible) or the CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def spawned_cuda_check(point: dict) -> dict | None:
-    """Spawned ranks talk gloo: multi-rank CUDA points need an external launcher (NCCL)."""
-    if point.get("device") == "cuda" and point["sp"] > 1 and not launched_world():
-        return dict(point, status="skipped", reason=f"sp={point['sp']} on CUDA needs one process per GPU: "
-                    f"torchrun --nproc-per-node {point['sp']} -m lasp.cli bench ...")
-    return None
 
 
 _POOLS: dict[int, SpawnedGroup] = {}
@@ -60,12 +60,11 @@ _POOLS: dict[int, SpawnedGroup] = {}
 
 def _pool(size: int, timeout_s: float) -> SpawnedGroup:
     """A spawned group of ``size`` ranks, kept for later sweeps of this process (closed at exit)."""
-    if size not in _POOLS:
-        if not _POOLS:
-            atexit.register(close_pools)
-        _POOLS[size] = SpawnedGroup(size, timeout=timeout_s)
-    _POOLS[size].timeout = timeout_s
-    return _POOLS[size]
+    if not _POOLS:
+        atexit.register(close_pools)
+    pool = _POOLS.setdefault(size, SpawnedGroup(size, timeout=timeout_s))
+    pool.timeout = timeout_s
+    return pool
 
 
 def close_pools() -> None:
@@ -75,127 +74,205 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
-def _failure(point: dict, exc_text: str) -> dict:
-    """Classify a failure from its traceback text."""
-    lines = [ln.strip() for ln in exc_text.strip().splitlines() if ln.strip()]
-    for kind, status in (("NotImplementedError", "unavailable"), ("ValueError", "skipped")):
-        hits = [ln for ln in lines if ln.startswith(kind + ":")]
-        if hits:
-            return dict(point, status=status, reason=hits[-1].split(":", 1)[1].strip())
-    tail = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))]
-    return dict(point, status="error", reason=(tail[-1] if tail else exc_text)[:300])
+def _instrumented(forward, backward, device: torch.device) -> dict:
+    """Run one step under the communication recorder and the memory meter: what this rank sends
+    (calls and bytes: all, forward, by kind, by tag) and its peak memory."""
+    n_fwd = []
+
+    def fwd_bwd() -> None:
+        o = forward()
+        n_fwd.append(len(log.events))
+        backward(o)
+
+    with comm.record() as log:
+        mem_mb, how = measure_peak_memory(fwd_bwd, device)
+    sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
+    tag_bytes: Counter = Counter()
+    for e in sent:
+        tag_bytes[e.tag] += e.bytes
+    return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
+            "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
+            "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> list[dict]:
+    """Runs on every rank: build, warm up and time the points of one group (their repetitions
+    interleaved), the first warm-up step of each instrumented; this rank's view of each."""
+    device = local_device(points[0]["device"])
+    torch.manual_seed(0)
+    built = [build(p, rank, world, device) for p in points]
+    seen: list[dict] = [{} for _ in points]
 
-    return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    def step(i: int, forward, backward):
+        def run() -> None:
+            if seen[i]:
+                backward(forward())
+            else:  # the first warm-up step
+                seen[i].update(_instrumented(forward, backward, device))
 
+        return run
 
-def run_points(
-    points: list[dict],
-    worker: Worker,
-    merge: Merge,
-    *,
-    desc: str,
-    timeout_s: float,
-    precheck: Callable[[dict], dict | None] | None = None,
-    on_record: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Run every point; returns one record per point (on launched ranks > 0: an empty list).
-
-    ``worker(rank, world, point) -> dict`` runs on every rank; ``merge(point, per_rank)`` builds
-    the record (or a list of records, for a point that is a group ``{"points": [...], ...}``). ``precheck(point)`` may return a finished record (skipped / unavailable) so the
-    point never reaches the ranks. ``on_record`` is called after each record (partial saves).
-    """
-    world = launched_world()
-    if world > 1 or (world == 1 and dist.is_initialized()):
-        return _run_launched(points, worker, merge, desc=desc, precheck=precheck, on_record=on_record)
-    records: list[dict] = []
-    bar = _progress(len(points), desc, True)
-    by_sp: dict[int, list[dict]] = {}
-    for p in points:
-        by_sp.setdefault(p["sp"], []).append(p)
-    for sp, pts in by_sp.items():
-        for p in pts:
-            bar.set_postfix_str(_label(p))
-            rec = precheck(p) if precheck else None
-            if rec is None:
-                rec = _run_one(_pool(sp, timeout_s) if sp > 1 else None, worker, merge, p, timeout_s)
-            for r in _expand(rec):
-                records.append(r)
-                if on_record:
-                    on_record(r)
-            bar.update(1)
-    bar.close()
-    return records
+    p0 = points[0]
+    timed = time_steps([step(i, f, b) for i, (f, b, _) in enumerate(built)], group=dist.group.WORLD if world > 1 else None,
+                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"], max_seconds=p0["max_seconds"])
+    return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **inst) for (_, _, info), t, inst in zip(built, timed, seen)]
 
 
-def _expand(rec: dict | list[dict]) -> list[dict]:
-    """A merge may return several records (a group of points); a failed group fails each point."""
-    if isinstance(rec, list):
-        return rec
-    if "points" in rec:
-        return [dict(p, status=rec["status"], reason=rec.get("reason", "")) for p in rec["points"]]
-    return [rec]
+def _public(point: dict) -> dict:
+    """A point's fields for its record (``_``-prefixed ones only feed the workers)."""
+    return {k: v for k, v in point.items() if not k.startswith("_")}
 
 
-def _label(p: dict) -> str:
-    name = p.get("method") or p.get("model")
-    return f"{name} T={p['seq_len']} P={p['sp']}"
+def ok_record(bench: Bench, point: dict, per_rank: list[dict]) -> dict:
+    """One record from every rank's view of a point."""
+    r0, most = per_rank[0], lambda key: max(r[key] for r in per_rank)
+    rec = dict(_public(point), status="ok", reason="", **summarize_samples(r0["samples_s"]))
+    rec.update(
+        samples_ms=[s * 1e3 for s in r0["samples_s"]], warmup_ms=[s * 1e3 for s in r0["warmup_s"]],
+        tokens_per_s=point["batch"] * point["seq_len"] / (rec["time_ms"] / 1e3), peak_mem_mb=most("peak_mem_mb"),
+        peak_mem_mb_by_rank=[r["peak_mem_mb"] for r in per_rank], mem_method=r0["mem_method"],
+        bytes_per_rank=most("bytes"), bytes_per_rank_fwd=most("bytes_fwd"),
+        bytes_per_rank_bwd=max(r["bytes"] - r["bytes_fwd"] for r in per_rank), bytes_by_rank=[r["bytes"] for r in per_rank],
+        collectives=most("calls"), collectives_fwd=most("calls_fwd"), collectives_by_kind=r0["by_kind"],
+    )
+    return dict(rec, **bench.finish(point, rec, per_rank))
 
 
-def _run_one(pool: SpawnedGroup | None, worker: Worker, merge: Merge, point: dict, timeout_s: float) -> dict:
-    if pool is None:  # P = 1: this process, one thread (as one rank of a spawned group)
+def failure_record(point: dict, failure: Failure) -> dict:
+    """The record of a point whose run failed: NotImplementedError -> ``unavailable``, ValueError
+    (raised on every rank before any collective) -> ``skipped``, anything else -> ``error``."""
+    status = "error"
+    if failure.kind == "exception":
+        status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    reason = f"{failure.exc_type}: {failure.message}" if status == "error" and failure.exc_type else failure.message
+    return dict(_public(point), status=status, reason=("out of memory: " if failure.kind == "oom" else "") + reason[:300])
+
+
+def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
+    from ..parallel import check_shardable
+
+    if world and point["sp"] != world:
+        return "skipped", f"launched with world size {world}; this point needs sp={point['sp']}"
+    if point["device"] == "cuda" and point["sp"] > 1 and not world:
+        return "skipped", (f"sp={point['sp']} on CUDA needs one process per GPU: "
+                           f"torchrun --nproc-per-node {point['sp']} -m lasp.cli bench ...")
+    try:
+        check_shardable(point["seq_len"], point["sp"], point["layout"])
+    except ValueError as e:
+        return "skipped", str(e)
+    return bench.precheck(point)
+
+
+def _run_here(build: Callable, points: list[dict], rank: int, world: int) -> tuple[list | None, Failure | None]:
+    try:
+        return group_worker(rank, world, build, points), None
+    except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
+        return None, Failure.from_exception(e, rank)
+
+
+def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
+    """Every record of one group of points (same SP size and length)."""
+    per_rank, failure = None, None
+    if world:  # launched: this process is one rank
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, _run_here(bench.build, points, dist.get_rank(), world))
+        per_rank, failure = [m for m, _ in gathered], next((f for _, f in gathered if f), None)
+    elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        mine, failure = _run_here(bench.build, points, 0, 1)
+        torch.set_num_threads(threads)
+        per_rank = [mine]
+    else:
         try:
-            return merge(point, [worker(0, 1, point)])
-        except Exception:  # noqa: BLE001 - any failure becomes a record
-            import traceback
-
-            return _failure(point, traceback.format_exc())
-        finally:
-            torch.set_num_threads(threads)
-    try:
-        return merge(point, pool.run(worker, point, timeout=timeout_s))
-    except RankError as e:
-        text = str(e)
-        if "did not finish" in text and "raised" not in text:
-            return dict(point, status="error", reason=f"timed out after {timeout_s:.0f} s (pool restarted)")
-        return _failure(point, text)
+            per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
+        except RankError as e:
+            failure = e.failure
+    if failure is not None and failure.kind == "exception" and len(points) > 1:  # find the failing point(s): one by one
+        return [rec for p in points for rec in _run_group(bench, [p], world, timeout_s / len(points))]
+    if failure is not None:
+        return [failure_record(p, failure) for p in points]
+    return [ok_record(bench, p, [r[i] for r in per_rank]) for i, p in enumerate(points)]
 
 
-def _run_launched(points, worker, merge, *, desc, precheck, on_record) -> list[dict]:
-    """This process is one rank of an externally launched world (torchrun; NCCL on GPUs)."""
-    if not dist.is_initialized():
+def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: float,
+              on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every point (by default the points of one (P, length) as one group); one record per
+    point (on launched ranks > 0: none). ``on_record`` is called after each (partial saves)."""
+    from tqdm import tqdm
+
+    world = launched_world()
+    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
+    if world and not dist.is_initialized():
         from ..parallel import init_parallel
 
-        init_parallel(sp_size=launched_world())
-    rank, world = dist.get_rank(), dist.get_world_size()
+        init_parallel(sp_size=world)
+    main_rank = not world or dist.get_rank() == 0
     records: list[dict] = []
-    bar = _progress(len(points), desc, rank == 0)
-    for p in points:
-        rec = precheck(p) if precheck else None
-        if rec is None and p["sp"] != world:
-            rec = dict(p, status="skipped", reason=f"launched with world size {world}; this point needs sp={p['sp']}")
-        if rec is None:
-            try:
-                mine = worker(rank, world, p)
-                failed = None
-            except Exception:  # noqa: BLE001 - ValueErrors are raised on every rank alike
-                import traceback
 
-                mine, failed = None, traceback.format_exc()
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (mine, failed))
-            errs = [f for _, f in gathered if f]
-            rec = _failure(p, errs[0]) if errs else merge(p, [m for m, _ in gathered])
-        if rank == 0:
-            for r in _expand(rec):
-                records.append(r)
-                if on_record:
-                    on_record(r)
+    def emit(recs: list[dict]) -> None:
+        for r in recs if main_rank else ():
+            records.append(r)
+            if on_record:
+                on_record(r)
+
+    groups: dict[tuple, list[dict]] = {}
+    for i, p in enumerate(points):
+        why = _precheck(bench, p, world)
+        if why:
+            emit([dict(_public(p), status=why[0], reason=why[1])])
+        else:
+            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
+    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
+    for pts in groups.values():
+        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
+        emit(_run_group(bench, pts, world, timeout_s * len(pts)))
         bar.update(1)
     bar.close()
     return records
+
+
+def markdown(bench: Bench, records: list[dict], env: dict, command: str, config: dict) -> str:
+    """results.md of a sweep: one row per record."""
+    headers = [bench.series, "status", "P", "seq len", bench.time_header, "min-max ms", "reps", "tokens/s"]
+    headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
+    rows, order = [], list(bench.order)
+    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
+        row = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
+        if r["status"] == "ok":
+            row[4:] = [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
+                       fmt_num(r["tokens_per_s"], 0), *(cell(r) for _, cell in bench.columns), f"{r['peak_mem_mb']:.0f} MiB"]
+        rows.append(row)
+    mem = next((r["mem_method"] for r in records if r.get("mem_method")), "-")
+    return report(bench.kind, command, env, markdown_table(headers, rows), bench.note.format(mem_method=mem),
+                  bench.header(config))
+
+
+def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
+    """A sweep command: run ``points``; after each record write results.json and results.md, at
+    the end also the plots; print the table."""
+    command, world = f"lasp bench {bench.kind} " + " ".join(argv), launched_world()
+    env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
+                   mem_available_gb=mem_available_gb())
+    if not world:
+        env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
+    config, done = dict(vars(args)), []
+
+    def write(records: list[dict], final: bool) -> str:
+        os.makedirs(args.out, exist_ok=True)
+        text = markdown(bench, records, env, command, config)
+        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=bench.series, **kw)
+                 for name, kw in bench.plots.items()] if final else []
+        write_results(args.out, results_doc(bench.kind, env, config, records, [os.path.basename(p) for p in plots]), text)
+        return text
+
+    def save_partial(rec: dict) -> None:
+        done.append(rec)
+        write(done, False)
+
+    records = run_sweep(bench, points, interleave=interleave, timeout_s=args.point_timeout, on_record=save_partial)
+    if world > 1 and dist.get_rank() != 0:
+        return 0
+    print(write(records, True))
+    print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
+    return 0
