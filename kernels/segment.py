@@ -20,11 +20,15 @@ from .utils import DEFAULT_CHUNK, block, check_chunk_size, check_device, check_h
 class TritonSegment:
     """One segment's compute on Triton kernels; same constructor as ``TorchSegment``.
 
+    (``transition`` / ``state_is_zero``: protocol v2, see :mod:`lasp.ops.segment`.)
+
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, fp16 or bf16; K, V powers of two 16..256).
         g: ``[B, T, H]`` log gates or None; g_gamma: ``[H]`` log decay or None.
         scale: output scale. chunk_size: 16, 32 or 64 tokens per chunk.
     """
+
+    transition = "scalar"
 
     def __init__(self, q, k, v, g, g_gamma, scale: float, chunk_size: int = DEFAULT_CHUNK):
         check_device(q)
@@ -54,11 +58,11 @@ class TritonSegment:
     def compute_local(self) -> None:
         self.o_local = sg.chunk_fwd_o(self.q, self.k, self.v, self.gates, self.h, self.scale, self.BT)
 
-    def output(self, state: torch.Tensor) -> torch.Tensor:
+    def output(self, state: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
         """``o [B, T, H, V]`` float32 given the state ``[B, H, K, V]`` entering the segment."""
         self.state = state.detach().float().contiguous()
         o, self.o_local = self.o_local, None
-        if not _all_zero(self.state):  # the first segment of the sequence gets no state
+        if not state_is_zero and not _all_zero(self.state):  # the first segment of the sequence gets no state
             o = sg.chunk_fwd_inter(self.q, self.gates, self.state, o, self.scale, self.BT)
         return o
 

@@ -12,7 +12,7 @@ import torch
 
 from .ops import chunk
 from .ops.softmax_local import sdpa_attention
-from .ops.checks import check_common, check_linear, SOFTMAX_METHODS
+from .ops.checks import check_common, check_linear, check_states, SOFTMAX_METHODS
 from .parallel import group_rank_size
 
 # method -> (module under lasp.ops, function name)
@@ -64,7 +64,9 @@ def linear_attention(
     method: str = "lasp2",
     layout: str = "contiguous",
     backend: str = "auto",
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+):
     """(Sequence-parallel) gated linear attention on this rank's shard.
 
     ``S_t = exp(g_t + g_gamma) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` over the WHOLE
@@ -77,18 +79,26 @@ def linear_attention(
         group: the SP process group; None = the whole sequence is on this process.
         method: ``lasp2`` | ``lasp1`` | ``ulysses``. layout: ``contiguous`` | ``zigzag``.
         backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA).
+        initial_state: ``[B, H, K, V]`` state before the first token of the whole sequence (the
+            same on every rank; float32 or q's dtype) or None (zeros). Causal only. Its gradient
+            on each rank is that rank's contribution (sum over the SP group = the total).
+        output_final_state: also return the float32 state after the last token of the whole
+            sequence, on every rank (differentiable; its gradient is summed over the ranks).
     Returns:
-        ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally).
+        ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally), or
+        ``(o, final_state [B, H, K, V])`` with ``output_final_state``.
     """
     check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
+    check_states(q, v, initial_state, output_final_state, causal=causal)
+    states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
     backend = resolve_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = _method_impl(_LINEAR, method, "linear_attention")
     if group_rank_size(group)[1] == 1 and backend == "torch":
         if not causal:
             return chunk.noncausal_linear_attention(q, k, v, scale)
-        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale)
-    return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend)
+        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale, **states)
+    return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend, **states)
 
 
 def softmax_attention(

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lasp.ops import chunk
-from lasp.ops.ulysses import SegmentAttention
+from lasp.ops.lasp2 import lasp2_apply
+from lasp.ops.segment import TorchSegment
 from lasp.testing import assert_close, linear_inputs, seed_for
 from test_lasp2 import CASES, DTYPES, check_against_oracle, run_linear
 
@@ -34,12 +35,13 @@ def test_lasp1_uneven_contiguous(spawn, gates):
     check_against_oracle(results, full, do, True, "contiguous", lengths=lengths)
 
 
-def test_segment_attention_matches_chunked():
-    """Ulysses' whole-sequence path for segment backends (Triton), driven by the torch segment."""
+def test_single_process_segment_driver_matches_chunked():
+    """Ulysses' whole-sequence path for segment backends (Triton): the LASP-2 driver on one
+    process (``group=None``), driven here by the torch segment."""
     ins = [None if x is None else x.clone().requires_grad_() for x in linear_inputs(2, 40, 2, 8, 16, gates="both", seed=1)]
     ref_ins = [None if x is None else x.detach().clone().requires_grad_() for x in ins]
     do = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(4))
-    out = SegmentAttention.apply(*ins, 0.4, "torch")
+    out = lasp2_apply(TorchSegment, ins[:4], ins[4:], scale=0.4, group=None)
     ref = chunk.chunk_linear_attention(*ref_ins, scale=0.4)
     assert_close(ref, out, name="o")
     out.backward(do)

@@ -35,8 +35,8 @@ def test_lasp2_one_collective_each_way_independent_of_T(spawn, layout, n_seg, ca
         full = linear_inputs(B, T, H, K, V, gates="both" if causal else "none", seed=T)
         for _, _, fwd, bwd in spawn(P).run(run_linear, full, torch.randn(B, T, H, V), causal=causal, layout=layout):
             assert kinds(fwd) == ["all_gather"] and kinds(bwd) == ["all_gather"], (fwd, bwd)
-            # lasp/ops/lasp2.py: fwd n_seg*B*H*(K*V+1)*4, bwd n_seg*B*H*K*V*4; non-causal B*H*K*V*4 both
-            want = (n_seg * B * H * (K * V + 1) * FP32, n_seg * B * H * K * V * FP32) if causal else (B * H * K * V * FP32,) * 2
+            # lasp/ops/lasp2.py: fwd and bwd n_seg*B*H*(1+K*V)*4 (scalar A); non-causal B*H*K*V*4 both
+            want = (n_seg * B * H * (K * V + 1) * FP32,) * 2 if causal else (B * H * K * V * FP32,) * 2
             assert (fwd[0].bytes, bwd[0].bytes) == want
             seen.add((fwd[0].bytes, bwd[0].bytes))
     assert len(seen) == 1  # the same bytes for T=32 and T=64

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..parallel import global_positions, group_rank_size
+from .common import ring_neighbours, ring_shift  # noqa: F401  (ring_neighbours: public here before)
 from .softmax_local import (
     BlockPlan,
     block_backward,
@@ -58,19 +59,6 @@ TILE_ROWS = 1024
 _FWD_TAG = "ring.fwd"
 _BWD_KV_TAG = "ring.bwd.kv"
 _BWD_DKV_TAG = "ring.bwd.dkv"
-
-
-def ring_neighbours(group) -> tuple[int, int]:
-    """GLOBAL ranks of the next (``r+1``) and previous (``r-1``) member of ``group``'s ring."""
-    rank, size = group_rank_size(group)
-    return dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
-
-
-def ring_shift(t: torch.Tensor, group, tag: str):
-    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``."""
-    nxt, prv = ring_neighbours(group)
-    buf = torch.empty_like(t)
-    return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)
 
 
 def ring_schedule(rank: int, size: int, T: int, layout: str, causal: bool, device=None) -> list[BlockPlan | None]:
