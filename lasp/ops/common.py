@@ -1,6 +1,7 @@
 """Small helpers shared by the sequence-parallel operators (no operator logic here)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..parallel import group_rank_size, layout_chunks
 __all__ = [
     "cat_or_none",
     "sum_or_none",
+    "join_segments",
     "all_gather_async",
     "wait_all",
     "ring_neighbours",
@@ -23,6 +25,7 @@ __all__ = [
     "SegmentCall",
     "build_segments",
     "segment_input_grads",
+    "run_driver",
 ]
 
 
@@ -31,6 +34,20 @@ def cat_or_none(xs: list[torch.Tensor | None], dim: int = 1) -> torch.Tensor | N
     if any(x is None for x in xs):
         return None
     return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
+
+
+def join_segments(outs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-segment outputs ``[B, T_seg, H, V]`` (float32) -> ``[B, T_local, H, V]`` in ``dtype``:
+    one copy (the cast writes straight into the joined tensor)."""
+    if len(outs) == 1:
+        return outs[0].to(dtype)
+    B, _, H, V = outs[0].shape
+    out = torch.empty(B, sum(o.shape[1] for o in outs), H, V, dtype=dtype, device=outs[0].device)
+    start = 0
+    for o in outs:
+        out[:, start : start + o.shape[1]].copy_(o)
+        start += o.shape[1]
+    return out
 
 
 def sum_or_none(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -92,9 +109,15 @@ def segment_order(group_size: int, layout: str) -> list[list[int]]:
 
 def global_order_index(group_size: int, layout: str, device=None) -> torch.Tensor | None:
     """Index ``idx`` with ``global = gathered.flatten(0, 1).index_select(0, idx)``, where
-    ``gathered [P, n_seg, ...]`` is rank-major; None when the orders agree (contiguous)."""
+    ``gathered [P, n_seg, ...]`` is rank-major; None when the orders agree (contiguous).
+    Cached per (P, layout, device): built and copied to the device once."""
     if layout == "contiguous":
         return None
+    return _order_index(group_size, layout, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _order_index(group_size: int, layout: str, device: torch.device) -> torch.Tensor:
     order = segment_order(group_size, layout)
     n_seg = len(order[0])
     pos = [0] * (group_size * n_seg)
@@ -150,3 +173,24 @@ def segment_input_grads(call: SegmentCall, segs: list, needs_grad) -> list[torch
         g = cat_or_none(parts) if i < call.n_token else sum_or_none(parts)
         out.append(g if need else None)
     return out
+
+
+def run_driver(
+    function,
+    seg_class: type,
+    token_inputs,
+    shared_inputs=(),
+    *,
+    scale: float,
+    group,
+    layout: str = "contiguous",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    **seg_kwargs,
+):
+    """Call a segment driver's autograd Function (``LASP2Causal``, ``LASP1Causal``) as
+    ``function.apply(call, initial_state, *token_inputs, *shared_inputs)``; see
+    :func:`lasp.ops.lasp2.lasp2_apply` for the arguments."""
+    token_inputs, shared_inputs = list(token_inputs), list(shared_inputs)
+    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs))
+    return function.apply(call, initial_state, *token_inputs, *shared_inputs)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from .. import comm
 from ..parallel import group_rank_size
 from . import affine
-from .common import SegmentCall, build_segments, cat_or_none, segment_input_grads, segment_order, split_segments, wait_all
+from .common import SegmentCall, build_segments, run_driver, join_segments, segment_input_grads, segment_order, split_segments, wait_all
 from .noncausal import NonCausalLinear
 from .segment import segment_class
 
@@ -113,7 +113,7 @@ class LASP1Causal(torch.autograd.Function):
         ctx.call, ctx.has_s0 = call, initial_state is not None
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, torch.stack(states_in))
-        o = cat_or_none(outs).to(inputs[0].dtype)
+        o = join_segments(outs, inputs[0].dtype)
         if call.output_final_state:
             final = s_prev.clone() if chain.mine[-1] == chain.n - 1 else torch.zeros_like(zero)
             return o, chain.all_reduce(final, _FWD_TAG + ".final")
@@ -162,22 +162,9 @@ class LASP1Causal(torch.autograd.Function):
         return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 
-def lasp1_apply(
-    seg_class: type,
-    token_inputs,
-    shared_inputs=(),
-    *,
-    scale: float,
-    group,
-    layout: str = "contiguous",
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    **seg_kwargs,
-):
+def lasp1_apply(seg_class: type, token_inputs, shared_inputs=(), **kwargs):
     """Causal LASP-1; the same arguments and returns as :func:`lasp.ops.lasp2.lasp2_apply`."""
-    token_inputs, shared_inputs = list(token_inputs), list(shared_inputs)
-    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs))
-    return LASP1Causal.apply(call, initial_state, *token_inputs, *shared_inputs)
+    return run_driver(LASP1Causal, seg_class, token_inputs, shared_inputs, **kwargs)
 
 
 def lasp1_linear_attention(

@@ -67,9 +67,10 @@ from .common import (
     SegmentCall,
     all_gather_async,
     build_segments,
-    cat_or_none,
+    join_segments,
     global_order_index,
     segment_input_grads,
+    run_driver,
     segment_order,
     split_segments,
 )
@@ -114,7 +115,7 @@ class LASP2Causal(torch.autograd.Function):
         ctx.call, ctx.has_s0 = call, initial_state is not None
         ctx.s0_dtype = None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, states[:n_seg])
-        o = cat_or_none(outs).to(inputs[0].dtype)
+        o = join_segments(outs, inputs[0].dtype)
         if call.output_final_state:
             return o, states[n_seg].clone()
         return o
@@ -164,32 +165,20 @@ class LASP2Causal(torch.autograd.Function):
         return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 
-def lasp2_apply(
-    seg_class: type,
-    token_inputs,
-    shared_inputs=(),
-    *,
-    scale: float,
-    group,
-    layout: str = "contiguous",
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    **seg_kwargs,
-):
+def lasp2_apply(seg_class: type, token_inputs, shared_inputs=(), **kwargs):
     """Causal LASP-2 driving ``seg_class`` segments (see the module docstring for the contract).
 
     Args:
         seg_class: a segment class of the protocol (``transition`` = ``"scalar"`` | ``"matrix"``).
         token_inputs: per-token ``[B, T_local, H, ...]`` tensors or None (split along T).
         shared_inputs: tensors passed whole to every segment, after the token parts.
-        scale: the output scale. group: SP group (None = one process). layout: contiguous | zigzag.
-        initial_state: ``[B, H, K, V]`` or None. output_final_state: also return the final state.
+        kwargs: ``scale`` (float, required), ``group`` (SP group; None = one process, required),
+            ``layout="contiguous"`` | ``"zigzag"``, ``initial_state=None`` (``[B, H, K, V]``),
+            ``output_final_state=False``; any other keyword goes to the segment constructor.
     Returns:
         ``o [B, T_local, H, V]``, or ``(o, final_state [B, H, K, V] float32)``.
     """
-    token_inputs, shared_inputs = list(token_inputs), list(shared_inputs)
-    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs))
-    return LASP2Causal.apply(call, initial_state, *token_inputs, *shared_inputs)
+    return run_driver(LASP2Causal, seg_class, token_inputs, shared_inputs, **kwargs)
 
 
 def lasp2_linear_attention(

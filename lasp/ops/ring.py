@@ -36,11 +36,9 @@ communication (the same block sends, in the same order).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from .. import comm
 from ..parallel import global_positions, group_rank_size
-from .common import ring_neighbours, ring_shift  # noqa: F401  (ring_neighbours: public here before)
+from .common import ring_shift
 from .softmax_local import (
     BlockPlan,
     block_backward,
