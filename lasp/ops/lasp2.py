@@ -67,10 +67,10 @@ from .common import (
     SegmentCall,
     all_gather_async,
     build_segments,
-    join_segments,
     global_order_index,
-    segment_input_grads,
+    join_segments,
     run_driver,
+    segment_input_grads,
     segment_order,
     split_segments,
 )
