@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, resolve_backend
+from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, check_states, resolve_backend
 from .ops.lasp1 import lasp1_linear_attention
 from .ops.lasp2 import lasp2_linear_attention
 from .ops.ring import ring_softmax_attention
@@ -47,7 +47,9 @@ def linear_attention(
     method: str = "lasp2",
     layout: str = "contiguous",
     backend: str = "auto",
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+):
     """(Sequence-parallel) gated linear attention on this rank's shard.
 
     ``S_t = exp(g_t + g_gamma) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` over the WHOLE
@@ -61,16 +63,24 @@ def linear_attention(
         method: ``lasp2`` | ``lasp1`` | ``ulysses``. layout: ``contiguous`` | ``zigzag``.
         backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA for head dims the kernels take,
             else torch with a warning).
+        initial_state: ``[B, H, K, V]`` state before the first token of the whole sequence (the
+            same on every rank; float32 or q's dtype) or None (zeros). Causal only. Its gradient
+            on each rank is that rank's contribution (sum over the SP group = the total).
+        output_final_state: also return the float32 state after the last token of the whole
+            sequence, on every rank (differentiable; its gradient is summed over the ranks).
     Returns:
-        ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally).
+        ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally), or
+        ``(o, final_state [B, H, K, V])`` with ``output_final_state``.
     """
     check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
+    check_states(q, v, initial_state, output_final_state, causal=causal)
+    states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
     backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if group_rank_size(group)[1] == 1:
-        return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend)
+        return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend, **states)
     impl = LINEAR_METHODS[method]
-    return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend)
+    return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend, **states)
 
 
 def softmax_attention(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lasp.testing import linear_inputs, seed_for
+from lasp.ops import chunk
+from lasp.ops.lasp2 import lasp2_apply
+from lasp.ops.segment import TorchSegment
+from lasp.testing import assert_close, linear_inputs, seed_for
 from test_lasp2 import CASES, DTYPES, check_against_oracle, run_linear
 
 
@@ -30,6 +33,21 @@ def test_lasp1_uneven_contiguous(spawn, gates):
     do = torch.randn(1, sum(lengths), 2, 16, generator=torch.Generator().manual_seed(3))
     results = spawn(4).run(run_linear, full, do, causal=True, layout="contiguous", method="lasp1", lengths=lengths)
     check_against_oracle(results, full, do, True, "contiguous", lengths=lengths)
+
+
+def test_single_process_segment_driver_matches_chunked():
+    """Ulysses' whole-sequence path for segment backends (Triton): the LASP-2 driver on one
+    process (``group=None``), driven here by the torch segment."""
+    ins = [None if x is None else x.clone().requires_grad_() for x in linear_inputs(2, 40, 2, 8, 16, gates="both", seed=1)]
+    ref_ins = [None if x is None else x.detach().clone().requires_grad_() for x in ins]
+    do = torch.randn(2, 40, 2, 16, generator=torch.Generator().manual_seed(4))
+    out = lasp2_apply(TorchSegment, ins[:4], ins[4:], scale=0.4, group=None)
+    ref = chunk.chunk_linear_attention(*ref_ins, scale=0.4)
+    assert_close(ref, out, name="o")
+    out.backward(do)
+    ref.backward(do)
+    for name, a, b in zip(("q", "k", "v", "g", "g_gamma"), ref_ins, ins):
+        assert_close(a.grad, b.grad, name=f"d{name}")
 
 
 @pytest.mark.parametrize("method,layout", [("lasp1", "zigzag"), ("ulysses", "contiguous")])

@@ -35,8 +35,8 @@ def test_lasp2_one_collective_each_way_independent_of_T(spawn, layout, n_seg, ca
         full = linear_inputs(B, T, H, K, V, gates="both" if causal else "none", seed=T)
         for _, _, fwd, bwd in spawn(P).run(run_linear, full, torch.randn(B, T, H, V), causal=causal, layout=layout):
             assert kinds(fwd) == ["all_gather"] and kinds(bwd) == ["all_gather"], (fwd, bwd)
-            # lasp/ops/lasp2.py: fwd n_seg*B*H*(K*V+1)*4, bwd n_seg*B*H*K*V*4; non-causal B*H*K*V*4 both
-            want = (n_seg * B * H * (K * V + 1) * FP32, n_seg * B * H * K * V * FP32) if causal else (B * H * K * V * FP32,) * 2
+            # lasp/ops/lasp2.py: fwd and bwd n_seg*B*H*(1+K*V)*4 (scalar A); non-causal B*H*K*V*4 both
+            want = (n_seg * B * H * (K * V + 1) * FP32,) * 2 if causal else (B * H * K * V * FP32,) * 2
             assert (fwd[0].bytes, bwd[0].bytes) == want
             seen.add((fwd[0].bytes, bwd[0].bytes))
     assert len(seen) == 1  # the same bytes for T=32 and T=64
@@ -144,6 +144,14 @@ def _bad_linear(H, T_local, layout, method):
     return lambda group: lasp.linear_attention(q, k, v, group=group, method=method, layout=layout, backend="torch")
 
 
+def _bad_states(method, *, causal=True, state_shape=(1, 2, 8, 8), final=True):
+    q, k, v, _, _ = linear_inputs(1, 4, 2, 8, 8, seed=0)
+    s0 = torch.zeros(state_shape)
+    return lambda group: lasp.linear_attention(
+        q, k, v, causal=causal, group=group, method=method, backend="torch", initial_state=s0, output_final_state=final
+    )
+
+
 BAD = {  # id: (call, words the message must contain)
     "ulysses-softmax-H": (_bad_softmax(3, 3, 4, "contiguous", "ulysses"), "H=3 divisible"),
     "ulysses-softmax-Hkv": (_bad_softmax(4, 1, 4, "contiguous", "ulysses"), "H_kv=1 divisible"),
@@ -151,6 +159,9 @@ BAD = {  # id: (call, words the message must contain)
     **{f"gqa-{m}": (_bad_softmax(4, 3, 4, "contiguous", m), "multiple of k/v's heads") for m in ("allgather", "ring", "ulysses")},
     **{f"zigzag-odd-{m}": (_bad_softmax(4, 2, 5, "zigzag", m), "must be even") for m in ("allgather", "ring", "ulysses")},
     **{f"zigzag-odd-{m}": (_bad_linear(2, 5, "zigzag", m), "must be even") for m in ("lasp1",)},
+    **{f"initial-state-shape-{m}": (_bad_states(m, state_shape=(1, 2, 8, 4)), "initial_state must have shape") for m in ("lasp2", "lasp1", "ulysses")},
+    "states-noncausal": (_bad_states("lasp2", causal=False), "need causal=True"),
+    "final-state-not-bool": (_bad_states("lasp2", final=1), "output_final_state must be a bool"),
 }
 
 

@@ -110,9 +110,9 @@ def test_lasp2_one_collective_each_way_bytes_independent_of_T(spawn, layout, n_s
         for _, _, fwd, bwd in results:
             assert [e.kind for e in fwd] == ["all_gather"], fwd
             assert [e.kind for e in bwd] == ["all_gather"], bwd
-            # the docstring's formulas: fwd n_seg*B*H*(K*V+1)*4, bwd n_seg*B*H*K*V*4 bytes sent
+            # the docstring's formulas (scalar transition, a = 1): fwd and bwd n_seg*B*H*(1+K*V)*4
             assert fwd[0].bytes == n_seg * B * H * (K * V + 1) * 4
-            assert bwd[0].bytes == n_seg * B * H * K * V * 4
+            assert bwd[0].bytes == n_seg * B * H * (K * V + 1) * 4
             assert fwd[0].group_size == P
         bytes_by_T[T] = (results[0][2][0].bytes, results[0][3][0].bytes)
     assert bytes_by_T[32] == bytes_by_T[64]

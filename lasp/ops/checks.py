@@ -112,6 +112,20 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
         backend, on_cuda=q.is_cuda, interpreting=os.environ.get("TRITON_INTERPRET") == "1",
         K=q.shape[-1], V=v.shape[-1],
     )
+def check_states(q, v, initial_state, output_final_state, *, causal: bool) -> None:
+    """Validate ``initial_state`` (``[B, H, K, V]``, float, on q's device) and ``output_final_state``."""
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if not causal and (initial_state is not None or output_final_state):
+        raise ValueError("initial_state and output_final_state need causal=True (non-causal attention has no state order)")
+    if initial_state is None:
+        return
+    B, _, H, K = q.shape
+    want = (B, H, K, v.shape[-1])
+    if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+        raise ValueError(f"initial_state must have shape [B, H, K, V] = {list(want)}, got {_shape(initial_state)}")
+    if not initial_state.is_floating_point() or initial_state.device != q.device:
+        raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
 
 
 def _shape(x) -> str:

@@ -1,200 +1,193 @@
-"""LASP-2: sequence-parallel linear attention with ONE all-gather of states per direction.
+"""LASP-2: sequence-parallel linear recurrences with ONE all-gather of states per direction.
 
-Each rank holds one segment (contiguous layout) or two (zigzag: global chunks ``r`` and
+The driver works for any segment of the protocol in :mod:`lasp.ops.segment`: diagonal decay
+(``transition = "scalar"``: linear attention, lightning, retention, simple GLA) and the delta
+rule (``transition = "matrix"``), with the algebra of :mod:`lasp.ops.affine`.
+
+Entry point (callable by any operator built on segments)::
+
+    lasp2_apply(seg_class, token_inputs, shared_inputs=(), *, scale, group, layout="contiguous",
+                initial_state=None, output_final_state=False, **seg_kwargs)
+        -> o [B, T_local, H, V] (dtype of token_inputs[0]), or (o, final_state [B, H, K, V] fp32)
+
+- ``token_inputs``: this rank's per-token tensors ``[B, T_local, H, ...]`` (or None), split along
+  T into the rank's segments; ``shared_inputs``: tensors every segment gets whole (``g_gamma``);
+  a segment is built as ``seg_class(*token_parts, *shared_inputs, scale, **seg_kwargs)`` and its
+  ``grads()`` are in that order. Diagonal: ``token_inputs=[q, k, v, g]``, ``shared_inputs=[g_gamma]``;
+  delta: ``token_inputs=[q, k, v, beta, g]``, ``shared_inputs=[]``, ``use_qk_l2norm=...``.
+- ``initial_state [B, H, K, V]`` (any float dtype; the same on every rank) is the state before
+  the first token of the WHOLE sequence; ``final_state`` the state after its last token, returned
+  on every rank (float32).
+- Gradient conventions (the loss is the sum of the ranks' losses, as for every replicated
+  tensor): ``final_state``'s gradient is the SUM over ranks of each rank's upstream gradient; each
+  rank returns its contribution to the gradient of a shared input (``g_gamma``,
+  ``initial_state``: the full gradient on rank 0, which holds the first segment in both
+  layouts, zeros elsewhere); summing over the SP group gives the total.
+
+Each rank holds one segment (contiguous layout) or two (zigzag: global segments ``r`` and
 ``2P-1-r``). Forward, per rank:
 
-1. each segment's summary ``(logA, M)`` (float32, independent of the incoming state);
-2. ONE asynchronous all-gather of all its summaries packed in one buffer
-   ``[n_seg, B, H, 1 + K*V]``, overlapped with
-3. the segment-local output (intra-chunk and earlier chunks of the segment);
-4. a prefix fold over the gathered summaries in global segment order gives each segment's
-   incoming state ``S_in``; add the inter part ``scale * (q * e^G) @ S_in``.
+1. each segment's summary ``(A, M)`` (float32, independent of the incoming state);
+2. ONE asynchronous all-gather of the rank's summaries packed in one buffer
+   ``[n_seg, B, H, a + K*V]`` (``a`` = 1 scalar, ``K*K`` matrix), overlapped with
+3. the segment-local work (``compute_local``);
+4. a prefix fold over the gathered summaries in global order gives each own segment's incoming
+   state ``S_in`` (and the final state); then the inter part (``output``).
 
-Backward: each segment's ``dL/dS_in`` (a cheap matmul) goes into ONE asynchronous all-gather,
-overlapped with the local backward from ``dO``; a suffix fold then gives each segment's
-summary gradient ``dM_p = Gtot_{p+1}``, ``dlogA_p = e^logA_p <Gtot_{p+1}, S_in_p>``, where
-``Gtot_p = dS_in_p + e^logA_p Gtot_{p+1}`` is the total gradient of the state entering
-segment p.
+Backward (recompute: the forward keeps no segment; it saves only its inputs and this rank's
+``n_seg`` incoming states): rebuild the segments, take each one's ``dL/dS_in`` and pack it with
+its transition ``A`` (and, with ``output_final_state``, this rank's final-state gradient) into
+ONE asynchronous all-gather, overlapped with the recomputed forward and the local backward from
+``dO``; a suffix fold ``Gtot_p = dS_in_p + A_p^T Gtot_{p+1}`` (``Gtot_N`` = the summed final-state
+gradient) gives each own segment's summary gradient ``dM_p = Gtot_{p+1}``,
+``dA_p = Gtot_{p+1} S_p^T`` (scalar: ``dlogA_p = e^logA_p <Gtot_{p+1}, S_p>``); rank 0 also
+gets ``dS_0 = Gtot_0``.
 
-Communication per rank and layer (fp32): forward ``n_seg * B * H * (K*V + 1) * 4`` bytes sent,
-backward ``n_seg * B * H * K * V * 4`` bytes sent (``n_seg`` = 1 contiguous, 2 zigzag);
-independent of the sequence length. Non-causal: forward gathers ``M = K^T V`` (``B*H*K*V*4``
-bytes), backward gathers ``dS = scale Q^T dO`` (same), one collective each.
+Communication per rank and layer (float32 bytes sent, ``a`` = 1 scalar / ``K*K`` matrix,
+``n_seg`` = 1 contiguous / 2 zigzag), independent of the sequence length:
 
-Gradients of ``g_gamma`` (a parameter shared by all ranks) are this rank's contribution; the
-trainer's gradient all-reduce over the SP group sums them, as for every replicated weight.
+- forward: ``n_seg * B * H * (a + K*V) * 4``;
+- backward: ``n_seg * B * H * (a + K*V) * 4``, plus ``B * H * K * V * 4`` with
+  ``output_final_state``.
+
+Non-causal (:mod:`lasp.ops.noncausal`): forward gathers ``M = K^T V`` (``B*H*K*V*4`` bytes),
+backward gathers ``dS = scale Q^T dO`` (same), one collective each.
+
+Memory: nothing saved for backward grows with P (inputs + ``n_seg`` states); the scalar folds
+are O(1) kernels (:func:`lasp.ops.affine.transfer_weights`), the matrix folds a loop of ``2P``
+(at most) small matmuls.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import comm
-from ..parallel import group_rank_size, layout_chunks
+from ..parallel import group_rank_size
+from . import affine
+from .common import (
+    SegmentCall,
+    all_gather_async,
+    build_segments,
+    global_order_index,
+    join_segments,
+    run_driver,
+    segment_input_grads,
+    segment_order,
+    split_segments,
+)
+from .noncausal import NonCausalLinear
 from .segment import segment_class
 
 _FWD_TAG = "lasp2.fwd"
 _BWD_TAG = "lasp2.bwd"
 
 
-def split_segments(x: torch.Tensor | None, layout: str) -> list[torch.Tensor | None]:
-    """A rank's local tensor split into its segments along T (dim 1)."""
-    if layout == "contiguous":
-        return [x]
-    if x is None:
-        return [None, None]
-    return list(x.chunk(2, dim=1))
-
-
-def global_segment_order(group_size: int, layout: str) -> list[list[int]]:
-    """``order[r][j]``: global index of rank r's j-th segment."""
-    return [layout_chunks(r, group_size, layout) for r in range(group_size)]
-
-
-def prefix_states(logA: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """States entering each segment: ``S_0 = 0``, ``S_{p+1} = e^logA_p S_p + M_p``.
-
-    ``logA [N, B, H]``, ``M [N, B, H, K, V]`` in global order -> ``[N, B, H, K, V]``.
-    """
-    states = [torch.zeros_like(M[0])]
-    for p in range(M.shape[0] - 1):
-        states.append(logA[p].exp()[..., None, None] * states[-1] + M[p])
-    return torch.stack(states)
-
-
-def suffix_state_grads(logA: torch.Tensor, dS_in: torch.Tensor) -> torch.Tensor:
-    """``Gout_p`` = total gradient of the state LEAVING segment p (= entering p+1).
-
-    ``Gtot_p = dS_in_p + e^logA_p Gtot_{p+1}`` with ``Gtot_N = 0``; returns ``Gtot_{p+1}`` per p.
-    """
-    n = dS_in.shape[0]
-    out = [torch.zeros_like(dS_in[0])]  # leaving the last segment: nothing reads it
-    for p in range(n - 1, 0, -1):
-        out.append(dS_in[p] + logA[p].exp()[..., None, None] * out[-1])
-    return torch.stack(out[::-1])
+def to_global_order(gathered: torch.Tensor, layout: str) -> torch.Tensor:
+    """``gathered [P, n_seg, ...]`` (rank-major) -> ``[P * n_seg, ...]`` in global segment order."""
+    flat = gathered.flatten(0, 1)
+    idx = global_order_index(gathered.shape[0], layout, flat.device)
+    return flat if idx is None else flat.index_select(0, idx)
 
 
 class LASP2Causal(torch.autograd.Function):
-    """Causal LASP-2 over ``group``; tensors are this rank's shard ``[B, T_local, H, D]``."""
+    """Causal LASP-2 over ``call.group``: ``apply(call, initial_state, *inputs)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, scale, group, layout, backend):
-        rank, size = group_rank_size(group)
-        B, _, H, K = q.shape
-        V = v.shape[-1]
-        Seg = segment_class(backend)
-        parts = zip(*(split_segments(x, layout) for x in (q, k, v, g)))
-        segs = [Seg(qs, ks, vs, gs, g_gamma, scale) for qs, ks, vs, gs in parts]
+    def forward(ctx, call: SegmentCall, initial_state, *inputs):
+        rank, size = group_rank_size(call.group)
+        kind = call.kind
+        segs = build_segments(call, inputs)
         n_seg = len(segs)
-
         summaries = [s.summary() for s in segs]
-        packed = torch.stack([torch.cat([la[..., None], m.reshape(B, H, K * V)], -1) for la, m in summaries])
-        gathered, work = _all_gather_async(packed, group, size, _FWD_TAG)
+        K, V = summaries[0][1].shape[-2:]
+        packed = torch.stack([affine.pack(kind, A, M) for A, M in summaries])
+        gathered, work = all_gather_async(packed, call.group, _FWD_TAG)
         for s in segs:
             s.compute_local()  # overlaps the all-gather
         work.wait()
 
-        order = global_segment_order(size, layout)
-        n_total = size * n_seg
-        flat = torch.empty(n_total, B, H, 1 + K * V, dtype=torch.float32, device=q.device)
-        for r in range(size):
-            for j in range(n_seg):
-                flat[order[r][j]] = gathered[r, j]
-        logA_all, M_all = flat[..., 0], flat[..., 1:].reshape(n_total, B, H, K, V)
-        states = prefix_states(logA_all, M_all)
-        mine = order[rank]
-        outs = [s.output(states[mine[j]]) for j, s in enumerate(segs)]
+        A_all, M_all = affine.unpack(kind, to_global_order(gathered, call.layout), K, V)
+        mine = segment_order(size, call.layout)[rank]
+        rows = mine + ([size * n_seg] if call.output_final_state else [])
+        states = affine.prefix_states(kind, A_all, M_all, initial_state, rows)
+        zero_first = initial_state is None
+        outs = [s.output(states[j], state_is_zero=zero_first and p == 0) for j, (s, p) in enumerate(zip(segs, mine))]
 
-        ctx.segs, ctx.group, ctx.layout, ctx.order = segs, group, layout, order
-        ctx.save_for_backward(logA_all, states)
-        ctx.has = (g is not None, g_gamma is not None)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).to(q.dtype)
+        ctx.call, ctx.has_s0 = call, initial_state is not None
+        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.save_for_backward(*inputs, states[:n_seg])
+        o = join_segments(outs, inputs[0].dtype)
+        if call.output_final_state:
+            return o, states[n_seg].clone()
+        return o
 
     @staticmethod
-    def backward(ctx, do):
-        logA_all, states = ctx.saved_tensors
-        segs, group, order = ctx.segs, ctx.group, ctx.order
-        rank, size = group_rank_size(group)
-        n_seg = len(segs)
-        do_parts = split_segments(do, ctx.layout)
+    def backward(ctx, do, dfinal=None):
+        call = ctx.call
+        kind = call.kind
+        *inputs, own_states = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        rank, size = group_rank_size(call.group)
+        segs = build_segments(call, inputs, needs)
+        n_seg, N = len(segs), size * len(segs)
+        mine = segment_order(size, call.layout)[rank]
+        do_parts = split_segments(do, call.layout)
 
-        local = torch.stack([s.state_grad(d) for s, d in zip(segs, do_parts)])
-        gathered, work = _all_gather_async(local, group, size, _BWD_TAG)
-        for s, d in zip(segs, do_parts):
-            s.backward_output(d)  # overlaps the all-gather
+        own_A = [s.summary()[0] for s in segs]
+        dS_local = [s.state_grad(d) for s, d in zip(segs, do_parts)]
+        B, H, K, V = dS_local[0].shape
+        packed = torch.stack([affine.pack(kind, A, dS) for A, dS in zip(own_A, dS_local)]).reshape(-1)
+        if call.output_final_state:
+            packed = torch.cat([packed, dfinal.float().reshape(-1)])
+        gathered, work = all_gather_async(packed, call.group, _BWD_TAG)
+        zero_first = not ctx.has_s0
+        for s, p, S_in, d in zip(segs, mine, own_states, do_parts):  # overlaps the all-gather
+            s.compute_local()
+            s.output(S_in, state_is_zero=zero_first and p == 0)
+            s.backward_output(d)
         work.wait()
 
-        dS_in = torch.empty((size * n_seg, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        for r in range(size):
-            for j in range(n_seg):
-                dS_in[order[r][j]] = gathered[r, j]
-        g_out = suffix_state_grads(logA_all, dS_in)
-        for j, s in enumerate(segs):
-            p = order[rank][j]
-            dlogA = logA_all[p].exp() * (g_out[p] * states[p]).sum((-1, -2))
-            s.backward_summary(g_out[p], dlogA)
+        width = affine.numel(kind, K) + K * V
+        body = gathered[:, : n_seg * B * H * width].reshape(size, n_seg, B, H, width)
+        A_all, dS_all = affine.unpack(kind, to_global_order(body, call.layout), K, V)
+        G_N = gathered[:, n_seg * B * H * width :].reshape(size, B, H, K, V).sum(0) if call.output_final_state else None
+        want_s0 = ctx.has_s0 and ctx.needs_input_grad[1] and rank == 0
+        rows = [p + 1 for p in mine] + ([0] if want_s0 else [])
+        G = affine.suffix_grads(kind, A_all, dS_all, G_N, rows)
+        for j, (s, p) in enumerate(zip(segs, mine)):
+            if p == N - 1 and G_N is None:
+                continue  # the last segment's summary feeds nothing
+            s.backward_summary(G[j], affine.grad_A(kind, own_A[j], G[j], own_states[j]))
 
-        per_seg = [s.grads() for s in segs]
-        dq, dk, dv, dg = (_cat_or_none([gr[i] for gr in per_seg]) for i in range(4))
-        dgg = _sum_or_none([gr[4] for gr in per_seg])
-        has_g, has_gg = ctx.has
-        ctx.segs = None
-        return dq, dk, dv, (dg if has_g else None), (dgg if has_gg else None), None, None, None, None
-
-
-class LASP2NonCausal(torch.autograd.Function):
-    """Bidirectional LASP-2: ``O = scale * Q (sum over ranks of K_r^T V_r)``; no gates."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group):
-        M = torch.einsum("bthk,bthv->bhkv", k.float(), v.float())
-        gathered, work = _all_gather_async(M, group, group_rank_size(group)[1], _FWD_TAG)
-        work.wait()
-        S = gathered.sum(0)
-        ctx.save_for_backward(q, k, v, S)
-        ctx.scale, ctx.group = scale, group
-        return (torch.einsum("bthk,bhkv->bthv", q.float(), S) * scale).to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, S = ctx.saved_tensors
-        scale = ctx.scale
-        dof = do.float()
-        local = torch.einsum("bthk,bthv->bhkv", q.float(), dof) * scale
-        gathered, work = _all_gather_async(local, ctx.group, group_rank_size(ctx.group)[1], _BWD_TAG)
-        dq = torch.einsum("bthv,bhkv->bthk", dof, S) * scale  # overlaps the all-gather
-        work.wait()
-        dS = gathered.sum(0)
-        dk = torch.einsum("bthv,bhkv->bthk", v.float(), dS)
-        dv = torch.einsum("bthk,bhkv->bthv", k.float(), dS)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        d_s0 = None
+        if ctx.has_s0 and ctx.needs_input_grad[1]:
+            d_s0 = G[-1] if want_s0 else torch.zeros(B, H, K, V, dtype=torch.float32, device=do.device)
+            d_s0 = d_s0.to(ctx.s0_dtype)
+        return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 
-class _Done:
-    @staticmethod
-    def wait() -> None:
-        return None
+def lasp2_apply(seg_class: type, token_inputs, shared_inputs=(), **kwargs):
+    """Causal LASP-2 driving ``seg_class`` segments (see the module docstring for the contract).
+
+    Args:
+        seg_class: a segment class of the protocol (``transition`` = ``"scalar"`` | ``"matrix"``).
+        token_inputs: per-token ``[B, T_local, H, ...]`` tensors or None (split along T).
+        shared_inputs: tensors passed whole to every segment, after the token parts.
+        kwargs: ``scale`` (float, required), ``group`` (SP group; None = one process, required),
+            ``layout="contiguous"`` | ``"zigzag"``, ``initial_state=None`` (``[B, H, K, V]``),
+            ``output_final_state=False``; any other keyword goes to the segment constructor.
+    Returns:
+        ``o [B, T_local, H, V]``, or ``(o, final_state [B, H, K, V] float32)``.
+    """
+    return run_driver(LASP2Causal, seg_class, token_inputs, shared_inputs, **kwargs)
 
 
-def _all_gather_async(t: torch.Tensor, group, size: int, tag: str):
-    """``comm.all_gather`` issued asynchronously; no communication at all for a group of one."""
-    if size == 1:
-        return t[None], _Done
-    return comm.all_gather(t, group, async_op=True, tag=tag)
-
-
-def _cat_or_none(xs):
-    if any(x is None for x in xs):
-        return None
-    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
-
-
-def _sum_or_none(xs):
-    xs = [x for x in xs if x is not None]
-    return None if not xs else sum(xs[1:], xs[0])
-
-
-def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, *, scale, causal, group, layout, backend):
+def lasp2_linear_attention(
+    q, k, v, g=None, g_gamma=None, *, scale, causal, group, layout, backend, initial_state=None, output_final_state=False
+):
     """LASP-2 on validated inputs (see :func:`lasp.linear_attention`)."""
     if not causal:
-        return LASP2NonCausal.apply(q, k, v, scale, group)
-    return LASP2Causal.apply(q, k, v, g, g_gamma, scale, group, layout, backend)
+        return NonCausalLinear.apply(q, k, v, scale, group, "lasp2")
+    return lasp2_apply(
+        segment_class(backend), [q, k, v, g], [g_gamma], scale=scale, group=group, layout=layout,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )

@@ -35,28 +35,15 @@ per step is ``O(B * T_local * H * D)``: the kernels keep no scores.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks
+from .common import ring_shift, wait_all
 from .softmax_local import attend, attend_backward, merge_partial, sdpa_attention
 
 _FWD_TAG = "ring.fwd"
 _BWD_KV_TAG = "ring.bwd.kv"
 _BWD_DKV_TAG = "ring.bwd.dkv"
-
-
-def ring_neighbours(group) -> tuple[int, int]:
-    """GLOBAL ranks of the next (``r+1``) and previous (``r-1``) member of ``group``'s ring."""
-    rank, size = group_rank_size(group)
-    return dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
-
-
-def ring_shift(t: torch.Tensor, group, tag: str):
-    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``."""
-    nxt, prv = ring_neighbours(group)
-    buf = torch.empty_like(t)
-    return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)
 
 
 def step_blocks(rank: int, src: int, size: int, layout: str, t_local: int, causal: bool) -> list[tuple[slice, slice, bool]]:
@@ -89,11 +76,6 @@ def step_blocks(rank: int, src: int, size: int, layout: str, t_local: int, causa
     return blocks
 
 
-def _wait(works) -> None:
-    for w in works:
-        w.wait()
-
-
 class RingSoftmax(torch.autograd.Function):
     """Ring attention over ``group``: q ``[B, T_local, H, D]``, k/v ``[B, T_local, H_kv, D]``."""
 
@@ -112,7 +94,7 @@ class RingSoftmax(torch.autograd.Function):
                 ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, diag)
                 o[:, :, r], lse[:, :, r] = merge_partial(o[:, :, r], lse[:, :, r], ob, lb)
             if s < size - 1:
-                _wait(works)
+                wait_all(works)
                 cur = nxt
         out = o.to(q.dtype).transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -141,14 +123,14 @@ class RingSoftmax(torch.autograd.Function):
                 acc[0][:, :, c] += dk_b
                 acc[1][:, :, c] += dv_b
             if s > 0:  # the accumulator of the block we hold now, sent by the previous rank
-                _wait(dkv_works)
+                wait_all(dkv_works)
                 acc += dkv_in
             dkv_sent = acc  # keep the sent tensor alive until its send completes
             dkv_in, dkv_works = ring_shift(dkv_sent, ctx.group, _BWD_DKV_TAG)
             if s < size - 1:
-                _wait(works)
+                wait_all(works)
                 cur = nxt
-        _wait(dkv_works)  # after P hops our own block's accumulator is back
+        wait_all(dkv_works)  # after P hops our own block's accumulator is back
         dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv_in)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, None, None, None, None
 

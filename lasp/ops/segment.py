@@ -1,17 +1,34 @@
-"""Per-segment compute that LASP-2 and LASP-1 drive, independent of how it is computed.
+"""Per-segment compute that LASP-2 and LASP-1 drive, independent of how it is computed (protocol v2).
 
 A *segment* is a contiguous run of tokens on one rank (the whole shard for the contiguous
-layout, each half for zigzag). The sequence-parallel operators only need, per segment:
+layout, each half for zigzag). A segment maps the state entering it affinely,
+``S_out = A S_in + M``; the drivers (:mod:`lasp.ops.lasp2`, :mod:`lasp.ops.lasp1`) fold these
+maps with :mod:`lasp.ops.affine` and only need, per segment:
 
-==========================  ====================================================================
-``summary()``               ``(logA [B, H], M [B, H, K, V])`` float32: ``S_out = e^logA S_in + M``
-``compute_local()``         the O(T) work that does not depend on ``S_in`` (overlaps the gather)
-``output(S_in)``            ``o [B, T, H, V]`` float32 given the incoming state
-``state_grad(dO)``          ``dL/dS_in [B, H, K, V]`` float32 from this segment's outputs
-``backward_output(dO)``     gradients due to ``dO`` (``S_in`` as given to ``output``)
-``backward_summary(dM, dlogA)``  gradients due to the summary's own gradient
-``grads()``                 ``(dq, dk, dv, dg, dg_gamma)`` accumulated so far (None where unused)
-==========================  ====================================================================
+=================================  =============================================================
+``Seg.transition`` (class attr)    ``"scalar"`` (diagonal family) or ``"matrix"`` (delta family)
+``summary()``                      ``(A, M)`` float32: ``M [B, H, K, V]`` the final state from a
+                                   zero incoming state; ``A`` = ``logA [B, H]`` (scalar:
+                                   ``S_out = e^logA S_in + M``; -inf = hard reset) or
+                                   ``A [B, H, K, K]`` (matrix: ``S_out = A @ S_in + M``)
+``compute_local()``                the work that does not depend on ``S_in`` (overlaps the gather)
+``output(S_in, *, state_is_zero)`` ``o [B, T, H, V]`` float32; ``state_is_zero=True``: S_in is
+                                   known to be zero (from its position), the inter part may be
+                                   skipped
+``state_grad(dO)``                 ``dL/dS_in [B, H, K, V]`` float32 from this segment's outputs
+``backward_output(dO)``            gradients due to ``dO`` (``S_in`` as given to ``output``)
+``backward_summary(dM, dA)``       gradients due to the summary's own gradient (``dA`` is
+                                   ``dlogA [B, H]`` or ``[B, H, K, K]``); not called when the
+                                   driver knows both are zero
+``grads()``                        input gradients in the constructor's input order (None where
+                                   unused)
+=================================  =============================================================
+
+Constructors: diagonal ``Seg(q, k, v, g, g_gamma, scale)`` (grads ``(dq, dk, dv, dg, dg_gamma)``);
+delta ``Seg(q, k, v, beta, g, scale, use_qk_l2norm=False)``. A segment object lives for ONE
+direction: the drivers build segments in forward and REBUILD them from the saved inputs in
+backward (recompute), calling ``compute_local`` and ``output`` again before ``backward_output``;
+a segment must not rely on another instance.
 
 Backends: :class:`TorchSegment` (plain torch, autograd inside) here; the Triton one lives in
 ``kernels``. Both are selected by :func:`segment_class`.

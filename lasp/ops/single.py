@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import chunk
-from .lasp2 import lasp2_linear_attention
+from .lasp2 import lasp2_apply
+from .segment import segment_class
 
 
 def full_sequence_linear(
@@ -27,14 +28,23 @@ def full_sequence_linear(
     scale: float,
     causal: bool,
     backend: str,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+):
     """Linear attention on ``[B, T, H, .]`` holding the whole sequence (autograd).
 
     q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H]`` or None, g_gamma ``[H]`` or None;
-    ``backend`` already resolved (``torch`` or ``triton``). Returns ``o [B, T, H, V]`` in q's dtype.
+    ``backend`` already resolved (``torch`` or ``triton``); ``initial_state [B, H, K, V]`` or None
+    (causal only). Returns ``o [B, T, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V])``
+    float32 with ``output_final_state``.
     """
     if not causal:
         return chunk.noncausal_linear_attention(q, k, v, scale)
     if backend == "torch":
-        return chunk.chunk_linear_attention(q, k, v, g, g_gamma, scale)
-    return lasp2_linear_attention(q, k, v, g, g_gamma, scale=scale, causal=True, group=None, layout="contiguous", backend=backend)
+        return chunk.chunk_linear_attention(
+            q, k, v, g, g_gamma, scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+    return lasp2_apply(
+        segment_class(backend), [q, k, v, g], [g_gamma], scale=scale, group=None,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )

@@ -18,7 +18,12 @@ all-to-all input, of which ``(P-1)/P`` leaves the rank):
 - softmax: forward ``B*T_local*(H + 2*H_kv)*D*e`` (q, k, v) + ``B*T_local*H*D*e`` (o);
   backward the same two sizes (``do`` then ``dq, dk, dv``);
 - linear: forward ``B*T_local*H*(2K + V + [g])*e`` (q, k, v and, if given, g; packed in the
-  promoted dtype of q and g) + ``B*T_local*H*V*e`` (o); backward the same two sizes.
+  promoted dtype of q and g) + ``B*T_local*H*V*e`` (o); backward the same two sizes. With
+  ``output_final_state``: one all-gather of this rank's heads' final state forward
+  (``B*(H/P)*K*V*4``) and one reduce-scatter of its gradient backward (``B*H*K*V*4`` input).
+
+The linear half is generic (:func:`ulysses_apply`): any per-token inputs, any single-process
+operator on ``H/P`` heads (the chunked linear attention; the delta rule plugs in its own).
 """
 from __future__ import annotations
 
@@ -90,7 +95,75 @@ def ulysses_softmax_attention(q, k, v, *, causal: bool, scale: float, group, lay
     return heads_to_seq(o, group, layout, "o")
 
 
-def ulysses_linear_attention(q, k, v, g=None, g_gamma=None, *, scale: float, causal: bool, group, layout: str, backend: str):
+class GatherHeads(torch.autograd.Function):
+    """``[B, H/P, K, V]`` per rank -> ``[B, H, K, V]`` on every rank (one all-gather); backward sums
+    every rank's gradient and returns this rank's head group (one reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        gathered, _ = comm.all_gather(x.contiguous(), group, tag="ulysses.fwd.final")  # [P, B, h, K, V]
+        return gathered.movedim(0, 1).flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, H = grad.shape[:2]
+        size = group_rank_size(ctx.group)[1]
+        pieces = grad.reshape(B, size, H // size, *grad.shape[2:]).movedim(1, 0)
+        return comm.reduce_scatter(pieces, ctx.group, tag="ulysses.bwd.final"), None
+
+
+def ulysses_apply(local_op, token_inputs, head_inputs=(), *, group, layout: str, initial_state=None, output_final_state: bool = False):
+    """All-to-all to head sharding, a single-process operator on ``H/P`` heads, all-to-all back.
+
+    Args:
+        local_op: ``local_op(tokens, heads, initial_state, output_final_state)`` on the WHOLE
+            sequence in natural order: ``tokens`` = ``token_inputs`` as ``[B, T, H/P, ...]`` (None
+            kept), ``heads`` = ``head_inputs`` sliced to this rank's head group along dim 0,
+            ``initial_state [B, H/P, K, V]`` or None; returns ``o [B, T, H/P, V]`` or
+            ``(o, final_state [B, H/P, K, V])`` with ``output_final_state``. E.g. the chunked
+            linear attention, or ``chunk_gated_delta_rule`` for the delta rule.
+        token_inputs: this rank's ``[B, T_local, H, C]`` or ``[B, T_local, H]`` tensors (or None),
+            sent in ONE all-to-all in their promoted dtype and cast back.
+        head_inputs: per-head tensors ``[H, ...]`` (``g_gamma``) or None.
+        initial_state: ``[B, H, K, V]`` or None (sliced to the head group: its gradient on each
+            rank is that rank's contribution).
+    Returns:
+        ``o [B, T_local, H, V]`` in the dtype of ``token_inputs[0]``, or ``(o, final_state [B, H, K, V])``
+        with the final state on every rank (one all-gather forward, one reduce-scatter backward).
+    """
+    rank, size = group_rank_size(group)
+    if size == 1:
+        return local_op(list(token_inputs), list(head_inputs), initial_state, output_final_state)
+    H = token_inputs[0].shape[2]
+    h = H // size
+    present = [x for x in token_inputs if x is not None]
+    dtype = present[0].dtype
+    for x in present[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    cols = [x if x.dim() == 4 else x[..., None] for x in present]
+    packed = _split_heads(torch.cat([c.to(dtype) for c in cols], dim=-1), size)  # [B, T_local, P, h, C]
+    full = seq_to_heads(packed, group, layout, "qkv")
+    pieces = iter(full.split([c.shape[-1] for c in cols], dim=-1))
+    tokens = []
+    for x in token_inputs:
+        if x is None:
+            tokens.append(None)
+            continue
+        y = next(pieces).to(x.dtype)
+        tokens.append(y if x.dim() == 4 else y[..., 0])
+    heads = [None if x is None else x[rank * h : (rank + 1) * h] for x in head_inputs]
+    s0 = None if initial_state is None else initial_state[:, rank * h : (rank + 1) * h]
+    res = local_op(tokens, heads, s0, output_final_state)
+    o, final = res if output_final_state else (res, None)
+    o = heads_to_seq(o.to(token_inputs[0].dtype), group, layout, "o")
+    return (o, GatherHeads.apply(final, group)) if output_final_state else o
+
+
+def ulysses_linear_attention(
+    q, k, v, g=None, g_gamma=None, *, scale: float, causal: bool, group, layout: str, backend: str,
+    initial_state=None, output_final_state=False,
+):
     """Ulysses linear attention on validated inputs (see :func:`lasp.linear_attention`).
 
     Runs the full-sequence chunked operator on this rank's ``H/P`` heads; ``g_gamma``'s gradient
@@ -98,17 +171,13 @@ def ulysses_linear_attention(q, k, v, g=None, g_gamma=None, *, scale: float, cau
     parameter's.
     """
     check_heads_divisible(group, H=q.shape[2])
-    rank, size = group_rank_size(group)
-    K, V = q.shape[-1], v.shape[-1]
-    if size == 1:
-        return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend)
-    h = q.shape[2] // size
-    dtype = q.dtype if g is None else torch.promote_types(q.dtype, g.dtype)
-    parts = [q, k, v] if g is None else [q, k, v, g[..., None]]
-    packed = _split_heads(torch.cat([x.to(dtype) for x in parts], dim=-1), size)  # [B, T_local, P, h, C]
-    full = seq_to_heads(packed, group, layout, "qkv")
-    qf, kf, vf = (x.to(q.dtype) for x in full[..., : 2 * K + V].split([K, K, V], dim=-1))
-    gf = None if g is None else full[..., -1].to(g.dtype)
-    ggf = None if g_gamma is None else g_gamma[rank * h : (rank + 1) * h]
-    o = full_sequence_linear(qf, kf, vf, gf, ggf, scale=scale, causal=causal, backend=backend)
-    return heads_to_seq(o, group, layout, "o")
+
+    def local(tokens, heads, s0, ofs):
+        return full_sequence_linear(
+            *tokens, *heads, scale=scale, causal=causal, backend=backend, initial_state=s0, output_final_state=ofs
+        )
+
+    return ulysses_apply(
+        local, [q, k, v, g], [g_gamma], group=group, layout=layout,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )

@@ -1,0 +1,196 @@
+"""Small helpers shared by the sequence-parallel operators (no operator logic here)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..parallel import group_rank_size, layout_chunks
+
+__all__ = [
+    "cat_or_none",
+    "sum_or_none",
+    "join_segments",
+    "all_gather_async",
+    "wait_all",
+    "ring_neighbours",
+    "ring_shift",
+    "split_segments",
+    "segment_order",
+    "global_order_index",
+    "SegmentCall",
+    "build_segments",
+    "segment_input_grads",
+    "run_driver",
+]
+
+
+def cat_or_none(xs: list[torch.Tensor | None], dim: int = 1) -> torch.Tensor | None:
+    """Concatenate per-segment tensors along ``dim`` (T); None if any is None; no copy for one."""
+    if any(x is None for x in xs):
+        return None
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
+
+
+def join_segments(outs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per-segment outputs ``[B, T_seg, H, V]`` (float32) -> ``[B, T_local, H, V]`` in ``dtype``:
+    one copy (the cast writes straight into the joined tensor)."""
+    if len(outs) == 1:
+        return outs[0].to(dtype)
+    B, _, H, V = outs[0].shape
+    out = torch.empty(B, sum(o.shape[1] for o in outs), H, V, dtype=dtype, device=outs[0].device)
+    start = 0
+    for o in outs:
+        out[:, start : start + o.shape[1]].copy_(o)
+        start += o.shape[1]
+    return out
+
+
+def sum_or_none(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Sum of the tensors that are not None (None if all are)."""
+    xs = [x for x in xs if x is not None]
+    return None if not xs else sum(xs[1:], xs[0])
+
+
+class _Done:
+    """The handle of a collective that did not need to run."""
+
+    @staticmethod
+    def wait() -> None:
+        return None
+
+
+def all_gather_async(t: torch.Tensor, group, tag: str):
+    """``comm.all_gather`` issued asynchronously -> ``(out [P, *t.shape], work)``.
+
+    A group of one (or ``group=None``) communicates nothing: ``out = t[None]``.
+    """
+    if group_rank_size(group)[1] == 1:
+        return t[None], _Done
+    return comm.all_gather(t, group, async_op=True, tag=tag)
+
+
+def wait_all(works) -> None:
+    """Wait on every handle of a list (as returned by :func:`lasp.comm.batch_send_recv`)."""
+    for w in works:
+        w.wait()
+
+
+def ring_neighbours(group) -> tuple[int, int]:
+    """GLOBAL ranks of the next (``r+1``) and previous (``r-1``) member of ``group``'s ring."""
+    rank, size = group_rank_size(group)
+    return dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
+
+
+def ring_shift(t: torch.Tensor, group, tag: str):
+    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``."""
+    nxt, prv = ring_neighbours(group)
+    buf = torch.empty_like(t)
+    return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)
+
+
+def split_segments(x: torch.Tensor | None, layout: str) -> list[torch.Tensor | None]:
+    """A rank's local tensor split into its segments along T (dim 1): one (contiguous) or two (zigzag)."""
+    if layout == "contiguous":
+        return [x]
+    if x is None:
+        return [None, None]
+    return list(x.chunk(2, dim=1))
+
+
+def segment_order(group_size: int, layout: str) -> list[list[int]]:
+    """``order[r][j]``: global index of rank r's j-th segment."""
+    return [layout_chunks(r, group_size, layout) for r in range(group_size)]
+
+
+def global_order_index(group_size: int, layout: str, device=None) -> torch.Tensor | None:
+    """Index ``idx`` with ``global = gathered.flatten(0, 1).index_select(0, idx)``, where
+    ``gathered [P, n_seg, ...]`` is rank-major; None when the orders agree (contiguous).
+    Cached per (P, layout, device): built and copied to the device once."""
+    if layout == "contiguous":
+        return None
+    return _order_index(group_size, layout, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _order_index(group_size: int, layout: str, device: torch.device) -> torch.Tensor:
+    order = segment_order(group_size, layout)
+    n_seg = len(order[0])
+    pos = [0] * (group_size * n_seg)
+    for r, ps in enumerate(order):
+        for j, p in enumerate(ps):
+            pos[p] = r * n_seg + j
+    return torch.tensor(pos, dtype=torch.long, device=device)
+
+
+# ----------------------------------------------------------------------------- segment drivers
+
+
+@dataclass
+class SegmentCall:
+    """The non-tensor arguments of a segment driver (LASP-2, LASP-1) call.
+
+    ``seg_class(*token_parts, *shared_inputs, scale, **seg_kwargs)`` builds one segment, where
+    the first ``n_token`` inputs are per-token ``[B, T_local, H, ...]`` tensors (or None), split
+    along T into the rank's segments, and the rest are shared by every segment (e.g. ``g_gamma``).
+    """
+
+    seg_class: type
+    n_token: int
+    scale: float
+    group: Any
+    layout: str
+    output_final_state: bool
+    seg_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """The transition family of the segment class: ``"scalar"`` or ``"matrix"``."""
+        return self.seg_class.transition
+
+
+def build_segments(call: SegmentCall, inputs, needs_grad=None) -> list:
+    """The rank's segments (one or two) from its inputs; ``needs_grad[i]`` sets whether input i's
+    gradient is wanted (the segment then tracks it). Inputs are detached first."""
+    needs_grad = needs_grad or [False] * len(inputs)
+    ins = [None if x is None else x.detach().requires_grad_(bool(n) and x.is_floating_point()) for x, n in zip(inputs, needs_grad)]
+    tok, shared = ins[: call.n_token], ins[call.n_token :]
+    parts = zip(*(split_segments(x, call.layout) for x in tok))
+    return [call.seg_class(*p, *shared, call.scale, **call.seg_kwargs) for p in parts]
+
+
+def segment_input_grads(call: SegmentCall, segs: list, needs_grad) -> list[torch.Tensor | None]:
+    """Input gradients from the segments' ``grads()``: per-token ones concatenated along T,
+    shared ones summed; None where not wanted."""
+    per_seg = [s.grads() for s in segs]
+    out = []
+    for i, need in enumerate(needs_grad):
+        parts = [gr[i] for gr in per_seg]
+        g = cat_or_none(parts) if i < call.n_token else sum_or_none(parts)
+        out.append(g if need else None)
+    return out
+
+
+def run_driver(
+    function,
+    seg_class: type,
+    token_inputs,
+    shared_inputs=(),
+    *,
+    scale: float,
+    group,
+    layout: str = "contiguous",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    **seg_kwargs,
+):
+    """Call a segment driver's autograd Function (``LASP2Causal``, ``LASP1Causal``) as
+    ``function.apply(call, initial_state, *token_inputs, *shared_inputs)``; see
+    :func:`lasp.ops.lasp2.lasp2_apply` for the arguments."""
+    token_inputs, shared_inputs = list(token_inputs), list(shared_inputs)
+    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs))
+    return function.apply(call, initial_state, *token_inputs, *shared_inputs)
