@@ -54,8 +54,8 @@ class MatrixTorchSegment:
 
 
 class RecurrentSegment:
-    """Test-only diagonal segment on the token-by-token recurrence (exact at -inf gates, unlike the
-    chunked path before the linops fix): isolates the drivers' folds in the hard-reset tests."""
+    """Test-only diagonal segment on the token-by-token recurrence (exact at -inf gates without any
+    chunking): isolates the drivers' folds in the hard-reset tests."""
 
     transition = "scalar"
 
@@ -316,7 +316,6 @@ def test_hard_resets_in_the_folds(spawn, P, driver, layout):
     check_states(results, full, do, dfinal, s0, layout)
 
 
-@pytest.mark.xfail(strict=False, reason="needs linops chunk.py fix (-inf - -inf inside a chunk)")
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("method", ["lasp2", "lasp1"])
 def test_hard_resets_match_oracle(spawn, method, layout):
