@@ -177,7 +177,7 @@ def small_data(tmp_path_factory):
         (["--set", "train.seq_len=30"], "train.seq_len=30 must be divisible by 4 (2 * sp_size for the zigzag layout)"),
         (["--nproc", "3"], "parallel.sp_size=2 must divide the world size 3"),
         (["--set", "DATA"], "corrupt data header"),
-        (["--resume", "--set", "DATA"], "--resume: no checkpoint to resume from"),
+        (["--resume", "--set", "DATA"], "--resume: no intact checkpoint to resume from"),
     ],
     ids=["missing-data-path", "seq-len-not-divisible", "sp-not-dividing-world", "corrupt-header", "resume-without-checkpoint"],
 )

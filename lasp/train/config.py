@@ -10,6 +10,8 @@ when the trainer builds the model (so this module does not import torch).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import types
 import typing
@@ -125,6 +127,7 @@ class RunConfig:
         cfg.model = _load_model_section(model, source, base_dir)
         cfg.source = source
         cfg.validate()
+        cfg.adopt_deepspeed_json()
         return cfg
 
     @classmethod
@@ -155,6 +158,41 @@ class RunConfig:
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
+    def adopt_deepspeed_json(self) -> None:
+        """With ``deepspeed: FILE``, that JSON's values win: copy the ones the run config also has
+        (ZeRO stage, precision, gradient clipping, optimizer lr / weight decay) into ``train`` so
+        the banner, ``run.yaml`` and the checkpoints record what actually runs."""
+        if not self.deepspeed:
+            return
+        try:
+            with open(self.deepspeed, encoding="utf-8") as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.source}: deepspeed: {self.deepspeed} is not a readable JSON file: {e}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{self.source}: deepspeed: {self.deepspeed} must hold a JSON object")
+        t = self.train
+        stage = (ds.get("zero_optimization") or {}).get("stage")
+        if stage is not None:
+            t.zero_stage = int(stage)
+        if (ds.get("bf16") or {}).get("enabled"):
+            t.dtype = "bf16"
+        elif (ds.get("fp16") or {}).get("enabled"):
+            t.dtype = "fp16"
+        elif "bf16" in ds or "fp16" in ds:
+            t.dtype = "fp32"
+        if "gradient_clipping" in ds:
+            t.grad_clip = float(ds["gradient_clipping"])
+        params = (ds.get("optimizer") or {}).get("params") or {}
+        if "lr" in params:
+            t.lr = float(params["lr"])
+        if "weight_decay" in params:
+            t.weight_decay = float(params["weight_decay"])
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ValueError(f"{e} (after adopting the values of the DeepSpeed JSON {self.deepspeed})") from None
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Checks that need no data, model or processes (ValueError naming the key)."""
@@ -176,8 +214,25 @@ class RunConfig:
                 raise ValueError(f"{src}: train.{name} must be >= 1, got {getattr(t, name)}")
         if t.warmup < 0:
             raise ValueError(f"{src}: train.warmup must be >= 0, got {t.warmup}")
-        if not t.lr > 0 or not 0 <= t.min_lr <= t.lr:
-            raise ValueError(f"{src}: need train.lr > 0 and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ValueError(f"{src}: train.lr must be finite and > 0, got {t.lr}")
+        if not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+            raise ValueError(f"{src}: train.min_lr must be finite with 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(t, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{src}: train.{name} must be finite and >= 0 (0 = off), got {v}")
+        if not 0 <= t.seed < 2**63:
+            raise ValueError(f"{src}: train.seed must be an integer in [0, 2**63), got {t.seed}")
+        sm = self.sample
+        if not (math.isfinite(sm.temperature) and sm.temperature >= 0):
+            raise ValueError(f"{src}: sample.temperature must be finite and >= 0 (0 = greedy), got {sm.temperature}")
+        if sm.max_new_tokens < 0:
+            raise ValueError(f"{src}: sample.max_new_tokens must be >= 0 (0 = no sample), got {sm.max_new_tokens}")
+        if sm.max_new_tokens > 0 and not sm.prompt:
+            raise ValueError(f"{src}: sample.prompt must not be empty (or set sample.max_new_tokens: 0)")
+        if sm.top_k is not None and sm.top_k < 1:
+            raise ValueError(f"{src}: sample.top_k must be >= 1 or null, got {sm.top_k}")
         if t.zero_stage not in ZERO_STAGES:
             raise ValueError(f"{src}: train.zero_stage must be one of {ZERO_STAGES}, got {t.zero_stage}")
         if t.dtype not in DTYPES:
