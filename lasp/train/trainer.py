@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import random
+import tempfile
 import time
 import zlib
 import warnings
@@ -76,9 +77,13 @@ def check_writable(path: str, key: str) -> None:
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not a directory" if not os.path.isdir(probe) else "is not writable"
-        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} {what})")
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not a directory)")
+    try:  # os.access says yes to root everywhere, also on /proc: try it
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not writable: {e.strerror})") from None
 
 
 def preflight(cfg: RunConfig, world: int) -> tuple[object, TokenDataset]:
