@@ -38,8 +38,8 @@ def test_overrides():
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("train.stepz=3", "unknown config key 'train.stepz'"),
-        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.stepz=3", "unknown key 'train.stepz'"),
+        ("bogus=1", "unknown key 'bogus'"),
         ("train.steps=abc", "train.steps must be int"),
         ("train.seq_len=250", "train.seq_len=250 must be divisible by 4"),
         ("parallel.nproc=3", "parallel.sp_size=2 must divide the world size parallel.nproc=3"),

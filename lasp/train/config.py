@@ -13,13 +13,13 @@ import dataclasses
 import json
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lasp.config_loader import build, read_yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -123,7 +123,7 @@ class RunConfig:
             raise ValueError(f"{source}: a run config must be a mapping, got {type(d).__name__}")
         d = dict(d)
         model = d.pop("model", None)
-        cfg = _build(cls, d, source, prefix="")
+        cfg = build(cls, d, source=source, skip=("model", "source"), what="run config")
         cfg.model = _load_model_section(model, source, base_dir)
         cfg.source = source
         cfg.validate()
@@ -135,13 +135,7 @@ class RunConfig:
         """Load ``path`` and apply ``overrides`` (``dotted.key=value`` strings, values in YAML)."""
         if not os.path.isfile(path):
             raise ValueError(f"config: no such run config file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a run config must be a mapping, got {type(d).__name__}")
+        d = read_yaml(path, "run config")
         base_dir = str(Path(path).resolve().parent)
         if overrides:
             d["model"] = _load_model_section(d.get("model"), path, base_dir)
@@ -257,74 +251,8 @@ def _load_model_section(model: Any, source: str, base_dir: str | None) -> dict:
     candidates = [model] + ([os.path.join(base_dir, model)] if base_dir and not os.path.isabs(model) else [])
     for path in candidates:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: a model config must be a mapping")
-            return loaded
+            return read_yaml(path, "model config")
     raise ValueError(f"{source}: model: no such model YAML {model!r}")
-
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ("source", "model")}
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """``value`` as type ``tp`` (int/float/bool/str, optionally ``| None``); ValueError otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        tp = args[0]
-    bad = ValueError(f"{source}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)  # YAML 1.1 reads "3e-4" as a string
-        except (TypeError, ValueError):
-            raise bad from None
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    return value
-
-
-def _build(cls, d: Any, source: str, prefix: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{source}: section {prefix.rstrip('.') or '<top>'} must be a mapping, got {d!r}")
-    types_ = _field_types(cls)
-    unknown = [k for k in d if k not in types_]
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(prefix + k for k in types_)})"
-        )
-    kwargs = {}
-    for name, tp in types_.items():
-        if name not in d:
-            continue
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, d[name] if d[name] is not None else {}, source, prefix=f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(d[name], tp, prefix + name, source)
-    return cls(**kwargs)
 
 
 def apply_override(d: dict, item: str) -> None:
@@ -352,8 +280,3 @@ def apply_override(d: dict, item: str) -> None:
             raise ValueError(f"--set: {'.'.join(parts[: i + 1])} is not a section (in {item!r})")
         node = child
     node[parts[-1]] = value
-
-
-def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Convenience: :meth:`RunConfig.from_yaml`."""
-    return RunConfig.from_yaml(path, overrides)
