@@ -122,3 +122,21 @@ def test_end_of_run_weights_only_on_rank_0_and_on_the_cpu():
     assert full_state_dict(eng, 0, rank=1) is None
     sd = full_state_dict(eng, 0, rank=0)
     assert list(sd) == ["weight", "bias"] and all(v.dtype == torch.float32 and v.device.type == "cpu" for v in sd.values())
+
+
+def test_generate_with_a_prompt_that_is_not_utf8(tmp_path):
+    import subprocess
+    import sys
+
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(LinearLlamaForCausalLM(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)), tmp_path / "m")
+    argv = [sys.executable, "-m", "lasp.cli", "generate", "--checkpoint", str(tmp_path / "m"), "--max-new-tokens", "3",
+            "--temperature", "0", "--prompt", b"caf\xe9 ".decode(sys.getfilesystemencoding(), "surrogateescape")]
+    r = subprocess.run(argv, capture_output=True, env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout.startswith("caf\ufffd ".encode())
+    from lasp.models.generate_cli import encode_bytes
+
+    assert encode_bytes(b"caf\xe9".decode("utf-8", "surrogateescape")) == list(b"caf\xe9")
