@@ -111,7 +111,9 @@ def check_same_inputs(data: TokenDataset, ckpt_dir: str, resume_tag: str | None,
 
     step = -1 if resume_tag is None else int(resume_tag.removeprefix("step"))
     manifest = 0 if resume_tag is None else crc(os.path.join(ckpt_dir, resume_tag, checkpoint.MANIFEST))
-    mine = torch.tensor([data.num_tokens, crc(os.path.join(data.path, HEADER)), step, manifest, random.getrandbits(62)], dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([data.num_tokens, crc(os.path.join(data.path, HEADER)), step, manifest, random.getrandbits(62)],
+                        dtype=torch.int64, device=device)
     every, _ = comm.all_gather(mine, None, tag="train-preflight")
     rows = every.tolist()
     for r, row in enumerate(rows):
@@ -229,9 +231,10 @@ def train(
         _single_process_env()  # DeepSpeed needs a process group, even for one process
     state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if plan.move_aside and rank == 0:
+    # a collective: past it, every rank has decided its plan from the files as they were
+    run_id = check_same_inputs(data, ckpt_dir, plan.resume_tag, run_id)
+    if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
         print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
-    run_id = check_same_inputs(data, ckpt_dir, plan.resume_tag, run_id)  # also the barrier after the move
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
