@@ -42,13 +42,13 @@ def test_overrides():
         ("bogus=1", "unknown key 'bogus'"),
         ("train.steps=abc", "train.steps must be int"),
         ("train.seq_len=250", "train.seq_len=250 must be divisible by 4"),
-        ("parallel.nproc=3", "parallel.sp_size=2 must divide the world size parallel.nproc=3"),
+        ("parallel.nproc=0", "parallel.nproc must be >= 1"),
         ("train.zero_stage=4", "train.zero_stage must be one of"),
         ("train.dtype=fp8", "train.dtype must be one of"),
         ("parallel.layout=spiral", "parallel.layout must be one of"),
         ("train", "expected dotted.key=value"),
     ],
-    ids=["unknown-train-key", "unknown-top-key", "bad-int", "seq-len-zigzag", "sp-not-dividing-nproc", "zero-stage", "dtype", "layout", "no-equals"],
+    ids=["unknown-train-key", "unknown-top-key", "bad-int", "seq-len-zigzag", "nproc-zero", "zero-stage", "dtype", "layout", "no-equals"],
 )
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ValueError) as err:
@@ -176,10 +176,11 @@ def small_data(tmp_path_factory):
         (["--set", "data.path=/nonexistent/data"], "data.path: no such dataset directory"),
         (["--set", "train.seq_len=30"], "train.seq_len=30 must be divisible by 4 (2 * sp_size for the zigzag layout)"),
         (["--nproc", "3"], "parallel.sp_size=2 must divide the world size 3"),
+        (["--set", "parallel.nproc=3"], "parallel.sp_size=2 must divide the world size 3"),
         (["--set", "DATA"], "corrupt data header"),
         (["--resume", "--set", "DATA"], "--resume: no intact checkpoint to resume from"),
     ],
-    ids=["missing-data-path", "seq-len-not-divisible", "sp-not-dividing-world", "corrupt-header", "resume-without-checkpoint"],
+    ids=["missing-data-path", "seq-len-not-divisible", "sp-not-dividing-world", "sp-not-dividing-nproc", "corrupt-header", "resume-without-checkpoint"],
 )
 def test_train_cli_refuses_bad_input_before_starting(tmp_path, small_data, capsys, extra, needle, monkeypatch):
     for key in ("WORLD_SIZE", "RANK"):

@@ -199,10 +199,8 @@ class RunConfig:
             raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
         if p.timeout_s is not None and not p.timeout_s > 0:
             raise ValueError(f"{src}: parallel.timeout_s must be > 0, got {p.timeout_s}")
-        if p.nproc is not None and (p.nproc < 1 or p.nproc % p.sp_size != 0):
-            raise ValueError(
-                f"{src}: parallel.sp_size={p.sp_size} must divide the world size parallel.nproc={p.nproc}"
-            )
+        if p.nproc is not None and p.nproc < 1:  # sp_size | nproc is checked when lasp train starts them itself
+            raise ValueError(f"{src}: parallel.nproc must be >= 1, got {p.nproc}")
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"{src}: train.{name} must be >= 1, got {getattr(t, name)}")

@@ -96,7 +96,7 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
         if checkpoint.has_checkpoints(ckpt_dir):
             if not overwrite:
                 raise ValueError(
-                    f"checkpoint.dir {ckpt_dir!r} already holds checkpoints of another run: pass --resume to continue "
+                    f"checkpoint.dir {ckpt_dir!r} already holds checkpoints of an earlier run: pass --resume to continue "
                     f"it, --overwrite to move it aside and start over, or choose another out_dir"
                 )
             plan.move_aside = True
