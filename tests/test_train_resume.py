@@ -151,13 +151,14 @@ def test_damaged_latest_checkpoint_falls_back_and_export_refuses_it(run, tmp_pat
     assert checkpoint.verify(os.path.join(ck, "step00000003")) is None  # re-saved whole
 
 
-def test_export_under_zero0_bf16_is_the_fp32_master_copy(run, tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_export_under_zero0_half_is_the_fp32_master_copy(run, tmp_path, dtype):
     from lasp.models.io import load_pretrained
     from lasp.train.export import main as export_main
 
-    rc, _, err = run("--set", "train.zero_stage=0", "--set", "train.dtype=bf16", steps=2, every=0)
+    rc, _, err = run("--set", "train.zero_stage=0", "--set", "train.dtype=" + dtype, steps=2, every=0)
     assert rc == 0, err
     assert export_main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(tmp_path / "exp")]) == 0
     weights = dict(load_pretrained(str(tmp_path / "exp")).named_parameters())
-    rounded = [n for n, w in weights.items() if torch.equal(w.detach().bfloat16().float(), w.detach())]
-    assert not rounded, f"bf16-rounded weights exported: {rounded}"
+    rounded = [n for n, w in weights.items() if torch.equal(w.detach().to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype])).float(), w.detach())]
+    assert not rounded, f"{dtype}-rounded weights exported: {rounded}"

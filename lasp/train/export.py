@@ -47,7 +47,7 @@ def _zero0_fp32_master(saved: dict, model: torch.nn.Module | None) -> dict[str, 
     """The fp32 master copy of a ZeRO-0 bf16/fp16 checkpoint (the optimizer's ``fp32_groups``, in
     ``model.parameters()`` order), by parameter name; {} when the checkpoint has none."""
     optim = saved.get("optimizer")
-    groups = optim.get("fp32_groups") if isinstance(optim, dict) else None
+    groups = (optim.get("fp32_groups") or optim.get("fp32_groups_flat")) if isinstance(optim, dict) else None
     if model is None or not groups:
         return {}
     params = list(model.parameters())
