@@ -220,3 +220,24 @@ def test_metrics_resume_drops_redone_steps(tmp_path):
     log.close(plot=False)
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4] and json.loads(lines[-1])["loss"] == 0.5
+
+
+def test_manifest_catches_corruption_and_resaving_a_step_keeps_the_old_until_the_new_is_in(tmp_path):
+    d = str(tmp_path / "ck")
+    for step in (2, 4):
+        checkpoint.save(FakeEngine(), d, step, {"step": step}, {"model.yaml": "a: 1\n"}, rank=0)
+    tag_dir = os.path.join(d, "step00000004")
+    assert checkpoint.verify(tag_dir) is None
+    shard = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    open(shard, "w").write("y")  # same size, other bytes
+    assert "does not match its checksum" in checkpoint.verify(tag_dir)
+    assert checkpoint.find_resumable(d)[0] == "step00000002"
+    os.remove(shard)
+    assert "is missing" in checkpoint.verify(tag_dir)
+    # a crash while re-saving step 4 leaves the damaged step 4 and the intact step 2 alone
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(FakeEngine(crash=True), d, 4, {"step": 4}, {}, rank=0)
+    assert checkpoint.list_tags(d) == ["step00000004", "step00000002"] and checkpoint.verify(os.path.join(d, "step00000002")) is None
+    checkpoint.save(FakeEngine(), d, 4, {"step": 4}, {}, rank=0)
+    assert checkpoint.find_resumable(d) == ("step00000004", [])
+    assert not [n for n in os.listdir(d) if n.startswith(".")]  # no temporary or retired directory left
