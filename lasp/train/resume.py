@@ -87,6 +87,8 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
         elif state is None and not checkpoint.has_checkpoints(ckpt_dir):
             plan.messages.append(f"elastic restart {restarts}: no checkpoint yet, starting over")
             return plan
+        elif state is None:
+            raise ValueError(f"elastic restart {restarts}: no intact checkpoint in {ckpt_dir!r} to resume from ({'; '.join(notes)})")
         elif state is not None and not overwrite:
             raise ValueError(
                 f"elastic restart {restarts}: the checkpoints in {ckpt_dir!r} belong to run {state.get('run_id')!r}, "
