@@ -20,8 +20,9 @@ $(STAMP): setup.py
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
+# A fresh run each time (the previous one is moved aside, never deleted) unless ARGS holds --resume.
 train: $(STAMP)
-	$(PY) -m lasp.cli train --config configs/tiny-hybrid.yaml $(ARGS)
+	$(PY) -m lasp.cli train --config configs/tiny-hybrid.yaml $(if $(findstring --resume,$(ARGS)),,--overwrite) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

@@ -43,31 +43,25 @@ lasp_default_nproc() {
   fi
 }
 
-# The SP size the run will use: parallel.sp_size from the config, or a parallel.sp_size=N override.
-lasp_sp_size() {
-  local config=$1
-  shift
-  "$(lasp_python)" - "$config" "$@" <<'PY'
-import sys
-import yaml
-with open(sys.argv[1]) as f:
-    cfg = yaml.safe_load(f) or {}
-sp = (cfg.get("parallel") or {}).get("sp_size", 1)
-for arg in sys.argv[2:]:
-    arg = arg.removeprefix("--set=")
-    if arg.startswith("parallel.sp_size="):
-        sp = int(arg.split("=", 1)[1])
-print(sp)
-PY
+# Check the run config (as `lasp train` loads it: the YAML plus --set overrides) and print
+# "world: NNODES node(s) x NPROC process(es) = W ranks; SP=s x DP=d; backend b"; fails with the
+# config's error, or when parallel.sp_size does not divide W. Python answers: no YAML in shell.
+# usage: lasp_print_layout CONFIG NNODES NPROC BACKEND [trainer args...]
+lasp_print_layout() {
+  local config=$1 nnodes=$2 nproc=$3 backend=$4
+  shift 4
+  "$(lasp_python)" -m lasp.train.layout --config "$config" --nnodes "$nnodes" --nproc "$nproc" --backend "$backend" "$@"
 }
 
-# Print "world: NNODES node(s) x NPROC process(es) = W ranks; SP=s x DP=d; backend b"; fail if s does not divide W.
-lasp_print_layout() {
-  local nnodes=$1 nproc=$2 sp=$3 backend=$4
-  local world=$((nnodes * nproc))
-  if ((sp < 1 || world % sp != 0)); then
-    echo "error: parallel.sp_size=${sp} must divide the world size ${world} (${nnodes} nodes x ${nproc} processes)" >&2
-    return 1
+# Fail unless $2 (the value of variable $1) is a positive integer.
+lasp_check_positive_int() {
+  if [[ ! "$2" =~ ^[0-9]+$ ]] || ((10#$2 < 1)); then
+    echo "error: $1 must be a positive integer, got '$2'" >&2
+    exit 2
   fi
-  echo "world: ${nnodes} node(s) x ${nproc} process(es) = ${world} ranks; SP=${sp} x DP=$((world / sp)); backend ${backend}"
+}
+
+# A free TCP port on this host (for a one-node job that was not given MASTER_PORT).
+lasp_free_port() {
+  "$(lasp_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }

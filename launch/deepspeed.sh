@@ -14,11 +14,17 @@ Runs `python -m lasp.train --config CONFIG ...` under the deepspeed launcher, wh
 (over ssh/pdsh, from this node); without it, NPROC processes on this node.
 
 Variables (default):
-  HOSTFILE     a DeepSpeed hostfile, lines "host slots=N" (see launch/hostfile.example) ()
+  HOSTFILE     a DeepSpeed hostfile, lines "host slots=N", the same N on every host
+               (see launch/hostfile.example) ()
   NPROC        processes on this node when there is no HOSTFILE (GPU count; 2 on CPU)
   MASTER_ADDR  host of the first rank (127.0.0.1, or the first host of HOSTFILE)
-  MASTER_PORT  port (29500)
+  MASTER_PORT  port (one node: a free port; with HOSTFILE: 29500)
   PYTHON       interpreter with lasp installed (.venv/bin/python, else python3)
+  LASP_COLLECTIVE_TIMEOUT  seconds a collective waits for a lost peer before failing (600)
+
+The remote hosts get LASP_DIST_BACKEND, LASP_COLLECTIVE_TIMEOUT and LASP_RUN_ID through a
+DeepSpeed environment file (DS_ENV_FILE; your ~/.deepspeed_env and ./.deepspeed_env lines are
+kept in it).
 
 Examples:
   NPROC=2 launch/deepspeed.sh configs/tiny-hybrid.yaml --set parallel.sp_size=2
@@ -32,25 +38,51 @@ shift
 
 PY=$(lasp_python)
 BACKEND=$(lasp_backend)
-MASTER_PORT=${MASTER_PORT:-29500}
-SP=$(lasp_sp_size "$CONFIG" "$@")
 export LASP_DIST_BACKEND=$BACKEND
+export LASP_RUN_ID=${LASP_RUN_ID:-lasp-$(hostname)-$$-$(date +%s)}
 
 if [[ -n "${HOSTFILE:-}" ]]; then
   if [[ ! -f "$HOSTFILE" ]]; then
     echo "error: HOSTFILE '$HOSTFILE' not found" >&2
     exit 2
   fi
+  # every host line must be "host slots=N" (DeepSpeed rejects anything else, but only later)
+  BAD=$(grep -vE '^\s*(#|$)' "$HOSTFILE" | grep -vE '^\s*\S+\s+slots=[0-9]+\s*$' | head -n1 || true)
+  if [[ -n "$BAD" ]]; then
+    echo "error: HOSTFILE '$HOSTFILE': the line '$BAD' is not 'host slots=N'" >&2
+    exit 2
+  fi
   HOSTS=$(grep -cvE '^\s*(#|$)' "$HOSTFILE")
-  SLOTS=$(grep -vE '^\s*(#|$)' "$HOSTFILE" | sed -nE 's/.*slots=([0-9]+).*/\1/p' | head -n1)
+  if ((HOSTS == 0)); then
+    echo "error: HOSTFILE '$HOSTFILE' lists no host" >&2
+    exit 2
+  fi
+  SLOTS=$(grep -vE '^\s*(#|$)' "$HOSTFILE" | sed -nE 's/.*slots=([0-9]+).*/\1/p' | sort -u)
+  if [[ $(wc -l <<<"$SLOTS") -ne 1 ]]; then
+    echo "error: HOSTFILE '$HOSTFILE': every host needs the same slots=N, got $(tr '\n' ' ' <<<"$SLOTS")" >&2
+    exit 2
+  fi
+  lasp_check_positive_int "slots in $HOSTFILE" "$SLOTS"
   MASTER_ADDR=${MASTER_ADDR:-$(grep -vE '^\s*(#|$)' "$HOSTFILE" | awk 'NR==1 {print $1}')}
-  lasp_print_layout "$HOSTS" "$SLOTS" "$SP" "$BACKEND"
+  MASTER_PORT=${MASTER_PORT:-29500}
+  lasp_print_layout "$CONFIG" "$HOSTS" "$SLOTS" "$BACKEND" "$@"
   PLACEMENT=(--hostfile "$HOSTFILE")
+  # DeepSpeed forwards to remote hosts only what its environment file lists
+  DS_ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/lasp-deepspeed-env.XXXXXX")
+  for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do
+    if [[ -f "$f" ]]; then grep -vE '^(LASP_DIST_BACKEND|LASP_COLLECTIVE_TIMEOUT|LASP_RUN_ID)=' "$f" >>"$DS_ENV_FILE" || true; fi
+  done
+  for var in LASP_DIST_BACKEND LASP_COLLECTIVE_TIMEOUT LASP_RUN_ID; do
+    if [[ -n "${!var:-}" ]]; then echo "${var}=${!var}" >>"$DS_ENV_FILE"; fi
+  done
+  export DS_ENV_FILE
 else
   NPROC=${NPROC:-auto}
   [[ "$NPROC" == auto ]] && NPROC=$(lasp_default_nproc)
+  lasp_check_positive_int NPROC "$NPROC"
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-  lasp_print_layout 1 "$NPROC" "$SP" "$BACKEND"
+  MASTER_PORT=${MASTER_PORT:-$(lasp_free_port)}
+  lasp_print_layout "$CONFIG" 1 "$NPROC" "$BACKEND" "$@"
   PLACEMENT=(--num_nodes 1 --num_gpus "$NPROC")
 fi
 

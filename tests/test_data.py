@@ -148,17 +148,68 @@ def test_tokenizers_json_without_package_is_clear(tmp_path):
             D.load_tokenizer(str(tmp_path / "tok.json"))
 
 
-def test_tokenizers_json(tmp_path, text_dir):
+def _bpe(tmp_path, text_dir, specials):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(p) for p in text_dir.rglob("*") if p.is_file()], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.train([str(p) for p in text_dir.rglob("*") if p.is_file()], trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
     tok.save(str(tmp_path / "tok.json"))
+    return tok
+
+
+def test_tokenizers_json(tmp_path, text_dir):
+    tok = _bpe(tmp_path, text_dir, ["[UNK]", "</s>"])
     assert data_main(["prepare", "--input", str(text_dir), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok.json")]) == 0
     ds = D.TokenDataset(str(tmp_path / "o"))
     assert ds.header["dtype"] == "uint16" and ds.vocab_size == tok.get_vocab_size()
     first = (text_dir / "a.txt").read_text()
-    assert np.array_equal(np.asarray(ds.tokens[: len(tok.encode(first).ids)]), tok.encode(first).ids)
+    n = len(tok.encode(first).ids)
+    assert np.array_equal(np.asarray(ds.tokens[:n]), tok.encode(first).ids)
+    # the tokenizer's EOS separates the documents (issue 13 item 14)
+    eos = tok.token_to_id("</s>")
+    assert ds.header["separator"] == eos and int(ds.tokens[n]) == eos
+    assert int((np.asarray(ds.tokens) == eos).sum()) == ds.header["documents"]
     assert D.load_tokenizer(ds.header["tokenizer"]).decode(tok.encode("hello world").ids) == "hello world"
+
+
+def test_tokenizers_json_without_eos_is_a_clear_error(tmp_path, text_dir, capsys):
+    _bpe(tmp_path, text_dir, ["[UNK]", "<sep>"])
+    argv = ["prepare", "--input", str(text_dir), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok.json")]
+    assert data_main(argv) == 2
+    assert "no end-of-text token" in capsys.readouterr().err
+    assert data_main(argv + ["--eos-token", "<sep>"]) == 0
+
+
+def test_prepare_refuses_non_empty_output_unless_overwrite(tmp_path, text_dir, capsys):
+    out = tmp_path / "o"
+    assert data_main(["prepare", "--input", str(text_dir / "a.txt"), "--output", str(out)]) == 0
+    first = D.read_header(str(out))
+    assert data_main(["prepare", "--input", str(text_dir / "b.py"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists and is not empty" in err and "--overwrite" in err
+    assert D.read_header(str(out)) == first  # untouched
+    assert data_main(["prepare", "--input", str(text_dir / "b.py"), "--output", str(out), "--overwrite"]) == 0
+    assert D.read_header(str(out))["num_tokens"] == (text_dir / "b.py").stat().st_size + 1
+    assert sorted(os.listdir(tmp_path)) == ["o", "src"]  # no temporary directory left behind
+
+
+def test_prepare_skips_hidden_directories_and_files(tmp_path, text_dir):
+    (text_dir / ".git").mkdir()
+    (text_dir / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (text_dir / ".hidden.txt").write_text("secret\n")
+    D.prepare([str(text_dir)], str(tmp_path / "o"), "bytes")
+    assert D.read_header(str(tmp_path / "o"))["documents"] == 3
+
+
+def test_max_token_id_recorded_and_checked(tmp_path, dataset):
+    assert dataset.header["max_token_id"] == int(np.asarray(dataset.tokens).max())
+    # a dataset whose header claims a small vocab but holds a larger id (no max_token_id: scanned)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    ids = np.arange(200, dtype=np.uint16)
+    (bad / D.TOKENS).write_bytes(ids.tobytes())
+    (bad / D.HEADER).write_text(json.dumps({"format": D.FORMAT, "dtype": "uint16", "num_tokens": 200, "vocab_size": 128}))
+    with pytest.raises(ValueError, match="holds token id 199, but the model's vocab_size is 128"):
+        D.TokenDataset(str(bad)).check_fits(16, 128)

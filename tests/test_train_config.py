@@ -38,17 +38,17 @@ def test_overrides():
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("train.stepz=3", "unknown config key 'train.stepz'"),
-        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.stepz=3", "unknown key 'train.stepz'"),
+        ("bogus=1", "unknown key 'bogus'"),
         ("train.steps=abc", "train.steps must be int"),
         ("train.seq_len=250", "train.seq_len=250 must be divisible by 4"),
-        ("parallel.nproc=3", "parallel.sp_size=2 must divide the world size parallel.nproc=3"),
+        ("parallel.nproc=0", "parallel.nproc must be >= 1"),
         ("train.zero_stage=4", "train.zero_stage must be one of"),
         ("train.dtype=fp8", "train.dtype must be one of"),
         ("parallel.layout=spiral", "parallel.layout must be one of"),
         ("train", "expected dotted.key=value"),
     ],
-    ids=["unknown-train-key", "unknown-top-key", "bad-int", "seq-len-zigzag", "sp-not-dividing-nproc", "zero-stage", "dtype", "layout", "no-equals"],
+    ids=["unknown-train-key", "unknown-top-key", "bad-int", "seq-len-zigzag", "nproc-zero", "zero-stage", "dtype", "layout", "no-equals"],
 )
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ValueError) as err:
@@ -176,10 +176,11 @@ def small_data(tmp_path_factory):
         (["--set", "data.path=/nonexistent/data"], "data.path: no such dataset directory"),
         (["--set", "train.seq_len=30"], "train.seq_len=30 must be divisible by 4 (2 * sp_size for the zigzag layout)"),
         (["--nproc", "3"], "parallel.sp_size=2 must divide the world size 3"),
+        (["--set", "parallel.nproc=3"], "parallel.sp_size=2 must divide the world size 3"),
         (["--set", "DATA"], "corrupt data header"),
-        (["--resume", "--set", "DATA"], "--resume: no checkpoint to resume from"),
+        (["--resume", "--set", "DATA"], "--resume: no intact checkpoint to resume from"),
     ],
-    ids=["missing-data-path", "seq-len-not-divisible", "sp-not-dividing-world", "corrupt-header", "resume-without-checkpoint"],
+    ids=["missing-data-path", "seq-len-not-divisible", "sp-not-dividing-world", "sp-not-dividing-nproc", "corrupt-header", "resume-without-checkpoint"],
 )
 def test_train_cli_refuses_bad_input_before_starting(tmp_path, small_data, capsys, extra, needle, monkeypatch):
     for key in ("WORLD_SIZE", "RANK"):
@@ -219,3 +220,24 @@ def test_metrics_resume_drops_redone_steps(tmp_path):
     log.close(plot=False)
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4] and json.loads(lines[-1])["loss"] == 0.5
+
+
+def test_manifest_catches_corruption_and_resaving_a_step_keeps_the_old_until_the_new_is_in(tmp_path):
+    d = str(tmp_path / "ck")
+    for step in (2, 4):
+        checkpoint.save(FakeEngine(), d, step, {"step": step}, {"model.yaml": "a: 1\n"}, rank=0)
+    tag_dir = os.path.join(d, "step00000004")
+    assert checkpoint.verify(tag_dir) is None
+    shard = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    open(shard, "w").write("y")  # same size, other bytes
+    assert "does not match its checksum" in checkpoint.verify(tag_dir)
+    assert checkpoint.find_resumable(d)[0] == "step00000002"
+    os.remove(shard)
+    assert "is missing" in checkpoint.verify(tag_dir)
+    # a crash while re-saving step 4 leaves the damaged step 4 and the intact step 2 alone
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(FakeEngine(crash=True), d, 4, {"step": 4}, {}, rank=0)
+    assert checkpoint.list_tags(d) == ["step00000004", "step00000002"] and checkpoint.verify(os.path.join(d, "step00000002")) is None
+    checkpoint.save(FakeEngine(), d, 4, {"step": 4}, {}, rank=0)
+    assert checkpoint.find_resumable(d) == ("step00000004", [])
+    assert not [n for n in os.listdir(d) if n.startswith(".")]  # no temporary or retired directory left

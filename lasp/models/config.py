@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..config_loader import build, coerce_fields, read_yaml
 from ..ops.checks import BACKENDS, LINEAR_METHOD_NAMES, SOFTMAX_METHOD_NAMES
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
@@ -87,8 +88,10 @@ class ModelConfig:
         def fail(key: str, msg: str) -> None:
             raise ValueError(f"{source}: {key} {msg}")
 
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), f.type, fail))
+        try:
+            coerce_fields(self)  # types from the annotations (lasp.config_loader)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "gate_low_rank_dim", "max_seq_len"):
             if getattr(self, key) < 1:
                 fail(key, f"must be a positive integer, got {getattr(self, key)}")
@@ -120,28 +123,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":
         """Build from a mapping; unknown keys and bad values raise ``ValueError`` naming ``source``."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: a model config must be a mapping of keys to values, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise ValueError(f"{source}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-        cfg = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            setattr(cfg, f.name, d.get(f.name, default))
-        cfg.validate(source)
-        return cfg
+        return build(cls, d, source=source, what="model config")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
         """Load a YAML file of ``key: value`` pairs (errors name the key and the file)."""
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh)
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {e}") from e
-        return cls.from_dict(data if data is not None else {}, source=str(path))
+        return cls.from_dict(read_yaml(path, "model config"), source=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,27 +136,3 @@ class ModelConfig:
     def to_yaml(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-
-
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _check_type(key: str, value, annotation: str, fail):
-    """Check ``value`` against a dataclass annotation string like ``"int | None"``; return it
-    normalised (floats as float; YAML 1.1 reads ``1e-5`` as a string, accepted for float keys)."""
-    parts = [p.strip() for p in str(annotation).split("|")]
-    if value is None:
-        if "None" not in parts:
-            fail(key, "must not be empty (null)")
-        return value
-    if "float" in parts and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    allowed = tuple(t for p in parts if p != "None" for t in _TYPES[p])
-    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-    if not ok:
-        want = " or ".join(p for p in parts if p != "None")
-        fail(key, f"must be {want}, got {value!r} ({type(value).__name__})")
-    return float(value) if "float" in parts else value

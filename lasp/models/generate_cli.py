@@ -17,8 +17,9 @@ BYTE_VOCAB = 256
 
 
 def encode_bytes(text: str) -> list[int]:
-    """Byte-level tokenisation: the UTF-8 bytes of ``text``."""
-    return list(text.encode("utf-8"))
+    """Byte-level tokenisation: the UTF-8 bytes of ``text``. Bytes that were not valid UTF-8 on
+    the command line (Python keeps them as surrogate escapes) are tokenised as those bytes."""
+    return list(text.encode("utf-8", errors="surrogateescape"))
 
 
 def decode_bytes(ids: list[int]) -> str:
@@ -73,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if model.config.vocab_size > BYTE_VOCAB:
         print(f"lasp generate: warning: vocab_size={model.config.vocab_size} > 256; ids >= 256 print as U+FFFD", file=sys.stderr)
-    ids = torch.tensor([encode_bytes(args.prompt)], dtype=torch.long, device=args.device)
+    prompt = encode_bytes(args.prompt)
+    ids = torch.tensor([prompt], dtype=torch.long, device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     streamer = ByteStreamer()
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(decode_bytes(prompt))  # invalid bytes print as U+FFFD
     sys.stdout.flush()
     generate(
         model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -10,14 +10,16 @@ when the trainer builds the model (so this module does not import torch).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lasp.config_loader import build, read_yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -121,10 +123,11 @@ class RunConfig:
             raise ValueError(f"{source}: a run config must be a mapping, got {type(d).__name__}")
         d = dict(d)
         model = d.pop("model", None)
-        cfg = _build(cls, d, source, prefix="")
+        cfg = build(cls, d, source=source, skip=("model", "source"), what="run config")
         cfg.model = _load_model_section(model, source, base_dir)
         cfg.source = source
         cfg.validate()
+        cfg.adopt_deepspeed_json()
         return cfg
 
     @classmethod
@@ -132,13 +135,7 @@ class RunConfig:
         """Load ``path`` and apply ``overrides`` (``dotted.key=value`` strings, values in YAML)."""
         if not os.path.isfile(path):
             raise ValueError(f"config: no such run config file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a run config must be a mapping, got {type(d).__name__}")
+        d = read_yaml(path, "run config")
         base_dir = str(Path(path).resolve().parent)
         if overrides:
             d["model"] = _load_model_section(d.get("model"), path, base_dir)
@@ -155,6 +152,41 @@ class RunConfig:
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
+    def adopt_deepspeed_json(self) -> None:
+        """With ``deepspeed: FILE``, that JSON's values win: copy the ones the run config also has
+        (ZeRO stage, precision, gradient clipping, optimizer lr / weight decay) into ``train`` so
+        the banner, ``run.yaml`` and the checkpoints record what actually runs."""
+        if not self.deepspeed:
+            return
+        try:
+            with open(self.deepspeed, encoding="utf-8") as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.source}: deepspeed: {self.deepspeed} is not a readable JSON file: {e}") from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{self.source}: deepspeed: {self.deepspeed} must hold a JSON object")
+        t = self.train
+        stage = (ds.get("zero_optimization") or {}).get("stage")
+        if stage is not None:
+            t.zero_stage = int(stage)
+        if (ds.get("bf16") or {}).get("enabled"):
+            t.dtype = "bf16"
+        elif (ds.get("fp16") or {}).get("enabled"):
+            t.dtype = "fp16"
+        elif "bf16" in ds or "fp16" in ds:
+            t.dtype = "fp32"
+        if "gradient_clipping" in ds:
+            t.grad_clip = float(ds["gradient_clipping"])
+        params = (ds.get("optimizer") or {}).get("params") or {}
+        if "lr" in params:
+            t.lr = float(params["lr"])
+        if "weight_decay" in params:
+            t.weight_decay = float(params["weight_decay"])
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ValueError(f"{e} (after adopting the values of the DeepSpeed JSON {self.deepspeed})") from None
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Checks that need no data, model or processes (ValueError naming the key)."""
@@ -167,17 +199,32 @@ class RunConfig:
             raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
         if p.timeout_s is not None and not p.timeout_s > 0:
             raise ValueError(f"{src}: parallel.timeout_s must be > 0, got {p.timeout_s}")
-        if p.nproc is not None and (p.nproc < 1 or p.nproc % p.sp_size != 0):
-            raise ValueError(
-                f"{src}: parallel.sp_size={p.sp_size} must divide the world size parallel.nproc={p.nproc}"
-            )
+        if p.nproc is not None and p.nproc < 1:  # sp_size | nproc is checked when lasp train starts them itself
+            raise ValueError(f"{src}: parallel.nproc must be >= 1, got {p.nproc}")
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"{src}: train.{name} must be >= 1, got {getattr(t, name)}")
         if t.warmup < 0:
             raise ValueError(f"{src}: train.warmup must be >= 0, got {t.warmup}")
-        if not t.lr > 0 or not 0 <= t.min_lr <= t.lr:
-            raise ValueError(f"{src}: need train.lr > 0 and 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ValueError(f"{src}: train.lr must be finite and > 0, got {t.lr}")
+        if not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+            raise ValueError(f"{src}: train.min_lr must be finite with 0 <= train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(t, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{src}: train.{name} must be finite and >= 0 (0 = off), got {v}")
+        if not 0 <= t.seed < 2**63:
+            raise ValueError(f"{src}: train.seed must be an integer in [0, 2**63), got {t.seed}")
+        sm = self.sample
+        if not (math.isfinite(sm.temperature) and sm.temperature >= 0):
+            raise ValueError(f"{src}: sample.temperature must be finite and >= 0 (0 = greedy), got {sm.temperature}")
+        if sm.max_new_tokens < 0:
+            raise ValueError(f"{src}: sample.max_new_tokens must be >= 0 (0 = no sample), got {sm.max_new_tokens}")
+        if sm.max_new_tokens > 0 and not sm.prompt:
+            raise ValueError(f"{src}: sample.prompt must not be empty (or set sample.max_new_tokens: 0)")
+        if sm.top_k is not None and sm.top_k < 1:
+            raise ValueError(f"{src}: sample.top_k must be >= 1 or null, got {sm.top_k}")
         if t.zero_stage not in ZERO_STAGES:
             raise ValueError(f"{src}: train.zero_stage must be one of {ZERO_STAGES}, got {t.zero_stage}")
         if t.dtype not in DTYPES:
@@ -202,74 +249,8 @@ def _load_model_section(model: Any, source: str, base_dir: str | None) -> dict:
     candidates = [model] + ([os.path.join(base_dir, model)] if base_dir and not os.path.isabs(model) else [])
     for path in candidates:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: a model config must be a mapping")
-            return loaded
+            return read_yaml(path, "model config")
     raise ValueError(f"{source}: model: no such model YAML {model!r}")
-
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ("source", "model")}
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """``value`` as type ``tp`` (int/float/bool/str, optionally ``| None``); ValueError otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        tp = args[0]
-    bad = ValueError(f"{source}: {key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)  # YAML 1.1 reads "3e-4" as a string
-        except (TypeError, ValueError):
-            raise bad from None
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    return value
-
-
-def _build(cls, d: Any, source: str, prefix: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{source}: section {prefix.rstrip('.') or '<top>'} must be a mapping, got {d!r}")
-    types_ = _field_types(cls)
-    unknown = [k for k in d if k not in types_]
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(prefix + k for k in types_)})"
-        )
-    kwargs = {}
-    for name, tp in types_.items():
-        if name not in d:
-            continue
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, d[name] if d[name] is not None else {}, source, prefix=f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(d[name], tp, prefix + name, source)
-    return cls(**kwargs)
 
 
 def apply_override(d: dict, item: str) -> None:
@@ -297,8 +278,3 @@ def apply_override(d: dict, item: str) -> None:
             raise ValueError(f"--set: {'.'.join(parts[: i + 1])} is not a section (in {item!r})")
         node = child
     node[parts[-1]] = value
-
-
-def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Convenience: :meth:`RunConfig.from_yaml`."""
-    return RunConfig.from_yaml(path, overrides)

@@ -4,8 +4,11 @@ On disk a dataset is a directory with two files:
 
 - ``tokens.bin``: every token id, back to back, as ``uint16`` (vocab <= 65536) or ``uint32``;
 - ``header.json``: ``{"format": "lasp-tokens", "version": 1, "dtype": "uint16",
-  "num_tokens": N, "vocab_size": V, "tokenizer": "bytes" | "<path of a tokenizers JSON>",
-  "documents": D}``.
+  "num_tokens": N, "vocab_size": V, "max_token_id": M, "tokenizer": "bytes" | "<path of a
+  tokenizers JSON>", "documents": D, "separator": S}``. Documents are separated by one
+  token ``S`` (byte tokenizer: NUL; a tokenizers file: its end-of-text token). ``max_token_id``
+  is checked against the model's vocab before training starts (older datasets without it are
+  scanned once).
 
 Batches are sampled, not iterated: optimizer step ``s`` of a run with seed ``seed`` draws the
 start offsets of its ``grad_accum * dp_size * micro_batch_size`` windows from a generator
@@ -18,6 +21,7 @@ the first token of the next shard).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
@@ -58,10 +62,14 @@ class ByteTokenizer:
         return bytes(int(i) & 0xFF for i in ids).decode("utf-8", errors="replace")
 
 
+#: special tokens tried, in order, as the end-of-text separator of a tokenizers file
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|im_end|>")
+
+
 class HFTokenizer:
     """A ``tokenizers`` JSON file (imported lazily; ``pip install tokenizers``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, eos_token: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -74,6 +82,15 @@ class HFTokenizer:
         self.name = os.path.abspath(path)
         self._tok = Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token = eos_token
+        self.eos_id: int | None = None
+        for name in [eos_token] if eos_token else EOS_CANDIDATES:
+            tid = self._tok.token_to_id(name)
+            if tid is not None:
+                self.eos_token, self.eos_id = name, tid
+                break
+        if eos_token and self.eos_id is None:
+            raise ValueError(f"--eos-token: {eos_token!r} is not a token of {path}")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -85,11 +102,23 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
+def load_tokenizer(spec: str | None, eos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
     """``"bytes"``/``None`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`."""
     if spec in (None, "bytes"):
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, eos_token)
+
+
+def separator(tok: ByteTokenizer | HFTokenizer) -> np.ndarray:
+    """The token(s) written between documents: NUL for bytes, the EOS token of a tokenizers file."""
+    if isinstance(tok, ByteTokenizer):
+        return tok.encode_bytes(DOC_SEPARATOR)
+    if tok.eos_id is None:
+        raise ValueError(
+            f"tokenizer {tok.name}: no end-of-text token found to separate documents (tried {', '.join(EOS_CANDIDATES)}); "
+            "name it with --eos-token"
+        )
+    return np.asarray([tok.eos_id], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -100,7 +129,11 @@ def _iter_files(inputs: list[str], pattern: str) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob(pattern) if f.is_file())
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .venv, ...
+                found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and fnmatch.fnmatch(f, pattern)]
+            files += sorted(f for f in found if f.is_file())
         elif p.is_file():
             files.append(p)
         else:
@@ -111,26 +144,33 @@ def _iter_files(inputs: list[str], pattern: str) -> list[Path]:
 
 
 def prepare(
-    inputs: list[str], output: str, tokenizer: str | None = "bytes", *, pattern: str = "*", files: list[Path] | None = None
+    inputs: list[str], output: str, tokenizer: str | None = "bytes", *, pattern: str = "*", files: list[Path] | None = None,
+    overwrite: bool = False, eos_token: str | None = None,
 ) -> dict:
-    """Tokenize text files (directories are walked for ``pattern``) into a token memmap.
+    """Tokenize text files (directories are walked for ``pattern``, hidden ones skipped) into a
+    token memmap.
 
-    Documents are separated by a separator token (byte tokenizer: NUL). The directory is
-    written to a temporary sibling and renamed into place, so a crash never leaves a half
-    dataset behind and concurrent preparers do not collide. Returns the header dict.
+    Documents are separated by a separator token (byte tokenizer: NUL; a tokenizers file: its
+    EOS). A non-empty ``output`` is refused unless ``overwrite``. The directory is written to a
+    temporary sibling and renamed into place, so a crash never leaves a half dataset behind
+    and concurrent preparers do not collide. Returns the header dict.
     """
-    tok = load_tokenizer(tokenizer)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--output: {output!r} already exists and is not empty (pass --overwrite to replace it)")
+    tok = load_tokenizer(tokenizer, eos_token)
     files = files if files is not None else _iter_files(inputs, pattern)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    sep = tok.encode_bytes(DOC_SEPARATOR) if isinstance(tok, ByteTokenizer) else np.zeros(0, dtype=np.int64)
-    out = Path(output)
+    sep = separator(tok)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    num_tokens = 0
+    num_tokens, max_id = 0, -1
     with open(tmp / TOKENS, "wb") as f:
         for path in files:
             ids = tok.encode_bytes(path.read_bytes())
             for chunk in (ids, sep):
+                if len(chunk):
+                    max_id = max(max_id, int(np.max(chunk)))
                 f.write(np.ascontiguousarray(chunk, dtype=DTYPES[dtype]).tobytes())
                 num_tokens += len(chunk)
     header = {
@@ -139,12 +179,20 @@ def prepare(
         "dtype": dtype,
         "num_tokens": num_tokens,
         "vocab_size": tok.vocab_size,
+        "max_token_id": max_id,
         "tokenizer": tok.name,
         "documents": len(files),
+        "separator": int(sep[0]),
     }
     (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+    old = None
+    if out.exists() and overwrite:  # keep the old dataset until the new one is complete
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
     try:
         os.rename(tmp, out)
+        if old is not None:
+            _rmtree(old)
     except OSError:
         if (out / HEADER).is_file():  # somebody else finished first (or it already existed)
             _rmtree(tmp)
@@ -244,6 +292,15 @@ class TokenDataset:
         self.vocab_size: int = self.header["vocab_size"]
         self.tokens = np.memmap(os.path.join(path, TOKENS), dtype=DTYPES[self.header["dtype"]], mode="r", shape=(self.num_tokens,))
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id (from the header; datasets written before it was recorded are scanned)."""
+        m = self.header.get("max_token_id")
+        if not isinstance(m, int):
+            m = int(self.tokens.max()) if self.num_tokens else -1
+            self.header["max_token_id"] = m
+        return m
+
     def check_fits(self, seq_len: int, model_vocab_size: int | None = None) -> None:
         """ValueError unless a ``seq_len + 1`` window fits and token ids fit the model's vocab."""
         if self.num_tokens < seq_len + 1:
@@ -251,6 +308,11 @@ class TokenDataset:
         if model_vocab_size is not None and self.vocab_size > model_vocab_size:
             raise ValueError(
                 f"data.path: the dataset's vocab_size {self.vocab_size} exceeds the model's vocab_size {model_vocab_size}"
+            )
+        if model_vocab_size is not None and self.max_token_id >= model_vocab_size:
+            raise ValueError(
+                f"data.path: {self.path!r} holds token id {self.max_token_id}, but the model's vocab_size is "
+                f"{model_vocab_size} (ids must be < vocab_size)"
             )
 
 

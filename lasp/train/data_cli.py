@@ -15,13 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="text files and/or directories (walked recursively)")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (built in, vocab 256) or a tokenizers JSON file")
-    p.add_argument("--pattern", default="*", help="file glob used inside input directories (default: all files)")
+    p.add_argument("--pattern", default="*", help="file glob used inside input directories (default: all files; hidden ones are skipped)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    p.add_argument("--eos-token", default=None, help="the tokenizers file's end-of-text token written between documents (default: found by name)")
     e = sub.add_parser("embedded", help="prepare the embedded corpus (Python stdlib sources) and print its path")
     e.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            header = prepare(args.input, args.output, args.tokenizer, pattern=args.pattern)
+            header = prepare(args.input, args.output, args.tokenizer, pattern=args.pattern, overwrite=args.overwrite, eos_token=args.eos_token)
             print(
                 f"wrote {args.output}: {header['num_tokens']:,} tokens ({header['dtype']}, vocab {header['vocab_size']}) "
                 f"from {header['documents']} files"

@@ -1,4 +1,4 @@
-"""``lasp train --config PATH [--set dotted.key=value ...] [--resume] [--nproc N]``.
+"""``lasp train --config PATH [--set dotted.key=value ...] [--resume | --overwrite] [--nproc N]``.
 
 Three ways to run it:
 
@@ -10,11 +10,16 @@ Three ways to run it:
   corpus if needed, then starts ``N`` local processes with torchrun
   (``python -m torch.distributed.run --standalone``) running this same command.
   ``make train`` uses this: ``configs/tiny-hybrid.yaml`` asks for 4 processes (SP=2 x DP=2).
+
+Where a run starts (fresh, ``--resume``, ``--overwrite``, elastic restarts) and what it refuses
+is decided in :mod:`lasp.train.resume`. Every rank that fails prints its error prefixed with
+its rank and host.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp train", description="train a Linear-Llama model with LASP-2 sequence parallelism on DeepSpeed")
     p.add_argument("--config", required=True, help="run config YAML (e.g. configs/tiny-hybrid.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.steps=50 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in checkpoint.dir")
+    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir holding checkpoints: move the old run aside to <dir>.old-<timestamp>")
+    p.add_argument("--resume-reset-schedule", action="store_true", help="with --resume: apply changed lr / schedule / weight decay settings instead of refusing")
     p.add_argument("--nproc", type=int, default=None, help="processes to start when not under a launcher (default: parallel.nproc, else sp_size)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="end after this step without a final checkpoint (as if killed; for resume drills)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (metrics.jsonl is still written)")
@@ -67,30 +74,15 @@ def launch(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def elastic_restart_should_resume(cfg: RunConfig, rank: int) -> bool:
-    """True when torchrun restarted this job (a rank died) and a checkpoint exists to resume from.
-
-    torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0 on a restart; the restarted ranks run the
-    same command line, so resuming has to be decided here. Without a checkpoint yet, the job
-    starts over (batches depend only on (seed, step), so nothing is lost).
-    """
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts <= 0:
-        return False
-    from .checkpoint import read_latest
-
-    tag = read_latest(cfg.checkpoint_dir)
-    if rank == 0:
-        where = f"resuming from checkpoint {tag!r}" if tag else "no checkpoint yet, starting over"
-        print(f"lasp train: elastic restart {restarts}: {where}", flush=True)
-    return tag is not None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other (continue the run, or move it aside and start over)")
+        if args.resume_reset_schedule and not args.resume:
+            raise ValueError("--resume-reset-schedule needs --resume")
         cfg = RunConfig.from_yaml(args.config, args.overrides)
         if args.local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -100,19 +92,20 @@ def main(argv: list[str] | None = None) -> int:
 
             check_world(cfg, nproc)
             preflight(cfg, nproc)  # errors here, once, before any process starts
-            if args.resume:
-                from .checkpoint import check_resumable
-
-                check_resumable(cfg.checkpoint_dir, nproc, cfg.train.seed)
             if nproc > 1:
+                from .resume import plan_start
+
+                plan = plan_start(cfg, world=nproc, resume=args.resume, overwrite=args.overwrite, reset_schedule=args.resume_reset_schedule)
+                if plan.done:
+                    print("\n".join(f"lasp train: {m}" for m in plan.messages), flush=True)
+                    return 0
                 return launch(argv, nproc)
         from .trainer import train
 
-        resume = args.resume or elastic_restart_should_resume(cfg, rank)
-        train(cfg, resume=resume, stop_after=args.stop_after, progress=not args.no_progress)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, reset_schedule=args.resume_reset_schedule,
+              stop_after=args.stop_after, progress=not args.no_progress)
     except ValueError as err:
-        if rank == 0:
-            print(f"lasp train: error: {err}", file=sys.stderr)
+        print(f"lasp train: rank {rank} on {socket.gethostname()}: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -10,7 +10,10 @@ import contextlib
 import io
 import logging
 import os
+import random
+import tempfile
 import time
+import zlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,9 +23,10 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import RunConfig
-from .data import BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
-from .ds_config import build_deepspeed_config, lr_at, make_scheduler
+from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
+from .ds_config import build_deepspeed_config, make_scheduler
 from .metrics import MetricsLogger
+from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
 
 
 @dataclass
@@ -68,14 +72,62 @@ def build_model_config(cfg: RunConfig):
     return ModelConfig.from_dict(cfg.model, source=f"{cfg.source}:model")
 
 
+def check_writable(path: str, key: str) -> None:
+    """ValueError naming ``key`` unless ``path`` is (or can be created as) a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not a directory)")
+    try:  # os.access says yes to root everywhere, also on /proc: try it
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not writable: {e.strerror})") from None
+
+
 def preflight(cfg: RunConfig, world: int) -> tuple[object, TokenDataset]:
-    """Every check that needs no collective: world size, model config, data (header, size,
-    vocab). Returns ``(model_config, dataset)``."""
+    """Every check that needs no collective: world size, model config, writable output
+    directories, data (header, size, token ids against the model's vocab). Returns
+    ``(model_config, dataset)``."""
     check_world(cfg, world)
     mcfg = build_model_config(cfg)
+    check_writable(cfg.out_dir, "out_dir")
+    check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     data = TokenDataset(resolve_data(cfg))
     data.check_fits(cfg.train.seq_len, mcfg.vocab_size)
     return mcfg, data
+
+
+def check_same_inputs(data: TokenDataset, ckpt_dir: str, resume_tag: str | None, run_id: str | None) -> str:
+    """One small all-gather: every rank must see the same dataset (size and header checksum) and
+    the same checkpoint (tag and manifest checksum); ValueError on every rank otherwise. Returns
+    the run id (``run_id``, else rank 0's random one)."""
+    from lasp import comm
+
+    def crc(path: str) -> int:
+        with open(path, "rb") as f:
+            return zlib.crc32(f.read())
+
+    step = -1 if resume_tag is None else int(resume_tag.removeprefix("step"))
+    manifest = 0 if resume_tag is None else crc(os.path.join(ckpt_dir, resume_tag, checkpoint.MANIFEST))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([data.num_tokens, crc(os.path.join(data.path, HEADER)), step, manifest, random.getrandbits(62)],
+                        dtype=torch.int64, device=device)
+    every, _ = comm.all_gather(mine, None, tag="train-preflight")
+    rows = every.tolist()
+    for r, row in enumerate(rows):
+        if row[:2] != rows[0][:2]:
+            raise ValueError(
+                f"data.path: rank {r} sees a different dataset than rank 0 ({row[0]:,} vs {rows[0][0]:,} tokens, header "
+                f"checksum {row[1]:08x} vs {rows[0][1]:08x}); every rank must read the same data ({data.path})"
+            )
+        if row[2:4] != rows[0][2:4]:
+            raise ValueError(
+                f"checkpoint.dir: rank {r} sees a different checkpoint than rank 0 (step {row[2]} vs {rows[0][2]}, manifest "
+                f"checksum {row[3]:08x} vs {rows[0][3]:08x}); every rank must read the same checkpoint directory ({ckpt_dir})"
+            )
+    return run_id or f"{rows[0][4]:016x}"
 
 
 def _single_process_env() -> None:
@@ -90,28 +142,55 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
+def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The model's full fp32 state dict on rank 0's CPU (None on the other ranks). Collective
+    under ZeRO-3 (call on every rank): parameters are gathered ONE AT A TIME, so no rank ever
+    holds the whole model twice."""
+    module = engine.module
+    out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    for name, p in module.named_parameters(remove_duplicate=False):
+        with _gathered_one(p, zero_stage):
+            if out is not None:
+                out[name] = p.detach().float().cpu().clone()
+    if out is not None:
+        for name, b in module.named_buffers():
+            out[name] = b.detach().float().cpu().clone()
+        out = {k: out[k] for k in module.state_dict(keep_vars=True) if k in out}
+    return out
+
+
 @contextlib.contextmanager
-def _gathered(engine, zero_stage: int):
-    """Full parameters visible on every rank inside the block (ZeRO-3 gathers them)."""
+def _gathered_one(p, zero_stage: int):
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             yield
     else:
         yield
 
 
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The model's full fp32 state dict on every rank (collective under ZeRO-3: call on all)."""
-    with _gathered(engine, zero_stage):
-        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+def apply_schedule(engine, cfg: RunConfig, scheduler_is_ours: bool) -> None:
+    """``--resume-reset-schedule``: after loading a checkpoint, make the optimizer and the LR
+    schedule use the run config's lr / weight_decay instead of the checkpoint's."""
+    t = cfg.train
+    groups = engine.optimizer.param_groups
+    for g in groups:
+        g["weight_decay"] = t.weight_decay
+        g["initial_lr"] = t.lr
+    sched = engine.lr_scheduler
+    if scheduler_is_ours and sched is not None:
+        sched.base_lrs = [t.lr for _ in groups]
+        for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * fn(sched.last_epoch)
 
 
 def train(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    reset_schedule: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     sample: bool = True,
@@ -122,7 +201,9 @@ def train(
 
     ``stop_after``: end right after that optimizer step without a final checkpoint, as if the
     job were killed there (the resume tests use it). ``keep_weights``: return the final fp32
-    weights (rank 0) in ``result.weights``.
+    weights (rank 0) in ``result.weights``. ``resume`` / ``overwrite`` / ``reset_schedule``:
+    ``--resume``, ``--overwrite``, ``--resume-reset-schedule`` (rules in :mod:`lasp.train.resume`);
+    a torchrun elastic restart resumes its own run's checkpoint by itself.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
@@ -135,8 +216,14 @@ def train(
     world = world_size_from_env()
     mcfg, data = preflight(cfg, world)
     ckpt_dir = cfg.checkpoint_dir
-    if resume:
-        checkpoint.check_resumable(ckpt_dir, world, t.seed)
+    run_id = env_run_id()
+    plan = plan_start(cfg, world=world, resume=resume, overwrite=overwrite, reset_schedule=reset_schedule,
+                      run_id=run_id, restarts=restart_count())
+    rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
+    if rank == 0 and plan.messages:
+        print("\n".join(f"lasp train: {m}" for m in plan.messages), flush=True)
+    if plan.done:  # at or past train.steps: touch nothing
+        return TrainResult(start_step=plan.start_step, last_step=plan.start_step)
 
     _quiet_deepspeed()
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -144,6 +231,10 @@ def train(
         _single_process_env()  # DeepSpeed needs a process group, even for one process
     state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
+    # a collective: past it, every rank has decided its plan from the files as they were
+    run_id = check_same_inputs(data, ckpt_dir, plan.resume_tag, run_id)
+    if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
+        print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
@@ -158,9 +249,11 @@ def train(
     device = engine.device
 
     start_step, tokens_done = 0, 0
-    if resume:
-        client = checkpoint.load(engine, ckpt_dir)
+    if plan.resume_tag is not None:
+        client = checkpoint.load(engine, ckpt_dir, plan.resume_tag)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
+        if reset_schedule:
+            apply_schedule(engine, cfg, scheduler is not None)
     last_step = min(t.steps, stop_after) if stop_after is not None else t.steps
 
     if rank == 0:
@@ -178,7 +271,10 @@ def train(
     result = TrainResult(start_step=start_step, checkpoint_dir=None, metrics_path=logger.metrics_path)
 
     def save(step: int) -> str:
-        client = {"step": step, "tokens": tokens_done, "seed": t.seed, "world_size": world, "sp_size": state.sp_size, "dp_size": state.dp_size}
+        client = {
+            "step": step, "tokens": tokens_done, "seed": t.seed, "world_size": world, "sp_size": state.sp_size,
+            "dp_size": state.dp_size, "run_id": run_id, "schedule": schedule_settings(cfg),
+        }
         return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank)
 
     engine.train()
@@ -186,7 +282,7 @@ def train(
     run_start = time.perf_counter()
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
-        lr = lr_at(cfg, step) if scheduler is not None else engine.get_lr()[0]
+        lr = float(engine.get_lr()[0])  # what the optimizer uses for this step (not recomputed from the config)
         loss_sum.zero_()
         for micro in range(t.grad_accum):
             input_ids, labels = micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
@@ -218,7 +314,7 @@ def train(
 
     want_sample = sample and cfg.sample.max_new_tokens > 0
     if want_sample or keep_weights:
-        weights = full_state_dict(engine, engine.zero_optimization_stage())  # collective under ZeRO-3: every rank
+        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank)  # collective under ZeRO-3: every rank
         if rank == 0:
             result.sample = generate_sample(mcfg, weights, data, cfg) if want_sample else None
             result.weights = weights if keep_weights else None
