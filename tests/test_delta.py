@@ -197,3 +197,52 @@ def test_against_fla_naive_if_installed():
     o_f, S_f = fla.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True)
     assert_close(o_f, o, name="o vs fla")
     assert_close(S_f, S, name="state vs fla")
+
+
+# ----------------------------------------------------------------------------- public wrapper
+
+
+def test_public_operator_one_process():
+    import lasp
+
+    xs = delta_inputs(1, 20, 2, 4, 3, init=True, l2norm=True, seed=9)
+    o, S = lasp.gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_ref, S_ref = naive_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm=True)
+    assert_close(o_ref, o, name="o")
+    assert_close(S_ref, S, name="final_state")
+    assert isinstance(lasp.gated_delta_rule(*xs[:4]), torch.Tensor)  # DeltaNet, no final state
+    with pytest.raises(NotImplementedError, match="Triton delta-rule kernels"):
+        lasp.gated_delta_rule(*xs[:5], backend="triton")
+
+
+def bad_delta_calls(rank, world):
+    import torch.distributed as dist
+
+    import lasp
+
+    q, k, v, beta, g, s0 = delta_inputs(1, 6, 2, 4, 3, init=True, seed=rank)
+    calls = [
+        dict(beta=beta[:, :, :1]),
+        dict(g=g[:, :-1]),
+        dict(initial_state=s0[..., :2]),
+        dict(k=torch.randn(1, 6, 2, 5)),
+        dict(q=torch.randn(1, 5, 2, 4), k=torch.randn(1, 5, 2, 4), v=torch.randn(1, 5, 2, 3), beta=beta[:, :5], g=g[:, :5], layout="zigzag"),
+        dict(method="ring"),
+        dict(backend="cuda"),
+    ]
+    errors = []
+    for kw in calls:
+        args = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=None)
+        args.update(kw)
+        try:
+            lasp.gated_delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), args.pop("g"), group=dist.group.WORLD, **args)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_public_operator_validation_on_every_rank(spawn):
+    results = spawn(2).run(bad_delta_calls)
+    assert results[0] == results[1] and len(results[0]) == 7
+    for word, msg in zip(["beta", "g", "initial_state", "head dim", "zigzag", "method", "backend"], results[0]):
+        assert word in msg, msg
