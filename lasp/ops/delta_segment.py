@@ -55,6 +55,8 @@ class DeltaTorchSegment:
         return self.A.detach(), self.M.detach()
 
     def compute_local(self) -> None:
+        if hasattr(self, "Qt"):  # idempotent: output / state_grad call it if the driver did not
+            return
         with torch.enable_grad():
             P, Ms = self.X[..., : self.K], self.X[..., self.K :]
             T = self.ch.T
@@ -62,15 +64,19 @@ class DeltaTorchSegment:
             self.Qt = (self.ch.Qeff @ P).flatten(2, 3)[:, :, :T]  # [B, H, T, K]
 
     def output(self, S_in: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
+        self.compute_local()
         with torch.enable_grad():
             self.o = self.o_local if state_is_zero else self.o_local + self.Qt @ S_in.detach().float()
         return self.o.detach().transpose(1, 2)
 
     def state_grad(self, do: torch.Tensor) -> torch.Tensor:
+        self.compute_local()
         with torch.no_grad():
             return self.Qt.transpose(-1, -2) @ do.float().transpose(1, 2)
 
     def backward_output(self, do: torch.Tensor) -> None:
+        if not hasattr(self, "o"):
+            raise RuntimeError("DeltaTorchSegment.backward_output: call output(S_in) first (it records the graph)")
         self._outs.append(self.o)
         self._gouts.append(do.float().transpose(1, 2))
 
