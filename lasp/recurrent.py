@@ -86,16 +86,17 @@ def gated_delta_rule(
             q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel
         )
     apply = _driver(method)
-    if method == "ulysses":
-        # assumed API (drivers engineer): heads all-to-all, local_op on whole sequences, back
-        def local_op(q, k, v, beta, g, *, initial_state=None, output_final_state=False):
-            return chunk_gated_delta_rule(
-                q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel
-            )
+    if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
+        from .ops.ulysses import check_heads_divisible
 
-        return apply(local_op, [q, k, v, beta, g], [], group, layout, initial_state, output_final_state)
-    # assumed API (drivers engineer): returns o, or (o, final_state) when output_final_state
+        check_heads_divisible(group, H=q.shape[2])
+
+        def local_op(tokens, heads, s0, ofs):
+            return chunk_gated_delta_rule(*tokens, scale, s0, ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+
+        return apply(local_op, [q, k, v, beta, g], [], group=group, layout=layout,
+                     initial_state=initial_state, output_final_state=output_final_state)
     return apply(
-        DeltaTorchSegment, [q, k, v, beta, g], [], scale, group, layout, initial_state, output_final_state,
-        use_qk_l2norm=use_qk_l2norm_in_kernel,
+        DeltaTorchSegment, [q, k, v, beta, g], [], scale=scale, group=group, layout=layout,
+        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
     )
