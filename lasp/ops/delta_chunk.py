@@ -32,16 +32,21 @@ DEFAULT_CHUNK_SIZE = 64
 class DeltaChunks:
     """Per-chunk quantities of a sequence, heads first, fp32 (``N`` chunks of ``C`` tokens).
 
-    ``A [B, H, N, K, K]``, ``M [B, H, N, K, V]`` (each chunk's affine map), ``Qeff [B, H, N, C, K]``
-    (maps the chunk's incoming state to its outputs), ``O_loc [B, H, N, C, V]`` (outputs from a
-    zero incoming state), ``T`` (real tokens; the tail of the last chunk is padding).
+    ``A [B, H, N, K, K]``, ``M [B, H, N, K, V]``: each chunk's affine map; ``T``: real tokens (the
+    tail of the last chunk is padding). The rest is kept for :func:`chunk_output_maps`: ``q [B, H,
+    N, C, K]`` (L2-normalised if asked), ``k``, ``decay [.., C, C]`` (``e^Gam`` on and below the
+    diagonal), ``d_in [B, H, N, C]`` (``e^G``, None without gates) and the WY factors ``W``, ``U0``.
     """
 
     A: torch.Tensor
     M: torch.Tensor
-    Qeff: torch.Tensor
-    O_loc: torch.Tensor
     T: int
+    q: torch.Tensor
+    k: torch.Tensor
+    decay: torch.Tensor
+    d_in: torch.Tensor | None
+    W: torch.Tensor
+    U0: torch.Tensor
 
 
 def _to_chunks(x: torch.Tensor | None, C: int, N: int) -> torch.Tensor | None:
@@ -65,10 +70,11 @@ def _segsum(g: torch.Tensor) -> torch.Tensor:
     return gam.masked_fill(~strict.logical_or(torch.eye(C, dtype=torch.bool, device=g.device)), float("-inf"))
 
 
-def chunk_factors(q, k, v, beta, g, scale: float, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
-    """The WY factors and per-chunk maps of a whole segment (see the module docstring).
+def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
+    """The WY factors and per-chunk maps ``(A_c, M_c)`` of a whole segment (the module docstring).
 
-    Inputs in the operator layout (any float dtype); differentiable w.r.t. all of them.
+    Inputs in the operator layout (any float dtype); differentiable w.r.t. all of them. This is
+    what a segment's summary needs; the outputs' maps come from :func:`chunk_output_maps`.
     """
     B, T, H, K = q.shape
     C = min(chunk_size, T)
@@ -85,8 +91,7 @@ def chunk_factors(q, k, v, beta, g, scale: float, chunk_size: int = DEFAULT_CHUN
         decay = gam.exp()
         d_in = (gc[..., :1] + gam[..., :, 0]).exp()  # e^{G_i}  [B, H, N, C]
         d_out = gam[..., -1, :].exp()  # e^{G_C - G_j}
-    kk = kc @ kc.transpose(-1, -2)
-    L = (bc[..., :, None] * decay * kk).tril(-1)
+    L = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))).tril(-1)
     kb = kc * bc[..., None] if d_in is None else kc * (bc * d_in)[..., None]
     rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
     sol = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # (I + L)^-1 rhs
@@ -95,11 +100,15 @@ def chunk_factors(q, k, v, beta, g, scale: float, chunk_size: int = DEFAULT_CHUN
     eye = torch.eye(K, dtype=qc.dtype, device=q.device)
     A = (eye if gc is None else d_in[..., -1, None, None] * eye) - kd.transpose(-1, -2) @ W
     M = kd.transpose(-1, -2) @ U0
-    qk = (qc @ kc.transpose(-1, -2)) * decay
-    qd = qc if d_in is None else qc * d_in[..., None]
-    Qeff = scale * (qd - qk @ W)
-    O_loc = scale * (qk @ U0)
-    return DeltaChunks(A, M, Qeff, O_loc, T)
+    return DeltaChunks(A, M, T, qc, kc, decay, d_in, W, U0)
+
+
+def chunk_output_maps(ch: DeltaChunks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Qeff [B, H, N, C, K], O_loc [B, H, N, C, V])``: a chunk's outputs are
+    ``O_loc + Qeff S_c`` for its incoming state ``S_c`` (independent of every state)."""
+    qk = (ch.q @ ch.k.transpose(-1, -2)) * ch.decay
+    qd = ch.q if ch.d_in is None else ch.q * ch.d_in[..., None]
+    return scale * (qd - qk @ ch.W), scale * (qk @ ch.U0)
 
 
 def scan_states(A: torch.Tensor, M: torch.Tensor, S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +123,10 @@ def scan_states(A: torch.Tensor, M: torch.Tensor, S0: torch.Tensor) -> tuple[tor
     return torch.stack(states, dim=2), S
 
 
-def chunk_outputs(ch: DeltaChunks, states: torch.Tensor) -> torch.Tensor:
-    """``O [B, H, T, V]`` from the chunks' local outputs and their incoming states."""
-    o = ch.O_loc + ch.Qeff @ states
-    return o.flatten(2, 3)[:, :, : ch.T]
+def chunk_outputs(Qeff: torch.Tensor, O_loc: torch.Tensor | None, states: torch.Tensor, T: int) -> torch.Tensor:
+    """``[B, H, T, X]``: ``O_loc + Qeff S_c`` per chunk (``states [B, H, N, K, X]``), padding cut."""
+    o = Qeff @ states if O_loc is None else O_loc + Qeff @ states
+    return o.flatten(2, 3)[:, :, :T]
 
 
 def chunk_gated_delta_rule(
@@ -144,10 +153,10 @@ def chunk_gated_delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    ch = chunk_factors(q, k, v, beta, g, scale, chunk_size, use_qk_l2norm)
+    ch = chunk_factors(q, k, v, beta, g, chunk_size, use_qk_l2norm)
     S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     states, final = scan_states(ch.A, ch.M, S0)
-    o = chunk_outputs(ch, states).transpose(1, 2).to(q.dtype)
+    o = chunk_outputs(*chunk_output_maps(ch, scale), states, T).transpose(1, 2).to(q.dtype)
     return (o, final) if output_final_state else o
 
 

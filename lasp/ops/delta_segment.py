@@ -14,7 +14,7 @@ and ``dL/dS_in = Qt^T dO``. Everything but ``Qt S_in`` is independent of ``S_in`
 ==========================  ====================================================================
 constructor                 the WY factors, chunk maps and the scan (what ``summary`` needs)
 ``summary()``               ``(A [B, H, K, K], M [B, H, K, V])`` float32
-``compute_local()``         ``o_local`` and ``Qt`` (overlaps the drivers' all-gather)
+``compute_local()``         the intra-chunk products, ``o_local`` and ``Qt`` (overlap the gather)
 ``output(S_in)``            ``o [B, T, H, V]`` float32
 ``state_grad(dO)``          ``Qt^T dO`` ``[B, H, K, V]`` float32
 ``backward_output(dO)``     records ``dO`` (gradients with ``S_in`` held fixed)
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .delta_chunk import DEFAULT_CHUNK_SIZE, chunk_factors, scan_states
+from .delta_chunk import DEFAULT_CHUNK_SIZE, chunk_factors, chunk_output_maps, chunk_outputs, scan_states
 
 
 class DeltaTorchSegment:
@@ -44,7 +44,7 @@ class DeltaTorchSegment:
         self._outs: list[torch.Tensor] = []
         self._gouts: list[torch.Tensor] = []
         with torch.enable_grad():
-            self.ch = chunk_factors(*self.inputs, scale, chunk_size, use_qk_l2norm)
+            self.ch = chunk_factors(*self.inputs, chunk_size, use_qk_l2norm)
             eye = torch.eye(K, dtype=torch.float32, device=q.device).expand(B, H, K, K)
             start = torch.cat([eye, q.new_zeros(B, H, K, V, dtype=torch.float32)], dim=-1)
             zero_k = self.ch.M.new_zeros(*self.ch.M.shape[:-1], K)
@@ -58,10 +58,10 @@ class DeltaTorchSegment:
         if hasattr(self, "Qt"):  # idempotent: output / state_grad call it if the driver did not
             return
         with torch.enable_grad():
+            Qeff, O_loc = chunk_output_maps(self.ch, self.scale)
             P, Ms = self.X[..., : self.K], self.X[..., self.K :]
-            T = self.ch.T
-            self.o_local = (self.ch.O_loc + self.ch.Qeff @ Ms).flatten(2, 3)[:, :, :T]
-            self.Qt = (self.ch.Qeff @ P).flatten(2, 3)[:, :, :T]  # [B, H, T, K]
+            self.o_local = chunk_outputs(Qeff, O_loc, Ms, self.ch.T)  # [B, H, T, V]
+            self.Qt = chunk_outputs(Qeff, None, P, self.ch.T)  # Qeff P: [B, H, T, K]
 
     def output(self, S_in: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
         self.compute_local()
