@@ -20,6 +20,7 @@ from ..config_loader import build, coerce_fields, read_yaml
 from ..ops.checks import BACKENDS, LINEAR_METHOD_NAMES, SOFTMAX_METHOD_NAMES
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
+DELTA_VARIANTS = ("gated_deltanet", "deltanet")  # delta-rule linear layers (lasp.models.delta_mixer)
 FEATURE_MAPS = ("identity", "elu+1", "silu", "relu")
 LAYER_KINDS = {"L": "linear", "S": "softmax"}
 
@@ -46,6 +47,7 @@ class ModelConfig:
     linear_rope: bool = False  # also rotate q/k of linear layers (global positions)
     gate_low_rank_dim: int = 16  # simple_gla: hidden -> rank -> heads gate projection
     gate_logit_normalizer: float = 16.0  # simple_gla: g = logsigmoid(gate) / normalizer
+    conv_size: int = 4  # gated_deltanet / deltanet: width of the short causal convolution over q, k, v
     linear_method: str = "lasp2"
     linear_backend: str = "auto"
     # softmax layers
@@ -92,7 +94,7 @@ class ModelConfig:
             coerce_fields(self)  # types from the annotations (lasp.config_loader)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "gate_low_rank_dim", "max_seq_len"):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "gate_low_rank_dim", "max_seq_len", "conv_size"):
             if getattr(self, key) < 1:
                 fail(key, f"must be a positive integer, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads != 0:
@@ -106,7 +108,7 @@ class ModelConfig:
         if self.num_layers % len(self.layer_pattern) != 0:
             fail("layer_pattern", f"{self.layer_pattern!r} (length {len(self.layer_pattern)}) must divide num_layers={self.num_layers}")
         choices = {
-            "linear_variant": LINEAR_VARIANTS,
+            "linear_variant": LINEAR_VARIANTS + DELTA_VARIANTS,
             "feature_map": FEATURE_MAPS,
             "linear_method": LINEAR_METHOD_NAMES,
             "linear_backend": BACKENDS,

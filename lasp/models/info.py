@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from .config import ModelConfig
+from .config import DELTA_VARIANTS, ModelConfig
+from .delta_mixer import delta_param_counts
 
 
 def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
@@ -25,6 +26,8 @@ def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
     mlp = 3 * h * cfg.intermediate_size
     if kind == "softmax":
         return mlp + 2 * h * cfg.num_heads * D + 2 * h * cfg.kv_heads * D
+    if cfg.linear_variant in DELTA_VARIANTS:
+        return mlp + delta_param_counts(cfg)[0]
     gate = h * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * cfg.num_heads if cfg.linear_variant == "simple_gla" else 0
     return mlp + 4 * h * cfg.num_heads * D + gate
 
@@ -35,7 +38,9 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     total = h  # final norm
     for kind in cfg.layer_types:
         total += 2 * h + _layer_matrices(cfg, kind)
-        if kind == "linear":
+        if kind == "linear" and cfg.linear_variant in DELTA_VARIANTS:
+            total += delta_param_counts(cfg)[1]
+        elif kind == "linear":
             total += cfg.head_dim if cfg.output_norm else 0
             total += cfg.num_heads if cfg.linear_variant == "simple_gla" else 0  # gate bias
     if include_embedding:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..parallel import LAYOUTS, global_positions, group_rank_size
-from .config import ModelConfig
+from .config import DELTA_VARIANTS, ModelConfig
+from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
 
@@ -28,7 +29,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = (LinearAttention if kind == "linear" else SoftmaxAttention)(cfg, layer_idx)
+        linear = GatedDeltaNet if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
+        self.attn = (linear if kind == "linear" else SoftmaxAttention)(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -69,6 +71,8 @@ class LinearLlamaForCausalLM(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, GatedDeltaNet):
+                m.reset_delta_parameters()
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
@@ -147,7 +151,7 @@ class LinearLlamaForCausalLM(nn.Module):
 
     def new_cache(self) -> list[dict]:
         """Empty per-layer caches for :meth:`forward_cached`."""
-        return [{"state": None} if layer.kind == "linear" else {"k": None, "v": None} for layer in self.layers]
+        return [{"state": None, "conv": None} if layer.kind == "linear" else {"k": None, "v": None} for layer in self.layers]
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **sampling) -> torch.Tensor:
         """Sample a continuation (single process). See :func:`lasp.models.generate.generate`."""

@@ -8,13 +8,14 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ..parallel import LAYOUTS
+from ..parallel import LAYOUTS, group_rank_size
 
 #: Method names accepted by the operators (``lasp.attention.LINEAR_METHODS`` /
 #: ``SOFTMAX_METHODS`` map them to their implementations; a test keeps the two in step).
 LINEAR_METHOD_NAMES = ("lasp2", "lasp1", "ulysses")
 SOFTMAX_METHOD_NAMES = ("allgather", "ring", "ulysses")
 BACKENDS = ("auto", "torch", "triton")
+CONV_ACTIVATIONS = (None, "silu")
 
 
 def _check_4d(name: str, x, expected: str) -> None:
@@ -130,3 +131,63 @@ def check_states(q, v, initial_state, output_final_state, *, causal: bool) -> No
 
 def _shape(x) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_gated_delta(q, k, v, beta, g, initial_state, *, scale, group, layout: str, method: str, backend: str) -> None:
+    """Validate the arguments of :func:`lasp.gated_delta_rule`."""
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHODS)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape[2] != H:
+        raise ValueError(f"k must have q's number of heads H={H}, got {k.shape[2]}")
+    for name, x in (("beta", beta), ("g", g)):
+        if x is None and name == "g":
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, H):
+            raise ValueError(f"{name} must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(x)}")
+        if not x.is_floating_point() or x.device != q.device:
+            raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {x.dtype} on {x.device}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, K, V):
+            raise ValueError(f"initial_state must have shape [B, H, K, V] = {[B, H, K, V]}, got {_shape(initial_state)}")
+        if not initial_state.is_floating_point() or initial_state.device != q.device:
+            raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def check_conv(x, weight, bias, *, activation, group, layout: str) -> None:
+    """Validate :func:`causal_conv1d`'s arguments (local checks, the same on every rank)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor [B, T_local, D], got {got}")
+    D = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != D or weight.shape[1] < 1:
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must have shape [D, W] = [{D}, W] (D = x.shape[-1], W >= 1), got {got}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (D,)):
+        got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or have shape [D] = [{D}], got {got}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if x.shape[1] == 0:
+        raise ValueError("x must hold at least one token (T_local >= 1)")
+    if group is not None and not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised; call lasp.init_parallel first")
+    _, size = group_rank_size(group)
+    if size > 1:
+        if layout == "zigzag" and x.shape[1] % 2:
+            raise ValueError(f"x's T_local={x.shape[1]} must be even for layout='zigzag' (two equal chunks per rank)")
+        t_seg = x.shape[1] // (2 if layout == "zigzag" else 1)
+        if weight.shape[1] - 1 > t_seg:
+            raise ValueError(
+                f"weight's width W={weight.shape[1]} needs W-1 <= tokens per segment ({t_seg}); "
+                "the halo would span more than one rank"
+            )

@@ -1,0 +1,102 @@
+"""The Gated DeltaNet / DeltaNet token mixer (Qwen3-Next / Qwen3.5 style linear layer).
+
+``x [B, T_local, hidden] -> [B, T_local, hidden]``, with ``H = num_heads`` heads of
+``D = head_dim`` for q, k and v:
+
+1. ``qkv = W_qkv x`` then a depthwise causal convolution (width ``conv_size``) with SiLU, across
+   ranks through :func:`lasp.causal_conv1d`;
+2. ``beta = sigmoid(W_b x)``; ``g = -exp(A_log) * softplus(W_a x + dt_bias)`` (gated_deltanet;
+   DeltaNet has no gate);
+3. the delta rule with q and k L2-normalised inside the operator (:func:`lasp.gated_delta_rule`);
+4. a per-head gated RMSNorm ``rmsnorm(o) * silu(W_z x)``, then ``o_proj``.
+
+The recurrence math lives in :mod:`lasp.ops`; this file only wires projections. Generation
+(single process) keeps ``{"state": [B, H, D, D] float32, "conv": [B, W-1, 3 H D]}`` per layer.
+``feature_map`` and ``linear_rope`` do not apply to these layers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import recurrent as ops
+from ..ops.conv import causal_conv1d_with_state
+from ..ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
+from .config import ModelConfig
+from .layers import RMSNorm
+
+
+def delta_param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """``(matrix weights, other weights)`` of one delta-rule mixer (for ``lasp model-info``)."""
+    h, HD, H = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_heads
+    gated = cfg.linear_variant == "gated_deltanet"
+    matrices = 5 * h * HD + h * H * (2 if gated else 1)  # qkv, z, o; beta (and a)
+    others = 3 * HD * cfg.conv_size + cfg.head_dim + (2 * H if gated else 0)  # conv, norm, A_log, dt_bias
+    return matrices, others
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet (``linear_variant="gated_deltanet"``) or DeltaNet (``"deltanet"``) mixer."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        h, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.num_heads, self.head_dim = H, D
+        self.gated = cfg.linear_variant == "gated_deltanet"
+        self.qkv_proj = nn.Linear(h, 3 * H * D, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * H * D, cfg.conv_size))
+        self.b_proj = nn.Linear(h, H, bias=False)
+        self.a_proj = nn.Linear(h, H, bias=False) if self.gated else None
+        self.A_log = nn.Parameter(torch.empty(H)) if self.gated else None
+        self.dt_bias = nn.Parameter(torch.empty(H)) if self.gated else None
+        self.z_proj = nn.Linear(h, H * D, bias=False)
+        self.o_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.o_proj = nn.Linear(H * D, h, bias=False)
+        self.reset_delta_parameters()
+
+    @torch.no_grad()
+    def reset_delta_parameters(self) -> None:
+        """Conv like ``nn.Conv1d``'s default; ``A`` uniform in [1, 16]; ``dt`` log-uniform in
+        [1e-3, 0.1] stored as ``dt_bias = softplus^-1(dt)`` (the Mamba / GDN recipe)."""
+        if self.conv_weight.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.cfg.conv_size)
+        self.conv_weight.uniform_(-bound, bound)
+        if self.gated:
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+            dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp()
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x, cos=None, sin=None, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin`` unused (no RoPE in delta layers).
+
+        ``cache`` (generation, single process): ``{"state": ..., "conv": ...}`` or None entries,
+        updated in place with the states after these tokens.
+        """
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if cache is None:
+            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout)
+        else:
+            qkv, cache["conv"] = causal_conv1d_with_state(self.qkv_proj(x), self.conv_weight, activation="silu", state=cache.get("conv"))
+        q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float()) if self.gated else None
+        if cache is None:
+            o = ops.gated_delta_rule(
+                q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
+                method=self.cfg.linear_method, backend=self.cfg.linear_backend,
+            )
+        elif T == 1 and cache.get("state") is not None:
+            o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=True)
+        else:
+            o, cache["state"] = chunk_gated_delta_rule(
+                q, k, v, beta, g, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=True
+            )
+        z = self.z_proj(x).view(B, T, H, D)
+        o = (self.o_norm(o).float() * F.silu(z.float())).to(x.dtype)
+        return self.o_proj(o.reshape(B, T, -1))

@@ -1,0 +1,175 @@
+"""The chunked (WY / UT-transform) gated delta rule in plain torch: any device, autograd, fp32.
+
+Per (batch, head) and chunk of ``C`` tokens entering with state ``S_0`` (``K x V``), write the
+recurrence ``S_t = exp(g_t)(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T`` as
+``S_t = exp(g_t) S_{t-1} + k_t u_t^T`` with ``u_t = b_t (v_t - exp(g_t) S_{t-1}^T k_t)``. With
+``G_i`` the chunk's cumulative log-gate and ``Gam_ij = G_i - G_j`` (j <= i)::
+
+    (I + L) U = diag(b) V - diag(b e^G) K S_0,     L_ij = b_i e^{Gam_ij} k_i.k_j  (j < i)
+    U = U0 - W S_0,   U0 = (I+L)^-1 diag(b) V,   W = (I+L)^-1 diag(b e^G) K      (the WY factors)
+    O = scale [(Q K^T o e^Gam) U0] + Qeff S_0,  Qeff = scale [diag(e^G) Q - (Q K^T o e^Gam) W]
+    S_C = A_c S_0 + M_c,  A_c = e^{G_C} I - Kd^T W,  M_c = Kd^T U0,  Kd_j = e^{G_C - G_j} k_j
+
+Everything but the chunk-to-chunk scan ``S_{c+1} = A_c S_c + M_c`` is computed for all chunks
+at once. ``Gam`` comes from a masked cumulative sum of the gates (never a difference of two
+running sums), so a hard reset ``g = -inf`` gives exact zeros, never ``inf - inf``.
+
+Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta, g ``[B, T, H]``; states ``[B, H, K, V]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .delta_reference import l2norm
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass
+class DeltaChunks:
+    """Per-chunk quantities of a sequence, heads first, fp32 (``N`` chunks of ``C`` tokens).
+
+    ``A [B, H, N, K, K]``, ``M [B, H, N, K, V]``: each chunk's affine map; ``T``: real tokens (the
+    tail of the last chunk is padding). The rest is kept for :func:`chunk_output_maps`: ``q [B, H,
+    N, C, K]`` (L2-normalised if asked), ``k``, ``decay [.., C, C]`` (``e^Gam`` on and below the
+    diagonal), ``d_in [B, H, N, C]`` (``e^G``, None without gates) and the WY factors ``W``, ``U0``.
+    """
+
+    A: torch.Tensor
+    M: torch.Tensor
+    T: int
+    q: torch.Tensor
+    k: torch.Tensor
+    decay: torch.Tensor
+    d_in: torch.Tensor | None
+    W: torch.Tensor
+    U0: torch.Tensor
+
+
+def _to_chunks(x: torch.Tensor | None, C: int, N: int) -> torch.Tensor | None:
+    """``[B, T, H, *rest]`` -> ``[B, H, N, C, *rest]`` fp32, zero-padded to ``N * C`` tokens."""
+    if x is None:
+        return None
+    x = x.float().transpose(1, 2)  # [B, H, T, ...]
+    pad = N * C - x.shape[2]
+    if pad:
+        widths = [0, 0] * (x.dim() - 3) + [0, pad]
+        x = F.pad(x, widths)
+    return x.reshape(*x.shape[:2], N, C, *x.shape[3:])
+
+
+def _segsum(g: torch.Tensor) -> torch.Tensor:
+    """``Gam [..., C, C]``: ``sum_{l=j+1..i} g_l`` for j <= i, -inf above the diagonal."""
+    C = g.shape[-1]
+    x = g[..., :, None].expand(*g.shape, C)  # x[i, j] = g_i
+    strict = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
+    gam = x.masked_fill(~strict, 0.0).cumsum(-2)
+    return gam.masked_fill(~strict.logical_or(torch.eye(C, dtype=torch.bool, device=g.device)), float("-inf"))
+
+
+def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
+    """The WY factors and per-chunk maps ``(A_c, M_c)`` of a whole segment (the module docstring).
+
+    Inputs in the operator layout (any float dtype); differentiable w.r.t. all of them. This is
+    what a segment's summary needs; the outputs' maps come from :func:`chunk_output_maps`.
+    """
+    B, T, H, K = q.shape
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    qc, kc, vc, bc, gc = (_to_chunks(x, C, N) for x in (q, k, v, beta, g))
+    if use_qk_l2norm:
+        qc, kc = l2norm(qc), l2norm(kc)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if gc is None:
+        decay = incl.to(qc.dtype)  # e^Gam on and below the diagonal
+        d_in = d_out = None
+    else:
+        gam = _segsum(gc)
+        decay = gam.exp()
+        d_in = (gc[..., :1] + gam[..., :, 0]).exp()  # e^{G_i}  [B, H, N, C]
+        d_out = gam[..., -1, :].exp()  # e^{G_C - G_j}
+    L = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))).tril(-1)
+    kb = kc * bc[..., None] if d_in is None else kc * (bc * d_in)[..., None]
+    rhs = torch.cat([vc * bc[..., None], kb], dim=-1)
+    sol = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # (I + L)^-1 rhs
+    U0, W = sol[..., : vc.shape[-1]], sol[..., vc.shape[-1] :]
+    kd = kc if d_out is None else kc * d_out[..., None]
+    eye = torch.eye(K, dtype=qc.dtype, device=q.device)
+    A = (eye if gc is None else d_in[..., -1, None, None] * eye) - kd.transpose(-1, -2) @ W
+    M = kd.transpose(-1, -2) @ U0
+    return DeltaChunks(A, M, T, qc, kc, decay, d_in, W, U0)
+
+
+def chunk_output_maps(ch: DeltaChunks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Qeff [B, H, N, C, K], O_loc [B, H, N, C, V])``: a chunk's outputs are
+    ``O_loc + Qeff S_c`` for its incoming state ``S_c`` (independent of every state)."""
+    qk = (ch.q @ ch.k.transpose(-1, -2)) * ch.decay
+    qd = ch.q if ch.d_in is None else ch.q * ch.d_in[..., None]
+    return scale * (qd - qk @ ch.W), scale * (qk @ ch.U0)
+
+
+def scan_states(A: torch.Tensor, M: torch.Tensor, S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S_{c+1} = A_c S_c + M_c`` over chunks: ``A [B,H,N,K,K]``, ``M [B,H,N,K,X]``, ``S0 [B,H,K,X]``.
+
+    Returns the states entering each chunk ``[B, H, N, K, X]`` and the final state ``[B, H, K, X]``.
+    """
+    states, S = [], S0
+    for a, m in zip(A.unbind(2), M.unbind(2)):  # unbind: backward is one stack, not N zero-fills
+        states.append(S)
+        S = torch.baddbmm(m.flatten(0, 1), a.flatten(0, 1), S.flatten(0, 1)).view_as(m)
+    return torch.stack(states, dim=2), S
+
+
+def chunk_outputs(Qeff: torch.Tensor, O_loc: torch.Tensor | None, states: torch.Tensor, T: int) -> torch.Tensor:
+    """``[B, H, T, X]``: ``O_loc + Qeff S_c`` per chunk (``states [B, H, N, K, X]``), padding cut."""
+    o = Qeff @ states if O_loc is None else O_loc + Qeff @ states
+    return o.flatten(2, 3)[:, :, :T]
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
+    """The gated delta rule over a whole sequence in one process (chunked WY form, fp32).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``; g: ``[B, T, H]`` or None.
+        scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]`` or None (zeros).
+        use_qk_l2norm: L2-normalise q and k per head first.
+    Returns:
+        ``o [B, T, H, V]`` in q's dtype; with ``output_final_state`` also the fp32 final state.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    ch = chunk_factors(q, k, v, beta, g, chunk_size, use_qk_l2norm)
+    S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    states, final = scan_states(ch.A, ch.M, S0)
+    o = chunk_outputs(*chunk_output_maps(ch, scale), states, T).transpose(1, 2).to(q.dtype)
+    return (o, final) if output_final_state else o
+
+
+def recurrent_gated_delta_step(q, k, v, beta, g, state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False):
+    """One decoding step: ``q, k [B, 1, H, K]``, ``v [B, 1, H, V]``, ``beta, g [B, 1, H]`` (g may be
+    None), ``state [B, H, K, V]`` float32. Returns ``(o [B, 1, H, V] in q's dtype, new state)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf, bf = q[:, 0].float(), k[:, 0].float(), v[:, 0].float(), beta[:, 0].float()
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    if g is not None:
+        state = g[:, 0].float().exp()[..., None, None] * state
+    u = bf[..., None] * (vf - torch.einsum("bhk,bhkv->bhv", kf, state))
+    state = state + kf[..., :, None] * u[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", qf, state) * scale
+    return o[:, None].to(q.dtype), state

@@ -1,0 +1,102 @@
+"""The public delta-rule operators: ``lasp.gated_delta_rule`` and ``lasp.causal_conv1d``.
+
+Thin wrappers as in :mod:`lasp.attention`: validate (locally, on every rank, before any
+collective), resolve the backend, dispatch. One process (``group=None`` or a group of one): the
+chunked WY form of :mod:`lasp.ops.delta_chunk`. A real group: the generic LASP-2 / LASP-1
+drivers with :class:`~lasp.ops.delta_segment.DeltaTorchSegment` (``transition = "matrix"``), or
+Ulysses (all-to-all to heads, the one-process operator on whole sequences, all-to-all back).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .ops.checks import check_gated_delta
+from .ops.conv import causal_conv1d
+from .ops.delta_chunk import chunk_gated_delta_rule
+from .ops.delta_segment import DeltaTorchSegment
+from .parallel import group_rank_size
+
+__all__ = ["gated_delta_rule", "causal_conv1d"]
+
+# method -> (module under lasp.ops, driver entry point)
+_DRIVERS = {"lasp2": ("lasp2", "lasp2_apply"), "lasp1": ("lasp1", "lasp1_apply"), "ulysses": ("ulysses", "ulysses_apply")}
+
+
+def _driver(method: str):
+    module, name = _DRIVERS[method]
+    try:
+        return getattr(importlib.import_module(f"lasp.ops.{module}"), name)
+    except (ImportError, AttributeError) as e:
+        raise NotImplementedError(
+            f"gated_delta_rule with method={method!r} over a process group of more than one rank needs "
+            f"the generic segment driver lasp.ops.{module}.{name}, which is not available in this build; "
+            "use group=None (one process) meanwhile"
+        ) from e
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "triton":
+        raise NotImplementedError(
+            "gated_delta_rule: the Triton delta-rule kernels are not built yet; use backend='torch' (or 'auto')"
+        )
+    return "torch"  # 'auto' means torch for the delta rule until its kernels land
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    group=None,
+    method: str = "lasp2",
+    layout: str = "contiguous",
+    backend: str = "auto",
+):
+    """(Sequence-parallel) gated delta rule on this rank's shard (fla's names and layout).
+
+    Over the WHOLE sequence, per head: ``S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1} +
+    beta_t k_t v_t^T``, ``o_t = scale * S_t^T q_t``, ``S_0 = initial_state`` (zeros if None).
+
+    Args:
+        q, k: ``[B, T_local, H, K]``; v: ``[B, T_local, H, V]`` (same dtype).
+        beta: ``[B, T_local, H]`` in (0, 1). g: ``[B, T_local, H]`` log-decay (<= 0; -inf is a
+            hard reset) or None (DeltaNet).
+        scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]`` or None.
+        output_final_state: also return the fp32 state after the last token of the whole
+            sequence (the same on every rank).
+        use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the operator.
+        group: SP process group or None. method: ``lasp2`` | ``lasp1`` | ``ulysses``.
+        layout: ``contiguous`` | ``zigzag``. backend: ``auto`` | ``torch`` (``triton``: not yet).
+    Returns:
+        ``o [B, T_local, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V] float32)``.
+    """
+    check_gated_delta(q, k, v, beta, g, initial_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    _resolve_backend(backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if group_rank_size(group)[1] == 1:
+        return chunk_gated_delta_rule(
+            q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel
+        )
+    apply = _driver(method)
+    if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
+        from .ops.ulysses import check_heads_divisible
+
+        check_heads_divisible(group, H=q.shape[2])
+
+        def local_op(tokens, heads, s0, ofs):
+            return chunk_gated_delta_rule(*tokens, scale, s0, ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+
+        return apply(local_op, [q, k, v, beta, g], [], group=group, layout=layout,
+                     initial_state=initial_state, output_final_state=output_final_state)
+    return apply(
+        DeltaTorchSegment, [q, k, v, beta, g], [], scale=scale, group=group, layout=layout,
+        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
+    )
