@@ -78,7 +78,7 @@ def gated_delta_rule(
     Returns:
         ``o [B, T_local, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V] float32)``.
     """
-    check_gated_delta(q, k, v, beta, g, initial_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    check_gated_delta(q, k, v, beta, g, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
     _resolve_backend(backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if group_rank_size(group)[1] == 1:

@@ -133,9 +133,9 @@ def _shape(x) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_gated_delta(q, k, v, beta, g, initial_state, *, scale, group, layout: str, method: str, backend: str) -> None:
+def check_gated_delta(q, k, v, beta, g, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str) -> None:
     """Validate the arguments of :func:`lasp.gated_delta_rule`."""
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHODS)
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, T, H, K = q.shape
@@ -149,11 +149,7 @@ def check_gated_delta(q, k, v, beta, g, initial_state, *, scale, group, layout: 
             raise ValueError(f"{name} must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(x)}")
         if not x.is_floating_point() or x.device != q.device:
             raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {x.dtype} on {x.device}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, K, V):
-            raise ValueError(f"initial_state must have shape [B, H, K, V] = {[B, H, K, V]}, got {_shape(initial_state)}")
-        if not initial_state.is_floating_point() or initial_state.device != q.device:
-            raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
+    check_states(q, v, initial_state, output_final_state, causal=True)
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
 
