@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
-from lasp.ops import reference
+from lasp.ops import reference, softmax_documents, softmax_local
 from lasp.ops.ring import step_pieces
 from lasp.ops.softmax_allgather import rank_pieces
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
@@ -62,22 +62,31 @@ def check(results, full, do, cu, causal, layout):
         assert_close(grads[i], unshard_sequence([r[1][i] for r in results], layout), rtol=rtol, name=f"d{name}")
 
 
-def run_docs(rank, world, full, do, cu, *, causal, layout, method):
+def run_docs(rank, world, full, do, cu, *, causal, layout, method, small=softmax_documents.SMALL_DOCUMENT):
     ins = [shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in full]
-    o = lasp.softmax_attention(*ins, causal=causal, group=dist.group.WORLD, method=method, layout=layout, cu_seqlens=cu)
-    o.backward(shard_sequence(do, rank, world, layout))
+    saved, softmax_documents.SMALL_DOCUMENT = softmax_documents.SMALL_DOCUMENT, small  # 0: no groups
+    try:
+        o = lasp.softmax_attention(*ins, causal=causal, group=dist.group.WORLD, method=method, layout=layout, cu_seqlens=cu)
+        o.backward(shard_sequence(do, rank, world, layout))
+    finally:
+        softmax_documents.SMALL_DOCUMENT = saved
     return o.detach(), [x.grad for x in ins]
 
 
-@pytest.mark.parametrize("docs", ["fixed", "random"])
+@pytest.mark.parametrize("docs", ["fixed", "random", "ungrouped"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("P", [2, 4], ids=lambda p: f"P{p}")
 def test_documents_match_per_document_oracle(spawn, P, method, layout, dtype, docs):
+    """``ungrouped``: the fixed documents, each its own kernel call (no small-document groups)."""
+    if docs == "ungrouped" and dtype != torch.float32:
+        pytest.skip("fp32 covers the ungrouped pieces")
     full, do = doc_inputs(T, 8, 4, 8, dtype, seed=seed_for("docs", P, method, layout, str(dtype), docs))
-    cu = cu_for(docs, P)
-    check(spawn(P).run(run_docs, full, do, cu, causal=True, layout=layout, method=method), full, do, cu, True, layout)
+    cu = cu_for("fixed" if docs == "ungrouped" else docs, P)
+    small = 0 if docs == "ungrouped" else softmax_documents.SMALL_DOCUMENT
+    res = spawn(P).run(run_docs, full, do, cu, causal=True, layout=layout, method=method, small=small)
+    check(res, full, do, cu, True, layout)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -95,16 +104,40 @@ def test_one_document_equals_no_documents(spawn, method):
     check(res, full, do, cu_for("one", 2), True, "zigzag")
 
 
+@pytest.mark.parametrize("kernel", ["flash", "reference"])
+@pytest.mark.parametrize("docs", ["random", "tiny", "long"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_single_process_documents(dtype, causal):
-    """group=None (and so P=1): one kernel call per document."""
-    full, do = doc_inputs(T, 4, 2, 8, dtype, seed=seed_for("p1", str(dtype), causal))
-    cu = cu_for("random", 1)
+def test_single_process_documents(monkeypatch, dtype, causal, docs, kernel):
+    """group=None (and so P=1): one kernel call per document, small ones grouped (``tiny``: 300
+    tokens of documents of 1-5 tokens, several groups of at most GROUP_ROWS; ``long``: documents
+    longer than SMALL_DOCUMENT); ``reference``: the float32 blocks devices without the CPU flash
+    kernel use (in row tiles of 4 queries)."""
+    if kernel == "reference":
+        monkeypatch.setattr(softmax_local, "_cpu_flash", lambda q: False)
+        monkeypatch.setattr(softmax_local, "REFERENCE_TILE_ROWS", 4)
+    t = {"random": T, "tiny": 300, "long": 160}[docs]
+    full, do = doc_inputs(t, 4, 2, 8, dtype, seed=seed_for("p1", str(dtype), causal, docs))
+    if docs == "random":
+        cu = cu_for("random", 1)
+    elif docs == "tiny":
+        lengths = torch.randint(1, 6, (300,), generator=torch.Generator().manual_seed(1))
+        cu = torch.cat([torch.tensor([0]), lengths.cumsum(0)])
+        cu = torch.cat([cu[cu < t], torch.tensor([t])])
+    else:
+        cu = torch.tensor([0, 3, 50, 90, 91, 160])
     ins = [x.clone().requires_grad_() for x in full]
     o = lasp.softmax_attention(*ins, causal=causal, cu_seqlens=cu)
     o.backward(do)
     check([(o.detach(), [x.grad for x in ins])], full, do, cu, causal, "contiguous")
+
+
+def box(rows: slice, cols: slice, kind) -> torch.Tensor:
+    """The (query, key) pairs a piece computes, as 0/1 ``[rows, cols]``."""
+    if isinstance(kind, torch.Tensor):
+        return kind.long()
+    full = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.int64)
+    return full.tril() if kind else full
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -119,17 +152,15 @@ def test_pieces_cover_exactly_the_visible_pairs(P, layout):
         q_pos = global_positions(T, rank, P, layout)
         want = (q_pos[:, None] >= torch.arange(T)[None]) & (doc[q_pos][:, None] == doc[None])
         cover = torch.zeros(t_local, T, dtype=torch.int64)  # natural-order keys for allgather
-        for rows, cols, diag in rank_pieces(rank, P, layout, t_local, True, tuple(cu)):
-            box = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.int64)
-            cover[rows, cols] += box.tril() if diag else box
+        for rows, cols, kind in rank_pieces(rank, P, layout, t_local, True, tuple(cu)):
+            cover[rows, cols] += box(rows, cols, kind)
         assert torch.equal(cover, want.long())
         ring = torch.zeros(t_local, T, dtype=torch.int64)
         for step in range(P):
             src = (rank - step) % P
             k_pos = global_positions(T, src, P, layout)
-            for rows, cols, diag in step_pieces(rank, src, P, layout, t_local, True, tuple(cu)):
-                box = torch.ones(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.int64)
-                ring[torch.arange(rows.start, rows.stop)[:, None], k_pos[cols][None]] += box.tril() if diag else box
+            for rows, cols, kind in step_pieces(rank, src, P, layout, t_local, True, tuple(cu)):
+                ring[torch.arange(rows.start, rows.stop)[:, None], k_pos[cols][None]] += box(rows, cols, kind)
         assert torch.equal(ring, want.long())
 
 

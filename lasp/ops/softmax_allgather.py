@@ -44,8 +44,8 @@ import torch
 
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks, num_chunks
-from .softmax_documents import Piece, doc_pieces, pieces_forward, single_process_softmax
-from .softmax_local import attend_backward, lower_right_blocks
+from .softmax_documents import Piece, doc_pieces, piece_backward, pieces_forward, single_process_softmax
+from .softmax_local import lower_right_blocks
 
 _FWD_TAG = "allgather.fwd"
 _BWD_TAG = "allgather.bwd"
@@ -131,8 +131,8 @@ class AllGatherSoftmax(torch.autograd.Function):
         qh, kh, vh, oh, doh = (x.transpose(1, 2) for x in (q, kv[0], kv[1], out, do))
         dq = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
         slots = torch.zeros(size, 2, B, t_local, h_kv, D, dtype=torch.float32, device=q.device)  # the send buffer
-        for r, c, diag in rank_pieces(rank, size, ctx.layout, t_local, ctx.causal, ctx.bounds):
-            dq_b, dk_b, dv_b = attend_backward(doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], ctx.scale, diag)
+        for r, c, kind in rank_pieces(rank, size, ctx.layout, t_local, ctx.causal, ctx.bounds):
+            dq_b, dk_b, dv_b = piece_backward(doh, qh, kh, vh, oh, lse, ctx.scale, (r, c, kind))
             dq[:, :, r] += dq_b
             add_to_slots(slots, 0, dk_b, c, C, owners)
             add_to_slots(slots, 1, dv_b, c, C, owners)

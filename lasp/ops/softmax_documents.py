@@ -31,8 +31,9 @@ import torch
 
 from .softmax_local import attend, attend_backward, merge_partial, sdpa_attention
 
-Piece = tuple[slice, slice, bool]
-"""``(rows, cols, diagonal)``: local query rows, key columns, square causal diagonal or fully visible."""
+Piece = tuple[slice, slice, "bool | torch.Tensor"]
+"""``(rows, cols, kind)``: local query rows, key columns; ``kind`` True = the square causal
+diagonal, False = fully visible, or a small bool mask ``[rows, cols]`` (a group of tiny documents)."""
 
 
 def document_bounds(cu_seqlens: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -42,20 +43,48 @@ def document_bounds(cu_seqlens: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(int(x) for x in cu_seqlens.detach().to("cpu", torch.int64).tolist())
 
 
+SMALL_DOCUMENT = 32
+"""Documents of at most this many tokens, whole inside a query run and its key range, are grouped."""
+GROUP_ROWS = 128
+"""Tokens per group of small documents: one masked block of ``GROUP_ROWS x GROUP_ROWS`` at most."""
+
+
 def doc_pieces(q_start: int, row0: int, n_q: int, k_start: int, col0: int, n_k: int, bounds: tuple[int, ...], causal: bool) -> list[Piece]:
     """The pieces of queries at global positions ``[q_start, q_start + n_q)`` (local rows from
     ``row0``) against keys at global ``[k_start, k_start + n_k)`` (key columns from ``col0``).
 
     Causal: the key range either ends at or before the queries' start, or contains all of them
     (true of every chunk pair the methods form), or starts after them (nothing visible).
+    Consecutive small documents that lie whole inside both ranges (at most
+    :data:`SMALL_DOCUMENT` tokens each) share one block of at most :data:`GROUP_ROWS` tokens with
+    its own small block-diagonal mask (:func:`group_mask`): one kernel call instead of one per
+    document.
     """
     q_end, k_end = q_start + n_q, k_start + n_k
     pieces: list[Piece] = []
+    group: list[int] = []  # lengths of the pending small documents
+    g0 = 0  # global start of the pending group
+
+    def flush() -> None:
+        if group:
+            n = sum(group)
+            rows, cols = slice(row0 + g0 - q_start, row0 + g0 - q_start + n), slice(col0 + g0 - k_start, col0 + g0 - k_start + n)
+            pieces.append((rows, cols, group_mask(group, causal) if len(group) > 1 else causal))
+            group.clear()
+
     d = bisect_right(bounds, q_start) - 1  # the document of the first query
     while d < len(bounds) - 1 and bounds[d] < q_end:
         s, f = bounds[d], bounds[d + 1]
         a, b = max(s, q_start), min(f, q_end)  # this document's queries
         d += 1
+        if a == s and b == f and k_start <= s and f <= k_end and f - s <= SMALL_DOCUMENT:  # whole, small
+            if sum(group) + f - s > GROUP_ROWS:
+                flush()
+            if not group:
+                g0 = s
+            group.append(f - s)
+            continue
+        flush()
         rows = slice(row0 + a - q_start, row0 + b - q_start)
         lo = max(s, k_start)
         if not causal:
@@ -71,22 +100,43 @@ def doc_pieces(q_start: int, row0: int, n_q: int, k_start: int, col0: int, n_k: 
             pieces.append((rows, slice(col0 + a - k_start, col0 + b - k_start), True))
         elif k_start < b:
             raise AssertionError(f"keys [{k_start}, {k_end}) cut the queries [{a}, {b}) of one document")
+    flush()
     return pieces
+
+
+def group_mask(lengths: list[int], causal: bool) -> torch.Tensor:
+    """The block-diagonal (causal: and lower-triangular) bool mask ``[n, n]`` of consecutive
+    documents of ``lengths`` (``n = sum(lengths)`` <= :data:`GROUP_ROWS`): True = visible."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = doc[:, None] == doc[None, :]
+    return mask.tril_() if causal else mask
+
+
+def _causal_mask(kind) -> tuple[bool, torch.Tensor | None]:
+    """A piece's ``kind`` as :func:`~lasp.ops.softmax_local.attend`'s ``(causal, mask)``."""
+    return (False, kind) if isinstance(kind, torch.Tensor) else (kind, None)
 
 
 def pieces_forward(qh, kh, vh, scale: float, pieces: list[Piece], o: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge the ``pieces`` of ``qh [B, H, Tq, D]`` against ``kh, vh [B, H_kv, Tk, D]`` into the
     running float32 ``o [B, H, Tq, D]`` and ``lse [B, H, Tq]`` (in place; start from 0 and -inf)."""
-    for r, c, diag in pieces:
-        ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, diag)
+    for r, c, kind in pieces:
+        ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, *_causal_mask(kind))
         o[:, :, r], lse[:, :, r] = merge_partial(o[:, :, r], lse[:, :, r], ob, lb)
+
+
+def piece_backward(doh, qh, kh, vh, oh, lse, scale: float, piece: Piece):
+    """One piece's ``(dq, dk, dv)`` (its rows / columns, input dtype) given the FINAL ``oh``, ``lse``."""
+    r, c, kind = piece
+    return attend_backward(doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], scale, *_causal_mask(kind))
 
 
 def pieces_backward(doh, qh, kh, vh, oh, lse, scale: float, pieces: list[Piece], dq, dk, dv) -> None:
     """Add the ``pieces``' gradients (given the FINAL ``oh`` and ``lse``) into the float32
     accumulators ``dq [B, H, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]`` (in place)."""
-    for r, c, diag in pieces:
-        dq_b, dk_b, dv_b = attend_backward(doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], scale, diag)
+    for piece in pieces:
+        r, c, _ = piece
+        dq_b, dk_b, dv_b = piece_backward(doh, qh, kh, vh, oh, lse, scale, piece)
         dq[:, :, r] += dq_b
         dk[:, :, c] += dk_b
         dv[:, :, c] += dv_b

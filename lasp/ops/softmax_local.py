@@ -51,39 +51,48 @@ def sdpa_attention(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- one block
 
 
-def attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q, k, v, scale: float, causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of attention with its row log-sum-exp.
 
     Args:
         q: ``[B, H, Tq, D]``; k, v: ``[B, H_kv, Tk, D]`` (any strides with a unit last one).
         causal: the square diagonal block (``Tq == Tk``, query i sees keys 0..i).
+        mask: for SMALL blocks only (a group of tiny packed documents, a few hundred tokens at
+            most; never a sequence-sized mask): bool ``[Tq, Tk]``, True = visible, every row sees
+            a key; ``causal`` must then be False.
     Returns:
         ``o [B, H, Tq, D]`` in q's dtype (normalised within the block), ``lse [B, H, Tq]`` float32.
     """
     if _cpu_flash(q):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=_additive(mask, q), scale=scale)
         return o, lse
     qg, kf, vf = _grouped(q, k, v)
+    if mask is not None:
+        o, lse = block_forward(qg, kf, vf, scale, mask.to(q.device))
+        return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
     o, lse = torch.empty_like(qg), torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
     for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
         o[..., rows, :], lse[..., rows] = block_forward(qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], scale, mask)
     return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
 
 
-def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool):
+def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool, mask: torch.Tensor | None = None):
     """Gradients of one block given the FINAL ``o`` (q's dtype) and ``lse`` of its rows.
 
-    Shapes as in :func:`attend` (``do, o [B, H, Tq, D]``, ``lse [B, H, Tq]``). Returns ``dq``
-    like q and ``dk, dv`` like k (summed over the query heads sharing each KV head), in the
-    input dtype.
+    Shapes (and ``mask``) as in :func:`attend` (``do, o [B, H, Tq, D]``, ``lse [B, H, Tq]``).
+    Returns ``dq`` like q and ``dk, dv`` like k (summed over the query heads sharing each KV
+    head), in the input dtype.
     """
     if _cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, causal, scale=scale
+            do, q, k, v, o, lse, 0.0, causal, attn_mask=_additive(mask, q), scale=scale
         )
     qg, kf, vf = _grouped(q, k, v)
     dog, og = (_grouped(x, k, v)[0] for x in (do, o))
     lse_g, delta = lse.reshape(qg.shape[:-1]), (dog * og).sum(-1)
+    if mask is not None:
+        dq, dk, dv = block_backward(qg, kf, vf, dog, lse_g, delta, scale, mask.to(q.device))
+        return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     dq, dk, dv = torch.empty_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
     for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
         dq[..., rows, :], dk_t, dv_t = block_backward(
@@ -169,6 +178,14 @@ def _grouped(q, k, v):
 
 REFERENCE_TILE_ROWS = 256
 """Query rows per tile of the float32 reference: its scores are ``[B, H, tile, Tk]`` at most."""
+
+
+def _additive(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """A small bool mask (True = visible) as the additive ``0 / -inf`` mask in q's dtype that the
+    CPU flash kernel takes."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask.to(q.device), float("-inf"))
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
