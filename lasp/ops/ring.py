@@ -17,6 +17,11 @@ merged stably (:func:`~lasp.ops.softmax_local.merge_partial`):
   queries), for ``j > r`` only the local second half of the queries sees block j: every
   off-diagonal step is half a block of work on every rank (balanced).
 
+Packed documents (``cu_seqlens``, as ints ``bounds``): each visible (query chunk, key chunk) pair
+is split at document boundaries (:func:`step_pieces`): a query reads only the keys of its own
+document in the block; a block that holds none of the local queries' documents costs no compute
+(the K/V still travel: same collectives and bytes as without documents).
+
 Backward: the K/V ring runs again; every visible pair goes through the flash backward with the
 final output and log-sum-exp (no scores in memory); a ``dK/dV`` accumulator (float32) travels
 with each block, each rank adds its contribution, and after P hops every accumulator is back
@@ -39,7 +44,8 @@ import torch
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks
 from .common import ring_shift, wait_all
-from .softmax_documents import Piece, doc_pieces, pieces_backward, pieces_forward, single_process_softmax
+from .softmax_documents import doc_pieces, single_process_softmax
+from .softmax_local import Piece, pieces_backward, pieces_forward
 
 _FWD_TAG = "ring.fwd"
 _BWD_KV_TAG = "ring.bwd.kv"

@@ -15,7 +15,13 @@ Forward:
    fully visible key prefix plus the causal diagonal block, two flash-kernel calls merged by
    log-sum-exp (:mod:`lasp.ops.softmax_local`). Non-causal: one call against all ``T`` keys.
 
-Backward: the same blocks through the flash backward with the final output and log-sum-exp
+Packed documents (``cu_seqlens``, as ints ``bounds``): the same gathered keys; each local chunk
+is split at document boundaries (:func:`rank_pieces`, :func:`lasp.ops.softmax_documents.doc_pieces`),
+so a query's pieces read only its own document's key range (a fully visible prefix from the
+document start plus the diagonal; small documents grouped in one call with a small mask). No mask
+over the keys, same collectives and bytes as without documents.
+
+Backward: the same blocks (pieces) through the flash backward with the final output and log-sum-exp
 (no scores in memory); each block's ``dK, dV`` is added straight into this rank's float32
 send buffer ``[P, 2, B, T_local, H_kv, D]`` (slot j = rank j's tokens, in j's local order),
 which is reduce-scattered: one collective, summed in float32 whatever the input dtype (P
@@ -44,8 +50,8 @@ import torch
 
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks, num_chunks
-from .softmax_documents import Piece, doc_pieces, piece_backward, pieces_forward, single_process_softmax
-from .softmax_local import lower_right_blocks
+from .softmax_documents import doc_pieces, single_process_softmax
+from .softmax_local import Piece, lower_right_blocks, piece_backward, pieces_forward
 
 _FWD_TAG = "allgather.fwd"
 _BWD_TAG = "allgather.bwd"

@@ -10,8 +10,9 @@ document inside the key range, a bottom-right aligned causal span (a fully visib
 diagonal) or, when the key range ends before them, one fully visible block. Nothing of size
 ``T_local x T`` (or document x document beyond one piece) is built.
 
-Pieces of one query row are merged by log-sum-exp (:func:`pieces_forward`), and go through the
-flash backward with the final output and log-sum-exp (:func:`pieces_backward`).
+Pieces of one query row are merged by log-sum-exp, and go through the flash backward with the
+final output and log-sum-exp (:func:`~lasp.ops.softmax_local.pieces_forward`,
+:func:`~lasp.ops.softmax_local.pieces_backward`).
 
 - :func:`document_bounds`: a validated ``cu_seqlens`` as Python ints (the one host copy, made by
   the public wrapper, outside forward/backward).
@@ -19,21 +20,21 @@ flash backward with the final output and log-sum-exp (:func:`pieces_backward`).
 - :func:`document_attention`: single-process attention over documents (``group=None``, and
   Ulysses after its all-to-all, which holds the whole sequence on ``H/P`` heads).
 
-Cost: one kernel call per (document, key range) pair, so many tiny documents make many small
-calls (256 documents of 32 tokens: 256 calls on one process); each call's work is its document's
-size, so the total work falls with the number of documents.
+Cost: one kernel call per (document, key range) pair, except that consecutive small documents
+(at most :data:`SMALL_DOCUMENT` tokens, whole inside the query run and the key range) share one
+call of at most :data:`GROUP_ROWS` tokens with a block-diagonal mask of that small size (the CPU
+flash kernel takes an additive mask). Each call's work is its document's size, so the total work
+falls with the number of documents. (``torch.nn.attention.flex_attention`` was the alternative:
+in torch 2.13 it has no CPU backward in eager mode.)
 """
 from __future__ import annotations
 
+import functools
 from bisect import bisect_right
 
 import torch
 
-from .softmax_local import attend, attend_backward, merge_partial, sdpa_attention
-
-Piece = tuple[slice, slice, "bool | torch.Tensor"]
-"""``(rows, cols, kind)``: local query rows, key columns; ``kind`` True = the square causal
-diagonal, False = fully visible, or a small bool mask ``[rows, cols]`` (a group of tiny documents)."""
+from .softmax_local import Piece, PiecesAttention, sdpa_attention
 
 
 def document_bounds(cu_seqlens: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -112,66 +113,11 @@ def group_mask(lengths: list[int], causal: bool) -> torch.Tensor:
     return mask.tril_() if causal else mask
 
 
-def _causal_mask(kind) -> tuple[bool, torch.Tensor | None]:
-    """A piece's ``kind`` as :func:`~lasp.ops.softmax_local.attend`'s ``(causal, mask)``."""
-    return (False, kind) if isinstance(kind, torch.Tensor) else (kind, None)
-
-
-def pieces_forward(qh, kh, vh, scale: float, pieces: list[Piece], o: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge the ``pieces`` of ``qh [B, H, Tq, D]`` against ``kh, vh [B, H_kv, Tk, D]`` into the
-    running float32 ``o [B, H, Tq, D]`` and ``lse [B, H, Tq]`` (in place; start from 0 and -inf)."""
-    for r, c, kind in pieces:
-        ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, *_causal_mask(kind))
-        o[:, :, r], lse[:, :, r] = merge_partial(o[:, :, r], lse[:, :, r], ob, lb)
-
-
-def piece_backward(doh, qh, kh, vh, oh, lse, scale: float, piece: Piece):
-    """One piece's ``(dq, dk, dv)`` (its rows / columns, input dtype) given the FINAL ``oh``, ``lse``."""
-    r, c, kind = piece
-    return attend_backward(doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], scale, *_causal_mask(kind))
-
-
-def pieces_backward(doh, qh, kh, vh, oh, lse, scale: float, pieces: list[Piece], dq, dk, dv) -> None:
-    """Add the ``pieces``' gradients (given the FINAL ``oh`` and ``lse``) into the float32
-    accumulators ``dq [B, H, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]`` (in place)."""
-    for piece in pieces:
-        r, c, _ = piece
-        dq_b, dk_b, dv_b = piece_backward(doh, qh, kh, vh, oh, lse, scale, piece)
-        dq[:, :, r] += dq_b
-        dk[:, :, c] += dk_b
-        dv[:, :, c] += dv_b
-
-
-class DocumentAttention(torch.autograd.Function):
-    """Softmax attention over the documents of one whole sequence: q ``[B, T, H, D]``, k/v
-    ``[B, T, H_kv, D]`` -> o like q (one causal diagonal, or one full block, per document)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, bounds):
-        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-        o = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(qh.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        pieces_forward(qh, kh, vh, scale, doc_pieces(0, 0, q.shape[1], 0, 0, k.shape[1], bounds, causal), o, lse)
-        out = o.to(q.dtype).transpose(1, 2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.causal, ctx.bounds = scale, causal, bounds
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        qh, kh, vh, oh, doh = (x.transpose(1, 2) for x in (q, k, v, out, do))
-        dq = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
-        dk, dv = (torch.zeros(kh.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        pieces = doc_pieces(0, 0, q.shape[1], 0, 0, k.shape[1], ctx.bounds, ctx.causal)
-        pieces_backward(doh, qh, kh, vh, oh, lse, ctx.scale, pieces, dq, dk, dv)
-        return tuple(x.transpose(1, 2).to(q.dtype) for x in (dq, dk, dv)) + (None, None, None)
-
-
 def document_attention(q, k, v, bounds: tuple[int, ...], *, causal: bool, scale: float) -> torch.Tensor:
     """``[B=1, T, H, D]`` q against ``[1, T, H_kv, D]`` k/v over the documents ``bounds``
     (``cu_seqlens`` as ints) -> ``[1, T, H, D]``; no mask, no score matrix."""
-    return DocumentAttention.apply(q, k, v, scale, causal, bounds)
+    T = q.shape[1]
+    return PiecesAttention.apply(q, k, v, scale, functools.partial(doc_pieces, 0, 0, T, 0, 0, T, bounds, causal))
 
 
 def single_process_softmax(q, k, v, *, causal: bool, scale: float, bounds: tuple[int, ...] | None) -> torch.Tensor:
