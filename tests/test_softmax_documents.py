@@ -208,3 +208,23 @@ def test_bad_cu_seqlens_single_process(bad):
     full, _ = doc_inputs(T, 4, 2, 8, torch.float32, seed=1)
     with pytest.raises(ValueError, match="cu_seqlens"):
         lasp.softmax_attention(*full, cu_seqlens=BAD[bad](T))
+
+
+def run_bytes(rank, world, full, do, cu, method, layout):
+    ins = [shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in full]
+    with comm.record() as log:
+        o = lasp.softmax_attention(*ins, group=dist.group.WORLD, method=method, layout=layout, cu_seqlens=cu)
+        o.backward(shard_sequence(do, rank, world, layout))
+    return [(e.kind, e.bytes, e.tag) for e in log.events]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_documents_send_the_same_bytes(spawn, method):
+    """Documents change the compute, not the communication: the same collectives and bytes, plus
+    the validation's one all-gather of 4 int64 (tag ``documents.check``)."""
+    full, do = doc_inputs(T, 4, 4, 8, torch.float32, seed=9)
+    plain = spawn(2).run(run_bytes, full, do, None, method, "zigzag")
+    docs = spawn(2).run(run_bytes, full, do, cu_for("fixed", 2), method, "zigzag")
+    for a, b in zip(plain, docs):
+        assert [e for e in b if not e[2].startswith("documents.check")] == a
+        assert [e[:2] for e in b if e[2].startswith("documents.check")] == [("all_gather", 32)]
