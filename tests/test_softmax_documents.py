@@ -14,7 +14,7 @@ from lasp.ops import reference, softmax_documents, softmax_local
 from lasp.ops.ring import step_pieces
 from lasp.ops.softmax_allgather import rank_pieces
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
-from lasp.testing import assert_close, seed_for
+from lasp.testing import HostSyncError, assert_close, no_host_sync, seed_for
 
 METHODS = ("allgather", "ring", "ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -228,3 +228,27 @@ def test_documents_send_the_same_bytes(spawn, method):
     for a, b in zip(plain, docs):
         assert [e for e in b if not e[2].startswith("documents.check")] == a
         assert [e[:2] for e in b if e[2].startswith("documents.check")] == [("all_gather", 32)]
+
+
+def run_no_sync(rank, world, full, do, bounds, method):
+    """The operator itself (validated inputs, ``bounds`` already ints) under no_host_sync."""
+    impl = lasp.attention.SOFTMAX_METHODS[method]
+    ins = [shard_sequence(x, rank, world, "zigzag").clone().requires_grad_() for x in full]
+    try:
+        with no_host_sync():
+            o = impl(*ins, causal=True, scale=0.3, group=dist.group.WORLD, layout="zigzag", bounds=bounds)
+            o.backward(shard_sequence(do, rank, world, "zigzag"))
+    except HostSyncError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_documents_forward_backward_have_no_host_sync(spawn, method):
+    """cu_seqlens is read on the host once, by the wrapper's validation; forward and backward
+    (pieces, small-document masks) never synchronise."""
+    full, do = doc_inputs(T, 4, 2, 8, torch.float32, seed=11)
+    assert spawn(2).run(run_no_sync, full, do, tuple(FIXED[2]), method) == [None, None]
+    ins = [x.clone().requires_grad_() for x in full]
+    with no_host_sync():
+        softmax_documents.document_attention(*ins, tuple(FIXED[2]), causal=True, scale=0.3).backward(do)
