@@ -15,7 +15,8 @@ from .ops.lasp2 import lasp2_linear_attention
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
-from .ops.softmax_local import sdpa_attention
+from .ops.documents import check_cu_seqlens
+from .ops.softmax_documents import document_bounds, single_process_softmax
 from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
@@ -26,7 +27,8 @@ LINEAR_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "lasp1": lasp1_linear_attention,
     "ulysses": ulysses_linear_attention,
 }
-#: Softmax-attention methods: name -> ``f(q, k, v, *, causal, scale, group, layout)`` on validated inputs.
+#: Softmax-attention methods: name -> ``f(q, k, v, *, causal, scale, group, layout, bounds=None)`` on
+#: validated inputs (``bounds``: ``cu_seqlens`` as Python ints, or None).
 SOFTMAX_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "allgather": allgather_softmax_attention,
     "ring": ring_softmax_attention,
@@ -93,6 +95,7 @@ def softmax_attention(
     group=None,
     method: str = "allgather",
     layout: str = "contiguous",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(Sequence-parallel) softmax attention on this rank's shard.
 
@@ -101,6 +104,11 @@ def softmax_attention(
         causal: causal mask over GLOBAL positions of the ``layout``.
         group: the SP process group; None = no sequence parallelism.
         method: ``allgather`` (LASP-2H) | ``ring`` | ``ulysses``.
+        cu_seqlens: packed documents: a 1-D integer tensor ``[N+1]`` of document starts over the
+            WHOLE sequence (``0 = c_0 < ... < c_N = T``, the same on every rank, B = 1); a token
+            attends only within its document (as if each document ran alone). Read once on the
+            host by the validation (one small all-gather when P > 1), never inside forward/backward;
+            no method builds a mask.
     Returns:
         ``o [B, T_local, H, D]`` in q's dtype.
     """
@@ -110,7 +118,11 @@ def softmax_attention(
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if group_rank_size(group)[1] == 1:
-        return sdpa_attention(q, k, v, causal=causal, scale=scale)
+    size = group_rank_size(group)[1]
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[1] * size, q.shape[0], group)
+    bounds = document_bounds(cu_seqlens)
+    if size == 1:
+        return single_process_softmax(q, k, v, causal=causal, scale=scale, bounds=bounds)
     impl = SOFTMAX_METHODS[method]
-    return impl(q, k, v, causal=causal, scale=scale, group=group, layout=layout)
+    return impl(q, k, v, causal=causal, scale=scale, group=group, layout=layout, bounds=bounds)

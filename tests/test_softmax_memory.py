@@ -48,13 +48,22 @@ def largest_in_fwd_bwd(fn, ins, do) -> tuple[int, str]:
     return rec.numel, rec.op
 
 
-def run_largest(rank, world, method, layout):
+def documents(n: int, t: int = T) -> torch.Tensor | None:
+    """``cu_seqlens`` of ``n`` random-length documents over ``t`` tokens (None for n = 0)."""
+    if n == 0:
+        return None
+    cuts = torch.randperm(t - 1, generator=torch.Generator().manual_seed(n))[: n - 1] + 1
+    return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([t])])
+
+
+def run_largest(rank, world, method, layout, n_docs=0):
     torch.set_num_threads(1)
     full, do = inputs(T, seed=1)
     ins = [shard_sequence(x, rank, world, layout) for x in full]
+    cu = documents(n_docs)
 
     def fn(q, k, v):
-        return lasp.softmax_attention(q, k, v, group=dist.group.WORLD, method=method, layout=layout)
+        return lasp.softmax_attention(q, k, v, group=dist.group.WORLD, method=method, layout=layout, cu_seqlens=cu)
 
     return largest_in_fwd_bwd(fn, ins, shard_sequence(do, rank, world, layout))
 
@@ -71,6 +80,23 @@ def assert_linear(numel: int, op: str, t_local: int, t: int) -> None:
 def test_softmax_methods_allocate_no_score_sized_tensor(spawn, method, layout):
     for numel, op in spawn(P).run(run_largest, method, layout):
         assert_linear(numel, op, T // P, T)
+
+
+@pytest.mark.parametrize("n_docs", [1, 64], ids=lambda n: f"{n}docs")
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("method", ["allgather", "ring", "ulysses"])
+def test_softmax_documents_allocate_no_score_sized_tensor(spawn, method, layout, n_docs):
+    """Packed documents (cu_seqlens): per-document pieces, never a T_local x T mask or scores."""
+    for numel, op in spawn(P).run(run_largest, method, layout, n_docs):
+        assert_linear(numel, op, T // P, T)
+
+
+@pytest.mark.parametrize("n_docs", [1, 64], ids=lambda n: f"{n}docs")
+def test_single_process_documents_allocate_no_score_sized_tensor(n_docs):
+    (q, k, v), do = inputs(T, seed=2)
+    cu = documents(n_docs)
+    numel, op = largest_in_fwd_bwd(lambda q, k, v: lasp.softmax_attention(q, k, v, cu_seqlens=cu), (q, k, v), do)
+    assert_linear(numel, op, T, T)
 
 
 @pytest.mark.parametrize("t_q", [T, T // 2, 1], ids=["square", "half", "one"])

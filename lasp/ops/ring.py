@@ -17,6 +17,11 @@ merged stably (:func:`~lasp.ops.softmax_local.merge_partial`):
   queries), for ``j > r`` only the local second half of the queries sees block j: every
   off-diagonal step is half a block of work on every rank (balanced).
 
+Packed documents (``cu_seqlens``, as ints ``bounds``): each visible (query chunk, key chunk) pair
+is split at document boundaries (:func:`step_pieces`): a query reads only the keys of its own
+document in the block; a block that holds none of the local queries' documents costs no compute
+(the K/V still travel: same collectives and bytes as without documents).
+
 Backward: the K/V ring runs again; every visible pair goes through the flash backward with the
 final output and log-sum-exp (no scores in memory); a ``dK/dV`` accumulator (float32) travels
 with each block, each rank adds its contribution, and after P hops every accumulator is back
@@ -39,7 +44,8 @@ import torch
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks
 from .common import ring_shift, wait_all
-from .softmax_local import attend, attend_backward, merge_partial, sdpa_attention
+from .softmax_documents import doc_pieces, single_process_softmax
+from .softmax_local import Piece, pieces_backward, pieces_forward
 
 _FWD_TAG = "ring.fwd"
 _BWD_KV_TAG = "ring.bwd.kv"
@@ -76,11 +82,29 @@ def step_blocks(rank: int, src: int, size: int, layout: str, t_local: int, causa
     return blocks
 
 
+def step_pieces(rank: int, src: int, size: int, layout: str, t_local: int, causal: bool, bounds) -> list[Piece]:
+    """:func:`step_blocks`, split at document boundaries when ``bounds`` (``cu_seqlens`` as ints)
+    is given: every (query chunk, key chunk) pair that the causal mask leaves visible becomes the
+    pieces of :func:`~lasp.ops.softmax_documents.doc_pieces`; a block holding none of the local
+    queries' documents is skipped."""
+    if bounds is None:
+        return step_blocks(rank, src, size, layout, t_local, causal)
+    q_chunks, k_chunks = layout_chunks(rank, size, layout), layout_chunks(src, size, layout)
+    C = t_local // len(q_chunks)
+    return [
+        p
+        for i, a in enumerate(q_chunks)
+        for j, b in enumerate(k_chunks)
+        if not (causal and b > a)
+        for p in doc_pieces(a * C, i * C, C, b * C, j * C, C, bounds, causal)
+    ]
+
+
 class RingSoftmax(torch.autograd.Function):
     """Ring attention over ``group``: q ``[B, T_local, H, D]``, k/v ``[B, T_local, H_kv, D]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, group, layout):
+    def forward(ctx, q, k, v, scale, causal, group, layout, bounds):
         rank, size = group_rank_size(group)
         qh = q.transpose(1, 2)  # [B, H, T_local, D]
         o = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
@@ -90,15 +114,13 @@ class RingSoftmax(torch.autograd.Function):
             if s < size - 1:
                 nxt, works = ring_shift(cur, group, _FWD_TAG)  # overlaps this block's compute
             kh, vh = cur[0].transpose(1, 2), cur[1].transpose(1, 2)  # the block of rank (rank - s) mod P
-            for r, c, diag in step_blocks(rank, (rank - s) % size, size, layout, q.shape[1], causal):
-                ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, diag)
-                o[:, :, r], lse[:, :, r] = merge_partial(o[:, :, r], lse[:, :, r], ob, lb)
+            pieces_forward(qh, kh, vh, scale, step_pieces(rank, (rank - s) % size, size, layout, q.shape[1], causal, bounds), o, lse)
             if s < size - 1:
                 wait_all(works)
                 cur = nxt
         out = o.to(q.dtype).transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.causal, ctx.group, ctx.layout = scale, causal, group, layout
+        ctx.scale, ctx.causal, ctx.group, ctx.layout, ctx.bounds = scale, causal, group, layout, bounds
         return out
 
     @staticmethod
@@ -115,13 +137,8 @@ class RingSoftmax(torch.autograd.Function):
                 nxt, works = ring_shift(cur, ctx.group, _BWD_KV_TAG)
             acc = torch.zeros(2, B, k.shape[2], t_local, D, dtype=torch.float32, device=q.device)
             kh, vh = cur[0].transpose(1, 2), cur[1].transpose(1, 2)
-            for r, c, diag in step_blocks(rank, (rank - s) % size, size, ctx.layout, t_local, ctx.causal):
-                dq_b, dk_b, dv_b = attend_backward(
-                    doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], ctx.scale, diag
-                )
-                dq[:, :, r] += dq_b
-                acc[0][:, :, c] += dk_b
-                acc[1][:, :, c] += dv_b
+            pieces = step_pieces(rank, (rank - s) % size, size, ctx.layout, t_local, ctx.causal, ctx.bounds)
+            pieces_backward(doh, qh, kh, vh, oh, lse, ctx.scale, pieces, dq, acc[0], acc[1])
             if s > 0:  # the accumulator of the block we hold now, sent by the previous rank
                 wait_all(dkv_works)
                 acc += dkv_in
@@ -132,11 +149,12 @@ class RingSoftmax(torch.autograd.Function):
                 cur = nxt
         wait_all(dkv_works)  # after P hops our own block's accumulator is back
         dk, dv = (x.transpose(1, 2).to(k.dtype) for x in dkv_in)
-        return dq.transpose(1, 2).to(q.dtype), dk, dv, None, None, None, None
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, None, None, None, None, None
 
 
-def ring_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str) -> torch.Tensor:
-    """Ring attention on validated inputs (see :func:`lasp.softmax_attention`)."""
+def ring_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str, bounds=None) -> torch.Tensor:
+    """Ring attention on validated inputs (see :func:`lasp.softmax_attention`); ``bounds``: the
+    documents' ``cu_seqlens`` as ints or None."""
     if group_rank_size(group)[1] == 1:
-        return sdpa_attention(q, k, v, causal=causal, scale=scale)
-    return RingSoftmax.apply(q, k, v, scale, causal, group, layout)
+        return single_process_softmax(q, k, v, causal=causal, scale=scale, bounds=bounds)
+    return RingSoftmax.apply(q, k, v, scale, causal, group, layout, bounds)

@@ -19,11 +19,17 @@ against keys ``[0, Tk)``) is the fully visible prefix ``[0, Tk - Tq)`` plus the 
   ``[B, H, REFERENCE_TILE_ROWS, Tk]`` at most; wiring the CUDA flash kernel, which also returns
   the LSE, is the next step).
 - :func:`merge_partial`: the log-sum-exp merge of two partial results over disjoint keys.
+- pieces ``(rows, cols, kind)`` (:data:`Piece`): the unit of work of every method (and of packed
+  documents, :mod:`lasp.ops.softmax_documents`); :func:`pieces_forward` / :func:`pieces_backward`
+  run a list of them, :class:`PiecesAttention` is the autograd Function over a list (the
+  bottom-right aligned case of :func:`sdpa_attention`, the per-document attention).
 
 Heads-first layout for the block functions: ``q [B, H, Tq, D]``, ``k, v [B, H_kv, Tk, D]``
 (query head h uses KV head ``h // (H / H_kv)``), ``lse [B, H, Tq]`` float32.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +48,7 @@ def sdpa_attention(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}")
     if causal and Tq != Tk:
-        return LowerRightAttention.apply(q, k, v, scale)
+        return PiecesAttention.apply(q, k, v, scale, functools.partial(lower_right_pieces, Tq, Tk))
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2])
     return o.transpose(1, 2)
@@ -51,39 +57,48 @@ def sdpa_attention(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- one block
 
 
-def attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q, k, v, scale: float, causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of attention with its row log-sum-exp.
 
     Args:
         q: ``[B, H, Tq, D]``; k, v: ``[B, H_kv, Tk, D]`` (any strides with a unit last one).
         causal: the square diagonal block (``Tq == Tk``, query i sees keys 0..i).
+        mask: for SMALL blocks only (a group of tiny packed documents, a few hundred tokens at
+            most; never a sequence-sized mask): bool ``[Tq, Tk]``, True = visible, every row sees
+            a key; ``causal`` must then be False.
     Returns:
         ``o [B, H, Tq, D]`` in q's dtype (normalised within the block), ``lse [B, H, Tq]`` float32.
     """
     if _cpu_flash(q):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=_additive(mask, q), scale=scale)
         return o, lse
     qg, kf, vf = _grouped(q, k, v)
+    if mask is not None:
+        o, lse = block_forward(qg, kf, vf, scale, mask.to(q.device))
+        return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
     o, lse = torch.empty_like(qg), torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
     for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
         o[..., rows, :], lse[..., rows] = block_forward(qg[..., rows, :], kf[:, :, keys], vf[:, :, keys], scale, mask)
     return o.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
 
 
-def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool):
+def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool, mask: torch.Tensor | None = None):
     """Gradients of one block given the FINAL ``o`` (q's dtype) and ``lse`` of its rows.
 
-    Shapes as in :func:`attend` (``do, o [B, H, Tq, D]``, ``lse [B, H, Tq]``). Returns ``dq``
-    like q and ``dk, dv`` like k (summed over the query heads sharing each KV head), in the
-    input dtype.
+    Shapes (and ``mask``) as in :func:`attend` (``do, o [B, H, Tq, D]``, ``lse [B, H, Tq]``).
+    Returns ``dq`` like q and ``dk, dv`` like k (summed over the query heads sharing each KV
+    head), in the input dtype.
     """
     if _cpu_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, causal, scale=scale
+            do, q, k, v, o, lse, 0.0, causal, attn_mask=_additive(mask, q), scale=scale
         )
     qg, kf, vf = _grouped(q, k, v)
     dog, og = (_grouped(x, k, v)[0] for x in (do, o))
     lse_g, delta = lse.reshape(qg.shape[:-1]), (dog * og).sum(-1)
+    if mask is not None:
+        dq, dk, dv = block_backward(qg, kf, vf, dog, lse_g, delta, scale, mask.to(q.device))
+        return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     dq, dk, dv = torch.empty_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
     for rows, keys, mask in _row_tiles(q.shape[2], k.shape[2], causal, q.device):
         dq[..., rows, :], dk_t, dv_t = block_backward(
@@ -130,17 +145,55 @@ def merge_partial(o, lse, o_blk, lse_blk):
     return o * wa[..., None] + o_blk.float() * wb[..., None], new
 
 
-class LowerRightAttention(torch.autograd.Function):
-    """Bottom-right aligned causal attention, ``[B, Tq, H, D]`` vs ``[B, Tk, H_kv, D]`` (Tq < Tk):
-    two kernel calls merged by LSE forward, two backward calls with the final ``o, lse``."""
+Piece = tuple[slice, slice, "bool | torch.Tensor"]
+"""``(rows, cols, kind)``: local query rows against key columns; ``kind`` True = the square causal
+diagonal, False = fully visible, or a small bool mask ``[rows, cols]`` (see :func:`attend`)."""
+
+
+def _causal_mask(kind) -> tuple[bool, torch.Tensor | None]:
+    """A piece's ``kind`` as :func:`attend`'s ``(causal, mask)``."""
+    return (False, kind) if isinstance(kind, torch.Tensor) else (kind, None)
+
+
+def pieces_forward(qh, kh, vh, scale: float, pieces: list[Piece], o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge the ``pieces`` of ``qh [B, H, Tq, D]`` against ``kh, vh [B, H_kv, Tk, D]`` into the
+    running float32 ``o [B, H, Tq, D]`` and ``lse [B, H, Tq]`` (in place; start from 0 and -inf)."""
+    for r, c, kind in pieces:
+        ob, lb = attend(qh[:, :, r], kh[:, :, c], vh[:, :, c], scale, *_causal_mask(kind))
+        o[:, :, r], lse[:, :, r] = merge_partial(o[:, :, r], lse[:, :, r], ob, lb)
+
+
+def piece_backward(doh, qh, kh, vh, oh, lse, scale: float, piece: Piece):
+    """One piece's ``(dq, dk, dv)`` (its rows / columns, input dtype) given the FINAL ``oh``, ``lse``."""
+    r, c, kind = piece
+    return attend_backward(doh[:, :, r], qh[:, :, r], kh[:, :, c], vh[:, :, c], oh[:, :, r], lse[:, :, r], scale, *_causal_mask(kind))
+
+
+def pieces_backward(doh, qh, kh, vh, oh, lse, scale: float, pieces: list[Piece], dq, dk, dv) -> None:
+    """Add the ``pieces``' gradients (given the FINAL ``oh`` and ``lse``) into the float32
+    accumulators ``dq [B, H, Tq, D]``, ``dk, dv [B, H_kv, Tk, D]`` (in place)."""
+    for piece in pieces:
+        r, c, _ = piece
+        dq_b, dk_b, dv_b = piece_backward(doh, qh, kh, vh, oh, lse, scale, piece)
+        dq[:, :, r] += dq_b
+        dk[:, :, c] += dk_b
+        dv[:, :, c] += dv_b
+
+
+class PiecesAttention(torch.autograd.Function):
+    """``[B, Tq, H, D]`` q against ``[B, Tk, H_kv, D]`` k/v as the pieces ``make_pieces()`` lists
+    (a callable, so that backward rebuilds them and ctx holds no tensor but the saved ones): the
+    pieces merged by LSE forward, each through the flash backward with the final ``o, lse``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx, q, k, v, scale, make_pieces):
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-        o, lse = attend_blocks(qh, kh, vh, scale, lower_right_blocks(q.shape[1], k.shape[1]))
+        o = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(qh.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        pieces_forward(qh, kh, vh, scale, make_pieces(), o, lse)
         out = o.to(q.dtype).transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.make_pieces = scale, make_pieces
         return out
 
     @staticmethod
@@ -148,13 +201,14 @@ class LowerRightAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         qh, kh, vh, oh, doh = (x.transpose(1, 2) for x in (q, k, v, out, do))
         dq = torch.zeros(qh.shape, dtype=torch.float32, device=q.device)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        for k0, k1, causal in lower_right_blocks(q.shape[1], k.shape[1]):
-            dq_b, dk_b, dv_b = attend_backward(doh, qh, kh[:, :, k0:k1], vh[:, :, k0:k1], oh, lse, ctx.scale, causal)
-            dq += dq_b
-            dk[:, k0:k1] = dk_b.transpose(1, 2)
-            dv[:, k0:k1] = dv_b.transpose(1, 2)
-        return dq.transpose(1, 2).to(q.dtype), dk, dv, None
+        dk, dv = (torch.zeros(kh.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        pieces_backward(doh, qh, kh, vh, oh, lse, ctx.scale, ctx.make_pieces(), dq, dk, dv)
+        return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype), None, None
+
+
+def lower_right_pieces(Tq: int, Tk: int) -> list[Piece]:
+    """Bottom-right aligned causal attention of ``Tq`` queries against ``Tk`` keys as pieces."""
+    return [(slice(0, Tq), slice(k0, k1), diag) for k0, k1, diag in lower_right_blocks(Tq, Tk)]
 
 
 # ----------------------------------------------------------------------------- float32 reference
@@ -169,6 +223,14 @@ def _grouped(q, k, v):
 
 REFERENCE_TILE_ROWS = 256
 """Query rows per tile of the float32 reference: its scores are ``[B, H, tile, Tk]`` at most."""
+
+
+def _additive(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """A small bool mask (True = visible) as the additive ``0 / -inf`` mask in q's dtype that the
+    CPU flash kernel takes."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask.to(q.device), float("-inf"))
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ import torch
 from .. import comm
 from ..parallel import group_rank_size, shard_sequence, unshard_sequence
 from .single import full_sequence_linear
-from .softmax_local import sdpa_attention
+from .softmax_documents import single_process_softmax
 
 
 class AllToAll(torch.autograd.Function):
@@ -81,17 +81,19 @@ def _split_heads(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(B, T, size, H // size, C)
 
 
-def ulysses_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str) -> torch.Tensor:
-    """Ulysses softmax attention on validated inputs (see :func:`lasp.softmax_attention`)."""
+def ulysses_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str, bounds=None) -> torch.Tensor:
+    """Ulysses softmax attention on validated inputs (see :func:`lasp.softmax_attention`);
+    ``bounds``: the documents' ``cu_seqlens`` as ints or None. After the all-to-all a rank holds
+    the whole sequence in natural order on ``H/P`` heads: the single-process document attention."""
     check_heads_divisible(group, H=q.shape[2], H_kv=k.shape[2])
     rank, size = group_rank_size(group)
     if size == 1:
-        return sdpa_attention(q, k, v, causal=causal, scale=scale)
+        return single_process_softmax(q, k, v, causal=causal, scale=scale, bounds=bounds)
     h, h_kv = q.shape[2] // size, k.shape[2] // size
     packed = torch.cat([_split_heads(x, size) for x in (q, k, v)], dim=3)  # [B, T_local, P, h+2h_kv, D]
     full = seq_to_heads(packed, group, layout, "qkv")
     qf, kf, vf = full.split([h, h_kv, h_kv], dim=2)
-    o = sdpa_attention(qf, kf, vf, causal=causal, scale=scale)  # natural order: plain causal mask
+    o = single_process_softmax(qf, kf, vf, causal=causal, scale=scale, bounds=bounds)  # natural order
     return heads_to_seq(o, group, layout, "o")
 
 
