@@ -216,3 +216,29 @@ def test_cost_model_structure():
     assert costmodel.layer_cost("lasp1", costmodel.Shape(2**21, 64), hw)["comm_s"] > lasp2[0]  # 63 dependent hops
     assert not costmodel.layer_cost("ulysses-linear", costmodel.Shape(2**21, 64), hw)["feasible"]  # 16 heads < 64
     assert costmodel.layer_cost("lasp2", costmodel.Shape(4096, 1), hw)["comm_s"] == 0.0
+
+
+def test_layer_gated_delta_methods(tmp_path):
+    """`gdn-*` methods: lasp.gated_delta_rule per method; LASP-2 sends the same bytes at every length."""
+    out = str(tmp_path)
+    rc = layer.main(["--method", "gdn-lasp2,gdn-lasp1,gdn-ulysses", "--sp", "2", "--out", out, *TINY_LAYER])
+    assert rc == 0
+    doc = _assert_outputs(out, "layer")
+    recs = {(r["method"], r["seq_len"]): r for r in doc["records"]}
+    assert {r["status"] for r in recs.values()} == {"ok"}, [r["reason"] for r in recs.values()]
+    lasp2 = [recs[("gdn-lasp2", n)] for n in (64, 128)]
+    assert lasp2[0]["bytes_per_rank"] == lasp2[1]["bytes_per_rank"] > 0
+    assert lasp2[0]["collectives_by_kind"] == {"all_gather": 2}
+    assert recs[("gdn-ulysses", 128)]["bytes_per_rank"] == 2 * recs[("gdn-ulysses", 64)]["bytes_per_rank"]
+    assert "gdn_lasp2_speedup.png" in doc["plots"] and "lasp2_speedup.png" not in doc["plots"]
+
+
+def test_model_bench_activation_checkpointing(tmp_path):
+    out = str(tmp_path)
+    rc = model.main(["--models", "hybrid", "--sp", "1", "--seq-len", "64", "--activation-checkpointing", "both",
+                     "--warmup", "1", "--reps", "1", "--max-seconds-per-point", "2", "--out", out])
+    assert rc == 0
+    recs = _assert_outputs(out, "model")["records"]
+    assert [(r["label"], r["activation_checkpointing"], r["status"]) for r in recs] == [
+        ("hybrid", False, "ok"), ("hybrid+ckpt", True, "ok")]
+    assert "| ckpt |" in (tmp_path / "results.md").read_text()

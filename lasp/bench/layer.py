@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from . import sweep
 from .cli import common_args, csv_arg, positive
@@ -28,36 +29,62 @@ from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
 
 
-def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
-    """``(forward, backward)`` of ``lasp.linear_attention`` / ``lasp.softmax_attention`` (by
-    ``m.kind``) with ``method=m.op`` on this rank's random shard (seeded by rank; softmax K/V
-    have ``kv_heads`` heads)."""
-    import lasp
-
-    B, H, D, T = point["batch"], point["heads"], point["head_dim"], point["seq_len"]
+def _shard(point: dict, rank: int, world: int, device: torch.device):
+    """``rnd(*dims, std=1.0, fn=None)``: a random ``[B, T/P, *dims]`` tensor of this rank (seeded
+    by rank; ``fn`` applied in fp32), in the point's dtype on ``device``."""
     gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
 
-    def rnd(h: int, std: float = 1.0) -> torch.Tensor:
-        return (torch.randn(B, T // world, h, D, generator=gen) * std).to(device=device, dtype=DTYPES[point["dtype"]])
+    def rnd(*dims: int, std: float = 1.0, fn=None) -> torch.Tensor:
+        x = torch.randn(point["batch"], point["seq_len"] // world, *dims, generator=gen) * std
+        return (fn(x) if fn else x).to(device=device, dtype=DTYPES[point["dtype"]])
 
-    H_kv = H if m.kind == "linear" else point["kv_heads"]
-    q, k, v = (x.requires_grad_() for x in (rnd(H, 0.5), rnd(H_kv, 0.5), rnd(H_kv)))
-    do = rnd(H) / T**0.5
-    kw = dict(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
-    op = lasp.softmax_attention if m.kind == "softmax" else lasp.linear_attention
-    if m.kind == "linear":
-        kw["backend"] = point["backend"]
+    return rnd
+
+
+def _fwd_bwd(op, leaves: list[torch.Tensor], do: torch.Tensor, kw: dict):
+    """``(forward, backward)`` of ``op(*leaves, **kw)`` with output gradient ``do``."""
+    for x in leaves:
+        x.requires_grad_()
 
     def forward() -> torch.Tensor:
-        q.grad = k.grad = v.grad = None
-        return op(q, k, v, **kw)
+        for x in leaves:
+            x.grad = None
+        return op(*leaves, **kw)
 
     return forward, lambda o: o.backward(do)
 
 
+def _kw(m: "Method", point: dict, world: int) -> dict:
+    return dict(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
+
+
+def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
+    """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by ``m.kind``) on random q, k, v
+    (softmax K/V have ``kv_heads`` heads)."""
+    import lasp
+
+    H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
+    H_kv = H if m.kind == "linear" else point["kv_heads"]
+    leaves = [rnd(H, D, std=0.5), rnd(H_kv, D, std=0.5), rnd(H_kv, D)]
+    kw = _kw(m, point, world) | ({"backend": point["backend"]} if m.kind == "linear" else {})
+    op = lasp.softmax_attention if m.kind == "softmax" else lasp.linear_attention
+    return _fwd_bwd(op, leaves, rnd(H, D, std=point["seq_len"] ** -0.5), kw)
+
+
+def delta_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
+    """``lasp.gated_delta_rule`` (q, k L2-normalised inside) on random q, k, v, ``beta =
+    sigmoid(x)``, ``g = logsigmoid(x) / 8`` (<= 0)."""
+    import lasp
+
+    H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
+    leaves = [rnd(H, D), rnd(H, D), rnd(H, D), rnd(H, fn=torch.sigmoid), rnd(H, fn=lambda x: F.logsigmoid(x) / 8)]
+    kw = _kw(m, point, world) | dict(backend=point["backend"], use_qk_l2norm_in_kernel=True)
+    return _fwd_bwd(lasp.gated_delta_rule, leaves, rnd(H, D, std=point["seq_len"] ** -0.5), kw)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A benchmark method: ``kind`` (``linear`` | ``softmax`` | a new family), ``op`` (the public
+    """A benchmark method: ``kind`` (``linear`` | ``delta`` | ``softmax`` | a new family), ``op`` (the public
     operator's ``method=``) and ``step(method, point, rank, world, device) -> (forward, backward)``,
     which builds this rank's inputs; ``backward(forward())`` is one measured step."""
 
@@ -74,6 +101,9 @@ METHODS: dict[str, Method] = {
     "allgather": Method("softmax", "allgather"),
     "ring": Method("softmax", "ring"),
     "ulysses-softmax": Method("softmax", "ulysses"),
+    "gdn-lasp2": Method("delta", "lasp2", delta_step),
+    "gdn-lasp1": Method("delta", "lasp1", delta_step),
+    "gdn-ulysses": Method("delta", "ulysses", delta_step),
 }
 ALIASES = {"lasp2h": "allgather", "ulysses_linear": "ulysses-linear", "ulysses_softmax": "ulysses-softmax"}
 
@@ -101,7 +131,7 @@ def precheck(point: dict) -> tuple[str, str] | None:
     from ..attention import LINEAR_METHODS, SOFTMAX_METHODS
 
     m = METHODS[point["method"]]
-    table = {"linear": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
+    table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
     if table is not None and m.op not in table:
         return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
     est, limit = estimate_memory_gb(point), point["_max_memory_gb"]
@@ -117,7 +147,9 @@ BENCH = sweep.Bench(
                                        title="one attention layer (dashed: softmax)",
                                        dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
            "lasp2_speedup.png": dict(base="lasp2", against=("ring", "lasp1", "allgather", "ulysses-linear"),
-                                     title="LASP-2 speed-up (time ratio)")},
+                                     title="LASP-2 speed-up (time ratio)"),
+           "gdn_lasp2_speedup.png": dict(base="gdn-lasp2", against=("gdn-lasp1", "gdn-ulysses"),
+                                         title="gated delta rule: LASP-2 speed-up (time ratio)")},
     columns=[("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
     note="time: one forward + backward of one attention layer, slowest rank, median of the timed steps; "
          "sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "

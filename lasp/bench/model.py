@@ -60,6 +60,7 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     cfg = model_config(point)
     torch.manual_seed(0)
     model = LinearLlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[point["dtype"]])
+    model.set_activation_checkpointing(point["activation_checkpointing"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
@@ -111,16 +112,17 @@ def shape_line(config: dict) -> str:
 
 BENCH = sweep.Bench(
     kind="model", series="model", order=MODELS, build=build_step, precheck=precheck, finish=finish,
-    time_header="step ms (median)", header=shape_line,
+    time_header="step ms (median)", header=shape_line, plot_series="label",
     plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
                                                title="training step"),
            "time_vs_seq_len.png": dict(metric="time_ms", ylabel="step time (ms)", title="training step"),
            "linear_speedup.png": dict(base="linear", against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"),
                                       title="pure linear (LASP-2) speed-up")},
-    columns=[("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
+    columns=[("ckpt", lambda r: "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
              ("sent/rank (attention)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])})")],
     note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank "
-         "sends per step (attention part in brackets; the rest is the gradient all-reduce).",
+         "sends per step (attention part in brackets; the rest is the gradient all-reduce); ckpt: activation "
+         "checkpointing of every decoder layer (plots: +ckpt).",
 )
 
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
+    ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",
+                    help="recompute each decoder layer in backward; both: every point with and without")
     common_args(ap, default_budget=30.0)
     args = ap.parse_args(argv)
     for m in args.models:
@@ -146,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             args.base_config = ModelConfig.from_yaml(args.config).to_dict()
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
-    points = [dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
+    ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
+    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
                    warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
                    device=sweep.local_device(args.device).type, _base_config=args.base_config)
-              for sp in args.sp for m in args.models for n in args.seq_len]
+              for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt]
     return sweep.main(BENCH, args, argv, points)

@@ -41,6 +41,7 @@ class Bench:
     note: str  # results.md footnote; {mem_method} is filled in
     plots: dict[str, dict]  # PNG name -> plot_speedup(**kw) when kw has "base", else plot_metric_vs_seq_len(**kw)
     header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
+    plot_series: str = ""  # the record key naming a plotted line, when not ``series``
 
 
 def launched_world() -> int:
@@ -237,7 +238,7 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
     headers = [bench.series, "status", "P", "seq len", bench.time_header, "min-max ms", "reps", "tokens/s"]
     headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
     rows, order = [], list(bench.order)
-    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
+    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]), r.get(bench.plot_series, ""))):
         row = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
         if r["status"] == "ok":
             row[4:] = [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
@@ -261,8 +262,10 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
     def write(records: list[dict], final: bool) -> str:
         os.makedirs(args.out, exist_ok=True)
         text = markdown(bench, records, env, command, config)
-        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=bench.series, **kw)
-                 for name, kw in bench.plots.items()] if final else []
+        series = bench.plot_series or bench.series
+        names = {r.get(series) for r in records}  # a speed-up plot needs its base series
+        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=series, **kw)
+                 for name, kw in bench.plots.items() if final and ("base" not in kw or kw["base"] in names)]
         write_results(args.out, results_doc(bench.kind, env, config, records, [os.path.basename(p) for p in plots]), text)
         return text
 
