@@ -3,14 +3,8 @@ sequence lengths and SP sizes.
 
     lasp bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2,4 --out DIR
 
-Methods: the registry :data:`METHODS` (name -> public operator and its ``method=``). Each point
-builds random ``[B, T/P, H, D]`` q, k, v, do on every rank; the methods of one (P, length) have
-their repetitions interleaved (``--no-interleave``: each point alone). Recorded
-(:mod:`lasp.bench.sweep`): time (median, spread, samples), tokens/s (``B * T / time``), peak
-memory per rank, and from :func:`lasp.comm.record` the calls and bytes each rank sends per
-forward + backward (max over ranks). GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench layer
---sp 8 ...``. CPU memory guard: a point whose estimate (:func:`estimate_memory_gb`) exceeds
-``--max-memory-gb`` (default 70% of the available memory) is ``skipped``, not run.
+Methods: the registry :data:`METHODS` (name -> operator family, its ``method=`` and the step
+that builds this rank's random inputs). Records, timing, memory, bytes: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -24,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import sweep
-from .cli import common_args, csv_arg, positive
+from .cli import common_args, common_point, csv_arg, positive
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
 
@@ -115,15 +109,9 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
 
 
 def estimate_memory_gb(point: dict) -> float:
-    """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard.
-
-    Linear in T for every method (inputs, outputs, gradients, fp32 copies, chunk work:
-    ``~40 * B * T * H * D * 4`` bytes); the softmax methods run flash kernels on blocks
-    that need no mask and keep no scores (:mod:`lasp.ops.softmax_local`).
-    """
-    B, T, H, D = point["batch"], point["seq_len"], point["heads"], point["head_dim"]
-    total = 40.0 * B * T * H * D * 4
-    return total / 2**30
+    """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard: linear in T for
+    every method (inputs, outputs, gradients, fp32 copies, chunk work; softmax keeps no scores)."""
+    return 40.0 * point["batch"] * point["seq_len"] * point["heads"] * point["head_dim"] * 4 / 2**30
 
 
 def precheck(point: dict) -> tuple[str, str] | None:
@@ -141,8 +129,7 @@ def precheck(point: dict) -> tuple[str, str] | None:
 
 
 BENCH = sweep.Bench(
-    kind="layer", series="method", order=METHODS, build=build_step, precheck=precheck,
-    finish=lambda point, rec, per_rank: {}, time_header="time ms (median)",
+    kind="layer", series="method", order=METHODS, build=build_step, precheck=precheck, time_header="time ms (median)",
     plots={"time_vs_seq_len.png": dict(metric="time_ms", ylabel="fwd+bwd time per step (ms)",
                                        title="one attention layer (dashed: softmax)",
                                        dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
@@ -160,26 +147,20 @@ BENCH = sweep.Bench(
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", type=csv_arg(str, "--method"), default=["lasp2", "lasp1", "ring"], help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--method", type=csv_arg(lambda m: ALIASES.get(m, m), "--method", METHODS), default=["lasp2", "lasp1", "ring"],
+                    help=f"comma-separated, of {', '.join(METHODS)}")
     common_args(ap, default_budget=20.0)
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each point on its own instead of interleaving the methods' repetitions per (P, length)")
     ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
-    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
-    args.method = [ALIASES.get(m, m) for m in args.method]
-    for m in args.method:
-        if m not in METHODS:
-            ap.error(f"--method: unknown method {m!r}; choose from {', '.join(METHODS)}")
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
-    points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp,
-                   batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
-                   dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
-                   min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.local_device(args.device).type,
+    points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
+                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, **common_point(args),
                    _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

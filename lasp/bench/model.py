@@ -5,11 +5,7 @@ their token mixers, at growing sequence lengths, on P ranks.
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
 
 Models (:data:`MODELS`): the base config (``--config`` or a built-in small shape) with a layer
-pattern and methods, ``num_kv_heads = num_heads`` (same parameters up to the D-sized output
-norm of each linear layer). A step: random ids of the whole sequence, this rank's shard, mean
-cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gradients
-(averaged, as data parallelism would), AdamW. ``model_tflops`` = training FLOPs per token
-(:func:`lasp.models.info.count_flops`) x tokens/s.
+pattern and methods. Details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import comm
 from . import sweep
-from .cli import common_args, csv_arg
+from .cli import common_args, common_point, csv_arg
 from .results import fmt_bytes
 from .timing import DTYPES
 
@@ -97,21 +93,13 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
     )
 
 
-def precheck(point: dict) -> tuple[str, str] | None:
-    try:
-        model_config(point)
-    except ValueError as e:
-        return "skipped", str(e)
-    return None
-
-
 def shape_line(config: dict) -> str:
     keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")
     return "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in keys)
 
 
 BENCH = sweep.Bench(
-    kind="model", series="model", order=MODELS, build=build_step, precheck=precheck, finish=finish,
+    kind="model", series="model", order=MODELS, build=build_step, finish=finish,
     time_header="step ms (median)", header=shape_line, plot_series="label",
     plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
                                                title="training step"),
@@ -129,17 +117,13 @@ BENCH = sweep.Bench(
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=csv_arg(str, "--models"), default=["linear", "hybrid", "llama-ring"],
+    ap.add_argument("--models", type=csv_arg(str, "--models", MODELS), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
-    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
     ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",
                     help="recompute each decoder layer in backward; both: every point with and without")
     common_args(ap, default_budget=30.0)
     args = ap.parse_args(argv)
-    for m in args.models:
-        if m not in MODELS:
-            ap.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
     if args.dtype == "fp16":
         ap.error("--dtype: the model bench supports fp32 and bf16")
     args.base_config = dict(SMALL)
@@ -151,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
-    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
-                   warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-                   device=sweep.local_device(args.device).type, _base_config=args.base_config)
+    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, **common_point(args),
+                   _base_config=args.base_config)
               for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt]
     return sweep.main(BENCH, args, argv, points)

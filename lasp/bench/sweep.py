@@ -1,12 +1,7 @@
-"""The one driver of ``lasp bench layer`` and ``lasp bench model``. Spawned (the default; CPU):
-per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo processes, one torch thread each,
-kept for later sweeps (:func:`close_pools`); P = 1 runs in this process. Launched (``torchrun``
-sets ``WORLD_SIZE``; NCCL on GPUs): this process is one rank, points of another ``sp`` are
-skipped, rank 0 gathers and writes. Points run in groups (same P and length) with interleaved
-repetitions; a single point is a group of one. A failed point gets ``status`` ``unavailable``
-(not implemented), ``skipped`` (a precheck, or a ValueError raised before any collective) or
-``error`` (any other exception, out of memory, a timeout), and the ``reason``.
-"""
+"""The one driver of ``lasp bench layer`` and ``lasp bench model``: spawned gloo ranks (a
+:class:`lasp.spawn.SpawnedGroup` per SP size) or launched ones (``torchrun``), points run in
+groups with interleaved repetitions, a status and reason for every point that does not run
+(``docs/bench/README.md``)."""
 from __future__ import annotations
 
 import atexit
@@ -21,8 +16,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..spawn import Failure, RankError, SpawnedGroup
-from .plots import plot_metric_vs_seq_len, plot_speedup
-from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, plot_speedup, report, results_doc, status_cell, write_results
 from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
 
@@ -34,19 +28,14 @@ class Bench:
     series: str  # the record key naming a series: "method" | "model"
     order: dict  # the registry: series names in table order
     build: Callable  # module-level build(point, rank, world, device) -> (forward, backward, info dict)
-    precheck: Callable[[dict], tuple[str, str] | None]  # (status, reason) of a point that must not run
-    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> more ok-record fields
     columns: list[tuple[str, Callable[[dict], str]]]  # results.md: (header, cell of an ok record) after tokens/s
     time_header: str
     note: str  # results.md footnote; {mem_method} is filled in
     plots: dict[str, dict]  # PNG name -> plot_speedup(**kw) when kw has "base", else plot_metric_vs_seq_len(**kw)
+    precheck: Callable[[dict], tuple[str, str] | None] = lambda point: None  # (status, reason) of a point not to run
+    finish: Callable[[dict, dict, list[dict]], dict] = lambda point, rec, per_rank: {}  # more ok-record fields
     header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
     plot_series: str = ""  # the record key naming a plotted line, when not ``series``
-
-
-def launched_world() -> int:
-    """World size set by an external launcher (torchrun, deepspeed), 0 when none."""
-    return int(os.environ.get("WORLD_SIZE", "0") or 0)
 
 
 def local_device(name: str = "auto") -> torch.device:
@@ -59,17 +48,9 @@ def local_device(name: str = "auto") -> torch.device:
 _POOLS: dict[int, SpawnedGroup] = {}
 
 
-def _pool(size: int, timeout_s: float) -> SpawnedGroup:
-    """A spawned group of ``size`` ranks, kept for later sweeps of this process (closed at exit)."""
-    if not _POOLS:
-        atexit.register(close_pools)
-    pool = _POOLS.setdefault(size, SpawnedGroup(size, timeout=timeout_s))
-    pool.timeout = timeout_s
-    return pool
-
-
+@atexit.register
 def close_pools() -> None:
-    """Stop every spawned group this process started."""
+    """Stop every spawned group this process started (they are kept for later sweeps until then)."""
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
@@ -88,9 +69,7 @@ def _instrumented(forward, backward, device: torch.device) -> dict:
     with comm.record() as log:
         mem_mb, how = measure_peak_memory(fwd_bwd, device)
     sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
-    tag_bytes: Counter = Counter()
-    for e in sent:
-        tag_bytes[e.tag] += e.bytes
+    tag_bytes = sum((Counter({e.tag: e.bytes}) for e in sent), Counter())
     return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
             "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
             "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
@@ -113,9 +92,8 @@ def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> 
 
         return run
 
-    p0 = points[0]
     timed = time_steps([step(i, f, b) for i, (f, b, _) in enumerate(built)], group=dist.group.WORLD if world > 1 else None,
-                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"], max_seconds=p0["max_seconds"])
+                       device=device, **{k: points[0][k] for k in ("warmup", "reps", "min_reps", "max_seconds")})
     return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **inst) for (_, _, info), t, inst in zip(built, timed, seen)]
 
 
@@ -164,29 +142,29 @@ def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
     return bench.precheck(point)
 
 
-def _run_here(build: Callable, points: list[dict], rank: int, world: int) -> tuple[list | None, Failure | None]:
-    try:
-        return group_worker(rank, world, build, points), None
-    except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
-        return None, Failure.from_exception(e, rank)
-
-
 def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
     """Every record of one group of points (same SP size and length)."""
-    per_rank, failure = None, None
+    def here(rank: int, size: int) -> tuple[list | None, Failure | None]:
+        try:
+            return group_worker(rank, size, bench.build, points), None
+        except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
+            return None, Failure.from_exception(e, rank)
+
+    per_rank, failure, threads = None, None, torch.get_num_threads()
     if world:  # launched: this process is one rank
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, _run_here(bench.build, points, dist.get_rank(), world))
+        dist.all_gather_object(gathered, here(dist.get_rank(), world))
         per_rank, failure = [m for m, _ in gathered], next((f for _, f in gathered if f), None)
     elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        mine, failure = _run_here(bench.build, points, 0, 1)
+        mine, failure = here(0, 1)
         torch.set_num_threads(threads)
         per_rank = [mine]
     else:
         try:
-            per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
+            pool = _POOLS.setdefault(points[0]["sp"], SpawnedGroup(points[0]["sp"], timeout=timeout_s))
+            pool.timeout = timeout_s  # (the gloo timeout of ranks it starts)
+            per_rank = pool.run(group_worker, bench.build, points, timeout=timeout_s)
         except RankError as e:
             failure = e.failure
     if failure is not None and failure.kind == "exception" and len(points) > 1:  # find the failing point(s): one by one
@@ -194,43 +172,6 @@ def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -
     if failure is not None:
         return [failure_record(p, failure) for p in points]
     return [ok_record(bench, p, [r[i] for r in per_rank]) for i, p in enumerate(points)]
-
-
-def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: float,
-              on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every point (by default the points of one (P, length) as one group); one record per
-    point (on launched ranks > 0: none). ``on_record`` is called after each (partial saves)."""
-    from tqdm import tqdm
-
-    world = launched_world()
-    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
-    if world and not dist.is_initialized():
-        from ..parallel import init_parallel
-
-        init_parallel(sp_size=world)
-    main_rank = not world or dist.get_rank() == 0
-    records: list[dict] = []
-
-    def emit(recs: list[dict]) -> None:
-        for r in recs if main_rank else ():
-            records.append(r)
-            if on_record:
-                on_record(r)
-
-    groups: dict[tuple, list[dict]] = {}
-    for i, p in enumerate(points):
-        why = _precheck(bench, p, world)
-        if why:
-            emit([dict(_public(p), status=why[0], reason=why[1])])
-        else:
-            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
-    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
-    for pts in groups.values():
-        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
-        emit(_run_group(bench, pts, world, timeout_s * len(pts)))
-        bar.update(1)
-    bar.close()
-    return records
 
 
 def markdown(bench: Bench, records: list[dict], env: dict, command: str, config: dict) -> str:
@@ -250,16 +191,25 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
 
 
 def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
-    """A sweep command: run ``points``; after each record write results.json and results.md, at
-    the end also the plots; print the table."""
-    command, world = f"lasp bench {bench.kind} " + " ".join(argv), launched_world()
+    """A sweep command: run every point (with ``interleave``, the points of one (P, length) as one
+    group); after each record write results.json and results.md (on launched ranks > 0: nothing),
+    at the end also the plots; print the table."""
+    from tqdm import tqdm
+
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)  # set by an external launcher (torchrun, deepspeed)
+    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
+    if world and not dist.is_initialized():
+        from ..parallel import init_parallel
+
+        init_parallel(sp_size=world)
+    main_rank, command = not world or dist.get_rank() == 0, f"lasp bench {bench.kind} " + " ".join(argv)
     env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
                    mem_available_gb=mem_available_gb())
     if not world:
         env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
-    config, done = dict(vars(args)), []
+    config, records = dict(vars(args)), []
 
-    def write(records: list[dict], final: bool) -> str:
+    def write(final: bool) -> str:
         os.makedirs(args.out, exist_ok=True)
         text = markdown(bench, records, env, command, config)
         series = bench.plot_series or bench.series
@@ -269,13 +219,26 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
         write_results(args.out, results_doc(bench.kind, env, config, records, [os.path.basename(p) for p in plots]), text)
         return text
 
-    def save_partial(rec: dict) -> None:
-        done.append(rec)
-        write(done, False)
+    def emit(recs: list[dict]) -> None:
+        if main_rank:
+            records.extend(recs)
+            write(False)
 
-    records = run_sweep(bench, points, interleave=interleave, timeout_s=args.point_timeout, on_record=save_partial)
-    if world > 1 and dist.get_rank() != 0:
+    groups: dict[tuple, list[dict]] = {}
+    for i, p in enumerate(points):
+        why = _precheck(bench, p, world)
+        if why:
+            emit([dict(_public(p), status=why[0], reason=why[1])])
+        else:
+            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
+    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
+    for pts in groups.values():
+        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
+        emit(_run_group(bench, pts, world, args.point_timeout * len(pts)))
+        bar.update(1)
+    bar.close()
+    if not main_rank:
         return 0
-    print(write(records, True))
+    print(write(True))
     print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
     return 0

@@ -1,13 +1,5 @@
-"""Measuring one distributed step: adaptive repetitions, per-rank peak memory, env facts.
-
-Every rank takes the same decisions (so enters the same collectives). A sample: CPU
-``barrier; step(); barrier`` wall time, CUDA events; max-reduced over the group (the slowest
-rank). ``warmup`` steps (at least one; stopped after a third of ``max_seconds``), then
-``min(reps, remaining budget / last warm-up step)`` timed steps, at least ``min_reps`` when they
-fit, else at least 1. Peak memory of a step: CUDA ``max_memory_allocated`` over the allocation
-before it; CPU (Linux) ``VmHWM - VmRSS`` around it (high-water mark reset via
-``/proc/self/clear_refs``, after ``malloc_trim``; process memory); elsewhere ``ru_maxrss`` growth.
-"""
+"""Measuring one distributed step: adaptive repetitions (the slowest rank's time), per-rank
+peak memory, env facts. The rules: ``docs/bench/README.md``."""
 from __future__ import annotations
 
 import ctypes
@@ -27,11 +19,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _world(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def barrier(group) -> None:
-    if _world(group) > 1:
-        dist.barrier(group=group)
 
 
 def max_over_group(values: list[float], group) -> list[float]:
@@ -81,7 +68,8 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
 
 def _timed(step: Callable[[], None], group, device: torch.device) -> float:
     """One step's seconds on this rank (CPU: barrier-to-barrier; CUDA: events)."""
-    barrier(group)
+    barrier = dist.barrier if _world(group) > 1 else lambda group: None
+    barrier(group=group)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -91,7 +79,7 @@ def _timed(step: Callable[[], None], group, device: torch.device) -> float:
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     step()
-    barrier(group)
+    barrier(group=group)
     return time.perf_counter() - t0
 
 
@@ -137,9 +125,7 @@ def summarize_samples(samples_s: list[float]) -> dict:
 def env_info(device: str, world: int, **extra) -> dict:
     """Versions, device and machine facts stored in every results.json."""
     try:
-        import triton
-
-        triton_version = triton.__version__
+        from triton import __version__ as triton_version
     except Exception:  # noqa: BLE001 - triton is optional at run time
         triton_version = None
     if device.startswith("cuda") and torch.cuda.is_available():
