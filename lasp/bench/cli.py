@@ -13,14 +13,9 @@ KINDS = {
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in KINDS:
-        print("usage: lasp bench {" + ",".join(KINDS) + "} [args...]\n")
-        for k, (_, h) in KINDS.items():
-            print(f"  {k:<8} {h}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from lasp.cli import run_module_main
+    from lasp.cli import dispatch
 
-    return run_module_main(KINDS[argv[0]][0], argv[1:], f"lasp bench {argv[0]}")
+    return dispatch(KINDS, argv, "lasp bench")
 
 
 def positive(kind=int):

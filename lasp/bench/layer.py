@@ -35,8 +35,11 @@ def _shard(point: dict, rank: int, world: int, device: torch.device):
     return rnd
 
 
-def _fwd_bwd(op, leaves: list[torch.Tensor], do: torch.Tensor, kw: dict):
-    """``(forward, backward)`` of ``op(*leaves, **kw)`` with output gradient ``do``."""
+def _step(op, m: "Method", point: dict, world: int, rnd, leaves: list[torch.Tensor], **kw):
+    """``(forward, backward)`` of ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this rank;
+    the output gradient is drawn last from ``rnd``."""
+    do = rnd(point["heads"], point["head_dim"], std=point["seq_len"] ** -0.5)
+    kw.update(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
     for x in leaves:
         x.requires_grad_()
 
@@ -48,10 +51,6 @@ def _fwd_bwd(op, leaves: list[torch.Tensor], do: torch.Tensor, kw: dict):
     return forward, lambda o: o.backward(do)
 
 
-def _kw(m: "Method", point: dict, world: int) -> dict:
-    return dict(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
-
-
 def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
     """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by ``m.kind``) on random q, k, v
     (softmax K/V have ``kv_heads`` heads)."""
@@ -60,9 +59,9 @@ def attention_step(m: "Method", point: dict, rank: int, world: int, device: torc
     H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
     H_kv = H if m.kind == "linear" else point["kv_heads"]
     leaves = [rnd(H, D, std=0.5), rnd(H_kv, D, std=0.5), rnd(H_kv, D)]
-    kw = _kw(m, point, world) | ({"backend": point["backend"]} if m.kind == "linear" else {})
-    op = lasp.softmax_attention if m.kind == "softmax" else lasp.linear_attention
-    return _fwd_bwd(op, leaves, rnd(H, D, std=point["seq_len"] ** -0.5), kw)
+    if m.kind == "softmax":
+        return _step(lasp.softmax_attention, m, point, world, rnd, leaves)
+    return _step(lasp.linear_attention, m, point, world, rnd, leaves, backend=point["backend"])
 
 
 def delta_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
@@ -72,8 +71,7 @@ def delta_step(m: "Method", point: dict, rank: int, world: int, device: torch.de
 
     H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
     leaves = [rnd(H, D), rnd(H, D), rnd(H, D), rnd(H, fn=torch.sigmoid), rnd(H, fn=lambda x: F.logsigmoid(x) / 8)]
-    kw = _kw(m, point, world) | dict(backend=point["backend"], use_qk_l2norm_in_kernel=True)
-    return _fwd_bwd(lasp.gated_delta_rule, leaves, rnd(H, D, std=point["seq_len"] ** -0.5), kw)
+    return _step(lasp.gated_delta_rule, m, point, world, rnd, leaves, backend=point["backend"], use_qk_l2norm_in_kernel=True)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
 # the built-in base shape: small enough for a 2-core CPU at 16K tokens
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
              linear_variant="lightning", rope_theta=10000.0, max_seq_len=65536)
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")  # results.md
 GRAD_TAG = "bench.grad_allreduce"
 
 
@@ -60,8 +61,7 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
-    ids = shard_sequence(tokens[:, :-1], rank, world, point["layout"]).to(device)
-    labels = shard_sequence(tokens[:, 1:], rank, world, point["layout"]).to(device)
+    ids, labels = (shard_sequence(t, rank, world, point["layout"]).to(device) for t in (tokens[:, :-1], tokens[:, 1:]))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def forward() -> torch.Tensor:
@@ -93,14 +93,10 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
     )
 
 
-def shape_line(config: dict) -> str:
-    keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")
-    return "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in keys)
-
-
 BENCH = sweep.Bench(
     kind="model", series="model", order=MODELS, build=build_step, finish=finish,
-    time_header="step ms (median)", header=shape_line, plot_series="label",
+    time_header="step ms (median)", plot_series="label",
+    header=lambda config: "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in SHAPE_KEYS),
     plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
                                                title="training step"),
            "time_vs_seq_len.png": dict(metric="time_ms", ylabel="step time (ms)", title="training step"),

@@ -271,13 +271,9 @@ def _k(n: int) -> str:
 
 def report_markdown(doc: dict) -> str:
     cfg, hw = doc["config"], doc["config"]["hardware"]
-    lines = [
-        "# lasp bench predict", "", f"`{cfg['command']}`", "",
-        f"Model {cfg['model_config']}, {cfg['devices']} devices ({hw['gpus_per_node']} per node), batch 1. Hardware: "
-        f"{hw['peak_flops'] / 1e12:.0f} TFLOP/s peak x MFU {hw['mfu']:.2f}; intra {hw['bw_intra'] / 1e9:.0f} GB/s, "
-        f"inter {hw['bw_inter'] / 1e9:.1f} GB/s per GPU per direction; latency {hw['lat_intra'] * 1e6:.0f}/"
-        f"{hw['lat_inter'] * 1e6:.0f} us per message, {hw['lat_launch'] * 1e6:.0f} us per call.", "",
-    ]
+    knobs = ", ".join(f"{f.metadata['flag']} {hw[f.name] / f.metadata['unit']:g}" for f in dataclasses.fields(Hardware))
+    lines = ["# lasp bench predict", "", f"`{cfg['command']}`", "",
+             f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.", ""]
     headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
                "grad all-reduce ms", "LASP-2 speed-up"]
     rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", _k(r["seq_len"]), fmt_num(r["time_ms"]),

@@ -120,9 +120,8 @@ def ok_record(bench: Bench, point: dict, per_rank: list[dict]) -> dict:
 def failure_record(point: dict, failure: Failure) -> dict:
     """The record of a point whose run failed: NotImplementedError -> ``unavailable``, ValueError
     (raised on every rank before any collective) -> ``skipped``, anything else -> ``error``."""
-    status = "error"
-    if failure.kind == "exception":
-        status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    status = status if failure.kind == "exception" else "error"
     reason = f"{failure.exc_type}: {failure.message}" if status == "error" and failure.exc_type else failure.message
     return dict(_public(point), status=status, reason=("out of memory: " if failure.kind == "oom" else "") + reason[:300])
 

@@ -2,6 +2,7 @@
 peak memory, env facts. The rules: ``docs/bench/README.md``."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -48,10 +49,8 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda-max-allocated-delta"
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # give freed heap pages back first (glibc)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")  # resets VmHWM
@@ -85,10 +84,8 @@ def _timed(step: Callable[[], None], group, device: torch.device) -> float:
 
 def time_steps(steps: list[Callable[[], None]], *, group, device: torch.device, warmup: int, reps: int,
                max_seconds: float, min_reps: int = 3) -> list[dict]:
-    """Warm up and time each of ``steps`` adaptively (module docstring), repetitions INTERLEAVED:
-    round r runs every step that still needs an r-th sample, from a rotating start, so all see
-    the same background load. Returns per step ``{"samples_s", "warmup_s"}``, max-reduced over
-    the group (identical on every rank)."""
+    """Warm up and time each of ``steps`` adaptively, repetitions interleaved from a rotating start
+    (``docs/bench/README.md``). Per step ``{"samples_s", "warmup_s"}``, the same on every rank."""
     out, counts = [], []
     for step in steps:
         warm: list[float] = []
