@@ -45,17 +45,18 @@ def csv_arg(kind, what: str, choices=None):
             vals = [kind(x.strip()) for x in s.split(",") if x.strip()]
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of values > 0, got {s!r}") from None
-        bad = [v for v in vals if choices is not None and v not in choices]
-        if not vals or bad:
-            raise argparse.ArgumentTypeError(f"{what}: unknown {bad[0]!r}; choose from {', '.join(choices)}" if bad
-                                             else f"{what} must not be empty")
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        for v in vals if choices is not None else ():
+            if v not in choices:
+                raise argparse.ArgumentTypeError(f"{what}: unknown {v!r}; choose from {', '.join(choices)}")
         return vals
 
     return parse
 
 
 def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
-    """The sweep flags of ``lasp bench layer`` and ``lasp bench model`` (fields of :func:`common_point`)."""
+    """The sweep flags of ``lasp bench layer`` and ``lasp bench model`` (fields of every point)."""
     from .timing import DTYPES
 
     ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[2048, 8192],
@@ -74,11 +75,3 @@ def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
                     help="auto: CUDA when visible (P > 1 on GPUs: launch with torchrun, one process per GPU)")
     ap.add_argument("--out", required=True, help="output directory (results.json, results.md, PNG plots)")
 
-
-def common_point(args) -> dict:
-    """The fields every point of a sweep takes from :func:`common_args`' flags."""
-    from .sweep import local_device
-
-    return dict(batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup,
-                reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-                device=local_device(args.device).type)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import sweep
-from .cli import common_args, common_point, csv_arg, positive
+from .cli import common_args, csv_arg, positive
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
 
@@ -106,12 +106,6 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     return (*m.step(m, point, rank, world, device), {})
 
 
-def estimate_memory_gb(point: dict) -> float:
-    """Rough peak memory of a point summed over its ranks (GiB), for the CPU guard: linear in T for
-    every method (inputs, outputs, gradients, fp32 copies, chunk work; softmax keeps no scores)."""
-    return 40.0 * point["batch"] * point["seq_len"] * point["heads"] * point["head_dim"] * 4 / 2**30
-
-
 def precheck(point: dict) -> tuple[str, str] | None:
     """Unavailable (not in the operators' public method table) or over the memory guard."""
     from ..attention import LINEAR_METHODS, SOFTMAX_METHODS
@@ -120,7 +114,8 @@ def precheck(point: dict) -> tuple[str, str] | None:
     table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
     if table is not None and m.op not in table:
         return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
-    est, limit = estimate_memory_gb(point), point["_max_memory_gb"]
+    # rough peak memory of all ranks (GiB), linear in T for every method (no softmax scores are kept)
+    est, limit = 40.0 * point["batch"] * point["seq_len"] * point["heads"] * point["head_dim"] * 4 / 2**30, point["_max_memory_gb"]
     if limit > 0 and point["device"] != "cuda" and est > limit:
         return "skipped", f"estimated memory {est:.1f} GiB > --max-memory-gb {limit:.1f}"
     return None
@@ -158,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
-                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, **common_point(args),
-                   _max_memory_gb=args.max_memory_gb)
+                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

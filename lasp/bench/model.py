@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import comm
 from . import sweep
-from .cli import common_args, common_point, csv_arg
+from .cli import common_args, csv_arg
 from .results import fmt_bytes
 from .timing import DTYPES
 
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
-    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, **common_point(args),
-                   _base_config=args.base_config)
+    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, _base_config=args.base_config)
               for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt]
     return sweep.main(BENCH, args, argv, points)

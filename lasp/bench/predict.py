@@ -1,13 +1,8 @@
 """``lasp bench predict``: an analytic cost model of a training step on a cluster, next to the
-LASP-2 paper's reported speed-ups; the formulas are in ``docs/bench/costmodel.md``.
+LASP-2 paper's reported speed-ups; the formulas and the calibration: ``docs/bench/costmodel.md``.
 
     lasp bench predict --out DIR                        # the paper's setting, A100 defaults
-    lasp bench predict --calibrate bench-results/cpu-p2 --out DIR
-
-Default: the paper's setting (Sun et al., 2025, arXiv 2502.07563), Linear-Llama3-1B on 64 A100 in
-8 nodes of 8, SP 64, batch 1. ``--calibrate`` (a ``lasp bench layer`` results.json) fits compute
-rates and one bandwidth to a measured run and predicts its points; ``--use-calibration`` predicts
-the cluster with them.
+    lasp bench predict --calibrate bench-results/cpu-p2 --out DIR   # fitted to a measured layer run
 """
 from __future__ import annotations
 
@@ -16,7 +11,6 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +26,7 @@ def _knob(default: float, flag: str, unit: float, help: str):
     return dataclasses.field(default=default, metadata={"flag": flag, "unit": unit, "help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Hardware:
     """One device type and its interconnect (SI units). Defaults: A100-80GB SXM nodes of 8."""
 
@@ -54,7 +48,7 @@ class Hardware:
         return (self.bw_inter, self.lat_inter) if P > self.gpus_per_node else (self.bw_intra, self.lat_intra)
 
 
-@dataclass
+@dataclasses.dataclass
 class Shape:
     """One attention layer's shape on the SP group."""
 
@@ -106,37 +100,34 @@ def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
     ``method``: one of :data:`LAYER_METHODS`."""
     if method not in LAYER_METHODS:
         raise ValueError(f"method must be one of {LAYER_METHODS}, got {method!r}")
-    P, F, B, H, D = s.P, hw.flops, s.batch, s.heads, s.head_dim
-    state = B * H * D**2 * 4
-    kv = 2 * B * s.T_l * s.kv_heads * D * s.elem_bytes
-    heads_ok = H % P == 0 and (method == "ulysses-linear" or s.kv_heads % P == 0)
+    P, F, B, H, D, T, T_l = s.P, hw.flops, s.batch, s.heads, s.head_dim, s.seq_len, s.T_l
+    state, kv = B * H * D**2 * 4, 2 * B * T_l * s.kv_heads * D * s.elem_bytes  # bytes: a state; a K/V block
+    comm = exposed = 0.0
     if method in ("lasp2", "lasp1", "ulysses-linear", "ring-linear"):
-        t_intra = 3 * B * s.T_l * 2 * s.chunk * D * H / F
-        compute = t_intra + 3 * B * s.T_l * 4 * D**2 * H / F
+        t_intra = 3 * B * T_l * 2 * s.chunk * D * H / F
+        compute = t_intra + 3 * B * T_l * 4 * D**2 * H / F
         if method in ("lasp2", "lasp1"):
             one = collective_s("all_gather", state, P, hw) if method == "lasp2" else chain_s(state, P, hw)
             comm, exposed = 2 * one, 2 * max(0.0, one - t_intra / 2)
         elif method == "ring-linear":
-            f_block = 3 * 2 * B * s.T_l * H * D**2  # every received K/V block's K_j^T V_j, with backward
+            f_block = 3 * 2 * B * T_l * H * D**2  # every received K/V block's K_j^T V_j, with backward
             compute += (P - 1) * f_block / F
             comm, exposed = ring_s(kv, f_block / F, s, hw)
-        else:
-            qkv = B * s.T_l * H * D * 3 * s.elem_bytes
-            comm = exposed = 2 * (collective_s("all_to_all", qkv, P, hw) + collective_s("all_to_all", qkv / 3, P, hw))
     else:
-        T, T_l = s.seq_len, s.T_l
         pairs = T * T / (2 * P) if method == "ulysses-softmax" or s.layout == "zigzag" else T_l * (T - T_l / 2)
         compute = 3 * 4 * B * H * D * pairs / F
         if method == "allgather":
             comm = exposed = 2 * collective_s("all_gather", kv, P, hw)  # reduce-scatter: same volume
         elif method == "ring":
             comm, exposed = ring_s(kv, compute / P, s, hw)
-        else:
-            qkv, o = B * T_l * (H + 2 * s.kv_heads) * D * s.elem_bytes, B * T_l * H * D * s.elem_bytes
-            comm = exposed = 2 * (collective_s("all_to_all", qkv, P, hw) + collective_s("all_to_all", o, P, hw))
-    note = "" if heads_ok or not method.startswith("ulysses") else (
-        f"needs heads % P == 0 (H={H}, P={P})" if method == "ulysses-linear"
-        else f"needs heads and kv_heads % P == 0 (H={H}, H_kv={s.kv_heads}, P={P})")
+    note = ""
+    if method.startswith("ulysses"):  # all-to-all of q, k, v and of o, each way
+        h_kv = H if method == "ulysses-linear" else s.kv_heads
+        qkv, o = B * T_l * (H + 2 * h_kv) * D * s.elem_bytes, B * T_l * H * D * s.elem_bytes
+        comm = exposed = 2 * (collective_s("all_to_all", qkv, P, hw) + collective_s("all_to_all", o, P, hw))
+        if H % P or h_kv % P:
+            note = (f"needs heads % P == 0 (H={H}, P={P})" if method == "ulysses-linear"
+                    else f"needs heads and kv_heads % P == 0 (H={H}, H_kv={h_kv}, P={P})")
     comm, exposed = (0.0, 0.0) if P == 1 else (comm, exposed)
     return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "total_s": compute + exposed,
             "feasible": not note, "note": note}
@@ -144,11 +135,8 @@ def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
 
 def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: int = 1, grad_bytes: int = 2,
               softmax_method: str = "allgather", chunk: int = 64, layout: str = "contiguous") -> dict:
-    """One training step of ``cfg`` (a ModelConfig) on P devices with linear SP ``method``
-    (lasp2 | lasp1 | ring | ulysses); softmax layers (hybrids) use ``softmax_method``.
-
-    Returns seconds by part and ``tokens_per_s = batch * seq_len / total``.
-    """
+    """One training step of ``cfg`` (a ModelConfig) on P devices with linear SP ``method`` (lasp2 |
+    lasp1 | ring | ulysses; softmax layers use ``softmax_method``): seconds by part and tokens/s."""
     from ..models.info import count_params, flop_breakdown
 
     if method not in LINEAR_SP:

@@ -116,7 +116,6 @@ def report(kind: str, command: str, env: dict, table: str, note: str, header: st
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _colors(names) -> dict:
@@ -178,7 +177,7 @@ def plot_speedup(records: list[dict], path: str, *, series: str, base: str, agai
             if (other, sp, n) in t:
                 data[(other, sp)].append((n, t[(other, sp, n)] / tb))
     colors = _colors(other for other, _ in data)
-    styles = {sp: _LINESTYLES[i % len(_LINESTYLES)] for i, sp in enumerate(sorted({sp for _, sp in data}))}
+    styles = {sp: ("-", "--", ":", "-.")[i % 4] for i, sp in enumerate(sorted({sp for _, sp in data}))}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for (other, sp), pts in sorted(data.items()):
         ax.plot(*zip(*pts), marker="o", label=f"{base} over {other}, P={sp}", color=colors[other], ls=styles[sp])

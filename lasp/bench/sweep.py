@@ -5,6 +5,7 @@ groups with interleaved repetitions, a status and reason for every point that do
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 from collections import Counter
@@ -83,16 +84,14 @@ def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> 
     built = [build(p, rank, world, device) for p in points]
     seen: list[dict] = [{} for _ in points]
 
-    def step(i: int, forward, backward):
-        def run() -> None:
-            if seen[i]:
-                backward(forward())
-            else:  # the first warm-up step
-                seen[i].update(_instrumented(forward, backward, device))
+    def step(i: int) -> None:
+        forward, backward, _ = built[i]
+        if seen[i]:
+            backward(forward())
+        else:  # the first warm-up step
+            seen[i].update(_instrumented(forward, backward, device))
 
-        return run
-
-    timed = time_steps([step(i, f, b) for i, (f, b, _) in enumerate(built)], group=dist.group.WORLD if world > 1 else None,
+    timed = time_steps([functools.partial(step, i) for i in range(len(points))], group=dist.group.WORLD if world > 1 else None,
                        device=device, **{k: points[0][k] for k in ("warmup", "reps", "min_reps", "max_seconds")})
     return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **inst) for (_, _, info), t, inst in zip(built, timed, seen)]
 
@@ -190,11 +189,14 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
 
 
 def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
-    """A sweep command: run every point (with ``interleave``, the points of one (P, length) as one
-    group); after each record write results.json and results.md (on launched ranks > 0: nothing),
-    at the end also the plots; print the table."""
+    """A sweep command: run every point, with the fields of the common flags (``cli.common_args``)
+    added (with ``interleave``, the points of one (P, length) as one group); after each record write
+    results.json and results.md (on launched ranks > 0: nothing), at the end also the plots; print the table."""
     from tqdm import tqdm
 
+    common = dict(batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
+                  min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=local_device(args.device).type)
+    points = [dict(p, **common) for p in points]
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)  # set by an external launcher (torchrun, deepspeed)
     world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
     if world and not dist.is_initialized():
@@ -203,9 +205,7 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
         init_parallel(sp_size=world)
     main_rank, command = not world or dist.get_rank() == 0, f"lasp bench {bench.kind} " + " ".join(argv)
     env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
-                   mem_available_gb=mem_available_gb())
-    if not world:
-        env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
+                   mem_available_gb=mem_available_gb(), **({} if world else {"torch_threads_per_rank": 1}))  # spawned: 1 thread each
     config, records = dict(vars(args)), []
 
     def write(final: bool) -> str:
@@ -230,12 +230,10 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
             emit([dict(_public(p), status=why[0], reason=why[1])])
         else:
             groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
-    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
-    for pts in groups.values():
+    bar = tqdm(groups.values(), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
+    for pts in bar:
         bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
         emit(_run_group(bench, pts, world, args.point_timeout * len(pts)))
-        bar.update(1)
-    bar.close()
     if not main_rank:
         return 0
     print(write(True))

@@ -51,12 +51,11 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda-max-allocated-delta"
     with contextlib.suppress(OSError, AttributeError):  # give freed heap pages back first (glibc)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
+    rss = None
+    with contextlib.suppress(OSError):  # Linux: reset the high-water mark VmHWM
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # resets VmHWM
+            fh.write("5")
         rss = _proc_kb("/proc/self/status", "VmRSS")
-    except OSError:
-        rss = None
     if rss is not None:
         step()
         return max((_proc_kb("/proc/self/status", "VmHWM") or rss) - rss, 0) / 1024, "rss-hwm-delta"
