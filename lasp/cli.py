@@ -31,23 +31,23 @@ def run_module_main(module: str, argv: list[str], label: str) -> int:
     return int(mod.main(argv) or 0)
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: lasp <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+def dispatch(commands: dict[str, tuple[str, str]], argv: list[str], prog: str) -> int:
+    """``prog <command> [args...]``: run the command's module ``main(args)``; the usage text on
+    ``-h`` or no command (status 0) and on an unknown one (status 2). ``commands``: as :data:`COMMANDS`."""
+    if argv and argv[0] in commands:
+        return run_module_main(commands[argv[0]][0], argv[1:], f"{prog} {argv[0]}")
+    width = max(map(len, commands))
+    usage = "\n".join([f"usage: {prog} <command> [args...]", "", "commands:"]
+                      + [f"  {name:<{width}}  {help_}" for name, (_, help_) in commands.items()])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    print(f"{prog}: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"lasp: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    return run_module_main(COMMANDS[name][0], rest, f"lasp {name}")
+    return dispatch(COMMANDS, sys.argv[1:] if argv is None else argv, "lasp")
 
 
 if __name__ == "__main__":

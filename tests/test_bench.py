@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from lasp.bench import costmodel, kernels, layer, model, predict
-from lasp.bench.plots import PNG_MAGIC
-from lasp.bench.results import load_results, validate_results
+from lasp.bench import kernels, layer, model, predict
+from lasp.bench.results import PNG_MAGIC, load_results, validate_results
 from lasp.bench.sweep import close_pools, failure_record
 from lasp.bench.timing import summarize_samples, time_steps
 from lasp.spawn import Failure, RankError, SpawnedGroup
@@ -208,11 +207,37 @@ def test_predict_paper_setting_and_calibration(tmp_path, layer_run, capsys):
 
 
 def test_cost_model_structure():
-    hw = costmodel.Hardware()
-    lasp2 = [costmodel.layer_cost("lasp2", costmodel.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
-    ring = [costmodel.layer_cost("ring-linear", costmodel.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
+    hw = predict.Hardware()
+    lasp2 = [predict.layer_cost("lasp2", predict.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
+    ring = [predict.layer_cost("ring-linear", predict.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
     assert lasp2[0] == lasp2[1]  # states: independent of the sequence length
     assert ring[1] > 3 * ring[0]  # K/V blocks: linear in it
-    assert costmodel.layer_cost("lasp1", costmodel.Shape(2**21, 64), hw)["comm_s"] > lasp2[0]  # 63 dependent hops
-    assert not costmodel.layer_cost("ulysses-linear", costmodel.Shape(2**21, 64), hw)["feasible"]  # 16 heads < 64
-    assert costmodel.layer_cost("lasp2", costmodel.Shape(4096, 1), hw)["comm_s"] == 0.0
+    assert predict.layer_cost("lasp1", predict.Shape(2**21, 64), hw)["comm_s"] > lasp2[0]  # 63 dependent hops
+    assert not predict.layer_cost("ulysses-linear", predict.Shape(2**21, 64), hw)["feasible"]  # 16 heads < 64
+    assert predict.layer_cost("lasp2", predict.Shape(4096, 1), hw)["comm_s"] == 0.0
+
+
+def test_layer_gated_delta_methods(tmp_path):
+    """`gdn-*` methods: lasp.gated_delta_rule per method; LASP-2 sends the same bytes at every length."""
+    out = str(tmp_path)
+    rc = layer.main(["--method", "gdn-lasp2,gdn-lasp1,gdn-ulysses", "--sp", "2", "--out", out, *TINY_LAYER])
+    assert rc == 0
+    doc = _assert_outputs(out, "layer")
+    recs = {(r["method"], r["seq_len"]): r for r in doc["records"]}
+    assert {r["status"] for r in recs.values()} == {"ok"}, [r["reason"] for r in recs.values()]
+    lasp2 = [recs[("gdn-lasp2", n)] for n in (64, 128)]
+    assert lasp2[0]["bytes_per_rank"] == lasp2[1]["bytes_per_rank"] > 0
+    assert lasp2[0]["collectives_by_kind"] == {"all_gather": 2}
+    assert recs[("gdn-ulysses", 128)]["bytes_per_rank"] == 2 * recs[("gdn-ulysses", 64)]["bytes_per_rank"]
+    assert "gdn_lasp2_speedup.png" in doc["plots"] and "lasp2_speedup.png" not in doc["plots"]
+
+
+def test_model_bench_activation_checkpointing(tmp_path):
+    out = str(tmp_path)
+    rc = model.main(["--models", "hybrid", "--sp", "1", "--seq-len", "64", "--activation-checkpointing", "both",
+                     "--warmup", "1", "--reps", "1", "--max-seconds-per-point", "2", "--out", out])
+    assert rc == 0
+    recs = _assert_outputs(out, "model")["records"]
+    assert [(r["label"], r["activation_checkpointing"], r["status"]) for r in recs] == [
+        ("hybrid", False, "ok"), ("hybrid+ckpt", True, "ok")]
+    assert "| ckpt |" in (tmp_path / "results.md").read_text()

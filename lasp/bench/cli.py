@@ -10,18 +10,12 @@ KINDS = {
     "model": ("lasp.bench.model", "tokens/s of a training step: pure linear, 1/4 hybrid, Llama + ring"),
     "predict": ("lasp.bench.predict", "analytic cost model, calibrated from a layer run"),
 }
-DTYPES = ("fp32", "bf16", "fp16")  # torch dtypes: lasp.bench.timing.DTYPES
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in KINDS:
-        print("usage: lasp bench {" + ",".join(KINDS) + "} [args...]\n")
-        for k, (_, h) in KINDS.items():
-            print(f"  {k:<8} {h}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from lasp.cli import run_module_main
+    from lasp.cli import dispatch
 
-    return run_module_main(KINDS[argv[0]][0], argv[1:], f"lasp bench {argv[0]}")
+    return dispatch(KINDS, argv, "lasp bench")
 
 
 def positive(kind=int):
@@ -43,29 +37,35 @@ def seq_len_arg(s: str) -> int:
     return int(s[:-1] if mult > 1 else s) * mult
 
 
-def csv_arg(kind, what: str):
-    """An argparse type: a non-empty comma-separated list of ``kind``."""
+def csv_arg(kind, what: str, choices=None):
+    """An argparse type: a non-empty comma-separated list of ``kind`` (each in ``choices`` if given)."""
 
     def parse(s: str):
         try:
-            vals = [kind(x) for x in s.split(",") if x.strip()]
+            vals = [kind(x.strip()) for x in s.split(",") if x.strip()]
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of values > 0, got {s!r}") from None
         if not vals:
             raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        for v in vals if choices is not None else ():
+            if v not in choices:
+                raise argparse.ArgumentTypeError(f"{what}: unknown {v!r}; choose from {', '.join(choices)}")
         return vals
 
     return parse
 
 
 def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
-    """The sweep flags of ``lasp bench layer`` and ``lasp bench model``."""
+    """The sweep flags of ``lasp bench layer`` and ``lasp bench model`` (fields of every point)."""
+    from .timing import DTYPES
+
     ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[2048, 8192],
                     help="total sequence lengths (8192 or 8K), comma-separated")
     ap.add_argument("--sp", type=csv_arg(positive(), "--sp"), default=[2], help="sequence-parallel sizes P, comma-separated")
     ap.add_argument("--batch", type=positive(), default=1)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear / delta-rule backend")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps (at least 1; fewer for slow points)")
     ap.add_argument("--reps", type=positive(), default=10, help="most timed steps per point")
     ap.add_argument("--min-reps", type=int, default=3, help="fewest timed steps when that many fit in the budget")
@@ -74,3 +74,4 @@ def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CUDA when visible (P > 1 on GPUs: launch with torchrun, one process per GPU)")
     ap.add_argument("--out", required=True, help="output directory (results.json, results.md, PNG plots)")
+

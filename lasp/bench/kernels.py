@@ -1,15 +1,8 @@
 """``lasp bench kernels``: one-device speed of the chunked linear-attention compute paths.
 
-Providers: ``triton`` and ``torch`` (``lasp.linear_attention(..., backend=)``), ``fla``
-(flash-linear-attention's ``chunk_simple_gla``) when importable; on the CPU the torch path only.
-Modes ``fwd`` (no autograd) and ``fwdbwd``. CUDA: ``triton.testing.do_bench`` (25 ms warm-up,
-``--budget`` seconds of repetitions); CPU: wall clock, ``--warmup`` runs then up to ``--reps``
-within ``--budget``. FLOPs: the chunked algorithm's (chunk ``C = 64``, per batch and head, the
-same for every provider): forward ``2 T C (K + V) + 4 T K V``, backward
-``2 T C (3K + 2V) + 8 T K V``; also as a fraction of a measured bf16 ``8192^3`` matmul. Writes
-``results.json`` (kind ``kernels``), ``results.md`` and ``kernels.png`` under ``--out``.
-``--check`` first compares each provider with the float64 oracle (outputs and all gradients,
-fp32 and bf16); exit status 1 when one fails.
+Providers ``triton``, ``torch`` (``lasp.linear_attention(..., backend=)``) and ``fla`` (when
+importable); modes ``fwd`` and ``fwdbwd``; TFLOP/s of the chunked algorithm (:func:`chunked_flops`);
+``--check``: the float64 oracle first. Details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -23,15 +16,15 @@ import torch
 from ..ops.reference import naive_recurrent_linear_attention
 from ..testing import linear_inputs, rel_error
 from .cli import csv_arg
-from .plots import plot_metric_vs_seq_len
-from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, report, results_doc, status_cell, write_results
 from .timing import DTYPES, env_info, summarize_samples, time_steps
 
 CHUNK = 64
 
 
 def chunked_flops(B: int, H: int, T: int, K: int, V: int, mode: str, C: int = CHUNK) -> float:
-    """FLOPs of the chunked algorithm (see the module docstring)."""
+    """FLOPs of the chunked algorithm (chunk ``C``, the same for every provider): forward
+    ``2 T C (K + V) + 4 T K V``, backward ``2 T C (3K + 2V) + 8 T K V``, per batch and head."""
     fwd = 2 * T * C * (K + V) + 4 * T * K * V
     bwd = 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
     return float(B * H * (fwd + (bwd if mode == "fwdbwd" else 0)))

@@ -5,11 +5,7 @@ their token mixers, at growing sequence lengths, on P ranks.
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
 
 Models (:data:`MODELS`): the base config (``--config`` or a built-in small shape) with a layer
-pattern and methods, ``num_kv_heads = num_heads`` (same parameters up to the D-sized output
-norm of each linear layer). A step: random ids of the whole sequence, this rank's shard, mean
-cross-entropy of the local tokens, backward, ONE all-reduce of the flattened gradients
-(averaged, as data parallelism would), AdamW. ``model_tflops`` = training FLOPs per token
-(:func:`lasp.models.info.count_flops`) x tokens/s.
+pattern and methods. Details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -38,6 +34,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
 # the built-in base shape: small enough for a 2-core CPU at 16K tokens
 SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
              linear_variant="lightning", rope_theta=10000.0, max_seq_len=65536)
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")  # results.md
 GRAD_TAG = "bench.grad_allreduce"
 
 
@@ -60,11 +57,11 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     cfg = model_config(point)
     torch.manual_seed(0)
     model = LinearLlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[point["dtype"]])
+    model.set_activation_checkpointing(point["activation_checkpointing"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
-    ids = shard_sequence(tokens[:, :-1], rank, world, point["layout"]).to(device)
-    labels = shard_sequence(tokens[:, 1:], rank, world, point["layout"]).to(device)
+    ids, labels = (shard_sequence(t, rank, world, point["layout"]).to(device) for t in (tokens[:, :-1], tokens[:, 1:]))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def forward() -> torch.Tensor:
@@ -96,46 +93,33 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
     )
 
 
-def precheck(point: dict) -> tuple[str, str] | None:
-    try:
-        model_config(point)
-    except ValueError as e:
-        return "skipped", str(e)
-    return None
-
-
-def shape_line(config: dict) -> str:
-    keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "linear_variant")
-    return "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in keys)
-
-
 BENCH = sweep.Bench(
-    kind="model", series="model", order=MODELS, build=build_step, precheck=precheck, finish=finish,
-    time_header="step ms (median)", header=shape_line,
+    kind="model", series="model", order=MODELS, build=build_step, finish=finish,
+    time_header="step ms (median)", plot_series="label",
+    header=lambda config: "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in SHAPE_KEYS),
     plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
                                                title="training step"),
            "time_vs_seq_len.png": dict(metric="time_ms", ylabel="step time (ms)", title="training step"),
            "linear_speedup.png": dict(base="linear", against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"),
                                       title="pure linear (LASP-2) speed-up")},
-    columns=[("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
+    columns=[("ckpt", lambda r: "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
              ("sent/rank (attention)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])})")],
     note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank "
-         "sends per step (attention part in brackets; the rest is the gradient all-reduce).",
+         "sends per step (attention part in brackets; the rest is the gradient all-reduce); ckpt: activation "
+         "checkpointing of every decoder layer (plots: +ckpt).",
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=csv_arg(str, "--models"), default=["linear", "hybrid", "llama-ring"],
+    ap.add_argument("--models", type=csv_arg(str, "--models", MODELS), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
-    ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
+    ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",
+                    help="recompute each decoder layer in backward; both: every point with and without")
     common_args(ap, default_budget=30.0)
     args = ap.parse_args(argv)
-    for m in args.models:
-        if m not in MODELS:
-            ap.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
     if args.dtype == "fp16":
         ap.error("--dtype: the model bench supports fp32 and bf16")
     args.base_config = dict(SMALL)
@@ -146,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             args.base_config = ModelConfig.from_yaml(args.config).to_dict()
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
-    points = [dict(model=m, seq_len=n, sp=sp, batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend,
-                   warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, max_seconds=args.max_seconds_per_point,
-                   device=sweep.local_device(args.device).type, _base_config=args.base_config)
-              for sp in args.sp for m in args.models for n in args.seq_len]
+    ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
+    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, _base_config=args.base_config)
+              for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt]
     return sweep.main(BENCH, args, argv, points)

@@ -1,34 +1,164 @@
-"""``lasp bench predict``: the analytic cost model of :mod:`lasp.bench.costmodel` applied to a
-training step on a cluster, next to the LASP-2 paper's reported speed-ups.
+"""``lasp bench predict``: an analytic cost model of a training step on a cluster, next to the
+LASP-2 paper's reported speed-ups; the formulas and the calibration: ``docs/bench/costmodel.md``.
 
     lasp bench predict --out DIR                        # the paper's setting, A100 defaults
-    lasp bench predict --calibrate bench-results/cpu-p2 --out DIR
-
-Default = the paper's setting (Sun et al., 2025, arXiv 2502.07563): Linear-Llama3-1B, 64 A100
-in 8 nodes of 8, SP 64, batch 1, 2K ... 2048K tokens; it reports LASP-2's throughput +36.6% over
-Ring Attention and +15.2% over LASP-1 at 2048K, +17.8% / +7.3% at 512K. Hardware defaults:
-:class:`~lasp.bench.costmodel.Hardware` (flags override each). Speed-up over X =
-``tokens/s(LASP-2) / tokens/s(X) - 1``.
-
-``--calibrate`` (a ``lasp bench layer`` results.json): per operator kind, compute rate ``F``
-and fixed cost ``t0`` fitted (``numpy.polyfit``, relative error) to the measured times against
-the model's FLOPs of ``lasp2`` / ``allgather``, then one link bandwidth to the residuals against
-the bytes sent; every measured point is predicted with its error. ``--use-calibration``
-predicts the cluster with the fitted ``F`` and bandwidth.
+    lasp bench predict --calibrate bench-results/cpu-p2 --out DIR   # fitted to a measured layer run
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
 import numpy as np
 
-from .costmodel import LINEAR_SP, Hardware, Shape, layer_cost, step_cost
 from .cli import csv_arg, positive, seq_len_arg
-from .plots import plot_metric_vs_seq_len
-from .results import fmt_num, load_results, markdown_table, results_doc, write_results
+from .results import fmt_num, load_results, markdown_table, plot_metric_vs_seq_len, results_doc, write_results
+
+LINEAR_SP = ("lasp2", "lasp1", "ring", "ulysses")
+LAYER_METHODS = ("lasp2", "lasp1", "ulysses-linear", "ring-linear", "allgather", "ring", "ulysses-softmax")
+
+
+def _knob(default: float, flag: str, unit: float, help: str):
+    """A :class:`Hardware` field and its ``lasp bench predict`` flag (in ``unit``s of the field)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "unit": unit, "help": help})
+
+
+@dataclasses.dataclass
+class Hardware:
+    """One device type and its interconnect (SI units). Defaults: A100-80GB SXM nodes of 8."""
+
+    peak_flops: float = _knob(312e12, "--peak-tflops", 1e12, "dense peak per device (A100 bf16 tensor cores: 312)")
+    mfu: float = _knob(0.40, "--mfu", 1, "achieved fraction of peak for matmuls (and attention kernels)")
+    gpus_per_node: int = _knob(8, "--gpus-per-node", 1, "GPUs per node")
+    bw_intra: float = _knob(300e9, "--bw-intra-gbs", 1e9, "GB/s per GPU per direction inside a node (A100 NVLink)")
+    bw_inter: float = _knob(25e9, "--bw-inter-gbs", 1e9, "GB/s per GPU per direction between nodes (8 x 200 Gb/s IB per node)")
+    lat_intra: float = _knob(5e-6, "--lat-intra-us", 1e-6, "us per message inside a node")
+    lat_inter: float = _knob(10e-6, "--lat-inter-us", 1e-6, "us per message between nodes")
+    lat_launch: float = _knob(50e-6, "--lat-launch-us", 1e-6, "us per call / dependent step (launch, sync, NCCL + Python)")
+
+    @property
+    def flops(self) -> float:
+        return self.peak_flops * self.mfu
+
+    def link(self, P: int) -> tuple[float, float]:
+        """(bandwidth, latency) of a group of P ranks (contiguous ranks, nodes of G)."""
+        return (self.bw_inter, self.lat_inter) if P > self.gpus_per_node else (self.bw_intra, self.lat_intra)
+
+
+@dataclasses.dataclass
+class Shape:
+    """One attention layer's shape on the SP group."""
+
+    seq_len: int
+    P: int
+    batch: int = 1
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 128
+    elem_bytes: int = 2
+    chunk: int = 64
+    layout: str = "contiguous"
+
+    @property
+    def T_l(self) -> float:
+        return self.seq_len / self.P
+
+
+def collective_s(kind: str, n: float, P: int, hw: Hardware) -> float:
+    """Seconds of one ``all_gather`` | ``all_to_all`` | ``all_reduce`` of ``n`` bytes per rank."""
+    if P == 1:
+        return 0.0
+    bw, a = hw.link(P)
+    steps, volume = {"all_gather": (1, P - 1), "all_to_all": (1, (P - 1) / P), "all_reduce": (2, 2 * (P - 1) / P)}[kind]
+    return hw.lat_launch + steps * (P - 1) * a + volume * n / bw
+
+
+def chain_s(n: float, P: int, hw: Hardware) -> float:
+    """P-1 dependent hops along contiguous ranks; ``ceil(P/G) - 1`` of them cross nodes."""
+    if P == 1:
+        return 0.0
+    inter = math.ceil(P / hw.gpus_per_node) - 1
+    return ((P - 1 - inter) * (2 * hw.lat_launch + hw.lat_intra + n / hw.bw_intra)
+            + inter * (2 * hw.lat_launch + hw.lat_inter + n / hw.bw_inter))
+
+
+def ring_s(kv: float, block_s: float, s: Shape, hw: Hardware) -> tuple[float, float]:
+    """(comm, exposed) of a K/V ring: P-1 steps of ``kv`` bytes forward and backward, P steps of
+    the fp32 dK/dV accumulator backward, each overlapping one block (``block_s``, fwd + bwd)."""
+    bw, a = hw.link(s.P)
+    step, acc = hw.lat_launch + a + kv / bw, hw.lat_launch + a + kv * 4 / s.elem_bytes / bw
+    t_fwd, t_bwd = block_s / 3, 2 * block_s / 3
+    comm = 2 * (s.P - 1) * step + s.P * acc
+    return comm, (s.P - 1) * (max(0.0, step - t_fwd) + max(0.0, step - t_bwd)) + s.P * max(0.0, acc - t_bwd)
+
+
+def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
+    """Seconds of one attention layer fwd+bwd on the slowest rank: compute, comm, exposed, total.
+    ``method``: one of :data:`LAYER_METHODS`."""
+    if method not in LAYER_METHODS:
+        raise ValueError(f"method must be one of {LAYER_METHODS}, got {method!r}")
+    P, F, B, H, D, T, T_l = s.P, hw.flops, s.batch, s.heads, s.head_dim, s.seq_len, s.T_l
+    state, kv = B * H * D**2 * 4, 2 * B * T_l * s.kv_heads * D * s.elem_bytes  # bytes: a state; a K/V block
+    comm = exposed = 0.0
+    if method in ("lasp2", "lasp1", "ulysses-linear", "ring-linear"):
+        t_intra = 3 * B * T_l * 2 * s.chunk * D * H / F
+        compute = t_intra + 3 * B * T_l * 4 * D**2 * H / F
+        if method in ("lasp2", "lasp1"):
+            one = collective_s("all_gather", state, P, hw) if method == "lasp2" else chain_s(state, P, hw)
+            comm, exposed = 2 * one, 2 * max(0.0, one - t_intra / 2)
+        elif method == "ring-linear":
+            f_block = 3 * 2 * B * T_l * H * D**2  # every received K/V block's K_j^T V_j, with backward
+            compute += (P - 1) * f_block / F
+            comm, exposed = ring_s(kv, f_block / F, s, hw)
+    else:
+        pairs = T * T / (2 * P) if method == "ulysses-softmax" or s.layout == "zigzag" else T_l * (T - T_l / 2)
+        compute = 3 * 4 * B * H * D * pairs / F
+        if method == "allgather":
+            comm = exposed = 2 * collective_s("all_gather", kv, P, hw)  # reduce-scatter: same volume
+        elif method == "ring":
+            comm, exposed = ring_s(kv, compute / P, s, hw)
+    note = ""
+    if method.startswith("ulysses"):  # all-to-all of q, k, v and of o, each way
+        h_kv = H if method == "ulysses-linear" else s.kv_heads
+        qkv, o = B * T_l * (H + 2 * h_kv) * D * s.elem_bytes, B * T_l * H * D * s.elem_bytes
+        comm = exposed = 2 * (collective_s("all_to_all", qkv, P, hw) + collective_s("all_to_all", o, P, hw))
+        if H % P or h_kv % P:
+            note = (f"needs heads % P == 0 (H={H}, P={P})" if method == "ulysses-linear"
+                    else f"needs heads and kv_heads % P == 0 (H={H}, H_kv={h_kv}, P={P})")
+    comm, exposed = (0.0, 0.0) if P == 1 else (comm, exposed)
+    return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "total_s": compute + exposed,
+            "feasible": not note, "note": note}
+
+
+def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: int = 1, grad_bytes: int = 2,
+              softmax_method: str = "allgather", chunk: int = 64, layout: str = "contiguous") -> dict:
+    """One training step of ``cfg`` (a ModelConfig) on P devices with linear SP ``method`` (lasp2 |
+    lasp1 | ring | ulysses; softmax layers use ``softmax_method``): seconds by part and tokens/s."""
+    from ..models.info import count_params, flop_breakdown
+
+    if method not in LINEAR_SP:
+        raise ValueError(f"method must be one of {LINEAR_SP}, got {method!r}")
+    dense = flop_breakdown(cfg, seq_len)["matmul"] * batch * seq_len / P / hw.flops
+    lin = layer_cost({"ring": "ring-linear", "ulysses": "ulysses-linear"}.get(method, method),
+                     Shape(seq_len, P, batch, cfg.num_heads, cfg.num_heads, cfg.head_dim, 2, chunk, layout), hw)
+    soft = layer_cost({"ring": "ring", "ulysses": "ulysses-softmax"}.get(method, softmax_method),
+                      Shape(seq_len, P, batch, cfg.num_heads, cfg.kv_heads, cfg.head_dim, 2, chunk, layout), hw)
+    n_soft = cfg.layer_types.count("softmax")
+    n_lin = cfg.num_layers - n_soft
+    grads = collective_s("all_reduce", count_params(cfg) * grad_bytes, P, hw)
+    part = {k: n_lin * lin[k] + n_soft * soft[k] for k in ("compute_s", "exposed_comm_s", "comm_s")}
+    total = dense + part["compute_s"] + part["exposed_comm_s"] + grads
+    return {
+        "method": method, "seq_len": seq_len, "devices": P, "dense_s": dense, "attention_compute_s": part["compute_s"],
+        "exposed_comm_s": part["exposed_comm_s"], "attention_comm_s": part["comm_s"], "grad_allreduce_s": grads,
+        "time_ms": total * 1e3, "tokens_per_s": batch * seq_len / total,
+        "feasible": (n_lin == 0 or lin["feasible"]) and (n_soft == 0 or soft["feasible"]),
+        "note": "; ".join(x for x in {lin["note"] if n_lin else "", soft["note"] if n_soft else ""} if x),
+    }
+
 
 # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
 PAPER = {("ring", 512 * 1024): 17.8, ("lasp1", 512 * 1024): 7.3, ("ring", 2048 * 1024): 36.6, ("lasp1", 2048 * 1024): 15.2}
@@ -59,7 +189,7 @@ def calibrate(layer_doc: dict) -> dict:
     """Fit ``F`` and ``t0`` per kind and one bandwidth; predict every ok point of ``layer_doc``."""
     unit = Hardware(peak_flops=1.0, mfu=1.0)  # compute_s = the model's FLOPs
     ok = [(dict(r, kind=r.get("kind", "linear")), layer_cost(r["method"], _shape_of(r), unit)["compute_s"])
-          for r in layer_doc["records"] if r.get("status") == "ok"]
+          for r in layer_doc["records"] if r.get("status") == "ok" and r["method"] in LAYER_METHODS]  # (no delta rule)
     fits: dict[str, dict] = {}
     for kind, ref in (("linear", "lasp2"), ("softmax", "allgather")):
         pts = [p for p in ok if p[0]["method"] == ref] or [p for p in ok if p[0]["kind"] == kind]
@@ -91,32 +221,24 @@ def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hard
     return recs
 
 
-def paper_comparison(records: list[dict]) -> list[dict]:
-    rows = []
-    for (method, n), paper in PAPER.items():
-        ours = next((r["lasp2_speedup_pct"] for r in records if r["method"] == method and r["seq_len"] == n), None)
-        if ours is not None:
-            rows.append({"versus": method, "seq_len": n, "paper_pct": paper, "predicted_pct": ours,
-                         "difference_pp": ours - paper, "ratio": (ours / paper) if paper else None})
-    return rows
-
-
 # what one hardware knob would have to be for the model to reproduce a paper figure
 KNOBS = {"ring": ("bw_inter", "inter-node bandwidth per GPU", 1e9, "GB/s"),
          "lasp1": ("lat_launch", "per-call / per-hop overhead", 1e-6, "us")}
 
 
-def match_paper(cfg, devices: int, hw: Hardware, comparison: list[dict]) -> list[dict]:
-    """For each paper figure, bisect (log scale) the knob of ``KNOBS`` that reproduces it."""
-    out = []
-    for c in comparison:
-        field, what, unit, uname = KNOBS[c["versus"]]
+def paper_comparison(cfg, devices: int, hw: Hardware, records: list[dict]) -> list[dict]:
+    """Each paper figure next to the predicted one, with the value of its knob (:data:`KNOBS`) that
+    would reproduce it (log-scale bisection; None when no value in 1e-4..1e4 x the assumption does)."""
+    rows = []
+    for (versus, n), paper in PAPER.items():
+        ours = next((r["lasp2_speedup_pct"] for r in records if r["method"] == versus and r["seq_len"] == n), None)
+        if ours is None:
+            continue
+        field, what, unit, uname = KNOBS[versus]
 
         def gap(x: float) -> float:
-            h = dataclasses.replace(hw, **{field: x})
-            a = step_cost(cfg, c["seq_len"], devices, "lasp2", h)["tokens_per_s"]
-            b = step_cost(cfg, c["seq_len"], devices, c["versus"], h)["tokens_per_s"]
-            return 100 * (a / b - 1) - c["paper_pct"]
+            a, b = (step_cost(cfg, n, devices, m, dataclasses.replace(hw, **{field: x}))["tokens_per_s"] for m in ("lasp2", versus))
+            return 100 * (a / b - 1) - paper  # noqa: B023 - used in this iteration only
 
         lo, hi = getattr(hw, field) / 1e4, getattr(hw, field) * 1e4
         value, sign = None, gap(lo) < 0
@@ -125,9 +247,10 @@ def match_paper(cfg, devices: int, hw: Hardware, comparison: list[dict]) -> list
                 mid = (lo * hi) ** 0.5
                 lo, hi = (mid, hi) if (gap(mid) < 0) == sign else (lo, mid)
             value = (lo * hi) ** 0.5
-        out.append({"versus": c["versus"], "seq_len": c["seq_len"], "knob": field, "knob_meaning": what,
-                    "assumed": getattr(hw, field) / unit, "needed": None if value is None else value / unit, "unit": uname})
-    return out
+        rows.append({"versus": versus, "seq_len": n, "paper_pct": paper, "predicted_pct": ours, "difference_pp": ours - paper,
+                     "ratio": ours / paper, "knob": field, "knob_meaning": what, "assumed": getattr(hw, field) / unit,
+                     "needed": None if value is None else value / unit, "unit": uname})
+    return rows
 
 
 def _k(n: int) -> str:
@@ -136,13 +259,9 @@ def _k(n: int) -> str:
 
 def report_markdown(doc: dict) -> str:
     cfg, hw = doc["config"], doc["config"]["hardware"]
-    lines = [
-        "# lasp bench predict", "", f"`{cfg['command']}`", "",
-        f"Model {cfg['model_config']}, {cfg['devices']} devices ({hw['gpus_per_node']} per node), batch 1. Hardware: "
-        f"{hw['peak_flops'] / 1e12:.0f} TFLOP/s peak x MFU {hw['mfu']:.2f}; intra {hw['bw_intra'] / 1e9:.0f} GB/s, "
-        f"inter {hw['bw_inter'] / 1e9:.1f} GB/s per GPU per direction; latency {hw['lat_intra'] * 1e6:.0f}/"
-        f"{hw['lat_inter'] * 1e6:.0f} us per message, {hw['lat_launch'] * 1e6:.0f} us per call.", "",
-    ]
+    knobs = ", ".join(f"{f.metadata['flag']} {hw[f.name] / f.metadata['unit']:g}" for f in dataclasses.fields(Hardware))
+    lines = ["# lasp bench predict", "", f"`{cfg['command']}`", "",
+             f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.", ""]
     headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
                "grad all-reduce ms", "LASP-2 speed-up"]
     rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", _k(r["seq_len"]), fmt_num(r["time_ms"]),
@@ -153,10 +272,10 @@ def report_markdown(doc: dict) -> str:
     if doc.get("paper_comparison"):
         lines += [f"Against the paper ({PAPER_CITE}; its Linear-Llama3-1B on 64 A100):", ""]
         rows = [[f"LASP-2 over {c['versus']}", _k(c["seq_len"]), f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
-                 f"{c['difference_pp']:+.1f} pp", f"{c['ratio']:.2f}x" if c["ratio"] is not None else "-"]
+                 f"{c['difference_pp']:+.1f} pp", f"{c['ratio']:.2f}x"]
                 for c in doc["paper_comparison"]]
         lines += [markdown_table(["speed-up", "seq len", "paper", "predicted", "difference", "predicted / paper"], rows), ""]
-        for m in doc.get("paper_match", []):
+        for m in doc["paper_comparison"]:
             needed = "no value in 1e-4..1e4 x the assumption reproduces it" if m["needed"] is None else f"{m['needed']:,.1f} {m['unit']}"
             lines.append(f"- to reproduce LASP-2 over {m['versus']} at {_k(m['seq_len'])} the model needs {m['knob_meaning']} "
                          f"= {needed} (assumed {m['assumed']:,.1f} {m['unit']})")
@@ -174,16 +293,6 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-# hardware flags: (flag, Hardware field, flag unit in the field's unit, help)
-HW_FLAGS = [("--gpus-per-node", "gpus_per_node", 1, ""),
-            ("--peak-tflops", "peak_flops", 1e12, "per-device dense peak (A100 bf16: 312)"),
-            ("--mfu", "mfu", 1, "achieved fraction of peak"),
-            ("--bw-intra-gbs", "bw_intra", 1e9, "GB/s per GPU per direction inside a node"),
-            ("--bw-inter-gbs", "bw_inter", 1e9, "GB/s per GPU per direction between nodes"),
-            ("--lat-intra-us", "lat_intra", 1e-6, ""), ("--lat-inter-us", "lat_inter", 1e-6, ""),
-            ("--lat-launch-us", "lat_launch", 1e-6, "per call / dependent step")]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
@@ -191,18 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
     ap.add_argument("--seq-len", type=csv_arg(seq_len_arg, "--seq-len"), default="2K,8K,32K,128K,512K,2048K",
                     help="total sequence lengths, comma-separated")
-    ap.add_argument("--methods", type=csv_arg(str, "--methods"), default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
-    for flag, field, unit, help_ in HW_FLAGS:
-        default = getattr(Hardware(), field)
-        kind = type(default) if field.startswith("lat") else positive(type(default))
-        ap.add_argument(flag, type=kind, default=default / unit if unit != 1 else default, help=help_ or None)
+    ap.add_argument("--methods", type=csv_arg(str, "--methods", LINEAR_SP), default="lasp2,lasp1,ring,ulysses",
+                    help=f"of {', '.join(LINEAR_SP)}")
+    for f in dataclasses.fields(Hardware):
+        kind, unit = type(f.default), f.metadata["unit"]
+        ap.add_argument(f.metadata["flag"], dest=f.name, metavar="N", type=kind if f.name.startswith("lat") else positive(kind),
+                        default=f.default / unit if unit != 1 else f.default, help=f.metadata["help"])
     ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
     ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
     ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
     args = ap.parse_args(argv)
-    for m in args.methods:
-        if m not in LINEAR_SP:
-            ap.error(f"--methods: unknown method {m!r}; choose from {', '.join(LINEAR_SP)}")
     if "lasp2" not in args.methods:
         args.methods.insert(0, "lasp2")
     if any(n < args.devices for n in args.seq_len):
@@ -211,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--use-calibration needs --calibrate")
     from ..models import ModelConfig
 
-    hw = Hardware(**{field: getattr(args, flag[2:].replace("-", "_")) * unit for flag, field, unit, _ in HW_FLAGS})
+    hw = Hardware(**{f.name: getattr(args, f.name) * f.metadata["unit"] for f in dataclasses.fields(Hardware)})
     what = "--config"
     try:
         cfg = ModelConfig.from_yaml(args.config)
@@ -227,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
-    doc = results_doc("predict", {"model": "analytic (lasp.bench.costmodel)"}, config, records)
-    doc["paper_comparison"] = paper_comparison(records) if args.devices == 64 else []
-    doc.update(paper_match=match_paper(cfg, args.devices, hw, doc["paper_comparison"]), paper=PAPER_CITE)
+    doc = results_doc("predict", {"model": "analytic (lasp.bench.predict)"}, config, records)
+    doc.update(paper_comparison=paper_comparison(cfg, args.devices, hw, records) if args.devices == 64 else [], paper=PAPER_CITE)
     if cal:
         doc["calibration"] = cal
     text = report_markdown(doc)

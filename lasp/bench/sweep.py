@@ -1,15 +1,11 @@
-"""The one driver of ``lasp bench layer`` and ``lasp bench model``. Spawned (the default; CPU):
-per SP size P a :class:`lasp.spawn.SpawnedGroup` of P gloo processes, one torch thread each,
-kept for later sweeps (:func:`close_pools`); P = 1 runs in this process. Launched (``torchrun``
-sets ``WORLD_SIZE``; NCCL on GPUs): this process is one rank, points of another ``sp`` are
-skipped, rank 0 gathers and writes. Points run in groups (same P and length) with interleaved
-repetitions; a single point is a group of one. A failed point gets ``status`` ``unavailable``
-(not implemented), ``skipped`` (a precheck, or a ValueError raised before any collective) or
-``error`` (any other exception, out of memory, a timeout), and the ``reason``.
-"""
+"""The one driver of ``lasp bench layer`` and ``lasp bench model``: spawned gloo ranks (a
+:class:`lasp.spawn.SpawnedGroup` per SP size) or launched ones (``torchrun``), points run in
+groups with interleaved repetitions, a status and reason for every point that does not run
+(``docs/bench/README.md``)."""
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 from collections import Counter
@@ -21,8 +17,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..spawn import Failure, RankError, SpawnedGroup
-from .plots import plot_metric_vs_seq_len, plot_speedup
-from .results import fmt_num, markdown_table, report, results_doc, status_cell, write_results
+from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, plot_speedup, report, results_doc, status_cell, write_results
 from .timing import env_info, measure_peak_memory, mem_available_gb, summarize_samples, time_steps
 
 
@@ -34,18 +29,14 @@ class Bench:
     series: str  # the record key naming a series: "method" | "model"
     order: dict  # the registry: series names in table order
     build: Callable  # module-level build(point, rank, world, device) -> (forward, backward, info dict)
-    precheck: Callable[[dict], tuple[str, str] | None]  # (status, reason) of a point that must not run
-    finish: Callable[[dict, dict, list[dict]], dict]  # (point, record, every rank's view) -> more ok-record fields
     columns: list[tuple[str, Callable[[dict], str]]]  # results.md: (header, cell of an ok record) after tokens/s
     time_header: str
     note: str  # results.md footnote; {mem_method} is filled in
     plots: dict[str, dict]  # PNG name -> plot_speedup(**kw) when kw has "base", else plot_metric_vs_seq_len(**kw)
+    precheck: Callable[[dict], tuple[str, str] | None] = lambda point: None  # (status, reason) of a point not to run
+    finish: Callable[[dict, dict, list[dict]], dict] = lambda point, rec, per_rank: {}  # more ok-record fields
     header: Callable[[dict], str] = lambda config: ""  # an optional results.md line above the environment
-
-
-def launched_world() -> int:
-    """World size set by an external launcher (torchrun, deepspeed), 0 when none."""
-    return int(os.environ.get("WORLD_SIZE", "0") or 0)
+    plot_series: str = ""  # the record key naming a plotted line, when not ``series``
 
 
 def local_device(name: str = "auto") -> torch.device:
@@ -58,17 +49,9 @@ def local_device(name: str = "auto") -> torch.device:
 _POOLS: dict[int, SpawnedGroup] = {}
 
 
-def _pool(size: int, timeout_s: float) -> SpawnedGroup:
-    """A spawned group of ``size`` ranks, kept for later sweeps of this process (closed at exit)."""
-    if not _POOLS:
-        atexit.register(close_pools)
-    pool = _POOLS.setdefault(size, SpawnedGroup(size, timeout=timeout_s))
-    pool.timeout = timeout_s
-    return pool
-
-
+@atexit.register
 def close_pools() -> None:
-    """Stop every spawned group this process started."""
+    """Stop every spawned group this process started (they are kept for later sweeps until then)."""
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
@@ -87,9 +70,7 @@ def _instrumented(forward, backward, device: torch.device) -> dict:
     with comm.record() as log:
         mem_mb, how = measure_peak_memory(fwd_bwd, device)
     sent, fwd = ([e for e in evs if e.kind != "recv"] for evs in (log.events, log.events[: n_fwd[0]]))
-    tag_bytes: Counter = Counter()
-    for e in sent:
-        tag_bytes[e.tag] += e.bytes
+    tag_bytes = sum((Counter({e.tag: e.bytes}) for e in sent), Counter())
     return {"bytes": sum(e.bytes for e in sent), "bytes_fwd": sum(e.bytes for e in fwd), "calls": len(sent),
             "calls_fwd": len(fwd), "by_kind": dict(Counter(e.kind for e in sent)), "tag_bytes": dict(tag_bytes),
             "tag_calls": dict(Counter(e.tag for e in sent)), "peak_mem_mb": mem_mb, "mem_method": how}
@@ -103,18 +84,15 @@ def group_worker(rank: int, world: int, build: Callable, points: list[dict]) -> 
     built = [build(p, rank, world, device) for p in points]
     seen: list[dict] = [{} for _ in points]
 
-    def step(i: int, forward, backward):
-        def run() -> None:
-            if seen[i]:
-                backward(forward())
-            else:  # the first warm-up step
-                seen[i].update(_instrumented(forward, backward, device))
+    def step(i: int) -> None:
+        forward, backward, _ = built[i]
+        if seen[i]:
+            backward(forward())
+        else:  # the first warm-up step
+            seen[i].update(_instrumented(forward, backward, device))
 
-        return run
-
-    p0 = points[0]
-    timed = time_steps([step(i, f, b) for i, (f, b, _) in enumerate(built)], group=dist.group.WORLD if world > 1 else None,
-                       device=device, warmup=p0["warmup"], reps=p0["reps"], min_reps=p0["min_reps"], max_seconds=p0["max_seconds"])
+    timed = time_steps([functools.partial(step, i) for i in range(len(points))], group=dist.group.WORLD if world > 1 else None,
+                       device=device, **{k: points[0][k] for k in ("warmup", "reps", "min_reps", "max_seconds")})
     return [dict(info, samples_s=t["samples_s"], warmup_s=t["warmup_s"], **inst) for (_, _, info), t, inst in zip(built, timed, seen)]
 
 
@@ -141,9 +119,8 @@ def ok_record(bench: Bench, point: dict, per_rank: list[dict]) -> dict:
 def failure_record(point: dict, failure: Failure) -> dict:
     """The record of a point whose run failed: NotImplementedError -> ``unavailable``, ValueError
     (raised on every rank before any collective) -> ``skipped``, anything else -> ``error``."""
-    status = "error"
-    if failure.kind == "exception":
-        status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    status = {"NotImplementedError": "unavailable", "ValueError": "skipped"}.get(failure.exc_type, "error")
+    status = status if failure.kind == "exception" else "error"
     reason = f"{failure.exc_type}: {failure.message}" if status == "error" and failure.exc_type else failure.message
     return dict(_public(point), status=status, reason=("out of memory: " if failure.kind == "oom" else "") + reason[:300])
 
@@ -163,29 +140,29 @@ def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
     return bench.precheck(point)
 
 
-def _run_here(build: Callable, points: list[dict], rank: int, world: int) -> tuple[list | None, Failure | None]:
-    try:
-        return group_worker(rank, world, build, points), None
-    except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
-        return None, Failure.from_exception(e, rank)
-
-
 def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
     """Every record of one group of points (same SP size and length)."""
-    per_rank, failure = None, None
+    def here(rank: int, size: int) -> tuple[list | None, Failure | None]:
+        try:
+            return group_worker(rank, size, bench.build, points), None
+        except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
+            return None, Failure.from_exception(e, rank)
+
+    per_rank, failure, threads = None, None, torch.get_num_threads()
     if world:  # launched: this process is one rank
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, _run_here(bench.build, points, dist.get_rank(), world))
+        dist.all_gather_object(gathered, here(dist.get_rank(), world))
         per_rank, failure = [m for m, _ in gathered], next((f for _, f in gathered if f), None)
     elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        mine, failure = _run_here(bench.build, points, 0, 1)
+        mine, failure = here(0, 1)
         torch.set_num_threads(threads)
         per_rank = [mine]
     else:
         try:
-            per_rank = _pool(points[0]["sp"], timeout_s).run(group_worker, bench.build, points, timeout=timeout_s)
+            pool = _POOLS.setdefault(points[0]["sp"], SpawnedGroup(points[0]["sp"], timeout=timeout_s))
+            pool.timeout = timeout_s  # (the gloo timeout of ranks it starts)
+            per_rank = pool.run(group_worker, bench.build, points, timeout=timeout_s)
         except RankError as e:
             failure = e.failure
     if failure is not None and failure.kind == "exception" and len(points) > 1:  # find the failing point(s): one by one
@@ -195,49 +172,12 @@ def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -
     return [ok_record(bench, p, [r[i] for r in per_rank]) for i, p in enumerate(points)]
 
 
-def run_sweep(bench: Bench, points: list[dict], *, interleave: bool, timeout_s: float,
-              on_record: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every point (by default the points of one (P, length) as one group); one record per
-    point (on launched ranks > 0: none). ``on_record`` is called after each (partial saves)."""
-    from tqdm import tqdm
-
-    world = launched_world()
-    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
-    if world and not dist.is_initialized():
-        from ..parallel import init_parallel
-
-        init_parallel(sp_size=world)
-    main_rank = not world or dist.get_rank() == 0
-    records: list[dict] = []
-
-    def emit(recs: list[dict]) -> None:
-        for r in recs if main_rank else ():
-            records.append(r)
-            if on_record:
-                on_record(r)
-
-    groups: dict[tuple, list[dict]] = {}
-    for i, p in enumerate(points):
-        why = _precheck(bench, p, world)
-        if why:
-            emit([dict(_public(p), status=why[0], reason=why[1])])
-        else:
-            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
-    bar = tqdm(total=len(groups), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
-    for pts in groups.values():
-        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
-        emit(_run_group(bench, pts, world, timeout_s * len(pts)))
-        bar.update(1)
-    bar.close()
-    return records
-
-
 def markdown(bench: Bench, records: list[dict], env: dict, command: str, config: dict) -> str:
     """results.md of a sweep: one row per record."""
     headers = [bench.series, "status", "P", "seq len", bench.time_header, "min-max ms", "reps", "tokens/s"]
     headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
     rows, order = [], list(bench.order)
-    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]))):
+    for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]), r.get(bench.plot_series, ""))):
         row = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
         if r["status"] == "ok":
             row[4:] = [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
@@ -249,30 +189,53 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
 
 
 def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave: bool = False) -> int:
-    """A sweep command: run ``points``; after each record write results.json and results.md, at
-    the end also the plots; print the table."""
-    command, world = f"lasp bench {bench.kind} " + " ".join(argv), launched_world()
-    env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
-                   mem_available_gb=mem_available_gb())
-    if not world:
-        env["torch_threads_per_rank"] = 1  # SpawnedGroup ranks (and P = 1 here) use one thread
-    config, done = dict(vars(args)), []
+    """A sweep command: run every point, with the fields of the common flags (``cli.common_args``)
+    added (with ``interleave``, the points of one (P, length) as one group); after each record write
+    results.json and results.md (on launched ranks > 0: nothing), at the end also the plots; print the table."""
+    from tqdm import tqdm
 
-    def write(records: list[dict], final: bool) -> str:
+    common = dict(batch=args.batch, dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
+                  min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=local_device(args.device).type)
+    points = [dict(p, **common) for p in points]
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)  # set by an external launcher (torchrun, deepspeed)
+    world = 0 if world == 1 and not dist.is_initialized() else world  # one process: run here
+    if world and not dist.is_initialized():
+        from ..parallel import init_parallel
+
+        init_parallel(sp_size=world)
+    main_rank, command = not world or dist.get_rank() == 0, f"lasp bench {bench.kind} " + " ".join(argv)
+    env = env_info(str(local_device(args.device)), world or max(args.sp), launcher="external" if world else "spawned gloo",
+                   mem_available_gb=mem_available_gb(), **({} if world else {"torch_threads_per_rank": 1}))  # spawned: 1 thread each
+    config, records = dict(vars(args)), []
+
+    def write(final: bool) -> str:
         os.makedirs(args.out, exist_ok=True)
         text = markdown(bench, records, env, command, config)
-        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=bench.series, **kw)
-                 for name, kw in bench.plots.items()] if final else []
+        series = bench.plot_series or bench.series
+        names = {r.get(series) for r in records}  # a speed-up plot needs its base series
+        plots = [(plot_speedup if "base" in kw else plot_metric_vs_seq_len)(records, os.path.join(args.out, name), series=series, **kw)
+                 for name, kw in bench.plots.items() if final and ("base" not in kw or kw["base"] in names)]
         write_results(args.out, results_doc(bench.kind, env, config, records, [os.path.basename(p) for p in plots]), text)
         return text
 
-    def save_partial(rec: dict) -> None:
-        done.append(rec)
-        write(done, False)
+    def emit(recs: list[dict]) -> None:
+        if main_rank:
+            records.extend(recs)
+            write(False)
 
-    records = run_sweep(bench, points, interleave=interleave, timeout_s=args.point_timeout, on_record=save_partial)
-    if world > 1 and dist.get_rank() != 0:
+    groups: dict[tuple, list[dict]] = {}
+    for i, p in enumerate(points):
+        why = _precheck(bench, p, world)
+        if why:
+            emit([dict(_public(p), status=why[0], reason=why[1])])
+        else:
+            groups.setdefault((p["sp"], p["seq_len"]) if interleave else (i,), []).append(p)
+    bar = tqdm(groups.values(), desc=f"bench {bench.kind}", unit="group", disable=not main_rank, file=sys.stderr)
+    for pts in bar:
+        bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
+        emit(_run_group(bench, pts, world, args.point_timeout * len(pts)))
+    if not main_rank:
         return 0
-    print(write(records, True))
+    print(write(True))
     print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
     return 0

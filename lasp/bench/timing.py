@@ -1,15 +1,8 @@
-"""Measuring one distributed step: adaptive repetitions, per-rank peak memory, env facts.
-
-Every rank takes the same decisions (so enters the same collectives). A sample: CPU
-``barrier; step(); barrier`` wall time, CUDA events; max-reduced over the group (the slowest
-rank). ``warmup`` steps (at least one; stopped after a third of ``max_seconds``), then
-``min(reps, remaining budget / last warm-up step)`` timed steps, at least ``min_reps`` when they
-fit, else at least 1. Peak memory of a step: CUDA ``max_memory_allocated`` over the allocation
-before it; CPU (Linux) ``VmHWM - VmRSS`` around it (high-water mark reset via
-``/proc/self/clear_refs``, after ``malloc_trim``; process memory); elsewhere ``ru_maxrss`` growth.
-"""
+"""Measuring one distributed step: adaptive repetitions (the slowest rank's time), per-rank
+peak memory, env facts. The rules: ``docs/bench/README.md``."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -27,11 +20,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _world(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def barrier(group) -> None:
-    if _world(group) > 1:
-        dist.barrier(group=group)
 
 
 def max_over_group(values: list[float], group) -> list[float]:
@@ -61,16 +49,13 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda-max-allocated-delta"
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # give freed heap pages back first (glibc)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
+    rss = None
+    with contextlib.suppress(OSError):  # Linux: reset the high-water mark VmHWM
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # resets VmHWM
+            fh.write("5")
         rss = _proc_kb("/proc/self/status", "VmRSS")
-    except OSError:
-        rss = None
     if rss is not None:
         step()
         return max((_proc_kb("/proc/self/status", "VmHWM") or rss) - rss, 0) / 1024, "rss-hwm-delta"
@@ -81,7 +66,8 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
 
 def _timed(step: Callable[[], None], group, device: torch.device) -> float:
     """One step's seconds on this rank (CPU: barrier-to-barrier; CUDA: events)."""
-    barrier(group)
+    barrier = dist.barrier if _world(group) > 1 else lambda group: None
+    barrier(group=group)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -91,16 +77,14 @@ def _timed(step: Callable[[], None], group, device: torch.device) -> float:
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     step()
-    barrier(group)
+    barrier(group=group)
     return time.perf_counter() - t0
 
 
 def time_steps(steps: list[Callable[[], None]], *, group, device: torch.device, warmup: int, reps: int,
                max_seconds: float, min_reps: int = 3) -> list[dict]:
-    """Warm up and time each of ``steps`` adaptively (module docstring), repetitions INTERLEAVED:
-    round r runs every step that still needs an r-th sample, from a rotating start, so all see
-    the same background load. Returns per step ``{"samples_s", "warmup_s"}``, max-reduced over
-    the group (identical on every rank)."""
+    """Warm up and time each of ``steps`` adaptively, repetitions interleaved from a rotating start
+    (``docs/bench/README.md``). Per step ``{"samples_s", "warmup_s"}``, the same on every rank."""
     out, counts = [], []
     for step in steps:
         warm: list[float] = []
@@ -137,9 +121,7 @@ def summarize_samples(samples_s: list[float]) -> dict:
 def env_info(device: str, world: int, **extra) -> dict:
     """Versions, device and machine facts stored in every results.json."""
     try:
-        import triton
-
-        triton_version = triton.__version__
+        from triton import __version__ as triton_version
     except Exception:  # noqa: BLE001 - triton is optional at run time
         triton_version = None
     if device.startswith("cuda") and torch.cuda.is_available():
