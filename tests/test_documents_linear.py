@@ -282,3 +282,17 @@ def test_bad_cu_seqlens(spawn, bad, op):
     for msg, tags in spawn(2).run(run_bad, op, [cu0, cu1], B):
         assert msg is not None and "cu_seqlens" in msg and part in msg, msg
         assert set(tags) <= {"documents.check"}, tags  # nothing of the operator ran
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_linear_attention_documents_triton(spawn, layout):
+    """The Triton segments (interpreter on the CPU) take the document resets too."""
+    P, B, T, H, K, V = 2, 1, 32, 2, 16, 16
+    q, k, v, g, gg = linear_inputs(B, T, H, K, V, gates="g_gamma", seed=seed_for("triton-docs", layout))
+    cu = doc_cuts(T, P, layout, 7)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(2))
+    tok64, sh64 = leaves64([q, k, v, g]), leaves64([gg])
+    o_ref, _ = per_document(lambda t, s: naive_recurrent_linear_attention(*t, sh64[0], output_final_state=True), cu, tok64, None)
+    (o_ref * do.double()).sum().backward()
+    results = spawn(P).run(run_op, "linear", [q, k, v, g], [gg], None, cu, do, None, dict(method="lasp2", backend="triton"), layout, False)
+    check(results, layout, o_ref, None, tok64, sh64, None, 1e-5)

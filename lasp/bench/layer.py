@@ -9,12 +9,16 @@ their repetitions interleaved (``--no-interleave``: each point alone). Recorded
 (:mod:`lasp.bench.sweep`): time (median, spread, samples), tokens/s (``B * T / time``), peak
 memory per rank, and from :func:`lasp.comm.record` the calls and bytes each rank sends per
 forward + backward (max over ranks). GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench layer
---sp 8 ...``. CPU memory guard: a point whose estimate (:func:`estimate_memory_gb`) exceeds
+--sp 8 ...``. ``--documents 1,16,256``: each window packs N documents of random (seeded) lengths,
+passed as ``cu_seqlens`` (the record's ``documents`` field; absent flag: no ``cu_seqlens``, field
+None). CPU memory guard: a point whose estimate (:func:`estimate_memory_gb`) exceeds
 ``--max-memory-gb`` (default 70% of the available memory) is ``skipped``, not run.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import random
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +30,13 @@ from . import sweep
 from .cli import common_args, csv_arg, positive
 from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
+
+
+def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens [n_docs + 1]`` (int64): ``n_docs`` documents of random lengths (>= 1) filling
+    ``seq_len`` tokens; seeded, so identical on every rank."""
+    cuts = sorted(random.Random(seed).sample(range(1, seq_len), n_docs - 1))
+    return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
 
 
 def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
@@ -47,6 +58,8 @@ def attention_step(m: "Method", point: dict, rank: int, world: int, device: torc
     op = lasp.softmax_attention if m.kind == "softmax" else lasp.linear_attention
     if m.kind == "linear":
         kw["backend"] = point["backend"]
+    if point.get("documents"):
+        kw["cu_seqlens"] = document_starts(T, point["documents"]).to(device)
 
     def forward() -> torch.Tensor:
         q.grad = k.grad = v.grad = None
@@ -104,6 +117,14 @@ def precheck(point: dict) -> tuple[str, str] | None:
     table = {"linear": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
     if table is not None and m.op not in table:
         return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
+    if point.get("documents"):
+        import lasp
+
+        op = {"linear": lasp.linear_attention, "softmax": lasp.softmax_attention}.get(m.kind)
+        if op is not None and "cu_seqlens" not in inspect.signature(op).parameters:
+            return "unavailable", f"lasp.{m.kind}_attention takes no cu_seqlens (packed documents) in this build"
+        if point["documents"] > point["seq_len"]:
+            return "skipped", f"--documents {point['documents']} > seq_len {point['seq_len']} (documents hold >= 1 token)"
     est, limit = estimate_memory_gb(point), point["_max_memory_gb"]
     if limit > 0 and point["device"] != "cuda" and est > limit:
         return "skipped", f"estimated memory {est:.1f} GiB > --max-memory-gb {limit:.1f}"
@@ -118,9 +139,9 @@ BENCH = sweep.Bench(
                                        dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
            "lasp2_speedup.png": dict(base="lasp2", against=("ring", "lasp1", "allgather", "ulysses-linear"),
                                      title="LASP-2 speed-up (time ratio)")},
-    columns=[("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
+    columns=[("docs", lambda r: str(r.get("documents") or "-")), ("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
     note="time: one forward + backward of one attention layer, slowest rank, median of the timed steps; "
-         "sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "
+         "docs: documents per window (cu_seqlens; - = none); sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "
          "peak mem: {mem_method} per rank (max over ranks).",
 )
 
@@ -136,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
+    ap.add_argument("--documents", type=csv_arg(positive(), "--documents"), default=[None],
+                    help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens); default: none")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
     args.method = [ALIASES.get(m, m) for m in args.method]
@@ -148,6 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                    batch=args.batch, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                    dtype=args.dtype, layout=args.layout, backend=args.backend, warmup=args.warmup, reps=args.reps,
                    min_reps=args.min_reps, max_seconds=args.max_seconds_per_point, device=sweep.local_device(args.device).type,
-                   _max_memory_gb=args.max_memory_gb)
-              for sp in args.sp for method in args.method for n in args.seq_len]
+                   documents=docs, _max_memory_gb=args.max_memory_gb)
+              for sp in args.sp for method in args.method for n in args.seq_len for docs in args.documents]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)
