@@ -18,7 +18,7 @@ alone.
   (:func:`document_offsets`).
 
 The per-token tensors are built from this rank's global positions with tensor ops on the device
-(``torch.isin`` / ``torch.searchsorted``): no host-device synchronisation.
+(``torch.searchsorted``): no host-device synchronisation.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def reset_mask(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> to
     """``[T_local]`` bool: True where this rank's token starts a document other than the first."""
     rank, size = group_rank_size(group)
     pos = _positions(T_local, rank, size, layout, cu_seqlens.device)
-    return torch.isin(pos, cu_seqlens[1:-1])
+    return (_offsets(cu_seqlens, pos) == 0) & (pos > 0)
 
 
 def reset_gate(g: torch.Tensor | None, cu_seqlens: torch.Tensor, shape: tuple[int, int, int], group, layout: str,
@@ -122,6 +122,10 @@ def reset_gate(g: torch.Tensor | None, cu_seqlens: torch.Tensor, shape: tuple[in
 def document_offsets(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> torch.Tensor:
     """``[T_local]`` int64: each of this rank's tokens' distance to its document's first token."""
     rank, size = group_rank_size(group)
-    pos = _positions(T_local, rank, size, layout, cu_seqlens.device)
+    return _offsets(cu_seqlens, _positions(T_local, rank, size, layout, cu_seqlens.device))
+
+
+def _offsets(cu_seqlens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Distance of each global position to the start of its document (O(T_local log N), no mask)."""
     doc = torch.searchsorted(cu_seqlens, pos, right=True) - 1
     return pos - cu_seqlens[doc]
