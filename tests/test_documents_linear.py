@@ -150,6 +150,33 @@ def test_gated_delta_rule_documents(spawn, case):
     kw = dict(method=method, use_qk_l2norm_in_kernel=l2)
     results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, final)
     check(results, layout, o_ref, S_ref if final else None, tok64, [], s064, 1e-5)
+    if method == "lasp2":  # the bytes of the delta rule without documents: (A, M) per segment each way
+        n_seg = 2 if layout == "zigzag" else 1
+        per_dir = n_seg * B * H * (K * K + K * V) * 4
+        for r in results:
+            ops = [(e.kind, e.bytes) for e in r[-1] if e.tag != "documents.check"]
+            assert ops == [("all_gather", per_dir), ("all_gather", per_dir + B * H * K * V * 4 * final)], ops
+
+
+def test_gated_delta_rule_documents_at_chunk_edges(spawn):
+    """Delta rule, segments longer than a chunk (64): starts at chunk edges, one process and P = 2."""
+    P, layout, B, T, H, K, V = 2, "contiguous", 1, 192, 2, 6, 5
+    cu = torch.tensor([0, 1, 64, 65, 96, 160, 161, 192])
+    xs = delta_inputs(B, T, H, K, V, gates="g", init=True, seed=15)
+    gen = torch.Generator().manual_seed(1)
+    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    tok64, s064 = leaves64(xs[:5]), xs[5].double().requires_grad_()
+    o_ref, S_ref = per_document(lambda t, s: naive_gated_delta_rule(*t, initial_state=s, output_final_state=True), cu, tok64, s064)
+    ((o_ref * do.double()).sum() + (S_ref * dF.double()).sum()).backward()
+    results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, dict(method="lasp2"), layout, True)
+    check(results, layout, o_ref, S_ref, tok64, [], s064, 1e-5)
+    one = [x.clone().requires_grad_() for x in xs]
+    o, S = lasp.gated_delta_rule(*one[:5], initial_state=one[5], output_final_state=True, cu_seqlens=cu)
+    ((o * do).sum() + (S * dF).sum()).backward()
+    assert_close(o_ref, o, name="o (one process)")
+    assert_close(S_ref, S, name="final_state (one process)")
+    for x, y in zip([*tok64, s064], one):
+        assert_close(x.grad, y.grad, name="grad (one process)")
 
 
 def test_documents_at_chunk_edges_one_process_and_two_ranks(spawn):
