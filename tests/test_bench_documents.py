@@ -24,12 +24,13 @@ def test_document_starts_seeded_and_valid():
 def test_layer_documents_records(tmp_path):
     out = str(tmp_path)
     rc = layer.main(["--method", "lasp2,ulysses-linear", "--sp", "2", "--seq-len", "64", "--heads", "2", "--head-dim", "8",
-                     "--documents", "1,16,100", "--warmup", "1", "--reps", "2", "--max-seconds-per-point", "2", "--out", out])
+                     "--documents", "0,1,16,100", "--warmup", "1", "--reps", "2", "--max-seconds-per-point", "2", "--out", out])
     assert rc == 0
     recs = {(r["method"], r["documents"]): r for r in load_results(out)["records"]}
     assert recs[("lasp2", 100)]["status"] == "skipped"  # more documents than tokens
     for m in ("lasp2", "ulysses-linear"):
-        assert recs[(m, 1)]["status"] == "ok" and recs[(m, 16)]["status"] == "ok"
+        assert all(recs[(m, n)]["status"] == "ok" for n in (None, 1, 16))
+    assert recs[("lasp2", 1)]["bytes_per_rank"] == recs[("lasp2", None)]["bytes_per_rank"] + 3 * 8  # the check: 3 int64 sent
     # LASP-2: the operator's bytes do not depend on the documents (+ the 24-byte cu_seqlens check)
     assert recs[("lasp2", 1)]["bytes_per_rank"] == recs[("lasp2", 16)]["bytes_per_rank"]
     with open(f"{out}/results.md") as fh:

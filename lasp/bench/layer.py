@@ -9,8 +9,8 @@ their repetitions interleaved (``--no-interleave``: each point alone). Recorded
 (:mod:`lasp.bench.sweep`): time (median, spread, samples), tokens/s (``B * T / time``), peak
 memory per rank, and from :func:`lasp.comm.record` the calls and bytes each rank sends per
 forward + backward (max over ranks). GPUs: ``torchrun --nproc-per-node 8 -m lasp.cli bench layer
---sp 8 ...``. ``--documents 1,16,256``: each window packs N documents of random (seeded) lengths,
-passed as ``cu_seqlens`` (the record's ``documents`` field; absent flag: no ``cu_seqlens``, field
+--sp 8 ...``. ``--documents 0,1,16,256``: each window packs N documents of random (seeded) lengths,
+passed as ``cu_seqlens`` (the record's ``documents`` field; 0 or no flag: no ``cu_seqlens``, field
 None). CPU memory guard: a point whose estimate (:func:`estimate_memory_gb`) exceeds
 ``--max-memory-gb`` (default 70% of the available memory) is ``skipped``, not run.
 """
@@ -146,6 +146,14 @@ BENCH = sweep.Bench(
 )
 
 
+def _documents_arg(s: str) -> int | None:
+    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
+    n = int(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
+    return n or None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
     ap.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="linear attention backend")
-    ap.add_argument("--documents", type=csv_arg(positive(), "--documents"), default=[None],
-                    help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens); default: none")
+    ap.add_argument("--documents", type=csv_arg(_documents_arg, "--documents"), default=[None],
+                    help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
+                         "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
     args.method = [ALIASES.get(m, m) for m in args.method]
