@@ -8,7 +8,7 @@ alone.
 - :func:`check_cu_seqlens`: the validation every operator runs first, before any collective of the
   op. The value checks read ``cu_seqlens`` on the host (validation before the op, not inside its
   forward/backward). "The same on every rank" is checked with ONE small all-gather of
-  ``(N, crc32 of the values)`` (16 bytes per rank, tag ``documents.check``): the one collective a
+  ``(verdict, N, crc32 of the values)`` (24 bytes per rank, tag ``documents.check``): the one collective a
   call adds, and only when ``cu_seqlens`` is given; every rank sees the gathered values, so every
   rank raises the same ValueError.
 - The linear recurrences (both families) turn a document start into a hard reset: a log-decay of
@@ -27,7 +27,7 @@ import zlib
 import torch
 
 from .. import comm
-from ..parallel import global_positions, group_rank_size
+from ..parallel import group_rank_size, layout_chunks
 
 __all__ = ["check_cu_seqlens", "reset_mask", "reset_gate", "document_offsets"]
 
@@ -95,8 +95,13 @@ def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group, *, device=None) ->
 
 
 def _positions(T_local: int, rank: int, size: int, layout: str, device) -> torch.Tensor:
-    """Global positions ``[T_local]`` of this rank's tokens."""
-    return global_positions(T_local * size, rank, size, layout, device=device)
+    """Global positions ``[T_local]`` of this rank's tokens (:func:`lasp.parallel.global_positions`
+    without building the whole sequence's positions)."""
+    if size == 1:  # the whole sequence, in natural order
+        return torch.arange(T_local, device=device)
+    chunks = layout_chunks(rank, size, layout)
+    n = T_local // len(chunks)
+    return torch.cat([torch.arange(c * n, (c + 1) * n, device=device) for c in chunks])
 
 
 def reset_mask(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> torch.Tensor:
