@@ -323,3 +323,16 @@ def test_linear_attention_documents_triton(spawn, layout):
     (o_ref * do.double()).sum().backward()
     results = spawn(P).run(run_op, "linear", [q, k, v, g], [gg], None, cu, do, None, dict(method="lasp2", backend="triton"), layout, False)
     check(results, layout, o_ref, None, tok64, sh64, None, 1e-5)
+
+
+def test_bad_cu_seqlens_one_process():
+    q, k, v, _, _ = linear_inputs(1, 8, 2, 4, 4)
+    with pytest.raises(ValueError, match="causal=True"):
+        lasp.linear_attention(q, k, v, causal=False, cu_seqlens=torch.tensor([0, 4, 8]))
+    with pytest.raises(ValueError, match="1-D"):
+        lasp.linear_attention(q, k, v, cu_seqlens=torch.tensor([[0, 8]]))
+    with pytest.raises(ValueError, match="end at"):
+        lasp.causal_conv1d(q[:, :, 0], torch.randn(4, 2), cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        lasp.gated_delta_rule(q, k, v, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
+    assert check_cu_seqlens(torch.tensor([0, 8], dtype=torch.int32), 8, 1, None).dtype == torch.int64
