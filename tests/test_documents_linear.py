@@ -336,3 +336,23 @@ def test_bad_cu_seqlens_one_process():
     with pytest.raises(ValueError, match="torch.Tensor"):
         lasp.gated_delta_rule(q, k, v, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
     assert check_cu_seqlens(torch.tensor([0, 8], dtype=torch.int32), 8, 1, None).dtype == torch.int64
+
+
+@pytest.mark.parametrize("op", ["linear", "delta"])
+def test_documents_bf16(spawn, op):
+    """bf16 inputs (the created reset gate is bf16: 0 and -inf are exact): DESIGN's 1e-2."""
+    P, layout, B, T, H, K, V = 2, "zigzag", 1, 32, 2, 8, 4
+    cu = doc_cuts(T, P, layout, 11)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, T, H, V, generator=gen)
+    if op == "linear":
+        xs, shared = list(linear_inputs(B, T, H, K, V, gates="none", dtype=torch.bfloat16, seed=21)[:4]), []
+        oracle = lambda t, s: naive_recurrent_linear_attention(*t, output_final_state=True)  # noqa: E731
+    else:
+        xs, shared = delta_inputs(B, T, H, K, V, gates="none", dtype=torch.bfloat16, seed=22)[:5], []
+        oracle = lambda t, s: naive_gated_delta_rule(*t, output_final_state=True)  # noqa: E731
+    tok64 = leaves64(xs)
+    o_ref, _ = per_document(oracle, cu, tok64, None)
+    (o_ref * do.double()).sum().backward()
+    results = spawn(P).run(run_op, op, xs, shared, None, cu, do, None, dict(method="lasp2"), layout, False)
+    check(results, layout, o_ref, None, tok64, [], None, 1e-2)
