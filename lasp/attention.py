@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 
 from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, check_states, resolve_backend
+from .ops.documents import check_cu_seqlens, reset_gate
 from .ops.lasp1 import lasp1_linear_attention
 from .ops.lasp2 import lasp2_linear_attention
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
-from .ops.documents import check_cu_seqlens
 from .ops.softmax_documents import document_bounds, single_process_softmax
 from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
@@ -51,6 +51,7 @@ def linear_attention(
     backend: str = "auto",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """(Sequence-parallel) gated linear attention on this rank's shard.
 
@@ -70,12 +71,23 @@ def linear_attention(
             on each rank is that rank's contribution (sum over the SP group = the total).
         output_final_state: also return the float32 state after the last token of the whole
             sequence, on every rank (differentiable; its gradient is summed over the ranks).
+        cu_seqlens: packed documents (causal only, B = 1): ``[N+1]`` integer global document
+            starts ``0 = c_0 < ... < c_N = T_local * P``, the same on every rank; each document runs
+            as if alone (``initial_state`` feeds the first, ``final_state`` is the last one's). A
+            document start is a hard reset (log-decay ``-inf``), so LASP-2's bytes are unchanged;
+            validation adds one 24-byte all-gather per call (:mod:`lasp.ops.documents`).
     Returns:
         ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally), or
         ``(o, final_state [B, H, K, V])`` with ``output_final_state``.
     """
     check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
     check_states(q, v, initial_state, output_final_state, causal=causal)
+    if cu_seqlens is not None:
+        if not causal:
+            raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
+        B, T_local, H = q.shape[:3]
+        cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
+        g = reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
     states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
     backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

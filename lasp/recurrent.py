@@ -16,6 +16,7 @@ from .ops.checks import check_gated_delta
 from .ops.conv import causal_conv1d
 from .ops.delta_chunk import chunk_gated_delta_rule
 from .ops.delta_segment import DeltaTorchSegment
+from .ops.documents import check_cu_seqlens, reset_gate
 from .parallel import group_rank_size
 
 __all__ = ["gated_delta_rule", "causal_conv1d"]
@@ -59,6 +60,7 @@ def gated_delta_rule(
     method: str = "lasp2",
     layout: str = "contiguous",
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """(Sequence-parallel) gated delta rule on this rank's shard (fla's names and layout).
 
@@ -75,11 +77,19 @@ def gated_delta_rule(
         use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the operator.
         group: SP process group or None. method: ``lasp2`` | ``lasp1`` | ``ulysses``.
         layout: ``contiguous`` | ``zigzag``. backend: ``auto`` | ``torch`` (``triton``: not yet).
+        cu_seqlens: packed documents (B = 1): ``[N+1]`` integer global document starts
+            ``0 = c_0 < ... < c_N = T_local * P``, the same on every rank; each document runs as if
+            alone (a start is a hard reset ``g = -inf``: ``S = beta k v^T`` there); ``initial_state``
+            feeds the first document, ``final_state`` is the last one's. LASP-2's bytes are unchanged.
     Returns:
         ``o [B, T_local, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V] float32)``.
     """
     check_gated_delta(q, k, v, beta, g, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
     _resolve_backend(backend)
+    if cu_seqlens is not None:
+        B, T_local, H = q.shape[:3]
+        cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
+        g = reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if group_rank_size(group)[1] == 1:
         return chunk_gated_delta_rule(

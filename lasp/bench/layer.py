@@ -5,10 +5,14 @@ sequence lengths and SP sizes.
 
 Methods: the registry :data:`METHODS` (name -> operator family, its ``method=`` and the step
 that builds this rank's random inputs). Records, timing, memory, bytes: ``docs/bench/README.md``.
+``--documents 0,1,16,256``: each window packs N documents of random (seeded) lengths, passed as
+``cu_seqlens`` (the record's ``documents`` field; 0 or no flag: none).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import random
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -35,11 +39,20 @@ def _shard(point: dict, rank: int, world: int, device: torch.device):
     return rnd
 
 
+def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens [n_docs + 1]`` (int64): ``n_docs`` documents of random lengths (>= 1) filling
+    ``seq_len`` tokens; seeded, so identical on every rank."""
+    cuts = sorted(random.Random(seed).sample(range(1, seq_len), n_docs - 1))
+    return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
+
+
 def _step(op, m: "Method", point: dict, world: int, rnd, leaves: list[torch.Tensor], **kw):
-    """``(forward, backward)`` of ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this rank;
-    the output gradient is drawn last from ``rnd``."""
+    """``(forward, backward)`` of ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this rank
+    (with ``cu_seqlens`` for ``--documents``); the output gradient is drawn last from ``rnd``."""
     do = rnd(point["heads"], point["head_dim"], std=point["seq_len"] ** -0.5)
     kw.update(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
+    if point.get("documents"):
+        kw["cu_seqlens"] = document_starts(point["seq_len"], point["documents"]).to(do.device)
     for x in leaves:
         x.requires_grad_()
 
@@ -114,6 +127,14 @@ def precheck(point: dict) -> tuple[str, str] | None:
     table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
     if table is not None and m.op not in table:
         return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
+    if point.get("documents"):
+        import lasp
+
+        op = {"linear": lasp.linear_attention, "delta": lasp.gated_delta_rule, "softmax": lasp.softmax_attention}.get(m.kind)
+        if op is not None and "cu_seqlens" not in inspect.signature(op).parameters:
+            return "unavailable", f"{m.kind} attention takes no cu_seqlens (packed documents) in this build"
+        if point["documents"] > point["seq_len"]:
+            return "skipped", f"--documents {point['documents']} > seq_len {point['seq_len']} (documents hold >= 1 token)"
     # rough peak memory of all ranks (GiB), linear in T for every method (no softmax scores are kept)
     est, limit = 40.0 * point["batch"] * point["seq_len"] * point["heads"] * point["head_dim"] * 4 / 2**30, point["_max_memory_gb"]
     if limit > 0 and point["device"] != "cuda" and est > limit:
@@ -130,11 +151,27 @@ BENCH = sweep.Bench(
                                      title="LASP-2 speed-up (time ratio)"),
            "gdn_lasp2_speedup.png": dict(base="gdn-lasp2", against=("gdn-lasp1", "gdn-ulysses"),
                                          title="gated delta rule: LASP-2 speed-up (time ratio)")},
-    columns=[("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
+    columns=[("docs", lambda r: str(r.get("documents") or "-")), ("sent/rank fwd+bwd", lambda r: fmt_bytes(r["bytes_per_rank"])), ("calls/rank", lambda r: str(r["collectives"]))],
     note="time: one forward + backward of one attention layer, slowest rank, median of the timed steps; "
-         "sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "
+         "docs: documents per window (cu_seqlens; - = none); sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "
          "peak mem: {mem_method} per rank (max over ranks).",
 )
+
+
+def _documents_arg(s: str) -> int | None:
+    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
+    n = int(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
+    return n or None
+
+
+def _documents_arg(s: str) -> int | None:
+    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
+    n = int(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
+    return n or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
+    ap.add_argument("--documents", type=csv_arg(_documents_arg, "--documents"), default=[None],
+                    help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
+                         "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
-                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, _max_memory_gb=args.max_memory_gb)
-              for sp in args.sp for method in args.method for n in args.seq_len]
+                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs, _max_memory_gb=args.max_memory_gb)
+              for sp in args.sp for method in args.method for n in args.seq_len for docs in args.documents]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

@@ -16,6 +16,11 @@ another rank (contiguous: segment r-1; zigzag: global chunk c-1 precedes chunk c
 The convolution itself is local (``F.conv1d`` on ``[halo, segment]``), so weight and bias get
 this rank's share of their gradient (summed over ranks by the data-parallel reduction, like
 every other replicated parameter).
+
+Packed documents (``cu_seqlens``, :mod:`lasp.ops.documents`): an output only reads inputs of its
+own document; a tap reaching before the document start (also into the halo) reads zero. The
+per-token distance to the document start comes from this rank's global positions (tensor ops, no
+host sync); the halo exchange and its bytes are unchanged.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import torch.nn.functional as F
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks
 from .checks import check_conv
+from .documents import check_cu_seqlens, document_offsets
+
 
 def _owners(size: int, layout: str) -> dict[int, tuple[int, int]]:
     """Global segment index -> (rank, slot on that rank)."""
@@ -60,33 +67,52 @@ class _Halo(torch.autograd.Function):
         return dtails, None, None
 
 
-def _conv(xh: torch.Tensor, weight: torch.Tensor, bias, activation) -> torch.Tensor:
-    """Valid depthwise conv of ``[B, W-1+T, D]`` -> ``[B, T, D]`` (+ activation)."""
+def _conv(xh: torch.Tensor, weight: torch.Tensor, bias, activation, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Valid depthwise conv of ``[B, W-1+T, D]`` -> ``[B, T, D]`` (+ activation).
+
+    ``offsets [T]`` (documents): each output token's distance to its document's first token; the
+    taps reaching further back read zero.
+    """
     D, W = weight.shape
+    if offsets is not None and W > 1:
+        back = torch.arange(W - 1, -1, -1, device=xh.device)  # tap w reads token t - back[w]
+        keep = (back[None, :] <= offsets[:, None]).to(xh.dtype)  # [T, W]
+        y = (xh.unfold(1, W, 1) * (keep[None, :, None, :] * weight.to(xh.dtype)[None, None])).sum(-1)
+        if bias is not None:
+            y = y + bias.to(xh.dtype)
+        return F.silu(y) if activation == "silu" else y
     y = F.conv1d(xh.transpose(1, 2), weight.to(xh.dtype)[:, None, :], None if bias is None else bias.to(xh.dtype), groups=D)
     y = y.transpose(1, 2)
     return F.silu(y) if activation == "silu" else y
 
 
-def causal_conv1d(x, weight, bias=None, *, activation: str | None = None, group=None, layout: str = "contiguous") -> torch.Tensor:
+def causal_conv1d(x, weight, bias=None, *, activation: str | None = None, group=None, layout: str = "contiguous",
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal convolution of this rank's shard of a sequence.
 
     Args:
         x: ``[B, T_local, D]``, this rank's tokens in ``layout`` order.
         weight: ``[D, W]``; bias: ``[D]`` or None; activation: None or ``"silu"``.
         group: SP process group or None (whole sequence here).
+        cu_seqlens: packed documents (B = 1): ``[N+1]`` integer global document starts, the same on
+            every rank; each document is convolved as if alone (zeros before its first token).
     Returns:
         ``[B, T_local, D]`` in x's dtype, equal to the convolution of the whole sequence.
     """
     check_conv(x, weight, bias, activation=activation, group=group, layout=layout)
     _, size = group_rank_size(group)
     W = weight.shape[1]
+    offs = None
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens(cu_seqlens, x.shape[1] * size, x.shape[0], group, device=x.device)
+        offs = document_offsets(cu, x.shape[1], group, layout)
     if size == 1 or W == 1:
-        return _conv(F.pad(x, (0, 0, W - 1, 0)), weight, bias, activation)
+        return _conv(F.pad(x, (0, 0, W - 1, 0)), weight, bias, activation, offs)
     segs = x.chunk(2, dim=1) if layout == "zigzag" else (x,)
+    seg_offs = (None,) * len(segs) if offs is None else offs.chunk(len(segs))
     tails = torch.stack([s[:, s.shape[1] - (W - 1) :] for s in segs])
     halos = _Halo.apply(tails, group, layout)
-    ys = [_conv(torch.cat([h, s], dim=1), weight, bias, activation) for h, s in zip(halos.unbind(0), segs)]
+    ys = [_conv(torch.cat([h, s], dim=1), weight, bias, activation, o) for h, s, o in zip(halos.unbind(0), segs, seg_offs)]
     return torch.cat(ys, dim=1)
 
 

@@ -1,72 +1,136 @@
-"""Packed documents (``cu_seqlens``): validation shared by every operator.
+"""Packed documents (``cu_seqlens``): validation and the per-token tensors the operators need.
 
-MINIMAL COPY written by the softdocs engineer so that ``lasp.softmax_attention`` can validate
-before the merge; the lindocs engineer owns this file (the lead keeps one of the two versions,
-with this name and signature).
+``cu_seqlens`` is a 1-D integer tensor ``[N+1]``, ``0 = c_0 < c_1 < ... < c_N = T``: the document
+starts over the WHOLE (unsharded) sequence of ``T = T_local * P`` tokens, identical on every rank,
+with ``B = 1`` (the flash-attn / fla varlen convention). Semantics: exactly as if each document ran
+alone.
 
-``cu_seqlens``: a 1-D integer tensor ``[N+1]``, ``0 = c_0 < c_1 < ... < c_N = T``, the document
-starts over the WHOLE (unsharded) sequence, identical on every rank, with B = 1.
+- :func:`check_cu_seqlens`: the validation every operator runs first, before any collective of the
+  op. The value checks read ``cu_seqlens`` on the host (validation before the op, not inside its
+  forward/backward). "The same on every rank" is checked with ONE small all-gather of
+  ``(verdict, N, crc32 of the values)`` (24 bytes per rank, tag ``documents.check``): the one collective a
+  call adds, and only when ``cu_seqlens`` is given; every rank sees the gathered values, so every
+  rank raises the same ValueError.
+- The linear recurrences (both families) turn a document start into a hard reset: a log-decay of
+  ``-inf`` at every document start except token 0 (the first document keeps ``initial_state``), so
+  LASP-2's summaries, folds and bytes are unchanged (:func:`reset_gate`).
+- The short convolution masks the taps that reach before the token's document start
+  (:func:`document_offsets`).
+
+The per-token tensors are built from this rank's global positions with tensor ops on the device
+(``torch.searchsorted``): no host-device synchronisation.
 """
 from __future__ import annotations
+
+import zlib
 
 import torch
 
 from .. import comm
-from ..parallel import group_rank_size
+from ..parallel import group_rank_size, layout_chunks
 
-_TAG = "documents.check"
+__all__ = ["check_cu_seqlens", "reset_mask", "reset_gate", "document_offsets"]
 
 
-def _local_problem(cu_seqlens, T_total: int, B: int) -> str | None:
-    """The local reason ``cu_seqlens`` is invalid, or None (reads its values: one host copy)."""
+def _local_problem(cu_seqlens, T_total: int, B: int) -> tuple[str | None, torch.Tensor | None]:
+    """(the ValueError message or None, the values as a CPU int64 tensor or None)."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        return f"cu_seqlens must be a torch.Tensor [N+1] of document starts, got {type(cu_seqlens).__name__}"
+        return f"cu_seqlens must be a 1-D integer torch.Tensor [N+1] or None, got {type(cu_seqlens).__name__}", None
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        return f"cu_seqlens must be a 1-D tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}"
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
-        return f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}"
+        return f"cu_seqlens must be a 1-D tensor [N+1] with N >= 1 documents, got shape {list(cu_seqlens.shape)}", None
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        return f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}", None
     if B != 1:
-        return f"cu_seqlens needs batch size B=1 (documents packed along T), got B={B}"
-    c = cu_seqlens.detach().to("cpu", torch.int64)
-    if int(c[0]) != 0:
-        return f"cu_seqlens must start at 0, got {int(c[0])}"
-    if int(c[-1]) != T_total:
-        return f"cu_seqlens must end at the whole sequence length T={T_total}, got {int(c[-1])}"
-    if not bool((c[1:] > c[:-1]).all()):
-        return "cu_seqlens must be strictly increasing (every document at least one token)"
-    return None
+        return f"cu_seqlens needs batch size B = 1 (documents packed along T), got B = {B}", None
+    vals = cu_seqlens.detach().to("cpu", torch.int64)  # validation reads the values on the host (before the op)
+    first, last = int(vals[0]), int(vals[-1])
+    if first != 0:
+        return f"cu_seqlens must start at 0 (c_0 = 0), got c_0 = {first}", vals
+    if last != T_total:
+        return f"cu_seqlens must end at the whole sequence's length T = T_local * P = {T_total}, got c_N = {last}", vals
+    bad = ((vals[1:] - vals[:-1]) <= 0).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        return f"cu_seqlens must be strictly increasing, got c_{i} = {int(vals[i])} >= c_{i + 1} = {int(vals[i + 1])}", vals
+    return None, vals
 
 
-def _fingerprint(cu_seqlens) -> torch.Tensor:
-    """Three int64 numbers that differ, in practice, when two ``cu_seqlens`` differ."""
-    c = cu_seqlens.detach().to("cpu", torch.int64)
-    w = torch.arange(1, c.numel() + 1, dtype=torch.int64)
-    return torch.stack([torch.tensor(c.numel()), c.sum(), (c * w % 1_000_003 * w).sum()])
+def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group, *, device=None) -> torch.Tensor:
+    """Validate ``cu_seqlens`` on every rank; returns it as int64 on ``device`` (default: its own).
 
-
-def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group) -> None:
-    """Raise ValueError (on every rank, before the operator's collectives) unless ``cu_seqlens`` is
-    valid: a 1-D integer tensor ``[N+1]`` with ``c_0 = 0``, ``c_N = T_total``, strictly increasing,
-    ``B == 1``, and the same on every rank of ``group``.
-
-    With a group of P > 1 ranks every rank makes ONE small all-gather (3 int64 numbers and an ok
-    flag, tag ``documents.check``), whatever its local verdict, so a rank with a bad argument
-    never leaves the others waiting in a collective.
+    Args:
+        cu_seqlens: 1-D integer tensor ``[N+1]`` of global document starts.
+        T_total: tokens of the whole sequence (``T_local * P``). B: the batch size (must be 1).
+        group: the SP process group (None or one rank: no collective).
+        device: where the returned tensor lives (the operator's device).
+    Raises:
+        ValueError naming ``cu_seqlens`` and what was expected: not a 1-D integer tensor,
+        ``c_0 != 0``, ``c_N != T_total``, not strictly increasing, ``B != 1``, or different on
+        different ranks of ``group``. Raised on EVERY rank, before any collective of the operator:
+        over a group, each rank's verdict and ``(N, crc32)`` travel in one small all-gather (the
+        one collective ``cu_seqlens`` adds, tag ``documents.check``), so a rank whose copy is
+        bad never leaves the others waiting in the operator's collectives.
     """
-    problem = _local_problem(cu_seqlens, T_total, B)
+    problem, vals = _local_problem(cu_seqlens, T_total, B)
     _, size = group_rank_size(group)
     if size == 1:
         if problem:
             raise ValueError(problem)
-        return
-    mine = torch.zeros(4, dtype=torch.int64)
-    if problem is None:
-        mine[0], mine[1:] = 1, _fingerprint(cu_seqlens)
-    everyone, _ = comm.all_gather(mine, group, tag=_TAG)  # [P, 4]
+        return cu_seqlens.to(device or cu_seqlens.device, torch.int64)
+    dev = device or (cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else "cpu")
+    crc = -1 if vals is None else zlib.crc32(vals.numpy().tobytes())
+    n = -1 if vals is None else vals.numel()
+    mine = torch.tensor([int(problem is not None), n, crc], dtype=torch.int64, device=dev)
+    gathered, _ = comm.all_gather(mine, group, tag="documents.check")
+    rows = gathered.cpu().tolist()
     if problem:
         raise ValueError(problem)
-    if not bool((everyone[:, 0] == 1).all()):
-        raise ValueError("cu_seqlens is invalid on another rank of the group (see that rank's error)")
-    if not bool((everyone[:, 1:] == mine[1:]).all()):
-        raise ValueError("cu_seqlens must be the same on every rank of the group, got different values")
+    failed = [r for r, row in enumerate(rows) if row[0]]
+    if failed:
+        raise ValueError(f"cu_seqlens is invalid on rank(s) {failed} of the group (every rank must pass the same valid document starts)")
+    if any(row[1:] != rows[0][1:] for row in rows):
+        got = ", ".join(f"rank {r}: N={row[1] - 1}" for r, row in enumerate(rows))
+        raise ValueError(f"cu_seqlens must be identical on every rank of the group (the same global document starts); they differ ({got})")
+    return cu_seqlens.to(dev, torch.int64)
 
+
+def _positions(T_local: int, rank: int, size: int, layout: str, device) -> torch.Tensor:
+    """Global positions ``[T_local]`` of this rank's tokens (:func:`lasp.parallel.global_positions`
+    without building the whole sequence's positions)."""
+    if size == 1:  # the whole sequence, in natural order
+        return torch.arange(T_local, device=device)
+    chunks = layout_chunks(rank, size, layout)
+    n = T_local // len(chunks)
+    return torch.cat([torch.arange(c * n, (c + 1) * n, device=device) for c in chunks])
+
+
+def reset_mask(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> torch.Tensor:
+    """``[T_local]`` bool: True where this rank's token starts a document other than the first."""
+    rank, size = group_rank_size(group)
+    pos = _positions(T_local, rank, size, layout, cu_seqlens.device)
+    return (_offsets(cu_seqlens, pos) == 0) & (pos > 0)
+
+
+def reset_gate(g: torch.Tensor | None, cu_seqlens: torch.Tensor, shape: tuple[int, int, int], group, layout: str,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The log-decay ``[B, T_local, H]`` with a hard reset (``-inf``) at every document start but the first.
+
+    ``g`` ``[B, T_local, H]`` or None (zeros, in ``dtype``): elsewhere it is kept (``torch.where``, so
+    ``g`` at a document start gets a zero gradient, as when each document runs alone).
+    """
+    B, T_local, H = shape
+    reset = reset_mask(cu_seqlens, T_local, group, layout)[None, :, None]
+    base = torch.zeros(B, T_local, H, dtype=dtype, device=cu_seqlens.device) if g is None else g
+    return torch.where(reset.to(base.device), torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
+
+
+def document_offsets(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> torch.Tensor:
+    """``[T_local]`` int64: each of this rank's tokens' distance to its document's first token."""
+    rank, size = group_rank_size(group)
+    return _offsets(cu_seqlens, _positions(T_local, rank, size, layout, cu_seqlens.device))
+
+
+def _offsets(cu_seqlens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Distance of each global position to the start of its document (O(T_local log N), no mask)."""
+    doc = torch.searchsorted(cu_seqlens, pos, right=True) - 1
+    return pos - cu_seqlens[doc]
