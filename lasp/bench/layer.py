@@ -11,7 +11,6 @@ that builds this rank's random inputs). Records, timing, memory, bytes: ``docs/b
 from __future__ import annotations
 
 import argparse
-import inspect
 import random
 import sys
 from dataclasses import dataclass
@@ -127,14 +126,8 @@ def precheck(point: dict) -> tuple[str, str] | None:
     table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
     if table is not None and m.op not in table:
         return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
-    if point.get("documents"):
-        import lasp
-
-        op = {"linear": lasp.linear_attention, "delta": lasp.gated_delta_rule, "softmax": lasp.softmax_attention}.get(m.kind)
-        if op is not None and "cu_seqlens" not in inspect.signature(op).parameters:
-            return "unavailable", f"{m.kind} attention takes no cu_seqlens (packed documents) in this build"
-        if point["documents"] > point["seq_len"]:
-            return "skipped", f"--documents {point['documents']} > seq_len {point['seq_len']} (documents hold >= 1 token)"
+    if (point.get("documents") or 0) > point["seq_len"]:
+        return "skipped", f"--documents {point['documents']} > seq_len {point['seq_len']} (documents hold >= 1 token)"
     # rough peak memory of all ranks (GiB), linear in T for every method (no softmax scores are kept)
     est, limit = 40.0 * point["batch"] * point["seq_len"] * point["heads"] * point["head_dim"] * 4 / 2**30, point["_max_memory_gb"]
     if limit > 0 and point["device"] != "cuda" and est > limit:
@@ -156,14 +149,6 @@ BENCH = sweep.Bench(
          "docs: documents per window (cu_seqlens; - = none); sent/rank: bytes one rank sends per forward + backward (max over ranks, lasp.comm accounting); "
          "peak mem: {mem_method} per rank (max over ranks).",
 )
-
-
-def _documents_arg(s: str) -> int | None:
-    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
-    n = int(s)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
-    return n or None
 
 
 def _documents_arg(s: str) -> int | None:
