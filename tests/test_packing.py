@@ -123,3 +123,15 @@ def test_pack_documents_resolution(letters, tmp_path):
     assert pack_documents(cfg(False), ds) is False and pack_documents(cfg(True), ds) is True
     with pytest.raises(ValueError, match="run.yaml: data.pack_documents is true, but the dataset .* has no document index"):
         pack_documents(cfg(True), legacy)
+
+
+def test_embedded_corpus_has_one_document_per_file(tmp_path, monkeypatch):
+    files = D.stdlib_sources()[:4]
+    monkeypatch.setattr(D, "stdlib_sources", lambda: files)  # keep the test quick
+    path = D.embedded_corpus(str(tmp_path))
+    ds = D.TokenDataset(path)
+    sizes = [f.stat().st_size + 1 for f in files]  # each file and its NUL
+    assert ds.doc_starts.tolist() == np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    # a cache written before the document index is prepared again, with the index
+    os.remove(os.path.join(path, "documents.bin"))
+    assert D.embedded_corpus(str(tmp_path)) == path and D.TokenDataset(path).has_documents
