@@ -26,7 +26,7 @@ from .. import recurrent as ops
 from ..ops.conv import causal_conv1d_with_state
 from ..ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, document_kwargs
 
 
 def delta_param_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -71,16 +71,20 @@ class GatedDeltaNet(nn.Module):
             dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp()
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x, cos=None, sin=None, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        """``x [B, T_local, hidden]``; ``cos, sin`` unused (no RoPE in delta layers).
+    def forward(
+        self, x, cos=None, sin=None, *, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None
+    ) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin`` unused (no RoPE in delta layers); ``cu_seqlens
+        [N+1]`` global document starts (B = 1) or None: the convolution and the state reset there.
 
         ``cache`` (generation, single process): ``{"state": ..., "conv": ...}`` or None entries,
         updated in place with the states after these tokens.
         """
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        docs = document_kwargs(cu_seqlens)
         if cache is None:
-            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout)
+            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout, **docs)
         else:
             qkv, cache["conv"] = causal_conv1d_with_state(self.qkv_proj(x), self.conv_weight, activation="silu", state=cache.get("conv"))
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
@@ -89,7 +93,7 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             o = ops.gated_delta_rule(
                 q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend,
+                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **docs,
             )
         elif T == 1 and cache.get("state") is not None:
             o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=True)

@@ -49,6 +49,24 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return angles.cos().float(), angles.sin().float()
 
 
+def positions_in_documents(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Global token positions ``[T]`` -> positions within each token's document ``[T]`` int64.
+
+    ``cu_seqlens [N+1]`` are the global document starts (``0 = c_0 < ... < c_N = T_global``).
+    Tensor ops only (``searchsorted``), no host synchronisation.
+    """
+    cu = cu_seqlens.to(device=positions.device, dtype=torch.int64)
+    pos = positions.to(torch.int64)
+    doc = torch.searchsorted(cu, pos, right=True) - 1  # index of the document holding each token
+    return pos - cu[doc.clamp(0, cu.numel() - 1)]
+
+
+def document_kwargs(cu_seqlens: torch.Tensor | None) -> dict:
+    """``{"cu_seqlens": cu_seqlens}`` for the operators, or ``{}`` without documents (so a model
+    without documents never depends on an operator accepting the argument)."""
+    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` (half-split convention of Llama/HF) by ``cos, sin [T, D/2]``."""
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -18,7 +18,7 @@ from ..ops.chunk import chunk_linear_attention
 from ..ops.recurrence import recurrent_step
 from ..ops.softmax_local import sdpa_attention
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, feature_map, fixed_log_decay
+from .layers import RMSNorm, apply_rope, document_kwargs, feature_map, fixed_log_decay
 
 
 class LinearAttention(nn.Module):
@@ -66,8 +66,11 @@ class LinearAttention(nn.Module):
         B, T = o.shape[:2]
         return self.o_proj(o.reshape(B, T, -1))
 
-    def forward(self, x, cos, sin, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        """``x [B, T_local, hidden]``; ``cos, sin [T_local, D/2]`` at the tokens' global positions.
+    def forward(
+        self, x, cos, sin, *, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None
+    ) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin [T_local, D/2]`` at the tokens' positions;
+        ``cu_seqlens [N+1]`` global document starts (B = 1) or None.
 
         ``cache`` (generation, single process): ``{"state": [B, H, K, V] float32 or None}``,
         updated in place with the state after these tokens.
@@ -76,7 +79,7 @@ class LinearAttention(nn.Module):
         if cache is None:
             o = ops.linear_attention(
                 q, k, v, g, g_gamma, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend,
+                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **document_kwargs(cu_seqlens),
             )
         elif x.shape[1] == 1 and cache.get("state") is not None:
             o, cache["state"] = recurrent_step(q, k, v, g, g_gamma, cache["state"])
@@ -98,8 +101,11 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(h, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, h, bias=False)
 
-    def forward(self, x, cos, sin, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        """``x [B, T_local, hidden]``; ``cos, sin [T_local, D/2]`` at global positions.
+    def forward(
+        self, x, cos, sin, *, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None
+    ) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin [T_local, D/2]`` at the tokens' positions;
+        ``cu_seqlens [N+1]`` global document starts (B = 1) or None.
 
         ``cache`` (generation, single process): ``{"k": [B, T_past, H_kv, D] or None, "v": ...}``,
         extended in place by these tokens' keys and values.
@@ -109,7 +115,9 @@ class SoftmaxAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if cache is None:
-            o = ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method)
+            o = ops.softmax_attention(
+                q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, **document_kwargs(cu_seqlens)
+            )
         else:
             if cache.get("k") is not None:
                 k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)

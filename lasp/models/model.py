@@ -3,7 +3,9 @@ attention, following ``ModelConfig.layer_pattern`` over the depth.
 
 Sequence parallelism is transparent: ``model(input_ids, group=..., layout=...)`` takes this
 rank's shard of the tokens, RoPE uses each token's global position, and every mixer calls the
-sequence-parallel operators with the same group and layout. Everything else (embeddings, norms,
+sequence-parallel operators with the same group and layout. Packed documents
+(``cu_seqlens=``, global document starts, B = 1) go to every operator, and RoPE positions
+restart at each document start. Everything else (embeddings, norms,
 MLPs, the LM head) is per-token, hence local.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..parallel import LAYOUTS, global_positions, group_rank_size
 from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import GatedDeltaNet
-from .layers import RMSNorm, SwiGLU, rope_cos_sin
+from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
 
 
@@ -34,8 +36,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, group=group, layout=layout, cache=cache)
+    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, group=group, layout=layout, cu_seqlens=cu_seqlens, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -89,6 +91,7 @@ class LinearLlamaForCausalLM(nn.Module):
         group=None,
         layout: str = "contiguous",
         positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of this rank's tokens.
 
@@ -98,16 +101,19 @@ class LinearLlamaForCausalLM(nn.Module):
             layout: ``contiguous`` | ``zigzag`` (token layout over the SP group).
             positions: ``[T_local]`` global positions; default: from the group's rank/size and
                 the layout with ``T_global = T_local * sp_size``.
+            cu_seqlens: ``[N+1]`` integer global document starts (``0 ... T_global``, the same on
+                every rank), B must be 1; or None (one document). Every operator gets it, and RoPE
+                uses each token's position within its document.
         Returns:
             ``[B, T_local, vocab_size]`` float32.
         """
-        cos, sin = self._rope(input_ids, group, layout, positions)
+        cos, sin = self._rope(input_ids, group, layout, positions, cu_seqlens)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, group, layout, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, group, layout)
+                x = layer(x, cos, sin, group, layout, cu_seqlens)
         return self.logits(self.norm(x))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,7 @@ class LinearLlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight).float()
 
-    def _rope(self, input_ids, group, layout, positions):
+    def _rope(self, input_ids, group, layout, positions, cu_seqlens=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor [B, T_local], got {got}")
@@ -132,9 +138,12 @@ class LinearLlamaForCausalLM(nn.Module):
                 positions = global_positions(T * size, rank, size, layout, device=input_ids.device)
         elif positions.shape != (T,):
             raise ValueError(f"positions must have shape [T_local] = [{T}], got {list(positions.shape)}")
+        if cu_seqlens is not None:
+            _check_documents(input_ids, cu_seqlens)
+            positions = positions_in_documents(positions.to(input_ids.device), cu_seqlens)
         return rope_cos_sin(positions.to(input_ids.device), self.config.head_dim, self.config.rope_theta)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation (no documents)
     def forward_cached(self, input_ids: torch.Tensor, cache: list[dict], start_pos: int) -> torch.Tensor:
         """Single-process incremental forward for generation.
 
@@ -159,3 +168,12 @@ class LinearLlamaForCausalLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
 
+
+
+def _check_documents(input_ids: torch.Tensor, cu_seqlens) -> None:
+    """The model's own checks of ``cu_seqlens`` (shape and B = 1; the operators check the values)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        got = f"{list(cu_seqlens.shape)} {cu_seqlens.dtype}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] of global document starts, got {got}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size B = 1 (pack the documents into one row), got input_ids of B = {input_ids.shape[0]}")

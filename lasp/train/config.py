@@ -62,11 +62,15 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     """Training tokens. ``path``: a directory written by ``lasp data prepare``; ``None`` uses the
-    embedded corpus (the Python standard library's sources, prepared on first use into
-    ``cache_dir``, default ``~/.cache/lasp``)."""
+    embedded corpus (the Python standard library's sources, one document per file, prepared on
+    first use into ``cache_dir``, default ``~/.cache/lasp``). ``pack_documents``: train on packed
+    documents (``cu_seqlens`` per window, no attention, state or label across a document
+    boundary); ``null`` (default) = yes when the dataset has a document index; ``true`` on a
+    dataset without one is an error."""
 
     path: str | None = None
     cache_dir: str | None = None
+    pack_documents: bool | None = None
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """Training data: token memmaps, tokenizers, the embedded corpus, deterministic batches.
 
-On disk a dataset is a directory with two files:
+On disk a dataset is a directory with three files:
 
 - ``tokens.bin``: every token id, back to back, as ``uint16`` (vocab <= 65536) or ``uint32``;
-- ``header.json``: ``{"format": "lasp-tokens", "version": 1, "dtype": "uint16",
+- ``documents.bin``: the document index, the offset in ``tokens.bin`` of every document start
+  (``uint64``, ``D`` of them, the first is 0). A document is one input file followed by its
+  separator token, so document ``d`` is ``tokens[start_d : start_{d+1}]`` (never empty);
+- ``header.json``: ``{"format": "lasp-tokens", "version": 2, "dtype": "uint16",
   "num_tokens": N, "vocab_size": V, "max_token_id": M, "tokenizer": "bytes" | "<path of a
-  tokenizers JSON>", "documents": D, "separator": S}``. Documents are separated by one
+  tokenizers JSON>", "documents": D, "separator": S, "document_index": "documents.bin",
+  "document_index_dtype": "uint64"}``. Documents are separated by one
   token ``S`` (byte tokenizer: NUL; a tokenizers file: its end-of-text token). ``max_token_id``
   is checked against the model's vocab before training starts (older datasets without it are
-  scanned once).
+  scanned once). Datasets written before the index (version 1) have no ``document_index``: they
+  train as one token stream (``data.pack_documents`` must then be false or unset).
 
 Batches are sampled, not iterated: optimizer step ``s`` of a run with seed ``seed`` draws the
 start offsets of its ``grad_accum * dp_size * micro_batch_size`` windows from a generator
@@ -34,9 +39,11 @@ from typing import Iterable
 import numpy as np
 
 FORMAT = "lasp-tokens"
-VERSION = 1
+VERSION = 2
 HEADER = "header.json"
 TOKENS = "tokens.bin"
+DOCUMENTS = "documents.bin"
+INDEX_DTYPE = np.uint64
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 BYTES_VOCAB = 256
 #: separator between documents (byte tokenizer): a NUL byte never occurs in source text
@@ -164,9 +171,10 @@ def prepare(
     sep = separator(tok)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    num_tokens, max_id = 0, -1
+    num_tokens, max_id, starts = 0, -1, []
     with open(tmp / TOKENS, "wb") as f:
         for path in files:
+            starts.append(num_tokens)
             ids = tok.encode_bytes(path.read_bytes())
             for chunk in (ids, sep):
                 if len(chunk):
@@ -183,7 +191,10 @@ def prepare(
         "tokenizer": tok.name,
         "documents": len(files),
         "separator": int(sep[0]),
+        "document_index": DOCUMENTS,
+        "document_index_dtype": np.dtype(INDEX_DTYPE).name,
     }
+    np.asarray(starts, dtype=INDEX_DTYPE).tofile(tmp / DOCUMENTS)
     (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
     old = None
     if out.exists() and overwrite:  # keep the old dataset until the new one is complete
@@ -227,20 +238,21 @@ def embedded_corpus(cache_dir: str | None = None) -> str:
 
     cache = cache_dir or default_cache_dir()
     out = os.path.join(cache, f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bytes")
-    if os.path.isfile(os.path.join(out, HEADER)):
+    ready = lambda: os.path.isfile(os.path.join(out, HEADER)) and os.path.isfile(os.path.join(out, DOCUMENTS))  # noqa: E731
+    if ready():
         return out
     import fcntl
 
     os.makedirs(cache, exist_ok=True)
     with open(out + ".lock", "w") as lock:  # concurrent ranks: one prepares, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(out, HEADER)):
+        if not ready():  # missing, or written before the document index: (re)write it
             files = stdlib_sources()
             if not files:
                 raise ValueError(f"embedded corpus: no .py files under {sysconfig.get_paths()['stdlib']!r}")
             print(f"lasp: preparing the embedded corpus ({len(files)} Python stdlib sources) in {out}", file=sys.stderr, flush=True)
-            header = prepare([], out, "bytes", files=files)
-            print(f"lasp: {header['num_tokens']:,} byte tokens ready", file=sys.stderr, flush=True)
+            header = prepare([], out, "bytes", files=files, overwrite=True)
+            print(f"lasp: {header['num_tokens']:,} byte tokens ready ({header['documents']:,} documents)", file=sys.stderr, flush=True)
     return out
 
 
@@ -279,7 +291,27 @@ def read_header(path: str) -> dict:
             f"{header_path}: corrupt data header (num_tokens={n} x {header['dtype']} = {expected} bytes, "
             f"but {tokens_path} has {actual} bytes)"
         )
+    check_document_index(path, header)
     return header
+
+
+def check_document_index(path: str, header: dict) -> None:
+    """ValueError unless the header's document index (if it names one) has ``documents`` uint64 entries."""
+    name = header.get("document_index")
+    if name is None:
+        return
+    index_path = os.path.join(path, str(name))
+    header_path = os.path.join(path, HEADER)
+    if header.get("document_index_dtype", "uint64") != np.dtype(INDEX_DTYPE).name or not isinstance(header.get("documents"), int):
+        raise ValueError(f"{header_path}: corrupt data header (document_index needs documents: int and document_index_dtype: uint64)")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"data.path: {index_path!r} (the document index named in {header_path}) is missing")
+    expected = header["documents"] * np.dtype(INDEX_DTYPE).itemsize
+    if os.path.getsize(index_path) != expected:
+        raise ValueError(
+            f"{header_path}: corrupt document index ({header['documents']} documents x 8 bytes = {expected} bytes, "
+            f"but {index_path} has {os.path.getsize(index_path)} bytes)"
+        )
 
 
 class TokenDataset:
@@ -291,6 +323,18 @@ class TokenDataset:
         self.num_tokens: int = self.header["num_tokens"]
         self.vocab_size: int = self.header["vocab_size"]
         self.tokens = np.memmap(os.path.join(path, TOKENS), dtype=DTYPES[self.header["dtype"]], mode="r", shape=(self.num_tokens,))
+        #: ``[D]`` int64 document starts (strictly increasing from 0), or None (a dataset without an index)
+        self.doc_starts: np.ndarray | None = None
+        if self.header.get("document_index") is not None:
+            starts = np.fromfile(os.path.join(path, self.header["document_index"]), dtype=INDEX_DTYPE).astype(np.int64)
+            if len(starts) and (starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= max(self.num_tokens, 1)):
+                raise ValueError(f"{path}/{self.header['document_index']}: corrupt document index (starts must rise strictly from 0 below num_tokens)")
+            self.doc_starts = starts
+
+    @property
+    def has_documents(self) -> bool:
+        """Whether the dataset records document boundaries (``documents.bin``)."""
+        return self.doc_starts is not None
 
     @property
     def max_token_id(self) -> int:

@@ -11,7 +11,7 @@ from .data import embedded_corpus, prepare
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lasp data", description="prepare training data")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize text files into DIR/tokens.bin + DIR/header.json")
+    p = sub.add_parser("prepare", help="tokenize text files into DIR/tokens.bin + DIR/documents.bin (document starts) + DIR/header.json")
     p.add_argument("--input", nargs="+", required=True, help="text files and/or directories (walked recursively)")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (built in, vocab 256) or a tokenizers JSON file")
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             header = prepare(args.input, args.output, args.tokenizer, pattern=args.pattern, overwrite=args.overwrite, eos_token=args.eos_token)
             print(
                 f"wrote {args.output}: {header['num_tokens']:,} tokens ({header['dtype']}, vocab {header['vocab_size']}) "
-                f"from {header['documents']} files"
+                f"from {header['documents']} files (one document each, index in documents.bin)"
             )
         else:
             print(embedded_corpus(args.cache_dir))

@@ -3,9 +3,11 @@
 DeepSpeed owns the optimizer (torch AdamW), ZeRO stage, precision, gradient accumulation
 and clipping. Its data-parallel group is the WHOLE world: every rank of an SP group holds the
 same replica and computes the gradient of the global loss with respect to it (the attention
-operators route the other shards' contributions back in their backward), so DeepSpeed's
-average over all ``sp_size * dp_size`` ranks of per-rank mean-token losses is exactly the mean
-over the global batch's tokens (every rank holds the same number of tokens).
+operators route the other shards' contributions back in their backward). DeepSpeed averages
+over all ``sp_size * dp_size`` ranks and divides by ``grad_accum``; the trainer scales each
+rank's sum of token losses by ``world * grad_accum / (counted tokens of the step)``
+(:func:`lasp.train.trainer.backward_scale`), so the gradient is exactly that of the mean over
+the global batch's counted tokens, however they are spread over the ranks (packed documents).
 """
 from __future__ import annotations
 

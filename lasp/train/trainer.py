@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import RunConfig
 from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
+from .packing import IGNORE_INDEX, packed_micro_batch
 from .ds_config import build_deepspeed_config, make_scheduler
 from .metrics import MetricsLogger
 from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
@@ -96,7 +97,21 @@ def preflight(cfg: RunConfig, world: int) -> tuple[object, TokenDataset]:
     check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     data = TokenDataset(resolve_data(cfg))
     data.check_fits(cfg.train.seq_len, mcfg.vocab_size)
+    pack_documents(cfg, data)
     return mcfg, data
+
+
+def pack_documents(cfg: RunConfig, data: TokenDataset) -> bool:
+    """Whether the run packs documents: ``data.pack_documents``, default (null) = the dataset has
+    a document index. ValueError when it is true and the dataset has no index."""
+    want = cfg.data.pack_documents
+    if want and not data.has_documents:
+        raise ValueError(
+            f"{cfg.source}: data.pack_documents is true, but the dataset {data.path!r} has no document index "
+            f"(documents.bin; it was prepared before lasp recorded documents): prepare it again with `lasp data prepare`, "
+            "or set data.pack_documents: false to train on it as one token stream"
+        )
+    return data.has_documents if want is None else bool(want)
 
 
 def check_same_inputs(data: TokenDataset, ckpt_dir: str, resume_tag: str | None, run_id: str | None) -> str:
@@ -236,6 +251,15 @@ def train(
     if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
         print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
+    packed = pack_documents(cfg, data)
+
+    def batch(step: int, micro: int):
+        """``(input_ids, labels, cu_seqlens or None)`` of this rank, on the device."""
+        if packed:
+            ids, labels, cu = packed_micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
+            return ids.to(device), labels.to(device), cu.to(device)
+        ids, labels = micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
+        return ids.to(device), labels.to(device), None
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
     model = LinearLlamaForCausalLM(mcfg)
@@ -263,7 +287,8 @@ def train(
         print(
             f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
             f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
-            f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens)",
+            f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens"
+            f"{', packed documents' if packed else ''})",
             flush=True,
         )
     logger = MetricsLogger(cfg.out_dir, rank, t.steps, start_step, tensorboard=cfg.tensorboard, progress=progress)
@@ -283,17 +308,19 @@ def train(
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
         lr = float(engine.get_lr()[0])  # what the optimizer uses for this step (not recomputed from the config)
+        batches = [batch(step, micro) for micro in range(t.grad_accum)]
+        # the loss is the mean over the counted tokens of the GLOBAL batch (every rank, every micro-step)
+        scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
-        for micro in range(t.grad_accum):
-            input_ids, labels = micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
-            logits = engine(input_ids.to(device), group=state.sp_group, layout=layout)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())
-            engine.backward(loss)
+        for input_ids, labels, cu_seqlens in batches:
+            docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+            logits = engine(input_ids, group=state.sp_group, layout=layout, **docs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            engine.backward(loss * scale.to(loss.dtype))
             engine.step()
             loss_sum += loss.detach().double()
-        # the global batch's mean token loss: every rank holds the same number of tokens
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        step_loss = loss_sum.item() / (world * t.grad_accum)
+        step_loss = (loss_sum * scale).item() / (world * t.grad_accum)
         tokens_done += spec.tokens_per_step
         dt = time.perf_counter() - step_start
         result.losses.append(step_loss)
@@ -321,6 +348,20 @@ def train(
     if rank == 0 and verbose:
         print_summary(cfg, result)
     return result
+
+
+def backward_scale(labels: list[torch.Tensor], world: int, grad_accum: int) -> torch.Tensor:
+    """The factor that turns this rank's SUM of token losses into its share of the global mean.
+
+    DeepSpeed's data-parallel group is the whole world (:mod:`lasp.train.ds_config`): it divides
+    each micro-step's loss by ``grad_accum`` and averages gradients over the ``world`` ranks. The
+    global mean is ``sum of every rank's token-loss sums / N`` with ``N`` the counted tokens
+    (labels != ignore) of the whole step over SP x DP, so each rank back-propagates
+    ``loss_sum * world * grad_accum / N``: exact however the counted tokens are spread over ranks
+    and micro-steps. One small all-reduce (of the counts, known before any forward)."""
+    count = sum((y != IGNORE_INDEX).sum() for y in labels).to(torch.float64)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return world * grad_accum / count.clamp(min=1.0)
 
 
 def _yaml(d: dict) -> str:
