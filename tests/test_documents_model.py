@@ -1,13 +1,11 @@
 """Packed documents in the model (issue 15): ``model(ids, cu_seqlens=...)`` gives every document
 exactly the logits and gradients it gets alone, at SP = 1 and across ranks; RoPE positions restart
-at each document start; B must be 1. The tests that need the operators' ``cu_seqlens`` skip until
-it is merged (``docs_shim``)."""
+at each document start; B must be 1."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from docs_shim import require_documents
 from lasp.models import LinearLlamaForCausalLM, ModelConfig
 from lasp.models.layers import positions_in_documents
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
@@ -80,7 +78,6 @@ def test_batch_must_be_one_with_documents():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_documents_equal_separate_runs_sp1(name):
-    require_documents()
     model = build(name)
     ids, dlogits = inputs()
     ref, ref_grads = per_document(model, ids, dlogits)
@@ -108,7 +105,6 @@ def _sp_job(rank: int, world: int, name: str, layout: str):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_documents_across_ranks_equal_separate_runs(spawn, name, layout):
-    require_documents()
     ref, ref_grads = per_document(build(name), *inputs())
     results = spawn(2).run(_sp_job, name, layout)
     assert_close(ref, unshard_sequence([r[0] for r in results], layout), rtol=1e-5, name="logits")

@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-from docs_shim import drop_documents_where_unsupported, operators_take_documents, require_documents
 from lasp.spawn import RankError
 from lasp.testing import assert_close
 from lasp.train.config import RunConfig
@@ -71,10 +70,6 @@ def doc_run_dict(tmp: str, name: str, sp: int, layout: str, zero: int, world: in
     d = run_dict(tmp, name, sp, layout, zero, world)
     d["data"] = {"path": os.path.join(tmp, "docs"), "pack_documents": True}
     d["checkpoint"] = {"every": 0}
-    if not operators_take_documents():
-        # TEMPORARY: one window per row, so every run sees the same rows while the operators drop
-        # cu_seqlens (docs_shim); grad_accum then differs between the runs (8 at DP=1, 4 at DP=2)
-        d["train"].update(micro_batch_size=1, grad_accum=WINDOWS_PER_STEP * 2 // (world // sp))
     return d
 
 
@@ -89,7 +84,6 @@ def _four_rank_job(rank: int, world: int, tmp: str) -> dict:
     out: dict = {}
     for name, sp, layout, zero in RUNS:
         out[name] = _train(run_dict(tmp, name, sp, layout, zero, world)).losses
-    out["docs-dropped"] = drop_documents_where_unsupported()  # TEMPORARY until the operators take cu_seqlens
     for name, sp, layout, zero in DOC_RUNS:
         out[name] = _train(doc_run_dict(tmp, name, sp, layout, zero, world)).losses
     # kill-and-resume: same config as RESUME_RUN in a fresh out_dir, stopped after step 6
@@ -103,7 +97,6 @@ def _four_rank_job(rank: int, world: int, tmp: str) -> dict:
 
 def _one_rank_job(rank: int, world: int, tmp: str) -> dict:
     out = {"reference": _train(run_dict(tmp, "reference", 1, "contiguous", 0, world)).losses}
-    out["docs-dropped"] = drop_documents_where_unsupported()
     out["docs-reference"] = _train(doc_run_dict(tmp, "docs-reference", 1, "contiguous", 0, world)).losses
     return out
 
@@ -154,17 +147,11 @@ def test_loss_curve_matches_sp1(runs, name):
 
 @pytest.mark.parametrize("name", [r[0] for r in DOC_RUNS])
 def test_packed_documents_loss_curve_matches_sp1(runs, name):
-    """The exact global token mean over SP x DP and micro-steps. Until the operators take
-    cu_seqlens, every run drops it in the operators alike (docs_shim), which still checks the
-    loss reduction, the labels and the per-document RoPE positions across SP sizes."""
+    """Packed documents (cu_seqlens in every operator, per-document RoPE, labels that never cross a
+    document): the exact global token mean over SP x DP and micro-steps follows SP = 1."""
     _, _, results = runs
     assert_follows(results["docs-reference"], results[name], name)
     assert results["docs-reference"] != results[RUNS[0][0]]
-
-
-def test_packed_documents_reach_the_operators(runs):
-    require_documents()
-    assert not runs[2]["docs-dropped"]
 
 
 def test_kill_and_resume_reproduces_the_curve(runs):

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.documents import offsets_in_documents
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` over the last dim (computed in float32, returned in x's dtype)."""
@@ -55,10 +57,7 @@ def positions_in_documents(positions: torch.Tensor, cu_seqlens: torch.Tensor) ->
     ``cu_seqlens [N+1]`` are the global document starts (``0 = c_0 < ... < c_N = T_global``).
     Tensor ops only (``searchsorted``), no host synchronisation.
     """
-    cu = cu_seqlens.to(device=positions.device, dtype=torch.int64)
-    pos = positions.to(torch.int64)
-    doc = torch.searchsorted(cu, pos, right=True) - 1  # index of the document holding each token
-    return pos - cu[doc.clamp(0, cu.numel() - 1)]
+    return offsets_in_documents(cu_seqlens.to(device=positions.device, dtype=torch.int64), positions)
 
 
 def document_kwargs(cu_seqlens: torch.Tensor | None) -> dict:

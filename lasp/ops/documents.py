@@ -108,7 +108,7 @@ def reset_mask(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> to
     """``[T_local]`` bool: True where this rank's token starts a document other than the first."""
     rank, size = group_rank_size(group)
     pos = _positions(T_local, rank, size, layout, cu_seqlens.device)
-    return (_offsets(cu_seqlens, pos) == 0) & (pos > 0)
+    return (offsets_in_documents(cu_seqlens, pos) == 0) & (pos > 0)
 
 
 def reset_gate(g: torch.Tensor | None, cu_seqlens: torch.Tensor, shape: tuple[int, int, int], group, layout: str,
@@ -127,10 +127,12 @@ def reset_gate(g: torch.Tensor | None, cu_seqlens: torch.Tensor, shape: tuple[in
 def document_offsets(cu_seqlens: torch.Tensor, T_local: int, group, layout: str) -> torch.Tensor:
     """``[T_local]`` int64: each of this rank's tokens' distance to its document's first token."""
     rank, size = group_rank_size(group)
-    return _offsets(cu_seqlens, _positions(T_local, rank, size, layout, cu_seqlens.device))
+    return offsets_in_documents(cu_seqlens, _positions(T_local, rank, size, layout, cu_seqlens.device))
 
 
-def _offsets(cu_seqlens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Distance of each global position to the start of its document (O(T_local log N), no mask)."""
+def offsets_in_documents(cu_seqlens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Global positions ``pos`` -> each one's distance to the start of its document (int64; O(T
+    log N) tensor ops, no mask, no host sync). ``cu_seqlens`` as validated (int64, same device)."""
+    pos = pos.to(torch.int64)
     doc = torch.searchsorted(cu_seqlens, pos, right=True) - 1
     return pos - cu_seqlens[doc]
