@@ -171,35 +171,40 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         return config_from_hf(json.load(f))
 
 
-def iter_hf_tensors(path: str | os.PathLike, cfg: ModelConfig, wanted: set[str] | None = None):
-    """Yield ``(lasp_name, tensor)`` from HF directory ``path`` (only ``wanted`` names when given).
+def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """``{lasp name: (safetensors file, HF name)}`` of HF directory ``path`` for a ``cfg`` model.
 
-    Raises ``ValueError`` listing the unknown names first (nothing is yielded then).
+    ``ValueError`` listing the unknown and the missing tensor names when they do not match.
     """
     expected = set(expected_names(cfg))
-    files = weight_files(path)
-    plan, unknown = [], []
-    for file in files:
+    index, unknown = {}, []
+    for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
                 name = hf_to_lasp_name(hf_name, cfg)
-                if name is None:
-                    continue
-                if name == "lm_head.weight" and cfg.tie_embeddings:
-                    continue  # a tied head saved anyway: the embedding is the weight
-                if name not in expected:
-                    unknown.append(hf_name)
+                if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
+                    continue  # vision tower / MTP head / a tied head saved anyway
+                if name in expected:
+                    index[name] = (file, hf_name)
                 else:
-                    plan.append((file, hf_name, name))
-    missing = sorted(expected - {n for _, _, n in plan})
+                    unknown.append(hf_name)
+    missing = sorted(expected - set(index))
     if unknown or missing:
         raise ValueError(f"{os.fspath(path)}: tensors do not match config.json: unknown {sorted(unknown)}, missing {[lasp_to_hf_name(n, cfg) for n in missing]}")
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for fname, hf_name, name in plan:
-                if fname == file and (wanted is None or name in wanted):
-                    t = f.get_tensor(hf_name)
-                    yield name, (t[:, 0] if name.endswith("conv_weight") else t)
+    return index
+
+
+def read_hf_tensor(file: str, hf_name: str) -> torch.Tensor:
+    """One tensor of an HF checkpoint in lasp's shape (the GDN conv loses its middle dim)."""
+    with safe_open(file, framework="pt") as f:
+        t = f.get_tensor(hf_name)
+    return t[:, 0].contiguous() if hf_name.endswith("conv1d.weight") else t
+
+
+def iter_hf_tensors(path: str | os.PathLike, cfg: ModelConfig):
+    """Yield ``(lasp_name, tensor)`` of HF directory ``path`` (checked by :func:`hf_tensor_index` first)."""
+    for name, (file, hf_name) in hf_tensor_index(path, cfg).items():
+        yield name, read_hf_tensor(file, hf_name)
 
 
 def expected_names(cfg: ModelConfig) -> list[str]:
