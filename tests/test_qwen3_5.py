@@ -160,3 +160,37 @@ def test_multimodal_sharded_checkpoint(hf_dir, tmp_path):
     save_file(shard, tmp_path / file)
     with pytest.raises(ValueError, match=r"unknown \['model.language_model.layers.0.linear_attn.surprise'\], missing \['model.layers.0.linear_attn.A_log'\]"):
         from_hf(tmp_path)
+
+
+def test_model_info_counts_match_transformers(hf_dir, capsys):
+    from lasp.models import from_hf
+    from lasp.models.info import count_params, main as info_main
+
+    path, hf = hf_dir
+    cfg = from_hf(path).config
+    assert count_params(cfg) == sum(p.numel() for p in hf.parameters())
+    assert info_main([path, "--check", "--seq-len", "2048,32768,262144"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture      qwen3_5" in out and "262144" in out
+
+
+def test_config_yaml_layer_types(tmp_path):
+    from lasp.models import ModelConfig
+
+    cfg = ModelConfig.from_yaml("configs/models/qwen3_5-tiny.yaml")
+    assert cfg.layer_pattern == "LLLS" and cfg.layer_types == ["linear", "linear", "linear", "softmax"]
+    assert cfg.rope_dim == 4 and cfg.linear_dims == (2, 4, 16, 16)
+    cfg.to_yaml(tmp_path / "m.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "m.yaml") == cfg
+    with pytest.raises(ValueError, match="layer_types has 3 entries, num_layers=4"):
+        ModelConfig(num_layers=4, layer_types=["linear"] * 3)
+    with pytest.raises(ValueError, match="linear_num_value_heads"):
+        ModelConfig(architecture="qwen3_5", linear_variant="gated_deltanet", linear_num_key_heads=3, linear_num_value_heads=4)
+
+
+def test_import_lasp_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, lasp, lasp.models, lasp.train.trainer; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

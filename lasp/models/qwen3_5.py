@@ -146,3 +146,13 @@ class Qwen35Attention(nn.Module):
             o = sdpa_attention(q, k, v, causal=True, scale=self.head_dim**-0.5)
         o = o.reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(o)
+
+
+def qwen35_param_counts(cfg: ModelConfig, kind: str) -> tuple[int, int]:
+    """``(matrix weights, other weights)`` of one qwen3_5 token mixer (for ``lasp model-info``)."""
+    h, H, Hkv, D = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    if kind == "softmax":
+        return 2 * h * H * D + 2 * h * Hkv * D + H * D * h, 2 * D  # q (+gate), k, v, o; q/k norms
+    nk, nv, dk, dv = cfg.linear_dims
+    conv = 2 * nk * dk + nv * dv
+    return h * conv + 2 * h * nv * dv + 2 * h * nv, conv * cfg.conv_size + 2 * nv + dv  # qkv, z, out, b, a; conv, A_log, dt_bias, norm
