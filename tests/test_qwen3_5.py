@@ -194,3 +194,17 @@ def test_import_lasp_does_not_import_transformers():
 
     code = "import sys, lasp, lasp.models, lasp.train.trainer; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_finetune_config_resolves_init_from(hf_dir):
+    from lasp.train.config import RunConfig
+    from lasp.train.trainer import build_model_config
+
+    path, hf = hf_dir
+    cfg = RunConfig.from_yaml("configs/finetune-qwen3_5.yaml")
+    cfg.model["init_from"] = path
+    mcfg = build_model_config(cfg)
+    assert mcfg.architecture == "qwen3_5" and mcfg.num_layers == hf.config.num_hidden_layers
+    cfg.model["init_from"] = path + "-missing"
+    with pytest.raises(ValueError, match="model.init_from: no such directory"):
+        build_model_config(cfg)
