@@ -85,18 +85,26 @@ def sp_logits(rank, world, path, ids, layout):
     from lasp.models import from_hf
 
     model = from_hf(path)
-    with torch.no_grad():
-        return model(shard_sequence(ids, rank, world, layout), group=dist.group.WORLD, layout=layout)
+    logits = model(shard_sequence(ids, rank, world, layout), group=dist.group.WORLD, layout=layout)
+    logits.pow(2).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_from_hf_logits_sp_zigzag(spawn, hf_dir, P):
+    """Logits equal transformers'; gradients (summed over ranks) equal lasp's SP = 1 ones."""
+    from lasp.models import from_hf
+
     path, hf = hf_dir
     ids = ids_for(16 * P, seed=P)
     with torch.no_grad():
         ref = hf(ids).logits
+    model = from_hf(path)
+    model(ids).pow(2).sum().backward()
     results = spawn(P).run(sp_logits, path, ids, "zigzag")
-    assert_close(ref, unshard_sequence(results, "zigzag"), rtol=1e-4, name="logits")
+    assert_close(ref, unshard_sequence([r[0] for r in results], "zigzag"), rtol=1e-4, name="logits")
+    for n, p in model.named_parameters():
+        assert_close(p.grad, sum(r[1][n] for r in results), rtol=1e-4, name=f"d{n}")
 
 
 def test_greedy_generation_matches_hf(hf_dir):

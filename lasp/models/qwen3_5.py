@@ -85,11 +85,14 @@ class Qwen35GatedDeltaNet(nn.Module):
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16.0).log())
         self.dt_bias.fill_(1.0)
 
-    def forward(self, x, cos=None, sin=None, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        """``x [B, T_local, hidden]``; ``cos, sin`` unused. ``cache``: ``{"state", "conv"}`` (generation)."""
+    def forward(self, x, cos=None, sin=None, *, group=None, layout: str = "contiguous", cache: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin`` unused. ``cache``: ``{"state", "conv"}`` (generation).
+        ``cu_seqlens``: global document starts (packed documents), passed to the operators."""
         B, T, _ = x.shape
+        docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if cache is None:
-            qkv = rec_ops.causal_conv1d(self.in_proj_qkv(x), self.conv_weight, activation="silu", group=group, layout=layout)
+            qkv = rec_ops.causal_conv1d(self.in_proj_qkv(x), self.conv_weight, activation="silu", group=group, layout=layout, **docs)
         else:
             qkv, cache["conv"] = causal_conv1d_with_state(self.in_proj_qkv(x), self.conv_weight, activation="silu", state=cache.get("conv"))
         q, k, v = qkv.split([self.nk * self.dk, self.nk * self.dk, self.nv * self.dv], dim=-1)
@@ -102,7 +105,7 @@ class Qwen35GatedDeltaNet(nn.Module):
         if cache is None:
             o = rec_ops.gated_delta_rule(
                 q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend,
+                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **docs,
             )
         elif T == 1 and cache.get("state") is not None:
             o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=True)
@@ -130,15 +133,18 @@ class Qwen35Attention(nn.Module):
         self.q_norm = OffsetRMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = OffsetRMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, *, group=None, layout: str = "contiguous", cache: dict | None = None) -> torch.Tensor:
-        """``x [B, T_local, hidden]``; ``cos, sin [T_local, rope_dim/2]`` at global positions."""
+    def forward(self, x, cos, sin, *, group=None, layout: str = "contiguous", cache: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T_local, hidden]``; ``cos, sin [T_local, rope_dim/2]`` at global positions.
+        ``cu_seqlens``: global document starts (packed documents), passed to the operator."""
         B, T, _ = x.shape
+        docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = partial_rope(self.q_norm(q), cos, sin)
         k = partial_rope(self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if cache is None:
-            o = attn_ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method)
+            o = attn_ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, **docs)
         else:
             if cache.get("k") is not None:
                 k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
