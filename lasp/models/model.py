@@ -81,10 +81,8 @@ class LinearLlamaForCausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, OffsetRMSNorm):
-                nn.init.zeros_(m.weight)
+            elif isinstance(m, RMSNorm):  # ones, or zeros for weights stored as offsets from 1
+                nn.init.constant_(m.weight, 1.0 - m.OFFSET)
             elif isinstance(m, (GatedDeltaNet, Qwen35GatedDeltaNet)):
                 m.reset_delta_parameters()
 

@@ -33,18 +33,13 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
 
-class OffsetRMSNorm(nn.Module):
-    """``x / rms(x) * (1 + weight)`` over the last dim, computed in float32 (Qwen3.5's RMSNorm)."""
+class OffsetRMSNorm(RMSNorm):
+    """``x / rms(x) * (1 + weight)`` over the last dim, in float32 (Qwen3.5's RMSNorm; zeros at init)."""
+
+    OFFSET = 1.0
 
     def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        super().__init__(dim, eps)
 
 
 def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
