@@ -216,3 +216,34 @@ def test_finetune_config_resolves_init_from(hf_dir):
     cfg.model["init_from"] = path + "-missing"
     with pytest.raises(ValueError, match="model.init_from: no such directory"):
         build_model_config(cfg)
+
+
+def test_bf16_checkpoint_runs(hf_dir, tmp_path):
+    """Real checkpoints are bf16: the round trip keeps the dtype, the model runs in bf16."""
+    from safetensors.torch import load_file
+
+    from lasp.models import from_hf, to_hf
+
+    path, hf = hf_dir
+    model = from_hf(path, dtype=torch.bfloat16)
+    to_hf(model, tmp_path)
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "model.safetensors").values())
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = ids_for(32)
+    with torch.no_grad():
+        assert_close(hf(ids).logits, from_hf(tmp_path)(ids), rtol=2e-2, name="bf16 logits")
+
+
+def test_convert_cli_errors(tmp_path, capsys):
+    from lasp.models.convert_cli import main as convert_main
+
+    assert convert_main(["--from-hf", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_bench_compare_hf_same_loss():
+    from lasp.bench.compare_hf import compare
+
+    (row,) = compare("configs/models/qwen3_5-tiny.yaml", [32], batch=1, reps=1, warmup=1)
+    assert row["lasp_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+    assert abs(row["first_loss_lasp"] - row["first_loss_hf"]) <= 1e-5 * row["first_loss_hf"]
