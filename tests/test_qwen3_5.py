@@ -156,7 +156,8 @@ def test_multimodal_sharded_checkpoint(hf_dir, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     text_cfg = json.loads(open(os.path.join(path, "config.json")).read())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
-                                                      "text_config": text_cfg, "vision_config": {}}))
+                                                      "text_config": text_cfg, "vision_config": {},
+                                                      "tie_word_embeddings": text_cfg["tie_word_embeddings"]}))
     ids = ids_for(10)
     with torch.no_grad():
         assert_close(hf(ids).logits, from_hf(tmp_path)(ids), rtol=1e-4, name="logits")
@@ -247,3 +248,27 @@ def test_bench_compare_hf_same_loss():
     (row,) = compare("configs/models/qwen3_5-tiny.yaml", [32], batch=1, reps=1, warmup=1)
     assert row["lasp_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
     assert abs(row["first_loss_lasp"] - row["first_loss_hf"]) <= 1e-5 * row["first_loss_hf"]
+
+
+@pytest.mark.parametrize("text_tie,top_tie", [(True, False), (False, True)])
+def test_conditional_generation_model(tmp_path, text_tie, top_tie):
+    """A real (tiny) ``Qwen3_5ForConditionalGeneration``: text logits equal, the vision tower is
+    skipped, and the top-level ``tie_word_embeddings`` decides the tying (as in transformers)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from lasp.models import from_hf
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+                tie_word_embeddings=text_tie, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                                              "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4, num_position_embeddings=16)
+    torch.manual_seed(0)
+    hf = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=top_tie)).eval()
+    hf.save_pretrained(tmp_path)
+    model = from_hf(tmp_path)
+    assert model.config.tie_embeddings == top_tie
+    ids = ids_for(12)
+    with torch.no_grad():
+        assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-4, name="logits")

@@ -41,7 +41,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"config.json: rope_parameters.rope_type must be 'default', got {rope.get('rope_type')!r}")
     if text.get("hidden_act", "silu") != "silu" or text.get("attention_bias", False):
         raise ValueError("config.json: only hidden_act='silu' and attention_bias=false are supported")
-    tie = text.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    # a Qwen3_5ForConditionalGeneration ties (or not) by its top-level flag, whatever text_config says
+    tie = hf.get("tie_word_embeddings", False) if "text_config" in hf else text.get("tie_word_embeddings", False)
     n = text["num_hidden_layers"]
     types = text.get("layer_types") or [
         "full_attention" if (i + 1) % text.get("full_attention_interval", 4) == 0 else "linear_attention" for i in range(n)
@@ -182,8 +183,8 @@ def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tupl
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
                 name = hf_to_lasp_name(hf_name, cfg)
-                if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
-                    continue  # vision tower / MTP head / a tied head saved anyway
+                if name is None:
+                    continue  # vision tower / MTP head
                 if name in expected:
                     index[name] = (file, hf_name)
                 else:
