@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "qwen3_5-tiny.yaml")
+DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "qwen3_5-tiny.yaml"))
 COMPARE_MODELS = ("qwen3_5-tiny",)
 
 
