@@ -35,7 +35,11 @@ setup(
             "check-jsonschema==0.39.0",
             # `lasp data prepare --tokenizer tok.json` (tests cover it when installed)
             "tokenizers>=0.15",
+            # the Qwen3.5 reference of tests/test_qwen3_5.py (never imported by `import lasp`)
+            "transformers==5.24.0",
         ],
+        # optional: Hugging Face checkpoints are read/written without it; the tests compare against it
+        "hf": ["transformers==5.24.0"],
         # optional: tokenizers JSON files for `lasp data prepare` (the byte tokenizer needs nothing)
         "tokenizers": ["tokenizers>=0.15"],
     },

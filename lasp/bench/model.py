@@ -112,6 +112,10 @@ BENCH = sweep.Bench(
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare-hf" in argv:  # lasp vs transformers on the same Qwen3.5 model (lasp.bench.compare_hf)
+        from .compare_hf import main as compare_hf_main
+
+        return compare_hf_main(argv)
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=csv_arg(str, "--models", MODELS), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")

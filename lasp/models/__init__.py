@@ -1,5 +1,7 @@
-"""The Linear-Llama3 model family: config, model, generation, save/load, parameter/FLOP counts."""
+"""The Linear-Llama3 model family (and the Qwen3.5 text architecture): config, model, generation,
+save/load, Hugging Face checkpoints in and out, parameter/FLOP counts."""
 from .config import FEATURE_MAPS, LINEAR_VARIANTS, ModelConfig
+from .hf import from_hf, to_hf
 from .io import load_pretrained, save_pretrained
 from .model import LinearLlamaForCausalLM
 
@@ -8,6 +10,8 @@ __all__ = [
     "LinearLlamaForCausalLM",
     "load_pretrained",
     "save_pretrained",
+    "from_hf",
+    "to_hf",
     "LINEAR_VARIANTS",
     "FEATURE_MAPS",
 ]

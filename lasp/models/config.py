@@ -23,6 +23,9 @@ LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
 DELTA_VARIANTS = ("gated_deltanet", "deltanet")  # delta-rule linear layers (lasp.models.delta_mixer)
 FEATURE_MAPS = ("identity", "elu+1", "silu", "relu")
 LAYER_KINDS = {"L": "linear", "S": "softmax"}
+ARCHITECTURES = ("linear_llama", "qwen3_5")
+# per-layer names accepted in ``layer_types`` (Hugging Face's names too) -> kind
+LAYER_TYPE_NAMES = {"linear": "linear", "softmax": "softmax", "linear_attention": "linear", "full_attention": "softmax"}
 
 
 @dataclass
@@ -30,7 +33,17 @@ class ModelConfig:
     """Shape and flavour of a Linear-Llama3 model (Llama-3 decoder, linear/softmax token mixers).
 
     Linear layers use ``num_heads`` heads for q, k and v (linear attention has no GQA);
-    softmax layers use ``num_kv_heads`` key/value heads (GQA). ``head_dim = hidden_size // num_heads``.
+    softmax layers use ``num_kv_heads`` key/value heads (GQA). ``head_dim = hidden_size // num_heads``
+    unless ``attention_head_dim`` is given.
+
+    ``architecture: qwen3_5`` is the Qwen3.5 text decoder (:mod:`lasp.models.qwen3_5`): Gated
+    DeltaNet linear layers with ``linear_num_key_heads`` q/k heads of ``linear_key_head_dim`` and
+    ``linear_num_value_heads`` value heads of ``linear_value_head_dim``; gated softmax attention
+    with per-head q/k norms, GQA and partial RoPE (``partial_rotary_factor``); RMSNorms stored as
+    offsets from 1. ``layer_types`` (per layer ``linear``/``softmax``, or Hugging Face's
+    ``linear_attention``/``full_attention``) may replace ``layer_pattern``; after construction
+    ``layer_types`` always holds the ``linear``/``softmax`` kind of every layer and
+    ``layer_pattern`` the matching letters.
     """
 
     vocab_size: int = 256
@@ -40,6 +53,14 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None  # None -> num_heads (softmax layers only)
     layer_pattern: str = "L"
+    layer_types: list[str] | None = None  # per-layer kinds; overrides layer_pattern when given
+    architecture: str = "linear_llama"  # linear_llama | qwen3_5
+    attention_head_dim: int | None = None  # None -> hidden_size // num_heads
+    partial_rotary_factor: float = 1.0  # fraction of head_dim rotated by RoPE (softmax layers)
+    linear_num_key_heads: int | None = None  # qwen3_5: q/k heads of the GDN layers (None -> num_heads)
+    linear_num_value_heads: int | None = None  # qwen3_5: value heads of the GDN layers (None -> num_heads)
+    linear_key_head_dim: int | None = None  # qwen3_5 (None -> head_dim)
+    linear_value_head_dim: int | None = None  # qwen3_5 (None -> head_dim)
     # linear layers
     linear_variant: str = "basic"
     feature_map: str = "identity"
@@ -61,23 +82,42 @@ class ModelConfig:
     description: str = field(default="", metadata={"doc": "free text, ignored by the model"})
 
     def __post_init__(self) -> None:
+        if self.layer_types is not None and isinstance(self.layer_types, (list, tuple)):
+            bad = [t for t in self.layer_types if t not in LAYER_TYPE_NAMES]
+            if bad or not self.layer_types:
+                raise ValueError(f"ModelConfig: layer_types must be a non-empty list of {sorted(LAYER_TYPE_NAMES)}, got {bad or self.layer_types!r}")
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"ModelConfig: layer_types has {len(self.layer_types)} entries, num_layers={self.num_layers}")
+            kinds = [LAYER_TYPE_NAMES[t] for t in self.layer_types]
+            self.layer_pattern = "".join("L" if k == "linear" else "S" for k in kinds)
         self.validate()
+        reps = self.num_layers // len(self.layer_pattern)
+        self.layer_types = [LAYER_KINDS[c] for c in self.layer_pattern * reps]
 
     # ------------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        """Head size of the softmax layers (and of every linear_llama linear layer)."""
+        return self.attention_head_dim if self.attention_head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (``head_dim * partial_rotary_factor``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_dims(self) -> tuple[int, int, int, int]:
+        """``(key heads, value heads, key head dim, value head dim)`` of a qwen3_5 GDN layer."""
+        nk = self.num_heads if self.linear_num_key_heads is None else self.linear_num_key_heads
+        nv = self.num_heads if self.linear_num_value_heads is None else self.linear_num_value_heads
+        dk = self.head_dim if self.linear_key_head_dim is None else self.linear_key_head_dim
+        dv = self.head_dim if self.linear_value_head_dim is None else self.linear_value_head_dim
+        return nk, nv, dk, dv
 
     @property
     def kv_heads(self) -> int:
         """Key/value heads of the softmax layers."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def layer_types(self) -> list[str]:
-        """``"linear"`` / ``"softmax"`` for each of the ``num_layers`` layers."""
-        reps = self.num_layers // len(self.layer_pattern)
-        return [LAYER_KINDS[c] for c in self.layer_pattern * reps]
 
     @property
     def softmax_fraction(self) -> float:
@@ -97,10 +137,22 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "gate_low_rank_dim", "max_seq_len", "conv_size"):
             if getattr(self, key) < 1:
                 fail(key, f"must be a positive integer, got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads != 0:
+        if self.attention_head_dim is None and self.hidden_size % self.num_heads != 0:
             fail("num_heads", f"={self.num_heads} must divide hidden_size={self.hidden_size}")
         if self.head_dim % 2 != 0:
             fail("num_heads", f"gives an odd head_dim={self.head_dim} (hidden_size / num_heads); RoPE needs it even")
+        if self.architecture not in ARCHITECTURES:
+            fail("architecture", f"must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for key in ("attention_head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                fail(key, f"must be a positive integer or null, got {getattr(self, key)}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rope_dim % 2 != 0 or self.rope_dim < 2:
+            fail("partial_rotary_factor", f"={self.partial_rotary_factor} must be in (0, 1] and rotate an even number of dims (head_dim={self.head_dim})")
+        nk, nv, _, _ = self.linear_dims
+        if nv % nk != 0:
+            fail("linear_num_value_heads", f"={nv} must be a multiple of linear_num_key_heads={nk}")
+        if self.architecture == "qwen3_5" and self.linear_variant != "gated_deltanet":
+            fail("linear_variant", f"must be 'gated_deltanet' for architecture='qwen3_5', got {self.linear_variant!r}")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads != 0):
             fail("num_kv_heads", f"={self.num_kv_heads} must be a positive divisor of num_heads={self.num_heads}")
         if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
@@ -133,7 +185,10 @@ class ModelConfig:
         return cls.from_dict(read_yaml(path, "model config"), source=str(path))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; ``layer_types`` is left out (``layer_pattern`` carries the same layers)."""
+        d = dataclasses.asdict(self)
+        d.pop("layer_types")
+        return d
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as fh:

@@ -8,22 +8,29 @@ as 2 FLOPs, as used for MFU:
 - a causal softmax layer's attention (QK^T and AV over on average ``T/2`` earlier tokens):
   ``3 * 2 * 2 * H * D * T / 2 = 6 * hidden * T`` per token, growing with the sequence length T;
 - a linear layer's attention (state update ``k^T v`` and readout ``q S``, ``H`` states of
-  ``D x D``): ``3 * 4 * H * D * D = 12 * hidden * D`` per token, independent of T.
+  ``D x D``): ``3 * 4 * H * D * D = 12 * hidden * D`` per token, independent of T
+  (qwen3_5: ``12 * value_heads * key_dim * value_dim``).
+
+``CONFIG`` is a model YAML, or a lasp / Hugging Face model directory (``model.yaml`` / ``config.json``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import delta_param_counts
+from .qwen3_5 import qwen35_param_counts
 
 
 def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
     """Weights in the matrices of one decoder layer (what matmuls touch per token)."""
     h, D = cfg.hidden_size, cfg.head_dim
     mlp = 3 * h * cfg.intermediate_size
+    if cfg.architecture == "qwen3_5":
+        return mlp + qwen35_param_counts(cfg, kind)[0]
     if kind == "softmax":
         return mlp + 2 * h * cfg.num_heads * D + 2 * h * cfg.kv_heads * D
     if cfg.linear_variant in DELTA_VARIANTS:
@@ -38,7 +45,9 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     total = h  # final norm
     for kind in cfg.layer_types:
         total += 2 * h + _layer_matrices(cfg, kind)
-        if kind == "linear" and cfg.linear_variant in DELTA_VARIANTS:
+        if cfg.architecture == "qwen3_5":
+            total += qwen35_param_counts(cfg, kind)[1]
+        elif kind == "linear" and cfg.linear_variant in DELTA_VARIANTS:
             total += delta_param_counts(cfg)[1]
         elif kind == "linear":
             total += cfg.head_dim if cfg.output_norm else 0
@@ -48,6 +57,14 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     elif not cfg.tie_embeddings:
         total += cfg.vocab_size * h  # the untied LM head is a real matrix
     return total
+
+
+def _linear_state_size(cfg: ModelConfig) -> int:
+    """Elements of one linear layer's recurrent states (all heads)."""
+    if cfg.architecture == "qwen3_5":
+        _, nv, dk, dv = cfg.linear_dims
+        return nv * dk * dv
+    return cfg.num_heads * cfg.head_dim * cfg.head_dim
 
 
 def flop_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -61,7 +78,7 @@ def flop_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     parts = {
         "matmul": 6.0 * matrices,
         "softmax_attention": 6.0 * n_soft * cfg.num_heads * D * seq_len,
-        "linear_attention": 12.0 * n_lin * cfg.num_heads * D * D,
+        "linear_attention": 12.0 * n_lin * _linear_state_size(cfg),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -83,10 +100,13 @@ def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
     """The text ``lasp model-info`` prints."""
     n_soft = cfg.layer_types.count("softmax")
     lines = [
+        f"architecture      {cfg.architecture}",
         f"layers            {cfg.num_layers} (pattern {cfg.layer_pattern!r}: {cfg.num_layers - n_soft} linear, {n_soft} softmax)",
         f"hidden / heads    {cfg.hidden_size} / {cfg.num_heads} heads of {cfg.head_dim} (softmax kv heads {cfg.kv_heads})",
         f"mlp / vocab       {cfg.intermediate_size} / {cfg.vocab_size} ({'tied' if cfg.tie_embeddings else 'untied'} embeddings)",
-        f"linear variant    {cfg.linear_variant} (feature map {cfg.feature_map}, output norm {cfg.output_norm})"
+        (f"linear variant    {cfg.linear_variant} (feature map {cfg.feature_map}, output norm {cfg.output_norm})"
+         if cfg.architecture != "qwen3_5" else
+         "linear layers     qwen3_5 Gated DeltaNet: {} key heads / {} value heads, key dim {}, value dim {}".format(*cfg.linear_dims))
         if n_soft < cfg.num_layers else "linear variant    - (no linear layers)",
         f"parameters        {count_params(cfg):,} ({_human(count_params(cfg))}); "
         f"non-embedding {count_params(cfg, include_embedding=False):,}",
@@ -104,13 +124,18 @@ def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lasp model-info", description="parameter and FLOP counts of a model config")
-    ap.add_argument("config", help="model YAML (configs/models/*.yaml)")
+    ap.add_argument("config", help="model YAML (configs/models/*.yaml), or a lasp / Hugging Face model directory")
     ap.add_argument("--seq-len", default=None, help="comma-separated sequence lengths (default: 2048,8192,32768 and max_seq_len)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--check", action="store_true", help="also build the model on the meta device and compare the parameter count")
     args = ap.parse_args(argv)
     try:
-        cfg = ModelConfig.from_yaml(args.config)
+        if os.path.isdir(args.config):
+            from .weights import source_config
+
+            cfg = source_config(args.config)
+        else:
+            cfg = ModelConfig.from_yaml(args.config)
         seq_lens = sorted({2048, 8192, 32768, cfg.max_seq_len}) if args.seq_len is None else [int(s) for s in args.seq_len.split(",")]
         for T in seq_lens:
             if T < 1:

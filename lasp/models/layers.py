@@ -15,17 +15,21 @@ from ..ops.documents import offsets_in_documents
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim (computed in float32, returned in x's dtype)."""
+    """``x / rms(x) * (OFFSET + weight)`` over the last dim (computed in float32, returned in x's
+    dtype). ``OFFSET`` is 0 here; Qwen3.5's variant stores the weight as an offset from 1."""
+
+    OFFSET = 0.0
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - self.OFFSET))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        w = self.weight.float() if self.OFFSET == 0 else self.weight.float() + self.OFFSET
+        return (xf * w).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -22,6 +22,19 @@ from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
+from .qwen3_5 import OffsetRMSNorm, Qwen35Attention, Qwen35GatedDeltaNet
+
+
+def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return OffsetRMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture == "qwen3_5" else RMSNorm(dim, cfg.rms_norm_eps)
+
+
+def _mixer_class(cfg: ModelConfig, kind: str) -> type:
+    if cfg.architecture == "qwen3_5":
+        return Qwen35GatedDeltaNet if kind == "linear" else Qwen35Attention
+    if kind == "softmax":
+        return SoftmaxAttention
+    return GatedDeltaNet if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
 
 
 class DecoderLayer(nn.Module):
@@ -30,10 +43,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
         super().__init__()
         self.kind = kind
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        linear = GatedDeltaNet if cfg.linear_variant in DELTA_VARIANTS else LinearAttention
-        self.attn = (linear if kind == "linear" else SoftmaxAttention)(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = _norm(cfg, cfg.hidden_size)
+        self.attn = _mixer_class(cfg, kind)(cfg, layer_idx)
+        self.mlp_norm = _norm(cfg, cfg.hidden_size)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None) -> torch.Tensor:
@@ -54,7 +66,7 @@ class LinearLlamaForCausalLM(nn.Module):
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
             self.layers = nn.ModuleList(DecoderLayer(config, i, kind) for i, kind in enumerate(config.layer_types))
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.norm = _norm(config, config.hidden_size)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -62,7 +74,7 @@ class LinearLlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
         """Llama init: N(0, initializer_range) for projections and embeddings, ones for norms,
-        zeros for the simple_gla gate bias."""
+        zeros for the simple_gla gate bias and for offset (Qwen3.5) norms."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -71,9 +83,9 @@ class LinearLlamaForCausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, GatedDeltaNet):
+            elif isinstance(m, RMSNorm):  # ones, or zeros for weights stored as offsets from 1
+                nn.init.constant_(m.weight, 1.0 - m.OFFSET)
+            elif isinstance(m, (GatedDeltaNet, Qwen35GatedDeltaNet)):
                 m.reset_delta_parameters()
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -141,7 +153,7 @@ class LinearLlamaForCausalLM(nn.Module):
         if cu_seqlens is not None:
             _check_documents(input_ids, cu_seqlens)
             positions = positions_in_documents(positions.to(input_ids.device), cu_seqlens)
-        return rope_cos_sin(positions.to(input_ids.device), self.config.head_dim, self.config.rope_theta)
+        return rope_cos_sin(positions.to(input_ids.device), self.config.rope_dim, self.config.rope_theta)
 
     # ------------------------------------------------------------------ generation (no documents)
     def forward_cached(self, input_ids: torch.Tensor, cache: list[dict], start_pos: int) -> torch.Tensor:

@@ -80,9 +80,10 @@ def consolidated_state_dict(ckpt_dir: str, tag: str, model: torch.nn.Module | No
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export(checkpoint: str, output: str) -> str:
-    """Write ``output/model.yaml`` + ``output/model.safetensors`` from ``checkpoint``; returns ``output``."""
-    from lasp.models import LinearLlamaForCausalLM, ModelConfig, save_pretrained
+def export(checkpoint: str, output: str, fmt: str = "lasp") -> str:
+    """Write ``output/model.yaml`` + ``output/model.safetensors`` from ``checkpoint`` (``fmt="hf"``:
+    ``config.json`` + ``model.safetensors`` that transformers loads, qwen3_5 models); returns ``output``."""
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig, save_pretrained, to_hf
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     cfg_path = os.path.join(ckpt_dir, tag, MODEL_YAML)
@@ -99,7 +100,7 @@ def export(checkpoint: str, output: str) -> str:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"--checkpoint: weights of {tag!r} do not match {cfg_path}: missing {missing}, unexpected {unexpected}")
-    save_pretrained(model, output)
+    (to_hf if fmt == "hf" else save_pretrained)(model, output)
     return output
 
 
@@ -107,14 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lasp export", description="export a training checkpoint to safetensors + model YAML")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (uses 'latest') or one checkpoint's tag directory")
     p.add_argument("--output", required=True, help="output directory (model.yaml + model.safetensors)")
+    p.add_argument("--format", choices=("lasp", "hf"), default="lasp",
+                   help="lasp: model.yaml + model.safetensors; hf: config.json + model.safetensors for transformers (qwen3_5 models)")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     try:
-        out = export(args.checkpoint, args.output)
+        out = export(args.checkpoint, args.output, args.format)
     except ValueError as err:
         print(f"lasp export: error: {err}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} -> {out}/model.yaml, {out}/model.safetensors")
+    files = "config.json" if args.format == "hf" else "model.yaml"
+    print(f"exported {args.checkpoint} -> {out}/{files}, {out}/model.safetensors")
     return 0
 
 

@@ -26,6 +26,7 @@ from .config import RunConfig
 from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
 from .ds_config import build_deepspeed_config, make_scheduler
+from .init_from import INIT_KEY, build_initial_model
 from .metrics import MetricsLogger
 from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
 
@@ -68,9 +69,9 @@ def resolve_data(cfg: RunConfig) -> str:
 
 
 def build_model_config(cfg: RunConfig):
-    from lasp.models import ModelConfig
+    from .init_from import split_model_section
 
-    return ModelConfig.from_dict(cfg.model, source=f"{cfg.source}:model")
+    return split_model_section(cfg.model, cfg.source)[0]
 
 
 def check_writable(path: str, key: str) -> None:
@@ -262,11 +263,12 @@ def train(
         return ids.to(device), labels.to(device), None
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
-    model = LinearLlamaForCausalLM(mcfg)
+    ds_config = build_deepspeed_config(cfg, world)
+    init_from = cfg.model.get(INIT_KEY)  # fine-tuning: pretrained weights (lasp.train.init_from)
+    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
-    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
-    ds_config = build_deepspeed_config(cfg, world)
+    n_params = LinearLlamaForCausalLM(mcfg, device="meta").num_parameters()
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
