@@ -120,3 +120,28 @@ def no_host_sync():
                 delattr(obj, name)  # inherited (from torch's C base class): unshadow it
             else:
                 setattr(obj, name, old)
+
+
+def full_and_cached_logits(model, ids: torch.Tensor, prefill: int):
+    """``(one full forward, the same ids decoded with the cache: a prefill of ``prefill`` tokens,
+    then one token per step, cache)``: the logits a decoding test compares."""
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        steps = [model.forward_cached(ids[:, :prefill], cache, start_pos=0)]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model.forward_cached(ids[:, t : t + 1], cache, start_pos=t))
+    return full, torch.cat(steps, dim=1), cache
+
+
+def value_error_and_collectives(call) -> tuple[str | None, list[str]]:
+    """Run ``call()``: its ValueError message (None when it returns) and the tags of the
+    collectives it made first (bad input must fail before any)."""
+    from . import comm
+
+    with comm.record() as log:
+        try:
+            call()
+        except ValueError as e:
+            return str(e), [ev.tag for ev in log.events]
+    return None, [ev.tag for ev in log.events]

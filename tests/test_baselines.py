@@ -25,16 +25,6 @@ def test_baseline_matches_oracle(spawn, P, method, case, layout, dtype):
     check_against_oracle(results, full, do, causal, layout)
 
 
-@pytest.mark.parametrize("gates", ["none", "both"])
-def test_lasp1_uneven_contiguous(spawn, gates):
-    """LASP-1's messages are states: ranks may hold different numbers of tokens."""
-    lengths = [20, 57, 3, 40]
-    full = linear_inputs(1, sum(lengths), 2, 8, 16, gates=gates, seed=9)
-    do = torch.randn(1, sum(lengths), 2, 16, generator=torch.Generator().manual_seed(3))
-    results = spawn(4).run(run_linear, full, do, causal=True, layout="contiguous", method="lasp1", lengths=lengths)
-    check_against_oracle(results, full, do, True, "contiguous", lengths=lengths)
-
-
 def test_single_process_segment_driver_matches_chunked():
     """Ulysses' whole-sequence path for segment backends (Triton): the LASP-2 driver on one
     process (``group=None``), driven here by the torch segment."""

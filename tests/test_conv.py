@@ -10,7 +10,7 @@ import lasp
 from lasp import comm
 from lasp.ops.conv import causal_conv1d_with_state
 from lasp.parallel import shard_sequence, unshard_sequence
-from lasp.testing import assert_close, seed_for
+from lasp.testing import assert_close, seed_for, value_error_and_collectives
 
 
 def conv_inputs(B, T, D, W, seed, bias=True):
@@ -77,7 +77,7 @@ def test_conv_single_process_and_stateful_steps():
 
 
 def bad_conv_calls(rank, world):
-    group, errors = dist.group.WORLD, []
+    group = dist.group.WORLD
     x, w = torch.randn(1, 6, 4), torch.randn(4, 3)
     calls = [
         dict(x=x, weight=torch.randn(5, 3)),  # D differs
@@ -87,12 +87,7 @@ def bad_conv_calls(rank, world):
         dict(x=torch.randn(1, 4, 4), weight=torch.randn(4, 4), layout="zigzag"),  # W-1 > T_segment
         dict(x=torch.randn(6, 4), weight=w),
     ]
-    for kw in calls:
-        try:
-            lasp.causal_conv1d(**kw, group=group)
-        except ValueError as e:
-            errors.append(str(e))
-    return errors
+    return [value_error_and_collectives(lambda kw=kw: lasp.causal_conv1d(**kw, group=group))[0] for kw in calls]
 
 
 def test_conv_validation_on_every_rank(spawn):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lasp.ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
 from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.ops.delta_segment import DeltaTorchSegment
-from lasp.testing import assert_close, seed_for
+from lasp.testing import assert_close, seed_for, value_error_and_collectives
 
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
@@ -232,12 +232,9 @@ def bad_delta_calls(rank, world):
     ]
     errors = []
     for kw in calls:
-        args = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=None)
-        args.update(kw)
-        try:
-            lasp.gated_delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), args.pop("g"), group=dist.group.WORLD, **args)
-        except ValueError as e:
-            errors.append(str(e))
+        args = {**dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=None), **kw}
+        pos = [args.pop(n) for n in ("q", "k", "v", "beta", "g")]
+        errors.append(value_error_and_collectives(lambda: lasp.gated_delta_rule(*pos, group=dist.group.WORLD, **args))[0])
     return errors
 
 

@@ -6,7 +6,7 @@ import torch
 
 from lasp.models import LinearLlamaForCausalLM, ModelConfig
 from lasp.models.delta_mixer import GatedDeltaNet
-from lasp.testing import assert_close
+from lasp.testing import assert_close, full_and_cached_logits
 
 BASE = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_heads=2, num_kv_heads=1, initializer_range=0.15)
 
@@ -42,13 +42,8 @@ def test_cached_decoding_equals_full_forward(variant, prefill):
     """Recurrent state + convolution state, one token per step, equal one full forward."""
     model = build(variant, conv_size=3)
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache()
-        steps = [model.forward_cached(ids[:, :prefill], cache, start_pos=0)]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model.forward_cached(ids[:, t : t + 1], cache, start_pos=t))
-    assert_close(full, torch.cat(steps, dim=1), name=f"{variant} cached logits")
+    full, cached, cache = full_and_cached_logits(model, ids, prefill)
+    assert_close(full, cached, name=f"{variant} cached logits")
     lin = cache[0]
     assert lin["state"].shape == (2, 2, 16, 16) and lin["state"].dtype == torch.float32
     assert lin["conv"].shape == (2, 2, 3 * 32)  # W-1 inputs of q, k, v

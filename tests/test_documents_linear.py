@@ -19,7 +19,7 @@ from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.ops.documents import check_cu_seqlens, document_offsets, reset_gate
 from lasp.ops.reference import naive_recurrent_linear_attention
 from lasp.parallel import num_chunks, shard_sequence, unshard_sequence
-from lasp.testing import assert_close, linear_inputs, no_host_sync, seed_for
+from lasp.testing import assert_close, linear_inputs, no_host_sync, seed_for, value_error_and_collectives
 
 from test_delta import delta_inputs
 
@@ -292,12 +292,7 @@ def run_bad(rank, world, op, cus, B):
     call = {"linear": lambda: lasp.linear_attention(q, k, v, group=group, cu_seqlens=cu),
             "delta": lambda: lasp.gated_delta_rule(q, k, v, beta, group=group, cu_seqlens=cu),
             "conv": lambda: lasp.causal_conv1d(q[..., 0, :], torch.randn(4, 3), group=group, cu_seqlens=cu)}[op]
-    with comm.record() as log:
-        try:
-            call()
-        except ValueError as e:
-            return str(e), [e.tag for e in log.events]
-    return None, [e.tag for e in log.events]
+    return value_error_and_collectives(call)
 
 
 @pytest.mark.parametrize("op", ["linear", "delta", "conv"])

@@ -8,7 +8,7 @@ from lasp.models import LINEAR_VARIANTS, LinearLlamaForCausalLM, ModelConfig, lo
 from lasp.models.generate import filter_logits, sample_next
 from lasp.models.generate_cli import decode_bytes, encode_bytes
 from lasp.models.generate_cli import main as generate_main
-from lasp.testing import assert_close
+from lasp.testing import assert_close, full_and_cached_logits
 
 BASE = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_heads=2, initializer_range=0.15, gate_low_rank_dim=4)
 # every linear variant, each in a hybrid with a GQA softmax layer ("LS"); feature maps vary too
@@ -33,13 +33,8 @@ def test_cached_decoding_equals_full_forward(variant, prefill):
     """Prompt through one cached forward (chunked, returns states), then one token per step."""
     model = build(variant)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache()
-        steps = [model.forward_cached(ids[:, :prefill], cache, start_pos=0)]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model.forward_cached(ids[:, t : t + 1], cache, start_pos=t))
-    assert_close(full, torch.cat(steps, dim=1), name=f"{variant} cached logits")
+    full, cached, cache = full_and_cached_logits(model, ids, prefill)
+    assert_close(full, cached, name=f"{variant} cached logits")
     # linear layers keep one fixed-size state; softmax layers a KV cache of every token
     lin, soft = cache
     assert lin["state"].shape == (2, 2, 16, 16) and lin["state"].dtype == torch.float32

@@ -89,13 +89,15 @@ def test_lasp2_matches_oracle(spawn, P, case, layout, dtype):
     check_against_oracle(results, full, do, causal, layout)
 
 
+@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
 @pytest.mark.parametrize("gates", ["none", "both"])
-def test_lasp2_uneven_contiguous(spawn, gates):
-    """Ranks holding different numbers of tokens: summaries do not depend on T."""
+def test_uneven_contiguous(spawn, gates, method):
+    """Ranks holding different numbers of tokens: summaries (LASP-2) and the states passed along
+    the chain (LASP-1) do not depend on T."""
     lengths = [20, 57, 3, 40]
     full = linear_inputs(1, sum(lengths), 2, 8, 16, gates=gates, seed=4)
     do = torch.randn(1, sum(lengths), 2, 16, generator=torch.Generator().manual_seed(2))
-    results = spawn(4).run(run_linear, full, do, causal=True, layout="contiguous", lengths=lengths)
+    results = spawn(4).run(run_linear, full, do, causal=True, layout="contiguous", method=method, lengths=lengths)
     check_against_oracle(results, full, do, True, "contiguous", lengths=lengths)
 
 

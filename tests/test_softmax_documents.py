@@ -14,7 +14,7 @@ from lasp.ops import reference, softmax_documents, softmax_local
 from lasp.ops.ring import step_pieces
 from lasp.ops.softmax_allgather import rank_pieces
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
-from lasp.testing import HostSyncError, assert_close, no_host_sync, seed_for
+from lasp.testing import HostSyncError, assert_close, no_host_sync, seed_for, value_error_and_collectives
 
 METHODS = ("allgather", "ring", "ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,12 +176,7 @@ BAD = {
 def run_bad(rank, world, cu_per_rank, B):
     full, _ = doc_inputs(T, 4, 2, 8, torch.float32, seed=1)
     ins = [shard_sequence(x, rank, world).expand(B, -1, -1, -1) for x in full]
-    with comm.record() as log:
-        try:
-            lasp.softmax_attention(*ins, group=dist.group.WORLD, cu_seqlens=cu_per_rank[rank])
-        except ValueError as e:
-            return str(e), [ev.tag for ev in log.events]
-    return None, [ev.tag for ev in log.events]
+    return value_error_and_collectives(lambda: lasp.softmax_attention(*ins, group=dist.group.WORLD, cu_seqlens=cu_per_rank[rank]))
 
 
 @pytest.mark.parametrize("bad", [*BAD, "differs", "batch2"])

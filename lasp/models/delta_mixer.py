@@ -24,9 +24,20 @@ import torch.nn.functional as F
 
 from .. import recurrent as ops
 from ..ops.conv import causal_conv1d_with_state
-from ..ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
+from ..ops.delta_chunk import gated_delta_rule_decode
 from .config import ModelConfig
 from .layers import RMSNorm, document_kwargs
+
+
+def delta_rule(cfg: ModelConfig, q, k, v, beta, g, cache: dict | None, *, group, layout: str, docs: dict) -> torch.Tensor:
+    """A GDN layer's recurrence (q, k L2-normalised inside): the sequence-parallel operator when
+    training (``cache`` None), the cached recurrent state when decoding."""
+    if cache is not None:
+        return gated_delta_rule_decode(q, k, v, beta, g, cache, use_qk_l2norm=True)
+    return ops.gated_delta_rule(
+        q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
+        method=cfg.linear_method, backend=cfg.linear_backend, **docs,
+    )
 
 
 def delta_param_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -90,17 +101,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float()) if self.gated else None
-        if cache is None:
-            o = ops.gated_delta_rule(
-                q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **docs,
-            )
-        elif T == 1 and cache.get("state") is not None:
-            o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=True)
-        else:
-            o, cache["state"] = chunk_gated_delta_rule(
-                q, k, v, beta, g, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=True
-            )
+        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, docs=docs)
         z = self.z_proj(x).view(B, T, H, D)
         o = (self.o_norm(o).float() * F.silu(z.float())).to(x.dtype)
         return self.o_proj(o.reshape(B, T, -1))

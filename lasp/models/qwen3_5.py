@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from .. import attention as attn_ops
 from .. import recurrent as rec_ops
 from ..ops.conv import causal_conv1d_with_state
-from ..ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
 from ..ops.softmax_local import sdpa_attention
 from .config import ModelConfig
+from .delta_mixer import delta_rule
 from .layers import RMSNorm, apply_rope
 
 
@@ -97,17 +97,7 @@ class Qwen35GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.nv, self.dv)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
-        if cache is None:
-            o = rec_ops.gated_delta_rule(
-                q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **docs,
-            )
-        elif T == 1 and cache.get("state") is not None:
-            o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=True)
-        else:
-            o, cache["state"] = chunk_gated_delta_rule(
-                q, k, v, beta, g, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=True
-            )
+        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, docs=docs)
         z = self.in_proj_z(x).view(B, T, self.nv, self.dv)
         o = (self.norm(o.to(x.dtype)).float() * F.silu(z.float())).to(x.dtype)
         return self.out_proj(o.reshape(B, T, -1))

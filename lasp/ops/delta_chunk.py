@@ -173,3 +173,16 @@ def recurrent_gated_delta_step(q, k, v, beta, g, state: torch.Tensor, scale: flo
     state = state + kf[..., :, None] * u[..., None, :]
     o = torch.einsum("bhk,bhkv->bhv", qf, state) * scale
     return o[:, None].to(q.dtype), state
+
+
+def gated_delta_rule_decode(q, k, v, beta, g, cache: dict, *, use_qk_l2norm: bool = False) -> torch.Tensor:
+    """Decoding with a recurrent state in ``cache["state"]`` (``[B, H, K, V]`` fp32 or absent):
+    one token by the recurrent step, a prompt (prefill) by the chunked path from that state.
+    Updates ``cache["state"]``; returns ``o [B, T, H, V]``."""
+    if q.shape[1] == 1 and cache.get("state") is not None:
+        o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=use_qk_l2norm)
+    else:
+        o, cache["state"] = chunk_gated_delta_rule(
+            q, k, v, beta, g, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=use_qk_l2norm
+        )
+    return o

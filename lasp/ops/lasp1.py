@@ -42,8 +42,7 @@ from .. import comm
 from ..parallel import group_rank_size
 from . import affine
 from .common import SegmentCall, build_segments, run_driver, join_segments, segment_input_grads, segment_order, split_segments, wait_all
-from .noncausal import NonCausalLinear
-from .segment import segment_class
+from .noncausal import diagonal_method
 
 _FWD_TAG = "lasp1.fwd"
 _BWD_TAG = "lasp1.bwd"
@@ -167,13 +166,6 @@ def lasp1_apply(seg_class: type, token_inputs, shared_inputs=(), **kwargs):
     return run_driver(LASP1Causal, seg_class, token_inputs, shared_inputs, **kwargs)
 
 
-def lasp1_linear_attention(
-    q, k, v, g=None, g_gamma=None, *, scale, causal, group, layout, backend, initial_state=None, output_final_state=False
-):
+def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, **kwargs):
     """LASP-1 on validated inputs (see :func:`lasp.linear_attention`)."""
-    if not causal:
-        return NonCausalLinear.apply(q, k, v, scale, group, "lasp1")
-    return lasp1_apply(
-        segment_class(backend), [q, k, v, g], [g_gamma], scale=scale, group=group, layout=layout,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
+    return diagonal_method(lasp1_apply, "lasp1", q, k, v, g, g_gamma, **kwargs)

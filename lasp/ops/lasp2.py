@@ -74,8 +74,7 @@ from .common import (
     segment_order,
     split_segments,
 )
-from .noncausal import NonCausalLinear
-from .segment import segment_class
+from .noncausal import diagonal_method
 
 _FWD_TAG = "lasp2.fwd"
 _BWD_TAG = "lasp2.bwd"
@@ -181,13 +180,6 @@ def lasp2_apply(seg_class: type, token_inputs, shared_inputs=(), **kwargs):
     return run_driver(LASP2Causal, seg_class, token_inputs, shared_inputs, **kwargs)
 
 
-def lasp2_linear_attention(
-    q, k, v, g=None, g_gamma=None, *, scale, causal, group, layout, backend, initial_state=None, output_final_state=False
-):
+def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, **kwargs):
     """LASP-2 on validated inputs (see :func:`lasp.linear_attention`)."""
-    if not causal:
-        return NonCausalLinear.apply(q, k, v, scale, group, "lasp2")
-    return lasp2_apply(
-        segment_class(backend), [q, k, v, g], [g_gamma], scale=scale, group=group, layout=layout,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
+    return diagonal_method(lasp2_apply, "lasp2", q, k, v, g, g_gamma, **kwargs)

@@ -14,6 +14,7 @@ import torch
 
 from ..parallel import group_rank_size
 from .common import all_gather_async, ring_shift, wait_all
+from .segment import segment_class
 
 
 def ring_sum(t: torch.Tensor, group, tag: str) -> torch.Tensor:
@@ -64,3 +65,16 @@ class NonCausalLinear(torch.autograd.Function):
         dk = torch.einsum("bthv,bhkv->bthk", v.float(), dS)
         dv = torch.einsum("bthk,bhkv->bthv", k.float(), dS)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def diagonal_method(apply, method: str, q, k, v, g=None, g_gamma=None, *, scale, causal, group, layout, backend,
+                    initial_state=None, output_final_state=False):
+    """``lasp.linear_attention``'s ``method`` (``lasp2`` | ``lasp1``) on validated inputs: the
+    non-causal sum of this module, or the causal driver ``apply`` on the diagonal segments of
+    ``backend``."""
+    if not causal:
+        return NonCausalLinear.apply(q, k, v, scale, group, method)
+    return apply(
+        segment_class(backend), [q, k, v, g], [g_gamma], scale=scale, group=group, layout=layout,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )
