@@ -138,8 +138,7 @@ def check_gated_delta(q, k, v, beta, g, initial_state, output_final_state=False,
     check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, _ = q.shape
     if k.shape[2] != H:
         raise ValueError(f"k must have q's number of heads H={H}, got {k.shape[2]}")
     for name, x in (("beta", beta), ("g", g)):

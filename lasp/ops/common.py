@@ -163,6 +163,14 @@ def build_segments(call: SegmentCall, inputs, needs_grad=None) -> list:
     return [call.seg_class(*p, *shared, call.scale, **call.seg_kwargs) for p in parts]
 
 
+def rebuild_segments(ctx) -> tuple[SegmentCall, list, torch.Tensor]:
+    """In a driver's backward: ``(call, segments rebuilt from the saved inputs (recompute), this
+    rank's saved incoming states)``; the Function's forward took ``(call, initial_state, *inputs)``
+    and saved ``(*inputs, states)``."""
+    *inputs, states = ctx.saved_tensors
+    return ctx.call, build_segments(ctx.call, inputs, ctx.needs_input_grad[2:]), states
+
+
 def segment_input_grads(call: SegmentCall, segs: list, needs_grad) -> list[torch.Tensor | None]:
     """Input gradients from the segments' ``grads()``: per-token ones concatenated along T,
     shared ones summed; None where not wanted."""

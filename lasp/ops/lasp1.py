@@ -41,7 +41,10 @@ import torch.distributed as dist
 from .. import comm
 from ..parallel import group_rank_size
 from . import affine
-from .common import SegmentCall, build_segments, run_driver, join_segments, segment_input_grads, segment_order, split_segments, wait_all
+from .common import (
+    SegmentCall, build_segments, join_segments, rebuild_segments, run_driver, segment_input_grads, segment_order, split_segments,
+    wait_all,
+)
 from .noncausal import diagonal_method
 
 _FWD_TAG = "lasp1.fwd"
@@ -120,12 +123,9 @@ class LASP1Causal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal=None):
-        call = ctx.call
-        kind = call.kind
-        *inputs, states_in = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
+        call, segs, states_in = rebuild_segments(ctx)
+        kind, needs = call.kind, ctx.needs_input_grad[2:]
         chain = _Chain(call.group, call.layout)
-        segs = build_segments(call, inputs, needs)
         do_parts = split_segments(do, call.layout)
         zero = torch.zeros_like(states_in[0])
         G_N = chain.all_reduce(dfinal.float().clone(), _BWD_TAG + ".final") if call.output_final_state else None

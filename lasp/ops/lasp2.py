@@ -69,6 +69,7 @@ from .common import (
     build_segments,
     global_order_index,
     join_segments,
+    rebuild_segments,
     run_driver,
     segment_input_grads,
     segment_order,
@@ -121,12 +122,9 @@ class LASP2Causal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal=None):
-        call = ctx.call
-        kind = call.kind
-        *inputs, own_states = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
+        call, segs, own_states = rebuild_segments(ctx)
+        kind, needs = call.kind, ctx.needs_input_grad[2:]
         rank, size = group_rank_size(call.group)
-        segs = build_segments(call, inputs, needs)
         n_seg, N = len(segs), size * len(segs)
         mine = segment_order(size, call.layout)[rank]
         do_parts = split_segments(do, call.layout)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import comm
 from ..parallel import group_rank_size, layout_chunks
 from .common import ring_shift, wait_all
 from .softmax_documents import doc_pieces, single_process_softmax
