@@ -23,12 +23,14 @@ REQUIRED = {
     "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
     "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
     "predict": ("method", "seq_len", "devices", "time_ms"),
+    "compare-hf": ("model", "seq_len", "lasp_tokens_per_s", "hf_tokens_per_s"),
 }
 OK_REQUIRED = {
     "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
     "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
     "kernels": ("samples_ms", "n_reps", "tflops"),
     "predict": (),
+    "compare-hf": ("first_loss_lasp", "first_loss_hf"),
 }
 
 
@@ -52,7 +54,7 @@ def validate_results(data: dict) -> None:
         need(REQUIRED[kind] + (OK_REQUIRED[kind] if status == "ok" else ()), rec, f"record {i} is missing")
         if status not in STATUSES:
             raise ValueError(f"results.json: record {i} has status {status!r}, expected one of {STATUSES}")
-        if status == "ok" and kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
+        if status == "ok" and "samples_ms" in OK_REQUIRED[kind] and len(rec["samples_ms"]) != rec["n_reps"]:
             raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
