@@ -19,7 +19,6 @@ from .results import fmt_num, markdown_table, report, results_doc, write_results
 from .timing import env_info, summarize_samples, time_steps
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "qwen3_5-tiny.yaml"))
-COMPARE_MODELS = ("qwen3_5-tiny",)
 
 
 def train_step(forward_logits, model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, losses: list[float]):
@@ -67,7 +66,7 @@ def compare(config: str, seq_lens: list[int], batch: int, reps: int, warmup: int
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench model --compare-hf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--compare-hf", action="store_true", required=True)
-    ap.add_argument("--models", default="qwen3_5-tiny", choices=COMPARE_MODELS)
+    ap.add_argument("--models", default="qwen3_5-tiny", choices=("qwen3_5-tiny",))
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="a qwen3_5 model YAML (default: configs/models/qwen3_5-tiny.yaml)")
     ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[512, 2048],
                     help="comma-separated sequence lengths (K = 1024)")

@@ -3,10 +3,8 @@ sequence lengths and SP sizes.
 
     lasp bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2,4 --out DIR
 
-Methods: the registry :data:`METHODS` (name -> operator family, its ``method=`` and the step
-that builds this rank's random inputs). Records, timing, memory, bytes: ``docs/bench/README.md``.
-``--documents 0,1,16,256``: each window packs N documents of random (seeded) lengths, passed as
-``cu_seqlens`` (the record's ``documents`` field; 0 or no flag: none).
+Methods: the registry :data:`METHODS`. Records, timing, memory, bytes, ``--documents``:
+``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -151,14 +149,6 @@ BENCH = sweep.Bench(
 )
 
 
-def _documents_arg(s: str) -> int | None:
-    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
-    n = int(s)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
-    return n or None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,14 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
-    ap.add_argument("--documents", type=csv_arg(_documents_arg, "--documents"), default=[None],
+    ap.add_argument("--documents", type=csv_arg(int, "--documents"), default=[0],
                     help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
                          "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
+    if min(args.documents) < 0:
+        ap.error(f"--documents: must be >= 0, got {min(args.documents)}")
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
-                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs, _max_memory_gb=args.max_memory_gb)
+                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs or None, _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len for docs in args.documents]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

@@ -142,10 +142,10 @@ def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: in
     if method not in LINEAR_SP:
         raise ValueError(f"method must be one of {LINEAR_SP}, got {method!r}")
     dense = flop_breakdown(cfg, seq_len)["matmul"] * batch * seq_len / P / hw.flops
-    lin = layer_cost({"ring": "ring-linear", "ulysses": "ulysses-linear"}.get(method, method),
-                     Shape(seq_len, P, batch, cfg.num_heads, cfg.num_heads, cfg.head_dim, 2, chunk, layout), hw)
+    shape = dict(seq_len=seq_len, P=P, batch=batch, heads=cfg.num_heads, head_dim=cfg.head_dim, chunk=chunk, layout=layout)
+    lin = layer_cost({"ring": "ring-linear", "ulysses": "ulysses-linear"}.get(method, method), Shape(kv_heads=cfg.num_heads, **shape), hw)
     soft = layer_cost({"ring": "ring", "ulysses": "ulysses-softmax"}.get(method, softmax_method),
-                      Shape(seq_len, P, batch, cfg.num_heads, cfg.kv_heads, cfg.head_dim, 2, chunk, layout), hw)
+                      Shape(kv_heads=cfg.kv_heads, **shape), hw)
     n_soft = cfg.layer_types.count("softmax")
     n_lin = cfg.num_layers - n_soft
     grads = collective_s("all_reduce", count_params(cfg) * grad_bytes, P, hw)
@@ -335,9 +335,8 @@ def main(argv: list[str] | None = None) -> int:
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.predict)"}, config, records)
-    doc.update(paper_comparison=paper_comparison(cfg, args.devices, hw, records) if args.devices == 64 else [], paper=PAPER_CITE)
-    if cal:
-        doc["calibration"] = cal
+    doc.update(paper_comparison=paper_comparison(cfg, args.devices, hw, records) if args.devices == 64 else [], paper=PAPER_CITE,
+               **({"calibration": cal} if cal else {}))
     text = report_markdown(doc)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
