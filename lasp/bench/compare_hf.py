@@ -65,7 +65,6 @@ def compare(config: str, seq_lens: list[int], batch: int, reps: int, warmup: int
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench model --compare-hf", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compare-hf", action="store_true", required=True)
     ap.add_argument("--models", default="qwen3_5-tiny", choices=("qwen3_5-tiny",))
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="a qwen3_5 model YAML (default: configs/models/qwen3_5-tiny.yaml)")
     ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[512, 2048],
