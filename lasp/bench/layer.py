@@ -3,10 +3,8 @@ sequence lengths and SP sizes.
 
     lasp bench layer --method lasp2,lasp1,ring --seq-len 8192,32768 --sp 2,4 --out DIR
 
-Methods: the registry :data:`METHODS` (name -> operator family, its ``method=`` and the step
-that builds this rank's random inputs). Records, timing, memory, bytes: ``docs/bench/README.md``.
-``--documents 0,1,16,256``: each window packs N documents of random (seeded) lengths, passed as
-``cu_seqlens`` (the record's ``documents`` field; 0 or no flag: none).
+Methods: the registry :data:`METHODS`. Records, timing, memory, bytes, ``--documents``:
+``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -26,18 +24,6 @@ from .results import fmt_bytes
 from .timing import DTYPES, mem_available_gb
 
 
-def _shard(point: dict, rank: int, world: int, device: torch.device):
-    """``rnd(*dims, std=1.0, fn=None)``: a random ``[B, T/P, *dims]`` tensor of this rank (seeded
-    by rank; ``fn`` applied in fp32), in the point's dtype on ``device``."""
-    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
-
-    def rnd(*dims: int, std: float = 1.0, fn=None) -> torch.Tensor:
-        x = torch.randn(point["batch"], point["seq_len"] // world, *dims, generator=gen) * std
-        return (fn(x) if fn else x).to(device=device, dtype=DTYPES[point["dtype"]])
-
-    return rnd
-
-
 def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
     """``cu_seqlens [n_docs + 1]`` (int64): ``n_docs`` documents of random lengths (>= 1) filling
     ``seq_len`` tokens; seeded, so identical on every rank."""
@@ -45,56 +31,38 @@ def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
 
 
-def _step(op, m: "Method", point: dict, world: int, rnd, leaves: list[torch.Tensor], **kw):
-    """``(forward, backward)`` of ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this rank
-    (with ``cu_seqlens`` for ``--documents``); the output gradient is drawn last from ``rnd``."""
-    do = rnd(point["heads"], point["head_dim"], std=point["seq_len"] ** -0.5)
-    kw.update(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
-    if point.get("documents"):
-        kw["cu_seqlens"] = document_starts(point["seq_len"], point["documents"]).to(do.device)
-    for x in leaves:
-        x.requires_grad_()
-
-    def forward() -> torch.Tensor:
-        for x in leaves:
-            x.grad = None
-        return op(*leaves, **kw)
-
-    return forward, lambda o: o.backward(do)
-
-
-def attention_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
-    """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by ``m.kind``) on random q, k, v
+def attention_inputs(m: "Method", point: dict, rnd):
+    """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by ``m.kind``) and random q, k, v
     (softmax K/V have ``kv_heads`` heads)."""
     import lasp
 
-    H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
+    H, D = point["heads"], point["head_dim"]
     H_kv = H if m.kind == "linear" else point["kv_heads"]
     leaves = [rnd(H, D, std=0.5), rnd(H_kv, D, std=0.5), rnd(H_kv, D)]
     if m.kind == "softmax":
-        return _step(lasp.softmax_attention, m, point, world, rnd, leaves)
-    return _step(lasp.linear_attention, m, point, world, rnd, leaves, backend=point["backend"])
+        return lasp.softmax_attention, leaves, {}
+    return lasp.linear_attention, leaves, {"backend": point["backend"]}
 
 
-def delta_step(m: "Method", point: dict, rank: int, world: int, device: torch.device):
-    """``lasp.gated_delta_rule`` (q, k L2-normalised inside) on random q, k, v, ``beta =
+def delta_inputs(m: "Method", point: dict, rnd):
+    """``lasp.gated_delta_rule`` (q, k L2-normalised inside) and random q, k, v, ``beta =
     sigmoid(x)``, ``g = logsigmoid(x) / 8`` (<= 0)."""
     import lasp
 
-    H, D, rnd = point["heads"], point["head_dim"], _shard(point, rank, world, device)
+    H, D = point["heads"], point["head_dim"]
     leaves = [rnd(H, D), rnd(H, D), rnd(H, D), rnd(H, fn=torch.sigmoid), rnd(H, fn=lambda x: F.logsigmoid(x) / 8)]
-    return _step(lasp.gated_delta_rule, m, point, world, rnd, leaves, backend=point["backend"], use_qk_l2norm_in_kernel=True)
+    return lasp.gated_delta_rule, leaves, {"backend": point["backend"], "use_qk_l2norm_in_kernel": True}
 
 
 @dataclass(frozen=True)
 class Method:
     """A benchmark method: ``kind`` (``linear`` | ``delta`` | ``softmax`` | a new family), ``op`` (the public
-    operator's ``method=``) and ``step(method, point, rank, world, device) -> (forward, backward)``,
-    which builds this rank's inputs; ``backward(forward())`` is one measured step."""
+    operator's ``method=``) and ``inputs(method, point, rnd) -> (operator, leaves, kwargs)``, this
+    rank's inputs drawn with ``rnd(*dims, std=1.0, fn=None)`` (a random ``[B, T/P, *dims]`` tensor)."""
 
     kind: str
     op: str
-    step: Callable = attention_step
+    inputs: Callable = attention_inputs
 
 
 # benchmark method name -> Method: adding a method is one entry here
@@ -105,17 +73,37 @@ METHODS: dict[str, Method] = {
     "allgather": Method("softmax", "allgather"),
     "ring": Method("softmax", "ring"),
     "ulysses-softmax": Method("softmax", "ulysses"),
-    "gdn-lasp2": Method("delta", "lasp2", delta_step),
-    "gdn-lasp1": Method("delta", "lasp1", delta_step),
-    "gdn-ulysses": Method("delta", "ulysses", delta_step),
+    "gdn-lasp2": Method("delta", "lasp2", delta_inputs),
+    "gdn-lasp1": Method("delta", "lasp1", delta_inputs),
+    "gdn-ulysses": Method("delta", "ulysses", delta_inputs),
 }
 ALIASES = {"lasp2h": "allgather", "ulysses_linear": "ulysses-linear", "ulysses_softmax": "ulysses-softmax"}
 
 
 def build_step(point: dict, rank: int, world: int, device: torch.device):
-    """The driver's ``build``: the point's method's step, no extra info."""
-    m = METHODS[point["method"]]
-    return (*m.step(m, point, rank, world, device), {})
+    """The driver's ``build``: forward = ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this
+    rank's inputs (seeded by rank; ``fn`` applied in fp32; with ``cu_seqlens`` for ``--documents``),
+    backward with a random output gradient (drawn last); no extra info."""
+    m, gen = METHODS[point["method"]], torch.Generator(device="cpu").manual_seed(1234 + rank)
+
+    def rnd(*dims: int, std: float = 1.0, fn=None) -> torch.Tensor:
+        x = torch.randn(point["batch"], point["seq_len"] // world, *dims, generator=gen) * std
+        return (fn(x) if fn else x).to(device=device, dtype=DTYPES[point["dtype"]])
+
+    op, leaves, kw = m.inputs(m, point, rnd)
+    do = rnd(point["heads"], point["head_dim"], std=point["seq_len"] ** -0.5)
+    kw.update(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
+    if point.get("documents"):
+        kw["cu_seqlens"] = document_starts(point["seq_len"], point["documents"]).to(device)
+    for x in leaves:
+        x.requires_grad_()
+
+    def forward() -> torch.Tensor:
+        for x in leaves:
+            x.grad = None
+        return op(*leaves, **kw)
+
+    return forward, lambda o: o.backward(do), {}
 
 
 def precheck(point: dict) -> tuple[str, str] | None:
@@ -151,14 +139,6 @@ BENCH = sweep.Bench(
 )
 
 
-def _documents_arg(s: str) -> int | None:
-    """``--documents`` item: N >= 1 documents per window, or 0 = no ``cu_seqlens`` (None)."""
-    n = int(s)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s!r}")
-    return n or None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,14 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
-    ap.add_argument("--documents", type=csv_arg(_documents_arg, "--documents"), default=[None],
+    ap.add_argument("--documents", type=csv_arg(int, "--documents"), default=[0],
                     help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
                          "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
+    if min(args.documents) < 0:
+        ap.error(f"--documents: must be >= 0, got {min(args.documents)}")
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
-                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs, _max_memory_gb=args.max_memory_gb)
+                   kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs or None, _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len for docs in args.documents]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

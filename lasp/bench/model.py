@@ -4,8 +4,7 @@ their token mixers, at growing sequence lengths, on P ranks.
 
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
 
-Models (:data:`MODELS`): the base config (``--config`` or a built-in small shape) with a layer
-pattern and methods. Details: ``docs/bench/README.md``.
+Models: :data:`MODELS`; details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 

@@ -126,8 +126,7 @@ def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
         qkv, o = B * T_l * (H + 2 * h_kv) * D * s.elem_bytes, B * T_l * H * D * s.elem_bytes
         comm = exposed = 2 * (collective_s("all_to_all", qkv, P, hw) + collective_s("all_to_all", o, P, hw))
         if H % P or h_kv % P:
-            note = (f"needs heads % P == 0 (H={H}, P={P})" if method == "ulysses-linear"
-                    else f"needs heads and kv_heads % P == 0 (H={H}, H_kv={h_kv}, P={P})")
+            note = f"needs heads{'' if method == 'ulysses-linear' else ' and kv_heads'} % P == 0 (H={H}, H_kv={h_kv}, P={P})"
     comm, exposed = (0.0, 0.0) if P == 1 else (comm, exposed)
     return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "total_s": compute + exposed,
             "feasible": not note, "note": note}
@@ -142,10 +141,10 @@ def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: in
     if method not in LINEAR_SP:
         raise ValueError(f"method must be one of {LINEAR_SP}, got {method!r}")
     dense = flop_breakdown(cfg, seq_len)["matmul"] * batch * seq_len / P / hw.flops
-    lin = layer_cost({"ring": "ring-linear", "ulysses": "ulysses-linear"}.get(method, method),
-                     Shape(seq_len, P, batch, cfg.num_heads, cfg.num_heads, cfg.head_dim, 2, chunk, layout), hw)
+    shape = dict(seq_len=seq_len, P=P, batch=batch, heads=cfg.num_heads, head_dim=cfg.head_dim, chunk=chunk, layout=layout)
+    lin = layer_cost({"ring": "ring-linear", "ulysses": "ulysses-linear"}.get(method, method), Shape(kv_heads=cfg.num_heads, **shape), hw)
     soft = layer_cost({"ring": "ring", "ulysses": "ulysses-softmax"}.get(method, softmax_method),
-                      Shape(seq_len, P, batch, cfg.num_heads, cfg.kv_heads, cfg.head_dim, 2, chunk, layout), hw)
+                      Shape(kv_heads=cfg.kv_heads, **shape), hw)
     n_soft = cfg.layer_types.count("softmax")
     n_lin = cfg.num_layers - n_soft
     grads = collective_s("all_reduce", count_params(cfg) * grad_bytes, P, hw)
@@ -253,10 +252,6 @@ def paper_comparison(cfg, devices: int, hw: Hardware, records: list[dict]) -> li
     return rows
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def report_markdown(doc: dict) -> str:
     cfg, hw = doc["config"], doc["config"]["hardware"]
     knobs = ", ".join(f"{f.metadata['flag']} {hw[f.name] / f.metadata['unit']:g}" for f in dataclasses.fields(Hardware))
@@ -264,22 +259,19 @@ def report_markdown(doc: dict) -> str:
              f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.", ""]
     headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
                "grad all-reduce ms", "LASP-2 speed-up"]
-    rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", _k(r["seq_len"]), fmt_num(r["time_ms"]),
+    rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", f"{r['seq_len']:,}", fmt_num(r["time_ms"]),
              fmt_num(r["tokens_per_s"], 0), fmt_num(r["dense_s"] * 1e3), fmt_num(r["attention_compute_s"] * 1e3),
              fmt_num(r["exposed_comm_s"] * 1e3), fmt_num(r["grad_allreduce_s"] * 1e3),
              "-" if r["method"] == "lasp2" else f"{r['lasp2_speedup_pct']:+.1f}%"] for r in doc["records"]]
     lines += [markdown_table(headers, rows), ""]
     if doc.get("paper_comparison"):
         lines += [f"Against the paper ({PAPER_CITE}; its Linear-Llama3-1B on 64 A100):", ""]
-        rows = [[f"LASP-2 over {c['versus']}", _k(c["seq_len"]), f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
-                 f"{c['difference_pp']:+.1f} pp", f"{c['ratio']:.2f}x"]
+        rows = [[f"LASP-2 over {c['versus']}", f"{c['seq_len']:,}", f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
+                 f"{c['difference_pp']:+.1f} pp", f"{c['ratio']:.2f}x", f"{c['knob_meaning']} = " + ("none in 1e-4..1e4 x the assumption"
+                 if c["needed"] is None else f"{c['needed']:,.1f} {c['unit']}") + f" (assumed {c['assumed']:,.1f} {c['unit']})"]
                 for c in doc["paper_comparison"]]
-        lines += [markdown_table(["speed-up", "seq len", "paper", "predicted", "difference", "predicted / paper"], rows), ""]
-        for m in doc["paper_comparison"]:
-            needed = "no value in 1e-4..1e4 x the assumption reproduces it" if m["needed"] is None else f"{m['needed']:,.1f} {m['unit']}"
-            lines.append(f"- to reproduce LASP-2 over {m['versus']} at {_k(m['seq_len'])} the model needs {m['knob_meaning']} "
-                         f"= {needed} (assumed {m['assumed']:,.1f} {m['unit']})")
-        lines.append("")
+        headers = ["speed-up", "seq len", "paper", "predicted", "difference", "predicted / paper", "to reproduce it the model needs"]
+        lines += [markdown_table(headers, rows), ""]
     cal = doc.get("calibration")
     if cal:
         fits = ", ".join(f"{k}: F = {v['flops_per_s'] / 1e9:.2f} GFLOP/s, t0 = {v['t0_s'] * 1e3:.1f} ms (from {v['reference']})"
@@ -335,9 +327,8 @@ def main(argv: list[str] | None = None) -> int:
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.predict)"}, config, records)
-    doc.update(paper_comparison=paper_comparison(cfg, args.devices, hw, records) if args.devices == 64 else [], paper=PAPER_CITE)
-    if cal:
-        doc["calibration"] = cal
+    doc.update(paper_comparison=paper_comparison(cfg, args.devices, hw, records) if args.devices == 64 else [], paper=PAPER_CITE,
+               **({"calibration": cal} if cal else {}))
     text = report_markdown(doc)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

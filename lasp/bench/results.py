@@ -23,12 +23,14 @@ REQUIRED = {
     "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
     "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
     "predict": ("method", "seq_len", "devices", "time_ms"),
+    "compare-hf": ("model", "seq_len", "lasp_tokens_per_s", "hf_tokens_per_s"),
 }
 OK_REQUIRED = {
     "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
     "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
     "kernels": ("samples_ms", "n_reps", "tflops"),
     "predict": (),
+    "compare-hf": ("first_loss_lasp", "first_loss_hf"),
 }
 
 
@@ -52,7 +54,7 @@ def validate_results(data: dict) -> None:
         need(REQUIRED[kind] + (OK_REQUIRED[kind] if status == "ok" else ()), rec, f"record {i} is missing")
         if status not in STATUSES:
             raise ValueError(f"results.json: record {i} has status {status!r}, expected one of {STATUSES}")
-        if status == "ok" and kind != "predict" and len(rec["samples_ms"]) != rec["n_reps"]:
+        if status == "ok" and "samples_ms" in OK_REQUIRED[kind] and len(rec["samples_ms"]) != rec["n_reps"]:
             raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
@@ -128,12 +130,11 @@ def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status", "ok") == "ok" and r.get("time_ms") is not None]
 
 
-def _style(ax, ylabel: str, title: str, logy: bool, empty: str | None) -> None:
-    """Log-2 sequence-length axis, labels, grid; a legend, or the ``empty`` note when nothing was drawn."""
+def _style(ax, ylabel: str, title: str, empty: str | None) -> None:
+    """Log-2 sequence-length axis, log y axis, labels, grid; a legend, or the ``empty`` note when nothing was drawn."""
     ax.set_xscale("log", base=2)
     if empty is None:
-        if logy:
-            ax.set_yscale("log")
+        ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
@@ -149,7 +150,7 @@ def _save(fig, path: str) -> str:
 
 
 def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metric: str, ylabel: str, title: str,
-                           logy: bool = True, dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P") -> str:
+                           dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P") -> str:
     """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``panel``."""
     ok = _ok(records)
     panels = sorted({r[panel] for r in ok}) or [0]
@@ -162,8 +163,7 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
                 lines[r[series]].append((r["seq_len"], r[metric]))
         for name, pts in sorted(lines.items()):
             ax.plot(*zip(*sorted(pts)), marker="o", label=name, ls="--" if name in dashed else "-", color=colors[name])
-        _style(ax, ylabel, f"{title}, {panel_name}={value}" if value else title, logy,
-               None if lines else "no successful points")
+        _style(ax, ylabel, f"{title}, {panel_name}={value}" if value else title, None if lines else "no successful points")
     return _save(fig, path)
 
 
@@ -182,5 +182,5 @@ def plot_speedup(records: list[dict], path: str, *, series: str, base: str, agai
     for (other, sp), pts in sorted(data.items()):
         ax.plot(*zip(*pts), marker="o", label=f"{base} over {other}, P={sp}", color=colors[other], ls=styles[sp])
     ax.axhline(1.0, color="grey", lw=1, ls="--")
-    _style(ax, f"speed-up of {base} (time ratio, x)", title, True, None if data else "no comparable points")
+    _style(ax, f"speed-up of {base} (time ratio, x)", title, None if data else "no comparable points")
     return _save(fig, path)
