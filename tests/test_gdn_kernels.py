@@ -58,6 +58,7 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
     ("g-fp32", 20, 16, 32, "g", False, torch.float32),
     ("g-l2-fp32-K32V16", 20, 32, 16, "g", True, torch.float32),
     ("deltanet-fp32", 20, 16, 32, "none", False, torch.float32),
+    ("reset-fp32", 37, 16, 32, "reset", False, torch.float32),  # hard resets g = -inf
     ("deltanet-l2-fp32-short", 11, 16, 32, "none", True, torch.float32),  # T < one chunk
     ("g-bf16", 20, 16, 32, "g", False, torch.bfloat16),
     ("deltanet-l2-bf16", 20, 32, 16, "none", True, torch.bfloat16),

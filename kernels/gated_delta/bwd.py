@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 
 from ...ops.delta_chunk import chunk_factors, chunk_output_maps
-from .common import Factors, chunk_last_gate, col_block, dot, n_chunks, qk_decay
+from .common import Factors, col_block, dot, from_start, n_chunks, qk_decay, to_end
 
 
 @triton.jit
-def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, scale, T, NCOL,
+def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, scale, T, NCOL,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_DO: tl.constexpr, HAS_T: tl.constexpr, LOWP: tl.constexpr):
     iv = tl.program_id(0)
@@ -49,18 +49,18 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, do_ptr, dst_ptr, dh_ptr, ds0
         hrow = bh * T + t
         tl.store(dh_ptr + (bh * N + n) * K * NCOL + soff, dS, mask=mv[None, :])
         gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
-        gl = chunk_last_gate(gc, n, T, BT)
+        gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
+        dk, dc = to_end(gc, gr, m, n, T, BT)
         kn = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         w = tl.load(w_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
-        kd = kn * tl.where(m, tl.exp(tl.where(m, gl - gc, 0.0)), 0.0)[:, None]
-        dvn = dot(kd, dS, LOWP)
-        dS = dS * tl.exp(gl)
+        dvn = dot(kn * dk[:, None], dS, LOWP)
+        dS = dS * dc
         if HAS_DO:
             qn = tl.load(qn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
             do = tl.load(do_ptr + ((b * T + t) * H + h)[:, None] * NCOL + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0)
-            A = qk_decay(qn, kn, gc, m, LOWP, BT)
+            A = qk_decay(qn, kn, gc, gr, m, LOWP, BT)
             dvn += scale * dot(tl.trans(A), do, LOWP)
-            qd = qn * tl.where(m, tl.exp(gc), 0.0)[:, None]
+            qd = qn * from_start(gc, gr, m)[:, None]
             dS += scale * dot(tl.trans(qd), do, LOWP)
         dS -= dot(tl.trans(w), dvn, LOWP)
     tl.store(ds0_ptr + bh * K * NCOL + soff, dS, mask=mv[None, :])
@@ -79,7 +79,7 @@ def state_grad_pass(f: Factors, ncol: int, dS_T: torch.Tensor | None = None, do:
     ds0 = torch.empty(B, H, K, ncol, dtype=torch.float32, device=f.kn.device)
     BV = col_block(K, ncol)
     state_bwd_kernel[(triton.cdiv(ncol, BV), B * H)](
-        f.qn, f.kn, f.w, f.gc, ds0 if do is None else do, ds0 if dS_T is None else dS_T, dh, ds0, float(scale), T, ncol,
+        f.qn, f.kn, f.w, f.gc, f.gr, ds0 if do is None else do, ds0 if dS_T is None else dS_T, dh, ds0, float(scale), T, ncol,
         H=H, K=K, BT=f.BT, BV=BV, HAS_DO=do is not None, HAS_T=dS_T is not None, LOWP=f.lowp,
     )
     return dh, ds0

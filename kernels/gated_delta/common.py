@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.recurrence import RESET_LOG_DECAY
+
+RESET = tl.constexpr(RESET_LOG_DECAY)
+
 
 class Factors(NamedTuple):
     """The state-independent per-chunk quantities of one segment (see the module docstring)."""
@@ -23,6 +27,7 @@ class Factors(NamedTuple):
     w: torch.Tensor
     u: torch.Tensor
     gc: torch.Tensor
+    gr: torch.Tensor
     BT: int
     lowp: bool
 
@@ -39,19 +44,49 @@ def dot(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
-def chunk_last_gate(gc, n, T, BT: tl.constexpr):
-    """The cumulative gate at chunk n's last real token (a scalar)."""
-    last = tl.minimum(BT, T - n * BT) - 1
-    return tl.sum(tl.where(tl.arange(0, BT) == last, gc, 0.0), axis=0)
+def chunk_gates(g_ptr, row, m, USE_G: tl.constexpr, BT: tl.constexpr):
+    """``(gc, gr)`` of a chunk (module docstring) from the log gates at token-major ``row``."""
+    if USE_G:
+        a = tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32)
+        reset = a < RESET
+        gc = tl.cumsum(tl.where(reset, 0.0, a), axis=0)
+        gr = tl.cumsum(reset.to(tl.float32), axis=0)
+    else:
+        gc = tl.zeros([BT], dtype=tl.float32)
+        gr = tl.zeros([BT], dtype=tl.float32)
+    return gc, gr
 
 
 @triton.jit
-def qk_decay(qn, kn, gc, m, LOWP: tl.constexpr, BT: tl.constexpr):
+def pair_decay(gc, gr, keep):
+    """``[BT, BT]``: ``e^{G_i - G_j}`` where ``keep`` (and no reset between), else 0."""
+    keep = keep & (gr[:, None] == gr[None, :])
+    return tl.where(keep, tl.exp(tl.where(keep, gc[:, None] - gc[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def from_start(gc, gr, m):
+    """``[BT]``: ``e^{G_i}``, the decay from the chunk's start to token i (0 on padding)."""
+    keep = m & (gr == 0)
+    return tl.where(keep, tl.exp(tl.where(keep, gc, 0.0)), 0.0)
+
+
+@triton.jit
+def to_end(gc, gr, m, n, T, BT: tl.constexpr):
+    """``([BT] e^{G_C - G_j}, e^{G_C})``: decays to chunk n's last real token, and over the chunk."""
+    last = tl.minimum(BT, T - n * BT) - 1
+    o = tl.arange(0, BT)
+    gl = tl.sum(tl.where(o == last, gc, 0.0), axis=0)
+    rl = tl.sum(tl.where(o == last, gr, 0.0), axis=0)
+    keep = m & (gr == rl)
+    return tl.where(keep, tl.exp(tl.where(keep, gl - gc, 0.0)), 0.0), tl.where(rl == 0, tl.exp(gl), 0.0)
+
+
+@triton.jit
+def qk_decay(qn, kn, gc, gr, m, LOWP: tl.constexpr, BT: tl.constexpr):
     """``(Q K^T) o e^Gam`` on and below the diagonal, ``[BT, BT]`` (query i, key j)."""
     o = tl.arange(0, BT)
-    keep = (o[:, None] >= o[None, :]) & m[None, :]
-    dec = tl.where(keep, tl.exp(tl.where(keep, gc[:, None] - gc[None, :], 0.0)), 0.0)
-    return dot(qn, tl.trans(kn), LOWP) * dec
+    return dot(qn, tl.trans(kn), LOWP) * pair_decay(gc, gr, (o[:, None] >= o[None, :]) & m[None, :])
 
 
 def col_block(K: int, ncol: int) -> int:
