@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lasp.kernels.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, gated, K=32, V=64)")
+    p.add_argument("--op", choices=("all", "simple_gla", "gated_delta"), default="all", help="which kernel family")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    todo = [(v, INPUT_PTRS) for v in variants(args.quick)] + [(v, DELTA_INPUT_PTRS) for v in delta_variants(args.quick)]
+    todo = [(v, INPUT_PTRS) for v in variants(args.quick)] if args.op in ("all", "simple_gla") else []
+    todo += [(v, DELTA_INPUT_PTRS) for v in delta_variants(args.quick)] if args.op in ("all", "gated_delta") else []
     for (name, fn, dt, consts, w, s), input_ptrs in todo:
         t0 = time.perf_counter()
         try:

@@ -1,6 +1,6 @@
 """Gated delta rule Triton kernels under the interpreter (TRITON_INTERPRET=1, set in conftest) vs the
 float64 oracle: the segment driven exactly as LASP-2 drives it (summary A and M, outputs from a
-non-zero incoming state, dS_in, every input gradient through dO, dM and dA), fp32 and bf16, g None
+non-zero incoming state, dS_in, every input gradient through dO, dM and dA), fp32, bf16 and fp16, g None
 and given, in-kernel L2 norm, T not a multiple of the chunk, K != V both ways; the public operator
 with backend="triton" in one process; LASP-2 on 2 ranks with the Triton segment vs the torch one."""
 from __future__ import annotations
@@ -61,6 +61,7 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
     ("reset-fp32", 37, 16, 32, "reset", False, torch.float32),  # hard resets g = -inf
     ("deltanet-l2-fp32-short", 11, 16, 32, "none", True, torch.float32),  # T < one chunk
     ("g-bf16", 20, 16, 32, "g", False, torch.bfloat16),
+    ("g-fp16", 20, 16, 32, "g", False, torch.float16),
     ("deltanet-l2-bf16", 20, 32, 16, "none", True, torch.bfloat16),
 ]
 
@@ -75,7 +76,7 @@ def test_segment_matches_float64_oracle(case):
     scale = K**-0.5
     ref, ref_grads = segment_oracle(xs, S_in, do, dM, dA, scale, l2)
     out, grads = run_segment(xs, S_in, do, dM, dA, scale, l2)
-    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    rtol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
     for name, r in ref.items():
         assert out[name].dtype == torch.float32
         assert_close(r, out[name], rtol=rtol, name=name)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ...ops.delta_chunk import chunk_factors, chunk_output_maps
-from .common import Factors, col_block, dot, from_start, n_chunks, qk_decay, to_end
+from .common import Factors, state_tile, col_block, dot, from_start, n_chunks, qk_decay, to_end
 
 
 @triton.jit
@@ -34,10 +34,7 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, do_ptr, dst_ptr, dh_
     b, h = bh // H, bh % H
     N = tl.cdiv(T, BT)
     o = tl.arange(0, BT)
-    ck = tl.arange(0, K)
-    cv = iv * BV + tl.arange(0, BV)
-    mv = cv < NCOL
-    soff = ck[:, None] * NCOL + cv[None, :]
+    ck, cv, mv, soff = state_tile(iv, K, BV, NCOL)
     if HAS_T:
         dS = tl.load(dst_ptr + bh * K * NCOL + soff, mask=mv[None, :], other=0.0)
     else:

@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 
 from ...ops.recurrence import RESET_LOG_DECAY
+from ..simple_gla.common import mm_state as dot  # a @ b, fp32 accumulation, bf16 operands when LOWP
+
+__all__ = ["Factors", "dot", "chunk_gates", "pair_decay", "from_start", "to_end", "qk_decay", "state_tile", "col_block", "n_chunks"]
 
 RESET = tl.constexpr(RESET_LOG_DECAY)
 
@@ -33,14 +36,11 @@ class Factors(NamedTuple):
 
 
 @triton.jit
-def dot(a, b, LOWP: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; bf16 operands when ``LOWP`` (16-bit inputs on a GPU),
-    exact fp32 products otherwise (and always under the interpreter, whose bf16 dot is wrong)."""
-    if LOWP:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return out
+def state_tile(iv, K: tl.constexpr, BV: tl.constexpr, NCOL):
+    """Column tile ``iv`` of a ``[K, NCOL]`` state: ``(row ids, column ids, column mask, offsets)``."""
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    return ck, cv, cv < NCOL, ck[:, None] * NCOL + cv[None, :]
 
 
 @triton.jit

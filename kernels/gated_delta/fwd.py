@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..utils import low_precision_dots
-from .common import Factors, chunk_gates, col_block, dot, from_start, n_chunks, pair_decay, qk_decay, to_end
+from .common import Factors, state_tile, chunk_gates, col_block, dot, from_start, n_chunks, pair_decay, qk_decay, to_end
 
 
 @triton.jit
@@ -88,10 +88,7 @@ def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, s0_ptr, h_ptr, st_ptr
     bh = tl.program_id(1).to(tl.int64)
     N = tl.cdiv(T, BT)
     o = tl.arange(0, BT)
-    ck = tl.arange(0, K)
-    cv = iv * BV + tl.arange(0, BV)
-    mv = cv < NCOL
-    soff = ck[:, None] * NCOL + cv[None, :]
+    ck, cv, mv, soff = state_tile(iv, K, BV, NCOL)
     if INIT == 1:
         S = tl.load(s0_ptr + bh * K * NCOL + soff, mask=mv[None, :], other=0.0)
     elif INIT == 2:
