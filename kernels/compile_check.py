@@ -67,6 +67,7 @@ DELTA_INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr"}
 def delta_variants(quick: bool):
     """The gated delta rule kernels (:mod:`lasp.kernels.gated_delta`), same tuple as :func:`variants`."""
     from .gated_delta import bwd, fwd
+    from .gated_delta.local_bwd import local_bwd_kernel
 
     dtypes = [("*bf16", True)] if quick else [("*bf16", True), ("*fp16", True), ("*fp32", False)]
     dims = [(32, 64)] if quick else [(128, 128), (64, 256), (256, 64), (16, 32)]
@@ -83,6 +84,10 @@ def delta_variants(quick: bool):
         for has_do in (True, False) if not quick else (True,):
             c = dict(H=16, K=K, BT=64, BV=bv, HAS_DO=has_do, HAS_T=not has_do, LOWP=lowp)
             yield f"state_bwd_kernel[{dt[1:]} K{K} V{V} dO={has_do}]", bwd.state_bwd_kernel, dt, c, 4, 1
+        for use_g, l2, has_do in ((True, True, True),) if quick else ((True, True, True), (False, False, False)):
+            c = dict(H=16, K=K, V=V, BT=64, USE_G=use_g, L2=l2, HAS_DO=has_do, LOWP=lowp)
+            yield (f"local_bwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2} dO={has_do}]", local_bwd_kernel,
+                   dt, c, 8, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

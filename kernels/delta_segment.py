@@ -6,7 +6,7 @@ Three trajectories of the chunk-state pass, all linear in their start: the trans
 ``I``, no ``U0``: its end is ``A [B, H, K, K]``), the summary's (from zeros: its end is ``M``) and
 the outputs' (from ``S_in``; the summary's when ``state_is_zero``). Backward runs the reverse pass
 once per trajectory that has a gradient (``dO`` for the outputs', ``dM``, ``dA``) and takes all
-input gradients in one local step (:func:`lasp.kernels.gated_delta.local_grads`). Nothing reads
+input gradients in one local step per chunk (:func:`lasp.kernels.gated_delta.local_bwd`). Nothing reads
 a device value on the host.
 
 ==========================  ====================================================================
@@ -99,8 +99,15 @@ class TritonDeltaSegment:
         B, H, K, V = self.M.shape
         N = self.P.shape[2]
         dev = self.M.device
-        D = self.D if self.D is not None else torch.zeros(B, H, N, K, K, device=dev)
-        E = self.E if self.E is not None else torch.zeros(B, H, N, K, V, device=dev)
-        out = gd.local_grads(self.inputs, self.BT, self.l2, self.scale, D, E, self.dO, self.S_out)
+        out: list[torch.Tensor | None] = [None] * 5
+        if not any(x is not None and x.requires_grad for x in self.inputs):
+            return tuple(out)
+        D = self.D.contiguous() if self.D is not None else torch.zeros(B, H, N, K, K, device=dev)
+        E = self.E.contiguous() if self.E is not None else torch.zeros(B, H, N, K, V, device=dev)
+        ins = [None if x is None else x.detach().contiguous() for x in self.inputs]
+        got = gd.local_bwd(ins, self.f, self.l2, self.scale, D, E, self.dO, None if self.dO is None else self.S_out.contiguous())
+        for i, (x, gr) in enumerate(zip(self.inputs, got)):
+            if x is not None and x.requires_grad:
+                out[i] = gr.to(x.dtype)
         self.D = self.E = self.dO = None
-        return out
+        return tuple(out)

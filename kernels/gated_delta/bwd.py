@@ -1,5 +1,4 @@
-"""Backward of the chunked gated delta rule: the sequential state-gradient pass in Triton and the
-per-chunk (parallel) local backward in plain torch.
+"""Backward of the chunked gated delta rule: the sequential state-gradient pass.
 
 :func:`state_grad_pass` (``state_bwd_kernel``, one program per column tile and head, chunks in
 reverse): with ``dS_N`` a terminal gradient (or zeros) and, optionally, the outputs' ``dO``::
@@ -10,10 +9,10 @@ reverse): with ``dS_N`` a terminal gradient (or zeros) and, optionally, the outp
 It stores every ``dS_{c+1}`` (the gradient reaching the state LEAVING chunk c) and returns
 ``dS_0``. Given those and the forward's incoming states ``S_c``, the gradient of every input is
 the gradient of the per-chunk, state-independent surrogate
-``sum_c <dS_{c+1}, A_c S_c + M_c> + <dO_c, O_loc_c + Qeff_c S_c>`` (the adjoint method), which
-:func:`local_grads` takes with torch autograd through :func:`lasp.ops.delta_chunk.chunk_factors`,
-all chunks at once (no loop over chunks). That part (the WY solve's backward, the L2 norm's
-backward, the gate cumsum's backward) is plain torch: see the package docstring.
+``sum_c <dS_{c+1}, A_c S_c + M_c> + <dO_c, O_loc_c + Qeff_c S_c>`` (the adjoint method): with
+``D_c = sum dS_{c+1} S_c^T`` over the trajectories (the gradient of ``A_c``) and ``E_c = sum
+dS_{c+1}`` over those that carry ``U0`` (of ``M_c``), :func:`lasp.kernels.gated_delta.local_bwd`
+takes it chunk by chunk, in parallel.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.delta_chunk import chunk_factors, chunk_output_maps
 from .common import Factors, state_tile, col_block, dot, from_start, n_chunks, qk_decay, to_end
 
 
@@ -80,45 +78,3 @@ def state_grad_pass(f: Factors, ncol: int, dS_T: torch.Tensor | None = None, do:
         H=H, K=K, BT=f.BT, BV=BV, HAS_DO=do is not None, HAS_T=dS_T is not None, LOWP=f.lowp,
     )
     return dh, ds0
-
-
-def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
-    """``[B, T, H, X]`` -> ``[B, H, N, C, X]`` float32, zero-padded to whole chunks."""
-    B, T, H, X = x.shape
-    N = -(-T // C)
-    x = x.float().transpose(1, 2)
-    if N * C != T:
-        x = torch.nn.functional.pad(x, (0, 0, 0, N * C - T))
-    return x.reshape(B, H, N, C, X)
-
-
-def local_grads(inputs, chunk_size: int, use_qk_l2norm: bool, scale: float, D, E, dO, S_out):
-    """Input gradients from the adjoint terms of every chunk (module docstring), in torch autograd.
-
-    Args:
-        inputs: ``(q, k, v, beta, g)`` leaves (g may be None); only those with ``requires_grad``
-            get a gradient.
-        D ``[B, H, N, K, K]``: ``sum dS_{c+1} S_c^T`` over the trajectories (gradient of ``A_c``);
-        E ``[B, H, N, K, V]``: ``sum dS_{c+1}`` over the trajectories that carry ``U0`` (of ``M_c``);
-        dO ``[B, T, H, V]`` or None, with ``S_out [B, H, N, K, V]`` the output trajectory's states.
-    Returns:
-        ``(dq, dk, dv, dbeta, dg)``, None where not wanted.
-    """
-    wanted = [i for i, x in enumerate(inputs) if x is not None and x.requires_grad]
-    out: list[torch.Tensor | None] = [None] * 5
-    if not wanted:
-        return tuple(out)
-    T = inputs[0].shape[1]
-    C = min(chunk_size, T)  # chunk_factors' chunking (one short chunk when T < chunk_size)
-    with torch.enable_grad():
-        ch = chunk_factors(*inputs, C, use_qk_l2norm)
-        outs, gouts = [ch.A, ch.M], [D, E]
-        if dO is not None:
-            Qeff, O_loc = chunk_output_maps(ch, scale)
-            dOc = to_chunks(dO, C)
-            outs += [Qeff, O_loc]
-            gouts += [dOc @ S_out.transpose(-1, -2), dOc]
-        got = torch.autograd.grad(outs, [inputs[i] for i in wanted], gouts, allow_unused=True)
-    for i, gr in zip(wanted, got):
-        out[i] = torch.zeros_like(inputs[i]) if gr is None else gr
-    return tuple(out)
