@@ -77,7 +77,7 @@ def delta_variants(quick: bool):
             c = dict(H=16, K=K, V=V, BT=64, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, L2=l2, LOWP=lowp)
             yield f"wy_fwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2}]", fwd.wy_fwd_kernel, dt, c, 4, 1
         for init, has_u in ((1, True), (2, False)) if not quick else ((1, True),):
-            c = dict(K=K, BT=64, BV=bv, INIT=init, HAS_U=has_u, LOWP=lowp)
+            c = dict(K=K, BT=64, BV=bv, INIT=init, HAS_U=has_u, STORE=has_u, LOWP=lowp)
             yield f"state_fwd_kernel[{dt[1:]} K{K} V{V} init={init}]", fwd.state_fwd_kernel, dt, c, 4, 1
         c = dict(H=16, K=K, V=V, BT=64, BV=bv, LOWP=lowp)
         yield f"output_fwd_kernel[{dt[1:]} K{K} V{V}]", fwd.output_fwd_kernel, dt, c, 4, 1

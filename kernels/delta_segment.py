@@ -10,7 +10,7 @@ input gradients in one local step per chunk (:func:`lasp.kernels.gated_delta.loc
 a device value on the host.
 
 ==========================  ====================================================================
-constructor                 WY factors, the transition's and the summary's passes
+constructor                 WY factors, the transition's pass (no snapshots) and the summary's
 ``summary()``               ``(A [B, H, K, K], M [B, H, K, V])`` float32
 ``compute_local()``         nothing (the factors are built in the constructor)
 ``output(S_in)``            the outputs' pass from ``S_in`` and ``o [B, T, H, V]`` float32
@@ -44,7 +44,7 @@ class TritonDeltaSegment:
         with torch.no_grad():
             c = [None if x is None else x.detach().contiguous() for x in self.inputs]
             self.f = gd.wy_factors(*c, chunk_size, use_qk_l2norm)
-            self.P, self.A = gd.state_pass(self.f, identity=True)
+            _, self.A = gd.state_pass(self.f, identity=True, store=False)  # its states: only for dA
             self.Ms, self.M = gd.state_pass(self.f)
         self.S_out = None
         self._do = self._do_src = self._dh = None
@@ -92,12 +92,13 @@ class TritonDeltaSegment:
         K, V = self.M.shape[-2:]
         dhM, _ = gd.state_grad_pass(self.f, V, dS_T=dM.detach().float().contiguous())
         dhA, _ = gd.state_grad_pass(self.f, K, dS_T=dA.detach().float().contiguous())
-        self._add(dhM @ self.Ms.transpose(-1, -2) + dhA @ self.P.transpose(-1, -2), dhM)
+        P, _ = gd.state_pass(self.f, identity=True)  # the transition's trajectory, recomputed
+        self._add(dhM @ self.Ms.transpose(-1, -2) + dhA @ P.transpose(-1, -2), dhM)
 
     def grads(self) -> tuple:
         """``(dq, dk, dv, dbeta, dg)`` (None where the input has no gradient or is None)."""
         B, H, K, V = self.M.shape
-        N = self.P.shape[2]
+        N = self.Ms.shape[2]
         dev = self.M.device
         out: list[torch.Tensor | None] = [None] * 5
         if not any(x is not None and x.requires_grad for x in self.inputs):

@@ -82,8 +82,8 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
 @triton.jit
 def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, s0_ptr, h_ptr, st_ptr, T, NCOL,
                      K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, INIT: tl.constexpr,
-                     HAS_U: tl.constexpr, LOWP: tl.constexpr):
-    """INIT: 0 zeros, 1 the state at ``s0_ptr``, 2 the identity (NCOL = K)."""
+                     HAS_U: tl.constexpr, STORE: tl.constexpr, LOWP: tl.constexpr):
+    """INIT: 0 zeros, 1 the state at ``s0_ptr``, 2 the identity (NCOL = K); STORE: write ``h``."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     N = tl.cdiv(T, BT)
@@ -99,7 +99,8 @@ def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, s0_ptr, h_ptr, st_ptr
         t = n * BT + o
         m = t < T
         hrow = bh * T + t
-        tl.store(h_ptr + (bh * N + n) * K * NCOL + soff, S, mask=mv[None, :])
+        if STORE:
+            tl.store(h_ptr + (bh * N + n) * K * NCOL + soff, S, mask=mv[None, :])
         w = tl.load(w_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         vn = -dot(w, S, LOWP)
         if HAS_U:
@@ -154,20 +155,21 @@ def wy_factors(q, k, v, beta, g, BT: int, use_qk_l2norm: bool) -> Factors:
     return Factors(qn, kn, w, u, gc, gr, BT, low_precision_dots(q.dtype))
 
 
-def state_pass(f: Factors, s0: torch.Tensor | None = None, identity: bool = False):
+def state_pass(f: Factors, s0: torch.Tensor | None = None, identity: bool = False, store: bool = True):
     """The chunk-state pass: ``(h [B, H, N, K, X], final [B, H, K, X])`` float32, ``h[:, :, c]``
-    the state entering chunk c. From ``s0 [B, H, K, V]`` (None: zeros), or with ``identity`` the
-    trajectory of the transition from ``I`` (``X = K``, no ``U0``): its final value is ``A``."""
+    the state entering chunk c (None unless ``store``). From ``s0 [B, H, K, V]`` (None: zeros), or
+    with ``identity`` the trajectory of the transition from ``I`` (``X = K``, no ``U0``): its final
+    value is ``A``."""
     B, H, T, K = f.kn.shape
     X = K if identity else f.u.shape[-1]
     N = n_chunks(T, f.BT)
-    h = torch.empty(B, H, N, K, X, dtype=torch.float32, device=f.kn.device)
     st = torch.empty(B, H, K, X, dtype=torch.float32, device=f.kn.device)
+    h = torch.empty(B, H, N, K, X, dtype=torch.float32, device=f.kn.device) if store else None
     BV = col_block(K, X)
     init = 2 if identity else (0 if s0 is None else 1)
     state_fwd_kernel[(triton.cdiv(X, BV), B * H)](
-        f.kn, f.w, f.u, f.gc, f.gr, st if s0 is None else s0, h, st, T, X, K=K, BT=f.BT, BV=BV, INIT=init,
-        HAS_U=not identity, LOWP=f.lowp,
+        f.kn, f.w, f.u, f.gc, f.gr, st if s0 is None else s0, st if h is None else h, st, T, X, K=K, BT=f.BT, BV=BV,
+        INIT=init, HAS_U=not identity, STORE=store, LOWP=f.lowp,
     )
     return h, st
 
