@@ -28,6 +28,15 @@ from . import gated_delta as gd
 from .utils import DEFAULT_CHUNK, check_chunk_size, check_device, check_head_dim
 
 
+def unsupported_head_dims(K: int, V: int) -> str | None:
+    """Why the delta kernels cannot take head dims ``K, V``, or None. Besides powers of two 16..256:
+    the per-chunk local backward keeps whole ``[64, K]`` and ``[64, V]`` tiles; for K = V = 256 that
+    is 288 KiB of shared memory on sm_90 (limit 227 KiB; K=256, V=128 takes 224 KiB)."""
+    if K == 256 and V == 256:
+        return "K = V = 256: the gated delta local backward kernel needs 288 KiB shared memory on sm_90 (limit 227 KiB)"
+    return None
+
+
 class TritonDeltaSegment:
     """Gated delta rule segment on Triton kernels. q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta
     ``[B, T, H]``, g ``[B, T, H]`` (finite log gates) or None; K, V powers of two 16..256."""
@@ -39,6 +48,9 @@ class TritonDeltaSegment:
         check_head_dim(q.shape[-1], "K (q/k head dim)")
         check_head_dim(v.shape[-1], "V (v head dim)")
         check_chunk_size(chunk_size)
+        why = unsupported_head_dims(q.shape[-1], v.shape[-1])
+        if why:
+            raise ValueError(f"{why}; use backend='torch'")
         self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, beta, g)]
         self.scale, self.l2, self.BT = float(scale), use_qk_l2norm, chunk_size
         with torch.no_grad():

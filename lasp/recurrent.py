@@ -38,11 +38,15 @@ def _driver(method: str):
 
 def _segment_class(backend: str, q: torch.Tensor, v: torch.Tensor) -> type:
     """The delta segment for ``backend``: ``triton`` (:class:`lasp.kernels.delta_segment.TritonDeltaSegment`),
-    also for ``auto`` on CUDA with head dims the kernels take; the torch segment otherwise."""
+    also for ``auto`` on CUDA with head dims the kernels take (not K = V = 256); the torch segment otherwise."""
     if resolve_backend(backend, q, v) == "triton":
-        from .kernels.delta_segment import TritonDeltaSegment
+        from .kernels.delta_segment import TritonDeltaSegment, unsupported_head_dims
 
-        return TritonDeltaSegment
+        why = unsupported_head_dims(q.shape[-1], v.shape[-1])
+        if why is None:
+            return TritonDeltaSegment
+        if backend == "triton":  # before any collective, on every rank (same shapes everywhere)
+            raise ValueError(f"{why}; use backend='torch' or 'auto'")
     return DeltaTorchSegment
 
 

@@ -145,3 +145,10 @@ def test_triton_gated_delta_has_no_host_sync():
         o = lasp.gated_delta_rule(*ins, use_qk_l2norm_in_kernel=True, backend="triton")
         o.backward(torch.ones_like(o))
     assert all(torch.isfinite(x.grad).all() for x in ins)
+
+
+def test_head_dims_the_kernels_cannot_take_are_a_clear_error():
+    xs = delta_inputs(1, 4, 1, 256, 256, gates="g", seed=1)[:5]
+    with pytest.raises(ValueError, match="K = V = 256"):
+        lasp.gated_delta_rule(*xs, backend="triton")
+    assert lasp.gated_delta_rule(*xs[:2], xs[2][..., :32], *xs[3:5], backend="torch").shape == (1, 4, 1, 32)
