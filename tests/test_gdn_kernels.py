@@ -2,7 +2,8 @@
 float64 oracle: the segment driven exactly as LASP-2 drives it (summary A and M, outputs from a
 non-zero incoming state, dS_in, every input gradient through dO, dM and dA), fp32, bf16 and fp16, g None
 and given, in-kernel L2 norm, T not a multiple of the chunk, K != V both ways; the public operator
-with backend="triton" in one process; LASP-2 on 2 ranks with the Triton segment vs the torch one."""
+with backend="triton" in one process; LASP-2 (and LASP-1) on 2 ranks with the Triton segment vs the
+torch one."""
 from __future__ import annotations
 
 import pytest
@@ -107,7 +108,7 @@ def test_public_operator_triton_one_process():
         assert_close(r, x, name=name)
 
 
-def lasp2_worker(rank, world, xs, do, layout, l2):
+def lasp2_worker(rank, world, xs, do, layout, l2, method="lasp2"):
     """This rank's shard through lasp.gated_delta_rule on both backends (LASP-2, WORLD group)."""
     torch.set_num_threads(1)
     out = {}
@@ -115,19 +116,21 @@ def lasp2_worker(rank, world, xs, do, layout, l2):
         local = [None if x is None else shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in xs[:5]]
         s0 = xs[5].clone().requires_grad_()
         o, S = lasp.gated_delta_rule(*local, initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=l2,
-                                     group=dist.group.WORLD, layout=layout, backend=backend)
+                                     group=dist.group.WORLD, method=method, layout=layout, backend=backend)
         loss = (o.float() * shard_sequence(do, rank, world, layout)).sum() + (S * (1.0 if rank == 0 else 0.0)).sum()
         loss.backward()
         out[backend] = [o.detach(), S.detach()] + [None if x is None else x.grad for x in local] + [s0.grad]
     return out
 
 
-@pytest.mark.parametrize("layout,l2,gates", [("contiguous", True, "g"), ("zigzag", False, "none")])
-def test_lasp2_two_ranks_triton_equals_torch(spawn, layout, l2, gates):
+@pytest.mark.parametrize("method,layout,l2,gates", [
+    ("lasp2", "contiguous", True, "g"), ("lasp2", "zigzag", False, "none"), ("lasp1", "contiguous", False, "reset"),
+])
+def test_two_ranks_triton_equals_torch(spawn, method, layout, l2, gates):
     B, T, H, K, V = 1, 52, 2, 16, 32  # 26 tokens per rank (13 per zigzag chunk): partial chunks
     xs = delta_inputs(B, T, H, K, V, gates=gates, l2norm=l2, init=True, seed=11)
     do = rnd(B, T, H, V, seed=12)
-    for rank, res in enumerate(spawn(2).run(lasp2_worker, xs, do, layout, l2, timeout=240)):
+    for rank, res in enumerate(spawn(2).run(lasp2_worker, xs, do, layout, l2, method, timeout=240)):
         for i, (a, b) in enumerate(zip(res["torch"], res["triton"])):
             if a is None:
                 assert b is None
