@@ -28,6 +28,11 @@ from . import gated_delta as gd
 from .utils import DEFAULT_CHUNK, check_chunk_size, check_device, check_head_dim
 
 
+#: Chunk size for fp32 inputs: at 64 the local backward kernel needs 296 KiB of shared memory on
+#: sm_90 for K = V = 128 (limit 227 KiB; 144 KiB for 16-bit inputs).
+FP32_CHUNK = 32
+
+
 def unsupported_head_dims(K: int, V: int) -> str | None:
     """Why the delta kernels cannot take head dims ``K, V``, or None. Besides powers of two 16..256:
     the per-chunk local backward keeps whole ``[64, K]`` and ``[64, V]`` tiles; for K = V = 256 that
@@ -43,10 +48,12 @@ class TritonDeltaSegment:
 
     transition = "matrix"
 
-    def __init__(self, q, k, v, beta, g, scale: float, use_qk_l2norm: bool = False, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, q, k, v, beta, g, scale: float, use_qk_l2norm: bool = False, chunk_size: int | None = None):
         check_device(q)
         check_head_dim(q.shape[-1], "K (q/k head dim)")
         check_head_dim(v.shape[-1], "V (v head dim)")
+        if chunk_size is None:  # fp32 operands stage twice the shared memory of 16-bit ones in the local backward
+            chunk_size = FP32_CHUNK if q.dtype == torch.float32 else DEFAULT_CHUNK
         check_chunk_size(chunk_size)
         why = unsupported_head_dims(q.shape[-1], v.shape[-1])
         if why:
