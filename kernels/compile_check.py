@@ -73,19 +73,20 @@ def delta_variants(quick: bool):
     dims = [(32, 64)] if quick else [(128, 128), (64, 256), (256, 64), (16, 32)]
     for (dt, lowp), (K, V) in itertools.product(dtypes, dims):
         bv = max(16, min(V, 64, 8192 // K))  # gated_delta.common.col_block
+        bt = 32 if dt == "*fp32" else 64  # delta_segment.FP32_CHUNK
         for use_g, l2 in ([(True, True)] if quick else [(True, True), (False, False)]):
-            c = dict(H=16, K=K, V=V, BT=64, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, L2=l2, LOWP=lowp)
+            c = dict(H=16, K=K, V=V, BT=bt, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, L2=l2, LOWP=lowp)
             yield f"wy_fwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2}]", fwd.wy_fwd_kernel, dt, c, 4, 1
         for init, has_u in ((1, True), (2, False)) if not quick else ((1, True),):
-            c = dict(K=K, BT=64, BV=bv, INIT=init, HAS_U=has_u, STORE=has_u, LOWP=lowp)
+            c = dict(K=K, BT=bt, BV=bv, INIT=init, HAS_U=has_u, STORE=has_u, LOWP=lowp)
             yield f"state_fwd_kernel[{dt[1:]} K{K} V{V} init={init}]", fwd.state_fwd_kernel, dt, c, 4, 1
-        c = dict(H=16, K=K, V=V, BT=64, BV=bv, LOWP=lowp)
+        c = dict(H=16, K=K, V=V, BT=bt, BV=bv, LOWP=lowp)
         yield f"output_fwd_kernel[{dt[1:]} K{K} V{V}]", fwd.output_fwd_kernel, dt, c, 4, 1
         for has_do in (True, False) if not quick else (True,):
-            c = dict(H=16, K=K, BT=64, BV=bv, HAS_DO=has_do, HAS_T=not has_do, LOWP=lowp)
+            c = dict(H=16, K=K, BT=bt, BV=bv, HAS_DO=has_do, HAS_T=not has_do, LOWP=lowp)
             yield f"state_bwd_kernel[{dt[1:]} K{K} V{V} dO={has_do}]", bwd.state_bwd_kernel, dt, c, 4, 1
         for use_g, l2, has_do in ((True, True, True),) if quick else ((True, True, True), (False, False, False)):
-            c = dict(H=16, K=K, V=V, BT=64, USE_G=use_g, L2=l2, HAS_DO=has_do, LOWP=lowp)
+            c = dict(H=16, K=K, V=V, BT=bt, USE_G=use_g, L2=l2, HAS_DO=has_do, LOWP=lowp)
             yield (f"local_bwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2} dO={has_do}]", local_bwd_kernel,
                    dt, c, 8, 1)
 
