@@ -15,6 +15,7 @@ inside the chunk (0 at hard resets); the L2 norm's backward is ``r (dqn - qn (qn
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from .common import Factors, dot, from_start, n_chunks, pair_decay, to_end
