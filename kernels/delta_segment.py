@@ -33,10 +33,13 @@ from .utils import DEFAULT_CHUNK, check_chunk_size, check_device, check_head_dim
 FP32_CHUNK = 32
 
 
-def unsupported_head_dims(K: int, V: int) -> str | None:
+def unsupported_head_dims(K: int, V: int, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """Why the delta kernels cannot take head dims ``K, V``, or None. Besides powers of two 16..256:
     the per-chunk local backward keeps whole ``[64, K]`` and ``[64, V]`` tiles; for K = V = 256 that
-    is 288 KiB of shared memory on sm_90 (limit 227 KiB; K=256, V=128 takes 224 KiB)."""
+    is 288 KiB of shared memory on sm_90 (limit 227 KiB; K=256, V=128 takes 224 KiB), and fp32
+    inputs with K = 256, V = 64 need 460 KiB even at 32-token chunks."""
+    if dtype == torch.float32 and max(K, V) == 256:
+        return "fp32 inputs with a head dim of 256: the gated delta local backward kernel needs 460 KiB shared memory on sm_90 (limit 227 KiB)"
     if K == 256 and V == 256:
         return "K = V = 256: the gated delta local backward kernel needs 288 KiB shared memory on sm_90 (limit 227 KiB)"
     return None
@@ -55,7 +58,7 @@ class TritonDeltaSegment:
         if chunk_size is None:  # fp32 operands stage twice the shared memory of 16-bit ones in the local backward
             chunk_size = FP32_CHUNK if q.dtype == torch.float32 else DEFAULT_CHUNK
         check_chunk_size(chunk_size)
-        why = unsupported_head_dims(q.shape[-1], v.shape[-1])
+        why = unsupported_head_dims(q.shape[-1], v.shape[-1], q.dtype)
         if why:
             raise ValueError(f"{why}; use backend='torch'")
         self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, beta, g)]

@@ -42,7 +42,7 @@ def _segment_class(backend: str, q: torch.Tensor, v: torch.Tensor) -> type:
     if resolve_backend(backend, q, v) == "triton":
         from .kernels.delta_segment import TritonDeltaSegment, unsupported_head_dims
 
-        why = unsupported_head_dims(q.shape[-1], v.shape[-1])
+        why = unsupported_head_dims(q.shape[-1], v.shape[-1], q.dtype)
         if why is None:
             return TritonDeltaSegment
         if backend == "triton":  # before any collective, on every rank (same shapes everywhere)

@@ -153,5 +153,7 @@ def test_triton_gated_delta_has_no_host_sync():
 def test_head_dims_the_kernels_cannot_take_are_a_clear_error():
     xs = delta_inputs(1, 4, 1, 256, 256, gates="g", seed=1)[:5]
     with pytest.raises(ValueError, match="K = V = 256"):
-        lasp.gated_delta_rule(*xs, backend="triton")
+        lasp.gated_delta_rule(*[x.to(torch.bfloat16) for x in xs], backend="triton")
+    with pytest.raises(ValueError, match="fp32 inputs with a head dim of 256"):
+        lasp.gated_delta_rule(*xs[:2], xs[2][..., :64], *xs[3:5], backend="triton")
     assert lasp.gated_delta_rule(*xs[:2], xs[2][..., :32], *xs[3:5], backend="torch").shape == (1, 4, 1, 32)
