@@ -4,6 +4,10 @@
   split into the forward and backward steps LASP-2 needs;
 * :mod:`lasp.kernels.segment`  ``TritonSegment``, the LASP-2 segment protocol on those kernels
   (``lasp.linear_attention(..., backend="triton")``);
+* :mod:`lasp.kernels.gated_delta`  the chunked gated delta rule (WY form): forward, chunk-state
+  passes and the reverse state-gradient pass (the per-chunk local backward is torch, see there);
+* :mod:`lasp.kernels.delta_segment`  ``TritonDeltaSegment``, the delta-rule segment on them
+  (``lasp.gated_delta_rule(..., backend="triton")``);
 * :mod:`lasp.kernels.compile_check`  builds every kernel for a GPU target without a GPU.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.

@@ -20,15 +20,15 @@ SNAPSHOT_PTRS = {"h_ptr", "dh_ptr"}
 SMEM_LIMIT = 227 * 1024
 
 
-def signature(fn, input_type: str, constexprs: dict) -> dict:
+def signature(fn, input_type: str, constexprs: dict, input_ptrs=INPUT_PTRS, snapshot_ptrs=SNAPSHOT_PTRS) -> dict:
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in SNAPSHOT_PTRS:
+        elif name in snapshot_ptrs:
             sig[name] = "*bf16" if input_type in ("*bf16", "*fp16") else "*fp32"
         elif name.endswith("_ptr"):
-            sig[name] = input_type if name in INPUT_PTRS else "*fp32"
+            sig[name] = input_type if name in input_ptrs else "*fp32"
         elif name == "scale":
             sig[name] = "fp32"
         else:
@@ -60,10 +60,44 @@ def variants(quick: bool):
         yield f"chunk_gates_kernel[g={hg} gg={hgg}]", fwd.chunk_gates_kernel, "*bf16", c, 4, 2
 
 
+#: Pointers in the input dtype in the gated delta kernels (their intermediates and dO are fp32).
+DELTA_INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr"}
+
+
+def delta_variants(quick: bool):
+    """The gated delta rule kernels (:mod:`lasp.kernels.gated_delta`), same tuple as :func:`variants`."""
+    from .gated_delta import bwd, fwd
+    from .gated_delta.local_bwd import local_bwd_kernel
+
+    dtypes = [("*bf16", True)] if quick else [("*bf16", True), ("*fp16", True), ("*fp32", False)]
+    dims = [(32, 64)] if quick else [(128, 128), (64, 256), (256, 64), (16, 32)]
+    for (dt, lowp), (K, V) in itertools.product(dtypes, dims):
+        if dt == "*fp32" and max(K, V) == 256:
+            continue  # rejected by delta_segment.unsupported_head_dims (local backward: 460 KiB)
+        bv = max(16, min(V, 64, 8192 // K))  # gated_delta.common.col_block
+        bt = 32 if dt == "*fp32" else 64  # delta_segment.FP32_CHUNK
+        for use_g, l2 in ([(True, True)] if quick else [(True, True), (False, False)]):
+            c = dict(H=16, K=K, V=V, BT=bt, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, L2=l2, LOWP=lowp)
+            yield f"wy_fwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2}]", fwd.wy_fwd_kernel, dt, c, 4, 1
+        for init, has_u in ((1, True), (2, False)) if not quick else ((1, True),):
+            c = dict(K=K, BT=bt, BV=bv, INIT=init, HAS_U=has_u, STORE=has_u, LOWP=lowp)
+            yield f"state_fwd_kernel[{dt[1:]} K{K} V{V} init={init}]", fwd.state_fwd_kernel, dt, c, 4, 1
+        c = dict(H=16, K=K, V=V, BT=bt, BV=bv, LOWP=lowp)
+        yield f"output_fwd_kernel[{dt[1:]} K{K} V{V}]", fwd.output_fwd_kernel, dt, c, 4, 1
+        for has_do in (True, False) if not quick else (True,):
+            c = dict(H=16, K=K, BT=bt, BV=bv, HAS_DO=has_do, HAS_T=not has_do, LOWP=lowp)
+            yield f"state_bwd_kernel[{dt[1:]} K{K} V{V} dO={has_do}]", bwd.state_bwd_kernel, dt, c, 4, 1
+        for use_g, l2, has_do in ((True, True, True),) if quick else ((True, True, True), (False, False, False)):
+            c = dict(H=16, K=K, V=V, BT=bt, USE_G=use_g, L2=l2, HAS_DO=has_do, LOWP=lowp)
+            yield (f"local_bwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2} dO={has_do}]", local_bwd_kernel,
+                   dt, c, 8, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lasp.kernels.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, gated, K=32, V=64)")
+    p.add_argument("--op", choices=("all", "simple_gla", "gated_delta"), default="all", help="which kernel family")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -74,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, fn, dt, consts, w, s in variants(args.quick):
+    todo = [(v, INPUT_PTRS) for v in variants(args.quick)] if args.op in ("all", "simple_gla") else []
+    todo += [(v, DELTA_INPUT_PTRS) for v in delta_variants(args.quick)] if args.op in ("all", "gated_delta") else []
+    for (name, fn, dt, consts, w, s), input_ptrs in todo:
         t0 = time.perf_counter()
         try:
-            src = ASTSource(fn=fn, signature=signature(fn, dt, consts), constexprs=consts)
+            sig = signature(fn, dt, consts, input_ptrs, SNAPSHOT_PTRS if input_ptrs is INPUT_PTRS else set())
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
             kernel = triton.compile(src, target=target, options={"num_warps": w, "num_stages": s})
             smem = kernel.metadata.shared
             status = "OK  " if smem <= SMEM_LIMIT else "SMEM"

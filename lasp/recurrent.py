@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from .ops.checks import check_gated_delta
+from .ops.checks import check_gated_delta, resolve_backend
 from .ops.conv import causal_conv1d
 from .ops.delta_chunk import chunk_gated_delta_rule
 from .ops.delta_segment import DeltaTorchSegment
@@ -37,12 +37,18 @@ def _driver(method: str):
         ) from e
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend == "triton":
-        raise NotImplementedError(
-            "gated_delta_rule: the Triton delta-rule kernels are not built yet; use backend='torch' (or 'auto')"
-        )
-    return "torch"  # 'auto' means torch for the delta rule until its kernels land
+def _segment_class(backend: str, q: torch.Tensor, v: torch.Tensor) -> type:
+    """The delta segment for ``backend``: ``triton`` (:class:`lasp.kernels.delta_segment.TritonDeltaSegment`),
+    also for ``auto`` on CUDA with head dims the kernels take (not K = V = 256); the torch segment otherwise."""
+    if resolve_backend(backend, q, v) == "triton":
+        from .kernels.delta_segment import TritonDeltaSegment, unsupported_head_dims
+
+        why = unsupported_head_dims(q.shape[-1], v.shape[-1], q.dtype)
+        if why is None:
+            return TritonDeltaSegment
+        if backend == "triton":  # before any collective, on every rank (same shapes everywhere)
+            raise ValueError(f"{why}; use backend='torch' or 'auto'")
+    return DeltaTorchSegment
 
 
 def gated_delta_rule(
@@ -76,7 +82,7 @@ def gated_delta_rule(
             sequence (the same on every rank).
         use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the operator.
         group: SP process group or None. method: ``lasp2`` | ``lasp1`` | ``ulysses``.
-        layout: ``contiguous`` | ``zigzag``. backend: ``auto`` | ``torch`` (``triton``: not yet).
+        layout: ``contiguous`` | ``zigzag``. backend: ``auto`` (Triton on CUDA for head dims it takes) | ``torch`` | ``triton``.
         cu_seqlens: packed documents (B = 1): ``[N+1]`` integer global document starts
             ``0 = c_0 < ... < c_N = T_local * P``, the same on every rank; each document runs as if
             alone (a start is a hard reset ``g = -inf``: ``S = beta k v^T`` there); ``initial_state``
@@ -85,16 +91,21 @@ def gated_delta_rule(
         ``o [B, T_local, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V] float32)``.
     """
     check_gated_delta(q, k, v, beta, g, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
-    _resolve_backend(backend)
+    seg_class = _segment_class(backend, q, v)
     if cu_seqlens is not None:
         B, T_local, H = q.shape[:3]
         cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
         g = reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def one_process(tokens, s0, ofs):  # the whole sequence here: torch chunked, or one Triton segment
+        if seg_class is DeltaTorchSegment:
+            return chunk_gated_delta_rule(*tokens, scale, s0, ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+        return _driver("lasp2")(seg_class, tokens, [], scale=scale, group=None, initial_state=s0,
+                                output_final_state=ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+
     if group_rank_size(group)[1] == 1:
-        return chunk_gated_delta_rule(
-            q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel
-        )
+        return one_process([q, k, v, beta, g], initial_state, output_final_state)
     apply = _driver(method)
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
         from .ops.ulysses import check_heads_divisible
@@ -102,11 +113,11 @@ def gated_delta_rule(
         check_heads_divisible(group, H=q.shape[2])
 
         def local_op(tokens, heads, s0, ofs):
-            return chunk_gated_delta_rule(*tokens, scale, s0, ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+            return one_process(tokens, s0, ofs)
 
         return apply(local_op, [q, k, v, beta, g], [], group=group, layout=layout,
                      initial_state=initial_state, output_final_state=output_final_state)
     return apply(
-        DeltaTorchSegment, [q, k, v, beta, g], [], scale=scale, group=group, layout=layout,
+        seg_class, [q, k, v, beta, g], [], scale=scale, group=group, layout=layout,
         initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
     )

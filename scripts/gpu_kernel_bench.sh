@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU run for the Triton kernels (issue 3): accuracy on CUDA vs the float64 oracle,
 # then `lasp bench kernels` at B=8, H=16, T in {2K, 8K, 32K}, K=V in {64, 128}, bf16, for our
-# Triton path, our torch chunk path and flash-linear-attention's chunk_simple_gla.
+# Triton path, our torch chunk path and flash-linear-attention's chunk_simple_gla; then the gated
+# delta rule (issue 17): accuracy vs the float64 oracle and `lasp bench kernels --op gated_delta` at
+# B=4, H=16, T=8192, K=V=128, bf16, fwd and fwd+bwd, ours (Triton, torch) vs fla's chunk_gated_delta_rule
+# (results under $OUT/gated_delta). Speed target: no slower than fla's chunk_gated_delta_rule there.
 #
 # Runs on a bare CUDA machine with the image's python3 (its torch and triton); the repo is
 # imported from the working tree (PYTHONPATH), nothing is installed except fla from wheels.
@@ -29,6 +32,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl && echo "installed fla from .wheels"
   fi
   "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_simple_gla available:", fla_fn() is not None)'
-  "$PY" -m lasp.cli bench kernels --check --out "$OUT_DIR" "$@"
+  "$PY" -c 'from lasp.bench.delta_kernels import fla_gdn_fn; print("fla chunk_gated_delta_rule available:", fla_gdn_fn() is not None)'
+  "$PY" -m lasp.kernels.compile_check --quick || echo "compile_check failed (see above)"
+  rc=0
+  "$PY" -m lasp.cli bench kernels --check --out "$OUT_DIR" "$@" || rc=$?
+  "$PY" -m lasp.cli bench kernels --op gated_delta --check --B 4 --H 16 --T 8192 --dims 128 --dtype bf16 \
+    --out "$OUT_DIR/gated_delta" || rc=$?
+  exit $rc
 } 2>&1 | tee "$OUT_DIR/log.txt"
 exit "${PIPESTATUS[0]}"

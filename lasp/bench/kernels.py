@@ -2,7 +2,8 @@
 
 Providers ``triton``, ``torch`` (``lasp.linear_attention(..., backend=)``) and ``fla`` (when
 importable); modes ``fwd`` and ``fwdbwd``; TFLOP/s of the chunked algorithm (:func:`chunked_flops`);
-``--check``: the float64 oracle first. Details: ``docs/bench/README.md``.
+``--check``: the float64 oracle first; ``--op gated_delta``: the gated delta rule instead
+(:mod:`lasp.bench.delta_kernels`). Details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..ops.reference import naive_recurrent_linear_attention
 from ..testing import linear_inputs, rel_error
+from . import delta_kernels
 from .cli import csv_arg
 from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, report, results_doc, status_cell, write_results
 from .timing import DTYPES, env_info, summarize_samples, time_steps
@@ -106,7 +108,7 @@ def markdown(records: list[dict], env: dict, command: str, peak: float | None, a
                      f"{r['tflops']:.4g}" if ok else "-", f"{r['frac_peak'] * 100:.1f}%" if ok and peak else "",
                      f"{ref['time_ms'] / r['time_ms']:.2f}x" if ok and ref and r["provider"] != "fla" else ""])
     table = markdown_table(["provider", "mode", "T", "K=V", "status", "ms (median)", "TFLOP/s", "of peak", "vs fla"], rows)
-    header = (f"B {args.B}, H {args.H}, dtype {args.dtype}, gates {args.gates}; bf16 matmul peak measured: "
+    header = (f"op {args.op}, B {args.B}, H {args.H}, dtype {args.dtype}, gates {args.gates}; bf16 matmul peak measured: "
               + (f"{peak:.0f} TFLOP/s" if peak else "n/a"))
     return report("kernels", command, env, table, f"TFLOP/s: FLOPs of the chunked algorithm (C = {CHUNK}) / median time.", header)
 
@@ -126,6 +128,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20, help="CPU: most timed runs per case")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case (CPU: default 3; CUDA: "
                    "do_bench's repetition time, default 0.25)")
+    p.add_argument("--op", choices=("linear", "gated_delta"), default="linear",
+                   help="linear attention (chunk_simple_gla's op) or the gated delta rule (chunk_gated_delta_rule's)")
     p.add_argument("--check", action="store_true", help="compare each provider with the float64 oracle first")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, kernels.png")
     args = p.parse_args(argv)
@@ -140,17 +144,20 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
     """One (provider, mode, T, K=V) record: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
     rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
     try:
-        q, k, v, g, gg = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=args.device)
-        leaves = [x.requires_grad_() for x in (q, k, v, g, gg) if x is not None and mode != "fwd"]
+        if args.op == "gated_delta":
+            ins = delta_kernels.delta_inputs(args.B, T, args.H, d, d, dtype=DTYPES[args.dtype], device=args.device)
+        else:
+            ins = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=args.device)
+        leaves = [x.requires_grad_() for x in ins if x is not None and mode != "fwd"]
         do = torch.randn(args.B, T, args.H, d, device=args.device, dtype=DTYPES[args.dtype])
 
         def step():
             if mode == "fwd":
                 with torch.no_grad():
-                    return fn(q, k, v, g, gg, d**-0.5)
+                    return fn(*ins, d**-0.5)
             for x in leaves:
                 x.grad = None
-            fn(q, k, v, g, gg, d**-0.5).backward(do)
+            fn(*ins, d**-0.5).backward(do)
 
         if args.device.type == "cuda":
             from triton.testing import do_bench
@@ -160,7 +167,8 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
             out = time_steps([step], group=None, device=args.device, warmup=args.warmup, reps=args.reps, max_seconds=args.budget)
             samples = [s * 1e3 for s in out[0]["samples_s"]]
         rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
-        rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
+        flops = delta_kernels.delta_flops if args.op == "gated_delta" else chunked_flops
+        rec["tflops"] = flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
         rec["frac_peak"] = rec["tflops"] / peak if peak else None
         result = f"{rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s"
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
@@ -175,17 +183,18 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    provs = providers(args.device, args.providers.split(","))
+    delta = args.op == "gated_delta"
+    provs = (delta_kernels.delta_providers if delta else providers)(args.device, args.providers.split(","))
     if not provs:
         print(f"no provider of {args.providers!r} is available on {args.device}", file=sys.stderr)
         return 2
-    env = env_info(str(args.device), 1, providers=list(provs), fla_available=fla_fn() is not None, chunk=CHUNK)
+    env = env_info(str(args.device), 1, providers=list(provs), fla_available=(delta_kernels.fla_gdn_fn if delta else fla_fn)() is not None, chunk=CHUNK)
     print(f"lasp bench kernels on {env['device']}: providers {list(provs)}, B={args.B} H={args.H} T={args.T} "
           f"K=V={args.dims} {args.dtype} gates={args.gates}")
     checks = []
     for name, fn in provs.items() if args.check else ():
         try:
-            checks += check_provider(fn, name, args.dims, args.gates, args.device)
+            checks += (delta_kernels.delta_check_provider if delta else check_provider)(fn, name, args.dims, args.gates, args.device)
         except Exception as e:  # noqa: BLE001 - report and go on to timing
             checks.append({"provider": name, "error": f"{type(e).__name__}: {e}", "ok": False})
             print(f"check {name}: {checks[-1]['error']}")
