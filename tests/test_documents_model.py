@@ -16,6 +16,9 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=2, nu
 MODELS = {
     "hybrid-LS-simple_gla-rope": dict(layer_pattern="LS", num_layers=2, linear_variant="simple_gla", linear_rope=True),
     "hybrid-LS-gated_deltanet": dict(layer_pattern="LS", num_layers=2, linear_variant="gated_deltanet", conv_size=4),
+    "qwen3_5": dict(architecture="qwen3_5", layer_types=["linear_attention", "full_attention"], num_layers=2,
+                    linear_variant="gated_deltanet", conv_size=4, attention_head_dim=16, partial_rotary_factor=0.5,
+                    linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
 }
 T = 48
 # one-token documents, a boundary at the 2-rank / 4-rank edges (24, 12, 36), one spanning three quarters
