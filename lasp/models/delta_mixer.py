@@ -26,17 +26,17 @@ from .. import recurrent as ops
 from ..ops.conv import causal_conv1d_with_state
 from ..ops.delta_chunk import gated_delta_rule_decode
 from .config import ModelConfig
-from .layers import RMSNorm, document_kwargs
+from .layers import RMSNorm
 
 
-def delta_rule(cfg: ModelConfig, q, k, v, beta, g, cache: dict | None, *, group, layout: str, docs: dict) -> torch.Tensor:
+def delta_rule(cfg: ModelConfig, q, k, v, beta, g, cache: dict | None, *, group, layout: str, cu_seqlens=None) -> torch.Tensor:
     """A GDN layer's recurrence (q, k L2-normalised inside): the sequence-parallel operator when
     training (``cache`` None), the cached recurrent state when decoding."""
     if cache is not None:
         return gated_delta_rule_decode(q, k, v, beta, g, cache, use_qk_l2norm=True)
     return ops.gated_delta_rule(
         q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
-        method=cfg.linear_method, backend=cfg.linear_backend, **docs,
+        method=cfg.linear_method, backend=cfg.linear_backend, cu_seqlens=cu_seqlens,
     )
 
 
@@ -93,15 +93,14 @@ class GatedDeltaNet(nn.Module):
         """
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        docs = document_kwargs(cu_seqlens)
         if cache is None:
-            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout, **docs)
+            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout, cu_seqlens=cu_seqlens)
         else:
             qkv, cache["conv"] = causal_conv1d_with_state(self.qkv_proj(x), self.conv_weight, activation="silu", state=cache.get("conv"))
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float()) if self.gated else None
-        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, docs=docs)
+        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.z_proj(x).view(B, T, H, D)
         o = (self.o_norm(o).float() * F.silu(z.float())).to(x.dtype)
         return self.o_proj(o.reshape(B, T, -1))

@@ -64,12 +64,6 @@ def positions_in_documents(positions: torch.Tensor, cu_seqlens: torch.Tensor) ->
     return offsets_in_documents(cu_seqlens.to(device=positions.device, dtype=torch.int64), positions)
 
 
-def document_kwargs(cu_seqlens: torch.Tensor | None) -> dict:
-    """``{"cu_seqlens": cu_seqlens}`` for the operators, or ``{}`` without documents (so a model
-    without documents never depends on an operator accepting the argument)."""
-    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` (half-split convention of Llama/HF) by ``cos, sin [T, D/2]``."""
     x1, x2 = x.float().chunk(2, dim=-1)

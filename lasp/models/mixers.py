@@ -18,7 +18,7 @@ from ..ops.chunk import chunk_linear_attention
 from ..ops.recurrence import recurrent_step
 from ..ops.softmax_local import sdpa_attention
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rope, document_kwargs, feature_map, fixed_log_decay
+from .layers import RMSNorm, apply_rope, feature_map, fixed_log_decay
 
 
 class LinearAttention(nn.Module):
@@ -79,7 +79,7 @@ class LinearAttention(nn.Module):
         if cache is None:
             o = ops.linear_attention(
                 q, k, v, g, g_gamma, group=group, layout=layout,
-                method=self.cfg.linear_method, backend=self.cfg.linear_backend, **document_kwargs(cu_seqlens),
+                method=self.cfg.linear_method, backend=self.cfg.linear_backend, cu_seqlens=cu_seqlens,
             )
         elif x.shape[1] == 1 and cache.get("state") is not None:
             o, cache["state"] = recurrent_step(q, k, v, g, g_gamma, cache["state"])
@@ -116,7 +116,7 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if cache is None:
             o = ops.softmax_attention(
-                q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, **document_kwargs(cu_seqlens)
+                q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, cu_seqlens=cu_seqlens
             )
         else:
             if cache.get("k") is not None:

@@ -85,9 +85,8 @@ class Qwen35GatedDeltaNet(nn.Module):
         """``x [B, T_local, hidden]``; ``cos, sin`` unused. ``cache``: ``{"state", "conv"}`` (generation).
         ``cu_seqlens``: global document starts (packed documents), passed to the operators."""
         B, T, _ = x.shape
-        docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if cache is None:
-            qkv = rec_ops.causal_conv1d(self.in_proj_qkv(x), self.conv_weight, activation="silu", group=group, layout=layout, **docs)
+            qkv = rec_ops.causal_conv1d(self.in_proj_qkv(x), self.conv_weight, activation="silu", group=group, layout=layout, cu_seqlens=cu_seqlens)
         else:
             qkv, cache["conv"] = causal_conv1d_with_state(self.in_proj_qkv(x), self.conv_weight, activation="silu", state=cache.get("conv"))
         q, k, v = qkv.split([self.nk * self.dk, self.nk * self.dk, self.nv * self.dv], dim=-1)
@@ -97,7 +96,7 @@ class Qwen35GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.nv, self.dv)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
-        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, docs=docs)
+        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.in_proj_z(x).view(B, T, self.nv, self.dv)
         o = (self.norm(o.to(x.dtype)).float() * F.silu(z.float())).to(x.dtype)
         return self.out_proj(o.reshape(B, T, -1))
@@ -123,13 +122,12 @@ class Qwen35Attention(nn.Module):
         """``x [B, T_local, hidden]``; ``cos, sin [T_local, rope_dim/2]`` at global positions.
         ``cu_seqlens``: global document starts (packed documents), passed to the operator."""
         B, T, _ = x.shape
-        docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = partial_rope(self.q_norm(q), cos, sin)
         k = partial_rope(self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if cache is None:
-            o = attn_ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, **docs)
+            o = attn_ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, cu_seqlens=cu_seqlens)
         else:
             if cache.get("k") is not None:
                 k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)

@@ -315,8 +315,7 @@ def train(
         scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
         for input_ids, labels, cu_seqlens in batches:
-            docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-            logits = engine(input_ids, group=state.sp_group, layout=layout, **docs)
+            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             engine.backward(loss * scale.to(loss.dtype))
             engine.step()
