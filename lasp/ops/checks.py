@@ -55,19 +55,31 @@ def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str
         raise ValueError("group was given but torch.distributed is not initialised; call lasp.init_parallel first")
 
 
-def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str, method: str, backend: str) -> None:
-    """Validate the arguments of :func:`lasp.linear_attention`."""
+def _check_recurrent(q, k, v, per_token: dict, *, scale, group, layout: str, method: str, backend: str) -> None:
+    """What the linear operators share: the common checks, the backend, k's heads equal to q's (no
+    GQA in the operators), every ``per_token`` tensor (None allowed) ``[B, T_local, H]`` floating
+    point on q's device, the scale."""
     check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, T, H, _ = q.shape
     if k.shape[2] != H:
         raise ValueError(f"k must have q's number of heads H={H} (linear attention has no GQA), got {k.shape[2]}")
-    if g is not None:
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
-            raise ValueError(f"g must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(g)}")
-        if not g.is_floating_point() or g.device != q.device:
-            raise ValueError(f"g must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
+    for name, x in per_token.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, H):
+            raise ValueError(f"{name} must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(x)}")
+        if not x.is_floating_point() or x.device != q.device:
+            raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {x.dtype} on {x.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str, method: str, backend: str) -> None:
+    """Validate the arguments of :func:`lasp.linear_attention`."""
+    _check_recurrent(q, k, v, {"g": g}, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    H = q.shape[2]
     if g_gamma is not None:
         if not isinstance(g_gamma, torch.Tensor) or tuple(g_gamma.shape) != (H,):
             raise ValueError(f"g_gamma must have shape [H] = [{H}], got {_shape(g_gamma)}")
@@ -75,8 +87,6 @@ def check_linear(q, k, v, g, g_gamma, *, scale, causal: bool, group, layout: str
             raise ValueError(f"g_gamma must be a floating-point tensor on {q.device}, got {g_gamma.dtype} on {g_gamma.device}")
     if not causal and (g is not None or g_gamma is not None):
         raise ValueError("g and g_gamma must be None when causal=False (non-causal linear attention has no decay)")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
 def choose_backend(backend: str, *, on_cuda: bool, interpreting: bool, K: int, V: int) -> str:
@@ -135,22 +145,10 @@ def _shape(x) -> str:
 
 def check_gated_delta(q, k, v, beta, g, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str) -> None:
     """Validate the arguments of :func:`lasp.gated_delta_rule`."""
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    B, T, H, _ = q.shape
-    if k.shape[2] != H:
-        raise ValueError(f"k must have q's number of heads H={H}, got {k.shape[2]}")
-    for name, x in (("beta", beta), ("g", g)):
-        if x is None and name == "g":
-            continue
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, H):
-            raise ValueError(f"{name} must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(x)}")
-        if not x.is_floating_point() or x.device != q.device:
-            raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {x.dtype} on {x.device}")
+    _check_recurrent(q, k, v, {"beta": beta, "g": g}, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    if beta is None:
+        raise ValueError(f"beta must have shape [B, T_local, H] = {list(q.shape[:3])}, got NoneType")
     check_states(q, v, initial_state, output_final_state, causal=True)
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
 def check_conv(x, weight, bias, *, activation, group, layout: str) -> None:
