@@ -145,3 +145,15 @@ def value_error_and_collectives(call) -> tuple[str | None, list[str]]:
         except ValueError as e:
             return str(e), [ev.tag for ev in log.events]
     return None, [ev.tag for ev in log.events]
+
+
+def drive_segment(seg, state: torch.Tensor, do: torch.Tensor, dM: torch.Tensor, dA: torch.Tensor):
+    """Drive one segment through the protocol exactly as LASP-2 does (:mod:`lasp.ops.segment`):
+    ``({A or logA, M, o, dS_in}, [input gradients])``; ``A`` under the key ``"A"``."""
+    A, M = seg.summary()
+    seg.compute_local()
+    o = seg.output(state)
+    ds = seg.state_grad(do)
+    seg.backward_output(do)
+    seg.backward_summary(dM, dA)
+    return dict(A=A, M=M, o=o, dS_in=ds), list(seg.grads())

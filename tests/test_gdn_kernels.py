@@ -14,7 +14,7 @@ import lasp
 from lasp.kernels.delta_segment import TritonDeltaSegment
 from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.parallel import shard_sequence
-from lasp.testing import assert_close
+from lasp.testing import assert_close, drive_segment
 
 from test_delta import delta_inputs
 
@@ -45,14 +45,7 @@ def segment_oracle(xs, S_in, do, dM, dA, scale, l2):
 
 def run_segment(xs, S_in, do, dM, dA, scale, l2):
     ins = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
-    seg = TritonDeltaSegment(*ins, scale, use_qk_l2norm=l2, chunk_size=CHUNK)
-    A, M = seg.summary()
-    seg.compute_local()
-    o = seg.output(S_in)
-    ds = seg.state_grad(do)
-    seg.backward_output(do)
-    seg.backward_summary(dM, dA)
-    return dict(A=A, M=M, o=o, dS_in=ds), list(seg.grads())
+    return drive_segment(TritonDeltaSegment(*ins, scale, use_qk_l2norm=l2, chunk_size=CHUNK), S_in, do, dM, dA)
 
 
 SEG_CASES = [  # id, T, K, V, gates, l2, dtype

@@ -13,7 +13,7 @@ from lasp.ops import reference
 from lasp.ops.recurrence import log_gates
 from lasp.ops.segment import TorchSegment
 from lasp.parallel import shard_sequence, unshard_sequence
-from lasp.testing import assert_close, linear_inputs
+from lasp.testing import assert_close, drive_segment, linear_inputs
 
 import lasp.kernels.utils as kernel_utils
 from lasp.kernels.segment import TritonSegment
@@ -56,14 +56,8 @@ def segment_oracle(full, state, do, dM, dlogA):
 def run_segment(cls, full, state, do, dM, dlogA, **kw):
     """Drive one segment through the protocol exactly as LASP-2 does."""
     full = [None if x is None else x.detach().clone().requires_grad_() for x in full]  # leaves, as in autograd
-    seg = cls(*full, scale=full[0].shape[-1] ** -0.5, **kw)
-    logA, M = seg.summary()
-    seg.compute_local()
-    o = seg.output(state)
-    ds = seg.state_grad(do)
-    seg.backward_output(do)
-    seg.backward_summary(dM, dlogA)
-    return dict(logA=logA, M=M, o=o, dS_in=ds), list(seg.grads())
+    out, grads = drive_segment(cls(*full, scale=full[0].shape[-1] ** -0.5, **kw), state, do, dM, dlogA)
+    return dict(logA=out.pop("A"), **out), grads
 
 
 SEGMENT_CASES = [  # (id, B, T, H, K, V): T never a multiple of the 64-token chunk
