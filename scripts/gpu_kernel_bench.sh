@@ -32,7 +32,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl && echo "installed fla from .wheels"
   fi
   "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_simple_gla available:", fla_fn() is not None)'
-  "$PY" -c 'from lasp.bench.delta_kernels import fla_gdn_fn; print("fla chunk_gated_delta_rule available:", fla_gdn_fn() is not None)'
+  "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_gated_delta_rule available:", fla_fn("gated_delta") is not None)'
   "$PY" -m lasp.kernels.compile_check --quick || echo "compile_check failed (see above)"
   rc=0
   "$PY" -m lasp.cli bench kernels --check --out "$OUT_DIR" "$@" || rc=$?

@@ -176,6 +176,33 @@ def test_kernels_bench_on_cpu(tmp_path):
     assert kernels.chunked_flops(1, 1, 64, 16, 32, "fwd") == 2 * 64 * 64 * 48 + 4 * 64 * 16 * 32
 
 
+def test_kernels_fla_wrapper(monkeypatch):
+    """The one fla wrapper (fla is not installed here: stub modules): q, k, v positional, the other
+    inputs by name (None ones left out), the op's keywords; an input the function lacks is an error."""
+    import sys
+    import types
+
+    import torch
+
+    seen = {}
+
+    def chunk_gated_delta_rule(q, k, v, g=None, beta=None, scale=None, use_qk_l2norm_in_kernel=False, head_first=True):
+        seen.update(g=g, beta=beta, scale=scale, l2=use_qk_l2norm_in_kernel, head_first=head_first)
+        return q + 1, None
+
+    def chunk_simple_gla(q, k, v, g=None, scale=None):
+        return q
+
+    for name, fn in (("gated_delta_rule", chunk_gated_delta_rule), ("simple_gla", chunk_simple_gla)):
+        monkeypatch.setitem(sys.modules, f"fla.ops.{name}", types.SimpleNamespace(**{fn.__name__: fn}))
+    q, k, v, beta, g = (torch.randn(1, 4, 1, 2) for _ in range(5))
+    assert torch.equal(kernels.fla_fn("gated_delta")([q, k, v, beta, g], 0.5), q + 1)
+    assert seen == dict(g=g, beta=beta, scale=0.5, l2=True, head_first=False)
+    assert kernels.fla_fn("linear")([q, k, v, g, None], 0.5) is q
+    with pytest.raises(RuntimeError, match="no g_gamma"):
+        kernels.fla_fn("linear")([q, k, v, None, g], 0.5)
+
+
 def test_model_bench(tmp_path):
     out = str(tmp_path)
     rc = model.main(["--models", "linear,hybrid,llama-ring", "--sp", "2", "--seq-len", "64", "--warmup", "1",

@@ -3,34 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lasp.ops.delta_chunk import chunk_gated_delta_rule, recurrent_gated_delta_step
 from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.ops.delta_segment import DeltaTorchSegment
-from lasp.testing import assert_close, seed_for, value_error_and_collectives
+from lasp.testing import assert_close, delta_inputs, seed_for, value_error_and_collectives
 
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
-
-
-def delta_inputs(B, T, H, K, V, *, gates="g", dtype=torch.float32, l2norm=False, init=False, seed=0):
-    """Random q, k, v, beta, g, initial_state (never zeros). Without in-op L2 norm the keys are
-    unit vectors (as a GDN layer makes them), so the recurrence stays bounded."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = torch.randn(B, T, H, K, generator=gen)
-    if not l2norm:
-        k = F.normalize(k, dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    beta = torch.rand(B, T, H, generator=gen) * 0.9 + 0.05
-    g = None
-    if gates in ("g", "reset"):
-        g = -(torch.rand(B, T, H, generator=gen) * 0.4 + 0.01)
-        if gates == "reset":  # hard resets (exp(g) = 0), inside and at the edge of chunks
-            g[0, T // 3, 0] = g[-1, T - 1, -1] = g[0, 0, -1] = float("-inf")
-    s0 = torch.randn(B, H, K, V, generator=gen) if init else None
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return [cast(q), cast(k), cast(v), cast(beta), g, s0]
 
 
 def leaves(xs, dtype=None):

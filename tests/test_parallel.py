@@ -1,5 +1,4 @@
 """Process groups and sequence sharding."""
-import os
 
 import pytest
 import torch

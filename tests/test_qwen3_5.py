@@ -242,12 +242,20 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_bench_compare_hf_same_loss():
-    from lasp.bench.compare_hf import compare
+def test_bench_compare_hf_same_loss(tmp_path):
+    """``lasp bench model --compare-hf``: lasp and transformers time the same weights (equal first
+    losses); models without a transformers implementation are marked unavailable."""
+    from lasp.bench import model
+    from lasp.bench.results import load_results
 
-    (row,) = compare("configs/models/qwen3_5-tiny.yaml", [32], batch=1, reps=1, warmup=1)
-    assert row["lasp_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
-    assert abs(row["first_loss_lasp"] - row["first_loss_hf"]) <= 1e-5 * row["first_loss_hf"]
+    argv = ["--models", "qwen3_5-tiny,linear", "--compare-hf", "--seq-len", "32", "--reps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    assert model.main(argv) == 0
+    recs = {r["label"]: r for r in load_results(str(tmp_path))["records"]}
+    lasp_run, hf_run = recs["qwen3_5-tiny"], recs["qwen3_5-tiny+hf"]
+    assert lasp_run["status"] == hf_run["status"] == "ok" and lasp_run["tokens_per_s"] > 0 and hf_run["tokens_per_s"] > 0
+    assert abs(lasp_run["first_loss"] - hf_run["first_loss"]) <= 1e-5 * hf_run["first_loss"]
+    assert recs["linear+hf"]["status"] == "unavailable" and "qwen3_5" in recs["linear+hf"]["reason"]
+    assert (tmp_path / "hf_speedup.png").exists()
 
 
 @pytest.mark.parametrize("text_tie,top_tie", [(True, False), (False, True)])

@@ -11,7 +11,6 @@ from lasp import comm
 from lasp.ops import reference, softmax_local
 from lasp.ops.ring import step_blocks
 from lasp.ops.softmax_local import (
-    attend,
     attend_backward,
     attend_blocks,
     block_backward,

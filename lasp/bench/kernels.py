@@ -1,22 +1,26 @@
-"""``lasp bench kernels``: one-device speed of the chunked linear-attention compute paths.
+"""``lasp bench kernels``: one-device speed of the chunked compute paths of one operator
+(``--op``, the table :data:`OPS`): linear attention or the gated delta rule.
 
-Providers ``triton``, ``torch`` (``lasp.linear_attention(..., backend=)``) and ``fla`` (when
-importable); modes ``fwd`` and ``fwdbwd``; TFLOP/s of the chunked algorithm (:func:`chunked_flops`);
-``--check``: the float64 oracle first; ``--op gated_delta``: the gated delta rule instead
-(:mod:`lasp.bench.delta_kernels`). Details: ``docs/bench/README.md``.
+Providers ``triton``, ``torch`` (the public operator's ``backend=``) and ``fla`` (when importable:
+``chunk_simple_gla`` / ``chunk_gated_delta_rule``); modes ``fwd`` and ``fwdbwd``; TFLOP/s of the
+chunked algorithm (:func:`chunked_flops`); ``--check``: the float64 oracle first. Details:
+``docs/bench/README.md``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..ops.delta_reference import naive_gated_delta_rule
 from ..ops.reference import naive_recurrent_linear_attention
-from ..testing import linear_inputs, rel_error
-from . import delta_kernels
+from ..testing import delta_inputs, linear_inputs, rel_error
 from .cli import csv_arg
 from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, report, results_doc, status_cell, write_results
 from .timing import DTYPES, env_info, summarize_samples, time_steps
@@ -24,68 +28,110 @@ from .timing import DTYPES, env_info, summarize_samples, time_steps
 CHUNK = 64
 
 
-def chunked_flops(B: int, H: int, T: int, K: int, V: int, mode: str, C: int = CHUNK) -> float:
-    """FLOPs of the chunked algorithm (chunk ``C``, the same for every provider): forward
-    ``2 T C (K + V) + 4 T K V``, backward ``2 T C (3K + 2V) + 8 T K V``, per batch and head."""
-    fwd = 2 * T * C * (K + V) + 4 * T * K * V
-    bwd = 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
+@dataclass(frozen=True)
+class KernelOp:
+    """One operator of the kernel bench. ``names``: its inputs, in the public operator's order
+    (``None`` ones are left out); ``inputs(B, T, H, K, V, gates=, dtype=, device=, seed=)``;
+    ``public``: the ``lasp`` function, ``fla``: (module, function) of the peer, both called with
+    ``keywords``; ``oracle(*inputs, scale=)`` in float64; ``flops(T, C, K, V) -> (forward,
+    backward)`` of the chunked algorithm per batch and head (the same for every provider)."""
+
+    names: tuple[str, ...]
+    inputs: Callable
+    public: str
+    fla: tuple[str, str]
+    oracle: Callable
+    flops: Callable
+    keywords: dict
+    fla_fp32: bool = True  # whether fla's function accepts fp32 inputs (checked in fp32 and bf16, else bf16 only)
+
+
+def linear_flops(T: int, C: int, K: int, V: int) -> tuple[int, int]:
+    return 2 * T * C * (K + V) + 4 * T * K * V, 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
+
+
+def delta_flops(T: int, C: int, K: int, V: int) -> tuple[int, int]:
+    fwd = 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
+    return fwd, 2 * fwd
+
+
+OPS = {
+    "linear": KernelOp(names=("q", "k", "v", "g", "g_gamma"), inputs=linear_inputs, public="linear_attention",
+                       fla=("fla.ops.simple_gla", "chunk_simple_gla"), oracle=naive_recurrent_linear_attention,
+                       flops=linear_flops, keywords={}),
+    "gated_delta": KernelOp(names=("q", "k", "v", "beta", "g"), public="gated_delta_rule",
+                            inputs=lambda *shape, gates, **kw: delta_inputs(*shape, l2norm=True, **kw)[:5],
+                            fla=("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+                            oracle=lambda *x, scale: naive_gated_delta_rule(*x, scale=scale, use_qk_l2norm=True),
+                            flops=delta_flops, keywords={"use_qk_l2norm_in_kernel": True}, fla_fp32=False),
+}
+
+
+def chunked_flops(B: int, H: int, T: int, K: int, V: int, mode: str, op: str = "linear", C: int = CHUNK) -> float:
+    """FLOPs of ``op``'s chunked algorithm (chunk ``C``): linear attention forward
+    ``2 T C (K + V) + 4 T K V``, backward ``2 T C (3K + 2V) + 8 T K V``; the gated delta rule
+    forward ``2 T C (3K + 2V) + 8 T K V``, backward twice that; per batch and head."""
+    fwd, bwd = OPS[op].flops(T, C, K, V)
     return float(B * H * (fwd + (bwd if mode == "fwdbwd" else 0)))
 
 
-def fla_fn():
-    """flash-linear-attention's ``chunk_simple_gla`` as ``f(q, k, v, g, g_gamma, scale)``, or None."""
+def fla_fn(op: str = "linear"):
+    """flash-linear-attention's function for ``op`` as ``f(inputs, scale) -> o``, or None."""
+    spec = OPS[op]
     try:
-        from fla.ops.simple_gla import chunk_simple_gla
+        fn = getattr(importlib.import_module(spec.fla[0]), spec.fla[1])
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    params = inspect.signature(chunk_simple_gla).parameters
+    params = inspect.signature(fn).parameters
 
-    def run(q, k, v, g, g_gamma, scale):
-        kw = {"scale": scale, **({"head_first": False} if "head_first" in params else {})}
-        if g_gamma is not None:
-            if "g_gamma" not in params:
-                raise RuntimeError("this fla version has no g_gamma")
-            kw["g_gamma"] = g_gamma
-        out = chunk_simple_gla(q, k, v, g=g, **kw)
+    def run(ins, scale):
+        kw = {n: x for n, x in zip(spec.names[3:], ins[3:]) if x is not None}
+        for n in (n for n in kw if n not in params):
+            raise RuntimeError(f"this fla version has no {n}")
+        kw.update(spec.keywords, **({"head_first": False} if "head_first" in params else {}))
+        out = fn(*ins[:3], scale=scale, **kw)
         return out[0] if isinstance(out, tuple) else out
 
     return run
 
 
-def providers(device: torch.device, wanted: list[str]) -> dict:
-    """name -> ``f(q, k, v, g, g_gamma, scale) -> o``, for those available on ``device``."""
+def providers(device: torch.device, wanted: list[str], op: str = "linear") -> dict:
+    """name -> ``f(inputs, scale) -> o``, for those available on ``device``."""
     import lasp
 
+    public, keywords = getattr(lasp, OPS[op].public), OPS[op].keywords
+
     def ours(backend: str):
-        return lambda q, k, v, g, gg, s: lasp.linear_attention(q, k, v, g, gg, scale=s, backend=backend)
+        return lambda ins, s: public(*ins, scale=s, backend=backend, **keywords)
 
     table = {"torch": ours("torch")}
     if device.type == "cuda":
-        table.update(triton=ours("triton"), fla=fla_fn())
+        table.update(triton=ours("triton"), fla=fla_fn(op))
     return {n: table[n] for n in wanted if table.get(n) is not None}
 
 
-def check_provider(fn, name: str, dims: list[int], gates: str, device: torch.device) -> list[dict]:
-    """Rel. errors vs the float64 oracle, fp32 and bf16 inputs, T not a multiple of the chunk."""
-    rows = []
-    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+def check_provider(fn, name: str, op: str, dims: list[int], gates: str, device: torch.device) -> list[dict]:
+    """Rel. errors of outputs and input gradients vs the float64 oracle, fp32 and bf16 inputs, T = 777
+    (not a multiple of the chunk); fp32 not for an fla function that refuses it."""
+    spec, rows = OPS[op], []
+    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[0 if spec.fla_fp32 or name != "fla" else 1:]:
         for d in dims:
-            full = linear_inputs(2, 777, 4, d, d, gates=gates, dtype=dtype, seed=2 * d, device=device)
+            full = spec.inputs(2, 777, 4, d, d, gates=gates, dtype=dtype, seed=2 * d, device=device)
             do = torch.randn(2, 777, 4, d, generator=torch.Generator().manual_seed(d)).to(device=device, dtype=dtype)
             ins = [None if x is None else x.clone().requires_grad_() for x in full]
             ref_in = [None if x is None else x.detach().double().requires_grad_() for x in full]
-            o, ref = fn(*ins, d**-0.5), naive_recurrent_linear_attention(*ref_in, scale=d**-0.5)
+            o, ref = fn(ins, d**-0.5), spec.oracle(*ref_in, scale=d**-0.5)
             o.backward(do)
             ref.backward(do.double())
             errs = {"o": rel_error(ref, o)}
-            for n, a, r in zip(("q", "k", "v", "g", "g_gamma"), ins, ref_in):
+            for n, a, r in zip(spec.names, ins, ref_in):
                 if a is not None:  # None: the provider gives no gradient for it
                     errs["d" + n] = None if a.grad is None else rel_error(r.grad, a.grad)
             bound = {"fp32": 1e-5, "bf16": 1e-2}[dname]
             ok = all(e is None or e <= (1e-4 if n == "dg_gamma" and dname == "fp32" else bound) for n, e in errs.items())
-            rows.append({"provider": name, "dtype": dname, "K": d, "V": d, "gates": gates, "errors": errs, "ok": ok})
-            print(f"check {name:6s} {dname} K=V={d}: " + " ".join(f"{n}={'none' if e is None else f'{e:.1e}'}"
-                                                               for n, e in errs.items()) + ("" if ok else "  FAIL"))
+            rows.append({"provider": name, "op": op, "dtype": dname, "K": d, "V": d, "gates": gates, "errors": errs, "ok": ok})
+            print(f"check {name:6s} {op} {dname} K=V={d}: " + " ".join(f"{n}={'none' if e is None else f'{e:.1e}'}"
+                                                                  for n, e in errs.items()) + ("" if ok else "  FAIL"))
     return rows
 
 
@@ -121,14 +167,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--T", type=csv_arg(int, "--T"), default=None, help="sequence lengths (default 2048,8192,32768 on CUDA; 256,1024 on CPU)")
     p.add_argument("--dims", type=csv_arg(int, "--dims"), default=None, help="head dims K=V (default 64,128 on CUDA; 64 on CPU)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--gates", choices=("none", "g", "g_gamma", "both"), default="g")
+    p.add_argument("--gates", choices=("none", "g", "g_gamma", "both"), default="g", help="linear attention's gates")
     p.add_argument("--providers", default="triton,torch,fla", help="comma list; unavailable ones are skipped")
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--warmup", type=int, default=3, help="CPU: warm-up runs (CUDA: do_bench warms up for 25 ms)")
     p.add_argument("--reps", type=int, default=20, help="CPU: most timed runs per case")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case (CPU: default 3; CUDA: "
                    "do_bench's repetition time, default 0.25)")
-    p.add_argument("--op", choices=("linear", "gated_delta"), default="linear",
+    p.add_argument("--op", choices=OPS, default="linear",
                    help="linear attention (chunk_simple_gla's op) or the gated delta rule (chunk_gated_delta_rule's)")
     p.add_argument("--check", action="store_true", help="compare each provider with the float64 oracle first")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, kernels.png")
@@ -144,20 +190,17 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
     """One (provider, mode, T, K=V) record: ``triton.testing.do_bench`` on CUDA, the CPU timer otherwise."""
     rec = dict(provider=name, mode=mode, series=f"{name} {mode}", seq_len=T, K=d, V=d, B=args.B, H=args.H, status="ok", reason="")
     try:
-        if args.op == "gated_delta":
-            ins = delta_kernels.delta_inputs(args.B, T, args.H, d, d, dtype=DTYPES[args.dtype], device=args.device)
-        else:
-            ins = linear_inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=args.device)
+        ins = OPS[args.op].inputs(args.B, T, args.H, d, d, gates=args.gates, dtype=DTYPES[args.dtype], device=args.device)
         leaves = [x.requires_grad_() for x in ins if x is not None and mode != "fwd"]
         do = torch.randn(args.B, T, args.H, d, device=args.device, dtype=DTYPES[args.dtype])
 
         def step():
             if mode == "fwd":
                 with torch.no_grad():
-                    return fn(*ins, d**-0.5)
+                    return fn(ins, d**-0.5)
             for x in leaves:
                 x.grad = None
-            fn(*ins, d**-0.5).backward(do)
+            fn(ins, d**-0.5).backward(do)
 
         if args.device.type == "cuda":
             from triton.testing import do_bench
@@ -167,8 +210,7 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
             out = time_steps([step], group=None, device=args.device, warmup=args.warmup, reps=args.reps, max_seconds=args.budget)
             samples = [s * 1e3 for s in out[0]["samples_s"]]
         rec.update(summarize_samples([s / 1e3 for s in samples]), samples_ms=samples)
-        flops = delta_kernels.delta_flops if args.op == "gated_delta" else chunked_flops
-        rec["tflops"] = flops(args.B, args.H, T, d, d, mode) / (rec["time_ms"] * 1e-3) / 1e12
+        rec["tflops"] = chunked_flops(args.B, args.H, T, d, d, mode, args.op) / (rec["time_ms"] * 1e-3) / 1e12
         rec["frac_peak"] = rec["tflops"] / peak if peak else None
         result = f"{rec['time_ms']:10.3f} ms {rec['tflops']:10.4g} TFLOP/s"
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on
@@ -183,18 +225,17 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    delta = args.op == "gated_delta"
-    provs = (delta_kernels.delta_providers if delta else providers)(args.device, args.providers.split(","))
+    provs = providers(args.device, args.providers.split(","), args.op)
     if not provs:
         print(f"no provider of {args.providers!r} is available on {args.device}", file=sys.stderr)
         return 2
-    env = env_info(str(args.device), 1, providers=list(provs), fla_available=(delta_kernels.fla_gdn_fn if delta else fla_fn)() is not None, chunk=CHUNK)
-    print(f"lasp bench kernels on {env['device']}: providers {list(provs)}, B={args.B} H={args.H} T={args.T} "
+    env = env_info(str(args.device), 1, providers=list(provs), fla_available=fla_fn(args.op) is not None, chunk=CHUNK)
+    print(f"lasp bench kernels on {env['device']}: op {args.op}, providers {list(provs)}, B={args.B} H={args.H} T={args.T} "
           f"K=V={args.dims} {args.dtype} gates={args.gates}")
     checks = []
     for name, fn in provs.items() if args.check else ():
         try:
-            checks += (delta_kernels.delta_check_provider if delta else check_provider)(fn, name, args.dims, args.gates, args.device)
+            checks += check_provider(fn, name, args.op, args.dims, args.gates, args.device)
         except Exception as e:  # noqa: BLE001 - report and go on to timing
             checks.append({"provider": name, "error": f"{type(e).__name__}: {e}", "ok": False})
             print(f"check {name}: {checks[-1]['error']}")

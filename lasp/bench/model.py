@@ -3,13 +3,18 @@ all-reduce over the SP group, AdamW step) for models of the same size that diffe
 their token mixers, at growing sequence lengths, on P ranks.
 
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
+    lasp bench model --models qwen3_5-tiny --compare-hf --seq-len 512,2K --out DIR   # vs transformers
 
-Models: :data:`MODELS`; details: ``docs/bench/README.md``.
+Models: :data:`MODELS`; ``--compare-hf`` adds transformers' implementation of each (the same
+weights, written by ``lasp.models.to_hf``; SP = 1; needs ``lasp[hf]``). Details: ``docs/bench/README.md``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -21,13 +26,14 @@ from .cli import common_args, csv_arg
 from .results import fmt_bytes
 from .timing import DTYPES
 
-# model name -> (layer_pattern, linear_method, softmax_method)
-MODELS: dict[str, tuple[str, str, str]] = {
+# model name -> (layer_pattern, linear_method, softmax_method) on the base shape, or a model YAML of its own
+MODELS: dict[str, tuple[str, str, str] | str] = {
     "linear": ("L", "lasp2", "allgather"),
     "hybrid": ("LLLS", "lasp2", "allgather"),
     "llama-ring": ("S", "lasp2", "ring"),
     "llama-allgather": ("S", "lasp2", "allgather"),
     "linear-lasp1": ("L", "lasp1", "allgather"),
+    "qwen3_5-tiny": os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "qwen3_5-tiny.yaml"),
 }
 
 # the built-in base shape: small enough for a 2-core CPU at 16K tokens
@@ -38,34 +44,55 @@ GRAD_TAG = "bench.grad_allreduce"
 
 
 def model_config(point: dict):
-    """The ``ModelConfig`` of a point: its base config with the model's pattern and methods."""
+    """The ``ModelConfig`` of a point: the base config with the model's pattern and methods (or its own YAML)."""
     from ..models import ModelConfig
 
-    pattern, linear_method, softmax_method = MODELS[point["model"]]
-    base = dict(point["_base_config"], layer_pattern=pattern, linear_method=linear_method, softmax_method=softmax_method,
+    spec = MODELS[point["model"]]
+    if isinstance(spec, str):
+        return ModelConfig.from_dict(dict(ModelConfig.from_yaml(spec).to_dict(), linear_backend=point["backend"]), source=spec)
+    base = dict(point["_base_config"], layer_pattern=spec[0], linear_method=spec[1], softmax_method=spec[2],
                 num_kv_heads=None, linear_backend=point["backend"])
     return ModelConfig.from_dict(base, source=f"bench model {point['model']}")
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' implementation of ``model`` with its weights (through ``lasp.models.to_hf``)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models import to_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        to_hf(model, d)
+        return AutoModelForCausalLM.from_pretrained(d).float()
+
+
 def build_step(point: dict, rank: int, world: int, device: torch.device):
-    """The driver's ``build``: the model, its optimizer and this rank's tokens; forward = loss,
-    backward = backward + gradient all-reduce + AdamW step."""
+    """The driver's ``build``: the model (lasp's or transformers'), its optimizer and this rank's
+    tokens; forward = loss (the first one kept), backward = backward + gradient all-reduce + AdamW step."""
     from ..models import LinearLlamaForCausalLM
     from ..parallel import shard_sequence
 
     cfg = model_config(point)
     torch.manual_seed(0)
-    model = LinearLlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[point["dtype"]])
-    model.set_activation_checkpointing(point["activation_checkpointing"])
+    model = LinearLlamaForCausalLM(cfg)
+    hf = point["impl"] == "transformers"
+    model = (transformers_model(model) if hf else model).to(device=device, dtype=DTYPES[point["dtype"]]).train()
+    if point["activation_checkpointing"]:
+        (model.gradient_checkpointing_enable if hf else model.set_activation_checkpointing)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
     ids, labels = (shard_sequence(t, rank, world, point["layout"]).to(device) for t in (tokens[:, :-1], tokens[:, 1:]))
     params = [p for p in model.parameters() if p.requires_grad]
+    info = {"parameters": sum(p.numel() for p in params)}
 
     def forward() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
-        return F.cross_entropy(model(ids, group=group, layout=point["layout"]).flatten(0, 1), labels.flatten())
+        logits = model(ids).logits if hf else model(ids, group=group, layout=point["layout"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        if "first_loss" not in info:
+            info["first_loss"] = loss.item()
+        return loss
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
@@ -76,16 +103,31 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
                 p.grad.copy_(g.view_as(p))
         opt.step()
 
-    return forward, backward, {"parameters": sum(p.numel() for p in params)}
+    return forward, backward, info
+
+
+def precheck(point: dict) -> tuple[str, str] | None:
+    """transformers' model: one process, a Qwen3.5 model, transformers installed."""
+    if point["impl"] != "transformers":
+        return None
+    if point["sp"] != 1:
+        return "skipped", "transformers' model runs on one process (sp=1)"
+    if model_config(point).architecture != "qwen3_5":
+        return "unavailable", f"{point['model']} has no transformers implementation (only architecture: qwen3_5 has)"
+    if importlib.util.find_spec("transformers") is None:
+        return "unavailable", "--compare-hf needs transformers (pip install 'lasp[hf]')"
+    return None
 
 
 def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
-    """Parameters, model TFLOP/s and the attention part of the communication (without the gradients')."""
+    """Parameters, model TFLOP/s, the first step's loss (mean over the ranks' equal shards) and the
+    attention part of the communication (without the gradients')."""
     from ..models.info import count_flops
 
     cfg = model_config(point)
     return dict(
         layer_pattern=cfg.layer_pattern, parameters=per_rank[0]["parameters"],
+        first_loss=sum(r["first_loss"] for r in per_rank) / len(per_rank),
         model_tflops=count_flops(cfg, rec["seq_len"]) * rec["tokens_per_s"] / 1e12,
         bytes_per_rank_attention=max(r["bytes"] - r["tag_bytes"].get(GRAD_TAG, 0) for r in per_rank),
         collectives_attention=max(r["calls"] - r["tag_calls"].get(GRAD_TAG, 0) for r in per_rank),
@@ -93,36 +135,37 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
 
 
 BENCH = sweep.Bench(
-    kind="model", series="model", order=MODELS, build=build_step, finish=finish,
+    kind="model", series="model", order=MODELS, build=build_step, finish=finish, precheck=precheck,
     time_header="step ms (median)", plot_series="label",
-    header=lambda config: "Base shape: " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in SHAPE_KEYS),
+    header=lambda config: "Base shape (models without a YAML of their own): " + ", ".join(f"{k} {config['base_config'].get(k)}" for k in SHAPE_KEYS),
     plots={"tokens_per_s_vs_seq_len.png": dict(metric="tokens_per_s", ylabel="training tokens/s (whole SP group)",
                                                title="training step"),
            "time_vs_seq_len.png": dict(metric="time_ms", ylabel="step time (ms)", title="training step"),
            "linear_speedup.png": dict(base="linear", against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"),
-                                      title="pure linear (LASP-2) speed-up")},
+                                      title="pure linear (LASP-2) speed-up"),
+           "hf_speedup.png": dict(base="qwen3_5-tiny", against=("qwen3_5-tiny+hf",), title="lasp over transformers, same model")},
     columns=[("ckpt", lambda r: "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
              ("sent/rank (attention)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])})")],
     note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank "
          "sends per step (attention part in brackets; the rest is the gradient all-reduce); ckpt: activation "
-         "checkpointing of every decoder layer (plots: +ckpt).",
+         "checkpointing of every decoder layer (+ckpt); +hf: transformers' implementation, the same weights (--compare-hf).",
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--compare-hf" in argv:  # lasp vs transformers on the same Qwen3.5 model (lasp.bench.compare_hf)
-        from .compare_hf import main as compare_hf_main
-
-        return compare_hf_main(argv)
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=csv_arg(str, "--models", MODELS), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
     ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",
                     help="recompute each decoder layer in backward; both: every point with and without")
+    ap.add_argument("--compare-hf", action="store_true",
+                    help="also time transformers' implementation of each model, the same weights (SP = 1; default --sp 1)")
     common_args(ap, default_budget=30.0)
     args = ap.parse_args(argv)
+    if args.compare_hf and not any(a.startswith("--sp") for a in argv):
+        args.sp = [1]
     if args.dtype == "fp16":
         ap.error("--dtype: the model bench supports fp32 and bf16")
     args.base_config = dict(SMALL)
@@ -134,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
-    points = [dict(model=m, label=m + "+ckpt" * c, activation_checkpointing=c, seq_len=n, sp=sp, _base_config=args.base_config)
-              for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt]
-    return sweep.main(BENCH, args, argv, points)
+    impls = ["lasp", "transformers"] if args.compare_hf else ["lasp"]
+    points = [dict(model=m, impl=impl, label=m + "+ckpt" * c + "+hf" * (impl != "lasp"), activation_checkpointing=c, seq_len=n,
+                   sp=sp, _base_config=args.base_config) for sp in args.sp for m in args.models for n in args.seq_len for c in ckpt
+              for impl in impls]
+    return sweep.main(BENCH, args, argv, points, interleave=args.compare_hf)

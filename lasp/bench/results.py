@@ -23,14 +23,12 @@ REQUIRED = {
     "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
     "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
     "predict": ("method", "seq_len", "devices", "time_ms"),
-    "compare-hf": ("model", "seq_len", "lasp_tokens_per_s", "hf_tokens_per_s"),
 }
 OK_REQUIRED = {
     "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
     "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
     "kernels": ("samples_ms", "n_reps", "tflops"),
     "predict": (),
-    "compare-hf": ("first_loss_lasp", "first_loss_hf"),
 }
 
 

@@ -178,7 +178,7 @@ def markdown(bench: Bench, records: list[dict], env: dict, command: str, config:
     headers += [h for h, _ in bench.columns] + ["peak mem/rank"]
     rows, order = [], list(bench.order)
     for r in sorted(records, key=lambda r: (r["sp"], r["seq_len"], order.index(r[bench.series]), r.get(bench.plot_series, ""))):
-        row = [r[bench.series], status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
+        row = [r.get(bench.plot_series, r[bench.series]), status_cell(r), str(r["sp"]), f"{r['seq_len']:,}"] + ["-"] * (len(headers) - 4)
         if r["status"] == "ok":
             row[4:] = [fmt_num(r["time_ms"]), f"{r['time_ms_min']:.1f}-{r['time_ms_max']:.1f}", str(r["n_reps"]),
                        fmt_num(r["tokens_per_s"], 0), *(cell(r) for _, cell in bench.columns), f"{r['peak_mem_mb']:.0f} MiB"]
