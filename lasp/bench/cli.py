@@ -18,13 +18,13 @@ def main(argv: list[str]) -> int:
     return dispatch(KINDS, argv, "lasp bench")
 
 
-def positive(kind=int):
-    """An argparse type: a ``kind`` > 0."""
+def positive(kind=int, zero: bool = False):
+    """An argparse type: a ``kind`` > 0 (>= 0 with ``zero``)."""
 
     def parse(s: str):
         x = kind(s)
-        if not x > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
+        if not (x >= 0 if zero else x > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {s!r}")
         return x
 
     return parse
@@ -37,19 +37,18 @@ def seq_len_arg(s: str) -> int:
     return int(s[:-1] if mult > 1 else s) * mult
 
 
-def csv_arg(kind, what: str, choices=None):
+def csv_arg(kind, choices=None):
     """An argparse type: a non-empty comma-separated list of ``kind`` (each in ``choices`` if given)."""
 
     def parse(s: str):
         try:
             vals = [kind(x.strip()) for x in s.split(",") if x.strip()]
-        except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of values > 0, got {s!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError(f"{what} must not be empty")
-        for v in vals if choices is not None else ():
-            if v not in choices:
-                raise argparse.ArgumentTypeError(f"{what}: unknown {v!r}; choose from {', '.join(choices)}")
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"{e} (in the comma-separated list {s!r})") from None
+        unknown = [v for v in vals if choices is not None and v not in choices]
+        if unknown or not vals:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(choices)}" if unknown
+                                             else "must not be empty")
         return vals
 
     return parse
@@ -59,9 +58,9 @@ def common_args(ap: argparse.ArgumentParser, *, default_budget: float) -> None:
     """The sweep flags of ``lasp bench layer`` and ``lasp bench model`` (fields of every point)."""
     from .timing import DTYPES
 
-    ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg), "--seq-len"), default=[2048, 8192],
+    ap.add_argument("--seq-len", type=csv_arg(positive(seq_len_arg)), default=[2048, 8192],
                     help="total sequence lengths (8192 or 8K), comma-separated")
-    ap.add_argument("--sp", type=csv_arg(positive(), "--sp"), default=[2], help="sequence-parallel sizes P, comma-separated")
+    ap.add_argument("--sp", type=csv_arg(positive()), default=[2], help="sequence-parallel sizes P, comma-separated")
     ap.add_argument("--batch", type=positive(), default=1)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")

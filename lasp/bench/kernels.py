@@ -21,7 +21,7 @@ import torch
 from ..ops.delta_reference import naive_gated_delta_rule
 from ..ops.reference import naive_recurrent_linear_attention
 from ..testing import delta_inputs, linear_inputs, rel_error
-from .cli import csv_arg
+from .cli import csv_arg, positive
 from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, report, results_doc, status_cell, write_results
 from .timing import DTYPES, env_info, summarize_samples, time_steps
 
@@ -33,45 +33,35 @@ class KernelOp:
     """One operator of the kernel bench. ``names``: its inputs, in the public operator's order
     (``None`` ones are left out); ``inputs(B, T, H, K, V, gates=, dtype=, device=, seed=)``;
     ``public``: the ``lasp`` function, ``fla``: (module, function) of the peer, both called with
-    ``keywords``; ``oracle(*inputs, scale=)`` in float64; ``flops(T, C, K, V) -> (forward,
-    backward)`` of the chunked algorithm per batch and head (the same for every provider)."""
+    ``keywords``; ``oracle(*inputs, scale=)`` in float64."""
 
     names: tuple[str, ...]
     inputs: Callable
     public: str
     fla: tuple[str, str]
     oracle: Callable
-    flops: Callable
     keywords: dict
     fla_fp32: bool = True  # whether fla's function accepts fp32 inputs (checked in fp32 and bf16, else bf16 only)
-
-
-def linear_flops(T: int, C: int, K: int, V: int) -> tuple[int, int]:
-    return 2 * T * C * (K + V) + 4 * T * K * V, 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
-
-
-def delta_flops(T: int, C: int, K: int, V: int) -> tuple[int, int]:
-    fwd = 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
-    return fwd, 2 * fwd
 
 
 OPS = {
     "linear": KernelOp(names=("q", "k", "v", "g", "g_gamma"), inputs=linear_inputs, public="linear_attention",
                        fla=("fla.ops.simple_gla", "chunk_simple_gla"), oracle=naive_recurrent_linear_attention,
-                       flops=linear_flops, keywords={}),
+                       keywords={}),
     "gated_delta": KernelOp(names=("q", "k", "v", "beta", "g"), public="gated_delta_rule",
                             inputs=lambda *shape, gates, **kw: delta_inputs(*shape, l2norm=True, **kw)[:5],
                             fla=("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
                             oracle=lambda *x, scale: naive_gated_delta_rule(*x, scale=scale, use_qk_l2norm=True),
-                            flops=delta_flops, keywords={"use_qk_l2norm_in_kernel": True}, fla_fp32=False),
+                            keywords={"use_qk_l2norm_in_kernel": True}, fla_fp32=False),
 }
 
 
 def chunked_flops(B: int, H: int, T: int, K: int, V: int, mode: str, op: str = "linear", C: int = CHUNK) -> float:
     """FLOPs of ``op``'s chunked algorithm (chunk ``C``): linear attention forward
     ``2 T C (K + V) + 4 T K V``, backward ``2 T C (3K + 2V) + 8 T K V``; the gated delta rule
-    forward ``2 T C (3K + 2V) + 8 T K V``, backward twice that; per batch and head."""
-    fwd, bwd = OPS[op].flops(T, C, K, V)
+    forward ``2 T C (3K + 2V) + 8 T K V``, backward twice that; per batch and head, the same for every provider."""
+    wy = 2 * T * C * (3 * K + 2 * V) + 8 * T * K * V
+    fwd, bwd = (2 * T * C * (K + V) + 4 * T * K * V, wy) if op == "linear" else (wy, 2 * wy)
     return float(B * H * (fwd + (bwd if mode == "fwdbwd" else 0)))
 
 
@@ -164,8 +154,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda | cpu | auto (cuda when available)")
     p.add_argument("--B", type=int, default=None, help="batch (default 8 on CUDA, 1 on CPU)")
     p.add_argument("--H", type=int, default=None, help="heads (default 16 on CUDA, 2 on CPU)")
-    p.add_argument("--T", type=csv_arg(int, "--T"), default=None, help="sequence lengths (default 2048,8192,32768 on CUDA; 256,1024 on CPU)")
-    p.add_argument("--dims", type=csv_arg(int, "--dims"), default=None, help="head dims K=V (default 64,128 on CUDA; 64 on CPU)")
+    p.add_argument("--T", type=csv_arg(positive()), default=None, help="sequence lengths (default 2048,8192,32768 on CUDA; 256,1024 on CPU)")
+    p.add_argument("--dims", type=csv_arg(positive()), default=None, help="head dims K=V (default 64,128 on CUDA; 64 on CPU)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--gates", choices=("none", "g", "g_gamma", "both"), default="g", help="linear attention's gates")
     p.add_argument("--providers", default="triton,torch,fla", help="comma list; unavailable ones are skipped")
@@ -222,8 +212,7 @@ def run_case(fn, name: str, mode: str, T: int, d: int, peak: float | None, args)
     return rec
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
     args = parse(argv)
     provs = providers(args.device, args.providers.split(","), args.op)
     if not provs:
@@ -245,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(records, env, "lasp bench kernels " + " ".join(argv), peak, args)
     print("\n" + text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         plot = plot_metric_vs_seq_len(records, os.path.join(args.out, "kernels.png"), series="series", metric="tflops",
                                       ylabel="TFLOP/s (chunked algorithm)", title="kernels (dashed: fwd only)", panel="K",
                                       panel_name="K=V", dashed=tuple(f"{n} fwd" for n in provs))
@@ -256,7 +244,3 @@ def main(argv: list[str] | None = None) -> int:
         print("CHECK FAILED: a provider exceeded the numerics contract (see above)", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

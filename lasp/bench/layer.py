@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,10 +138,9 @@ BENCH = sweep.Bench(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench layer", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", type=csv_arg(lambda m: ALIASES.get(m, m), "--method", METHODS), default=["lasp2", "lasp1", "ring"],
+    ap.add_argument("--method", type=csv_arg(lambda m: ALIASES.get(m, m), METHODS), default=["lasp2", "lasp1", "ring"],
                     help=f"comma-separated, of {', '.join(METHODS)}")
     common_args(ap, default_budget=20.0)
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
@@ -150,13 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=positive(), default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="softmax K/V heads (GQA); default --heads")
     ap.add_argument("--head-dim", type=positive(), default=64)
-    ap.add_argument("--documents", type=csv_arg(int, "--documents"), default=[0],
+    ap.add_argument("--documents", type=csv_arg(positive(zero=True)), default=[0],
                     help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
                          "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
-    if min(args.documents) < 0:
-        ap.error(f"--documents: must be >= 0, got {min(args.documents)}")
     if args.max_memory_gb is None:
         args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
     points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 
 import torch
@@ -152,10 +151,9 @@ BENCH = sweep.Bench(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=csv_arg(str, "--models", MODELS), default=["linear", "hybrid", "llama-ring"],
+    ap.add_argument("--models", type=csv_arg(str, MODELS), default=["linear", "hybrid", "llama-ring"],
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
     ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",

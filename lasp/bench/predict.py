@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from .cli import csv_arg, positive, seq_len_arg
-from .results import fmt_num, load_results, markdown_table, plot_metric_vs_seq_len, results_doc, write_results
+from .results import fmt_num, load_results, markdown_table, plot_metric_vs_seq_len, report, results_doc, write_results
 
 LINEAR_SP = ("lasp2", "lasp1", "ring", "ulysses")
 LAYER_METHODS = ("lasp2", "lasp1", "ulysses-linear", "ring-linear", "allgather", "ring", "ulysses-softmax")
@@ -62,10 +62,6 @@ class Shape:
     chunk: int = 64
     layout: str = "contiguous"
 
-    @property
-    def T_l(self) -> float:
-        return self.seq_len / self.P
-
 
 def collective_s(kind: str, n: float, P: int, hw: Hardware) -> float:
     """Seconds of one ``all_gather`` | ``all_to_all`` | ``all_reduce`` of ``n`` bytes per rank."""
@@ -100,7 +96,7 @@ def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
     ``method``: one of :data:`LAYER_METHODS`."""
     if method not in LAYER_METHODS:
         raise ValueError(f"method must be one of {LAYER_METHODS}, got {method!r}")
-    P, F, B, H, D, T, T_l = s.P, hw.flops, s.batch, s.heads, s.head_dim, s.seq_len, s.T_l
+    P, F, B, H, D, T, T_l = s.P, hw.flops, s.batch, s.heads, s.head_dim, s.seq_len, s.seq_len / s.P
     state, kv = B * H * D**2 * 4, 2 * B * T_l * s.kv_heads * D * s.elem_bytes  # bytes: a state; a K/V block
     comm = exposed = 0.0
     if method in ("lasp2", "lasp1", "ulysses-linear", "ring-linear"):
@@ -255,15 +251,14 @@ def paper_comparison(cfg, devices: int, hw: Hardware, records: list[dict]) -> li
 def report_markdown(doc: dict) -> str:
     cfg, hw = doc["config"], doc["config"]["hardware"]
     knobs = ", ".join(f"{f.metadata['flag']} {hw[f.name] / f.metadata['unit']:g}" for f in dataclasses.fields(Hardware))
-    lines = ["# lasp bench predict", "", f"`{cfg['command']}`", "",
-             f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.", ""]
     headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
                "grad all-reduce ms", "LASP-2 speed-up"]
     rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", f"{r['seq_len']:,}", fmt_num(r["time_ms"]),
              fmt_num(r["tokens_per_s"], 0), fmt_num(r["dense_s"] * 1e3), fmt_num(r["attention_compute_s"] * 1e3),
              fmt_num(r["exposed_comm_s"] * 1e3), fmt_num(r["grad_allreduce_s"] * 1e3),
              "-" if r["method"] == "lasp2" else f"{r['lasp2_speedup_pct']:+.1f}%"] for r in doc["records"]]
-    lines += [markdown_table(headers, rows), ""]
+    lines = [report("predict", cfg["command"], {}, markdown_table(headers, rows), "",
+                    f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.")]
     if doc.get("paper_comparison"):
         lines += [f"Against the paper ({PAPER_CITE}; its Linear-Llama3-1B on 64 A100):", ""]
         rows = [[f"LASP-2 over {c['versus']}", f"{c['seq_len']:,}", f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
@@ -285,14 +280,13 @@ def report_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
     ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
-    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg, "--seq-len"), default="2K,8K,32K,128K,512K,2048K",
+    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg), default="2K,8K,32K,128K,512K,2048K",
                     help="total sequence lengths, comma-separated")
-    ap.add_argument("--methods", type=csv_arg(str, "--methods", LINEAR_SP), default="lasp2,lasp1,ring,ulysses",
+    ap.add_argument("--methods", type=csv_arg(str, LINEAR_SP), default="lasp2,lasp1,ring,ulysses",
                     help=f"of {', '.join(LINEAR_SP)}")
     for f in dataclasses.fields(Hardware):
         kind, unit = type(f.default), f.metadata["unit"]
@@ -331,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
                **({"calibration": cal} if cal else {}))
     text = report_markdown(doc)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         doc["plots"] = [os.path.basename(plot_metric_vs_seq_len(
             records, os.path.join(args.out, "predicted_tokens_per_s.png"), series="method", metric="tokens_per_s",
             ylabel="predicted training tokens/s", title=f"predicted, {args.devices} devices"))]

@@ -17,18 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 SCHEMA = "lasp-bench/1"
 STATUSES = ("ok", "unavailable", "skipped", "error")
 
-# required keys of a record, per kind
+# required keys of a record, per kind: (of every record, more of an ok one)
 REQUIRED = {
-    "layer": ("method", "seq_len", "sp", "status", "time_ms", "bytes_per_rank", "collectives"),
-    "model": ("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"),
-    "kernels": ("provider", "mode", "seq_len", "status", "time_ms"),
-    "predict": ("method", "seq_len", "devices", "time_ms"),
-}
-OK_REQUIRED = {
-    "layer": ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max"),
-    "model": ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps"),
-    "kernels": ("samples_ms", "n_reps", "tflops"),
-    "predict": (),
+    "layer": (("method", "seq_len", "sp", "status", "time_ms", "bytes_per_rank", "collectives"),
+              ("samples_ms", "warmup_ms", "tokens_per_s", "peak_mem_mb", "n_reps", "time_ms_min", "time_ms_max")),
+    "model": (("model", "seq_len", "sp", "status", "time_ms", "tokens_per_s"), ("samples_ms", "warmup_ms", "peak_mem_mb", "n_reps")),
+    "kernels": (("provider", "mode", "seq_len", "status", "time_ms"), ("samples_ms", "n_reps", "tflops")),
+    "predict": (("method", "seq_len", "devices", "time_ms"), ()),
 }
 
 
@@ -47,12 +42,13 @@ def validate_results(data: dict) -> None:
         raise ValueError(f"results.json: kind must be one of {tuple(REQUIRED)}, got {kind!r}")
     if kind != "predict":
         need(("torch", "triton", "device", "world", "cpu_count", "date"), data["env"], "env is missing")
+    every, ok = REQUIRED[kind]
     for i, rec in enumerate(data["records"]):
         status = rec.get("status", "ok")
-        need(REQUIRED[kind] + (OK_REQUIRED[kind] if status == "ok" else ()), rec, f"record {i} is missing")
+        need(every + (ok if status == "ok" else ()), rec, f"record {i} is missing")
         if status not in STATUSES:
             raise ValueError(f"results.json: record {i} has status {status!r}, expected one of {STATUSES}")
-        if status == "ok" and "samples_ms" in OK_REQUIRED[kind] and len(rec["samples_ms"]) != rec["n_reps"]:
+        if status == "ok" and "samples_ms" in ok and len(rec["samples_ms"]) != rec["n_reps"]:
             raise ValueError(f"results.json: record {i} has {len(rec['samples_ms'])} samples for n_reps={rec['n_reps']}")
 
 
@@ -80,7 +76,7 @@ def load_results(path: str) -> dict:
 
 def results_doc(kind: str, env: dict, config: dict, records: list[dict], plots: Iterable[str] = ()) -> dict:
     """The results.json document; records missing a required key (failed points) get it as None."""
-    records = [dict({k: None for k in REQUIRED[kind]}, **r) for r in records]
+    records = [dict({k: None for k in REQUIRED[kind][0]}, **r) for r in records]
     return {"schema": SCHEMA, "kind": kind, "env": env, "config": config, "records": records, "plots": list(plots)}
 
 
@@ -108,11 +104,11 @@ def status_cell(rec: dict) -> str:
 
 
 def report(kind: str, command: str, env: dict, table: str, note: str, header: str = "") -> str:
-    """A benchmark's results.md: title, command, optional header line, environment, table, note."""
+    """A benchmark's results.md: title, command, optional header line, environment (when known), table, note."""
     keys = ("device", "world", "cpu_count", "torch_threads_per_rank", "torch", "triton", "date")
     env_line = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
     lines = [f"# lasp bench {kind}", "", f"`{command}`", ""] + ([header, ""] if header else [])
-    return "\n".join(lines + [f"Environment: {env_line}", "", table, "", note, ""])
+    return "\n".join(lines + ([f"Environment: {env_line}", ""] if env_line else []) + [table, ""] + ([note, ""] if note else []))
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -141,6 +137,7 @@ def _style(ax, ylabel: str, title: str, empty: str | None) -> None:
 
 
 def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,8 +145,9 @@ def _save(fig, path: str) -> str:
 
 
 def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metric: str, ylabel: str, title: str,
-                           dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P") -> str:
-    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel per ``panel``."""
+                           dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P", hline: float | None = None) -> str:
+    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel
+    per ``panel``; a grey reference line at ``hline``."""
     ok = _ok(records)
     panels = sorted({r[panel] for r in ok}) or [0]
     colors = _colors(r[series] for r in ok)
@@ -161,24 +159,16 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
                 lines[r[series]].append((r["seq_len"], r[metric]))
         for name, pts in sorted(lines.items()):
             ax.plot(*zip(*sorted(pts)), marker="o", label=name, ls="--" if name in dashed else "-", color=colors[name])
+        if hline is not None:
+            ax.axhline(hline, color="grey", lw=1, ls="--")
         _style(ax, ylabel, f"{title}, {panel_name}={value}" if value else title, None if lines else "no successful points")
     return _save(fig, path)
 
 
 def plot_speedup(records: list[dict], path: str, *, series: str, base: str, against: tuple[str, ...], title: str) -> str:
-    """Speed-up of ``base`` over each of ``against`` (time ratio) vs sequence length; one colour
-    per baseline, one line style per SP size."""
+    """Speed-up of ``base`` over each of ``against`` (time ratio, one line each) vs sequence length, one panel per SP size."""
     t = {(r[series], r["sp"], r["seq_len"]): r["time_ms"] for r in _ok(records)}
-    data: dict = defaultdict(list)  # (other, sp) -> [(seq_len, time_other / time_base)]
-    for (name, sp, n), tb in sorted(t.items()):
-        for other in against if name == base and tb > 0 else ():
-            if (other, sp, n) in t:
-                data[(other, sp)].append((n, t[(other, sp, n)] / tb))
-    colors = _colors(other for other, _ in data)
-    styles = {sp: ("-", "--", ":", "-.")[i % 4] for i, sp in enumerate(sorted({sp for _, sp in data}))}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (other, sp), pts in sorted(data.items()):
-        ax.plot(*zip(*pts), marker="o", label=f"{base} over {other}, P={sp}", color=colors[other], ls=styles[sp])
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    _style(ax, f"speed-up of {base} (time ratio, x)", title, None if data else "no comparable points")
-    return _save(fig, path)
+    ratios = [dict(over=f"{base} over {other}", sp=sp, seq_len=n, time_ms=tb, speedup=t[(other, sp, n)] / tb)
+              for (name, sp, n), tb in t.items() if name == base and tb > 0 for other in against if (other, sp, n) in t]
+    return plot_metric_vs_seq_len(ratios, path, series="over", metric="speedup", ylabel=f"speed-up of {base} (time ratio, x)",
+                                  title=title, hline=1.0)

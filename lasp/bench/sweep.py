@@ -209,7 +209,6 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
     config, records = dict(vars(args)), []
 
     def write(final: bool) -> str:
-        os.makedirs(args.out, exist_ok=True)
         text = markdown(bench, records, env, command, config)
         series = bench.plot_series or bench.series
         names = {r.get(series) for r in records}  # a speed-up plot needs its base series
