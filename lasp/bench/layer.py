@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,20 +29,20 @@ def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
 
 
-def attention_inputs(m: "Method", point: dict, rnd):
-    """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by ``m.kind``) and random q, k, v
-    (softmax K/V have ``kv_heads`` heads)."""
+def attention_inputs(point: dict, rnd):
+    """``lasp.linear_attention`` / ``lasp.softmax_attention`` (by the point's ``kind``) and random
+    q, k, v (softmax K/V have ``kv_heads`` heads)."""
     import lasp
 
     H, D = point["heads"], point["head_dim"]
-    H_kv = H if m.kind == "linear" else point["kv_heads"]
+    H_kv = H if point["kind"] == "linear" else point["kv_heads"]
     leaves = [rnd(H, D, std=0.5), rnd(H_kv, D, std=0.5), rnd(H_kv, D)]
-    if m.kind == "softmax":
+    if point["kind"] == "softmax":
         return lasp.softmax_attention, leaves, {}
     return lasp.linear_attention, leaves, {"backend": point["backend"]}
 
 
-def delta_inputs(m: "Method", point: dict, rnd):
+def delta_inputs(point: dict, rnd):
     """``lasp.gated_delta_rule`` (q, k L2-normalised inside) and random q, k, v, ``beta =
     sigmoid(x)``, ``g = logsigmoid(x) / 8`` (<= 0)."""
     import lasp
@@ -53,45 +52,37 @@ def delta_inputs(m: "Method", point: dict, rnd):
     return lasp.gated_delta_rule, leaves, {"backend": point["backend"], "use_qk_l2norm_in_kernel": True}
 
 
-@dataclass(frozen=True)
-class Method:
-    """A benchmark method: ``kind`` (``linear`` | ``delta`` | ``softmax`` | a new family), ``op`` (the public
-    operator's ``method=``) and ``inputs(method, point, rnd) -> (operator, leaves, kwargs)``, this
-    rank's inputs drawn with ``rnd(*dims, std=1.0, fn=None)`` (a random ``[B, T/P, *dims]`` tensor)."""
-
-    kind: str
-    op: str
-    inputs: Callable = attention_inputs
-
-
-# benchmark method name -> Method: adding a method is one entry here
-METHODS: dict[str, Method] = {
-    "lasp2": Method("linear", "lasp2"),
-    "lasp1": Method("linear", "lasp1"),
-    "ulysses-linear": Method("linear", "ulysses"),
-    "allgather": Method("softmax", "allgather"),
-    "ring": Method("softmax", "ring"),
-    "ulysses-softmax": Method("softmax", "ulysses"),
-    "gdn-lasp2": Method("delta", "lasp2", delta_inputs),
-    "gdn-lasp1": Method("delta", "lasp1", delta_inputs),
-    "gdn-ulysses": Method("delta", "ulysses", delta_inputs),
+# operator family -> inputs(point, rnd) -> (public operator, this rank's leaves, keywords), drawn with
+# rnd(*dims, std=1.0, fn=None): a random [B, T/P, *dims] tensor
+INPUTS: dict[str, Callable] = {"linear": attention_inputs, "softmax": attention_inputs, "delta": delta_inputs}
+# benchmark method name -> (operator family, the public operator's method=): adding a method is one entry here
+METHODS: dict[str, tuple[str, str]] = {
+    "lasp2": ("linear", "lasp2"),
+    "lasp1": ("linear", "lasp1"),
+    "ulysses-linear": ("linear", "ulysses"),
+    "allgather": ("softmax", "allgather"),
+    "ring": ("softmax", "ring"),
+    "ulysses-softmax": ("softmax", "ulysses"),
+    "gdn-lasp2": ("delta", "lasp2"),
+    "gdn-lasp1": ("delta", "lasp1"),
+    "gdn-ulysses": ("delta", "ulysses"),
 }
 ALIASES = {"lasp2h": "allgather", "ulysses_linear": "ulysses-linear", "ulysses_softmax": "ulysses-softmax"}
 
 
 def build_step(point: dict, rank: int, world: int, device: torch.device):
-    """The driver's ``build``: forward = ``op(*leaves, group=, method=m.op, layout=, **kw)`` on this
+    """The driver's ``build``: forward = ``op(*leaves, group=, method=, layout=, **kw)`` on this
     rank's inputs (seeded by rank; ``fn`` applied in fp32; with ``cu_seqlens`` for ``--documents``),
     backward with a random output gradient (drawn last); no extra info."""
-    m, gen = METHODS[point["method"]], torch.Generator(device="cpu").manual_seed(1234 + rank)
+    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
 
     def rnd(*dims: int, std: float = 1.0, fn=None) -> torch.Tensor:
         x = torch.randn(point["batch"], point["seq_len"] // world, *dims, generator=gen) * std
         return (fn(x) if fn else x).to(device=device, dtype=DTYPES[point["dtype"]])
 
-    op, leaves, kw = m.inputs(m, point, rnd)
+    op, leaves, kw = INPUTS[point["kind"]](point, rnd)
     do = rnd(point["heads"], point["head_dim"], std=point["seq_len"] ** -0.5)
-    kw.update(group=dist.group.WORLD if world > 1 else None, method=m.op, layout=point["layout"])
+    kw.update(group=dist.group.WORLD if world > 1 else None, method=point["op_method"], layout=point["layout"])
     if point.get("documents"):
         kw["cu_seqlens"] = document_starts(point["seq_len"], point["documents"]).to(device)
     for x in leaves:
@@ -109,10 +100,10 @@ def precheck(point: dict) -> tuple[str, str] | None:
     """Unavailable (not in the operators' public method table) or over the memory guard."""
     from ..attention import LINEAR_METHODS, SOFTMAX_METHODS
 
-    m = METHODS[point["method"]]
-    table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(m.kind)
-    if table is not None and m.op not in table:
-        return "unavailable", f"{m.kind} attention method {m.op!r} is not implemented (choose from {', '.join(table)})"
+    kind, op = METHODS[point["method"]]
+    table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(kind)
+    if table is not None and op not in table:
+        return "unavailable", f"{kind} attention method {op!r} is not implemented (choose from {', '.join(table)})"
     if (point.get("documents") or 0) > point["seq_len"]:
         return "skipped", f"--documents {point['documents']} > seq_len {point['seq_len']} (documents hold >= 1 token)"
     # rough peak memory of all ranks (GiB), linear in T for every method (no softmax scores are kept)
@@ -126,7 +117,7 @@ BENCH = sweep.Bench(
     kind="layer", series="method", order=METHODS, build=build_step, precheck=precheck, time_header="time ms (median)",
     plots={"time_vs_seq_len.png": dict(metric="time_ms", ylabel="fwd+bwd time per step (ms)",
                                        title="one attention layer (dashed: softmax)",
-                                       dashed=tuple(n for n, m in METHODS.items() if m.kind == "softmax")),
+                                       dashed=tuple(n for n, (kind, _) in METHODS.items() if kind == "softmax")),
            "lasp2_speedup.png": dict(base="lasp2", against=("ring", "lasp1", "allgather", "ulysses-linear"),
                                      title="LASP-2 speed-up (time ratio)"),
            "gdn_lasp2_speedup.png": dict(base="gdn-lasp2", against=("gdn-lasp1", "gdn-ulysses"),
@@ -151,11 +142,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--documents", type=csv_arg(positive(zero=True)), default=[0],
                     help="documents per window, comma-separated (random seeded lengths, passed as cu_seqlens; "
                          "0 = no cu_seqlens, to compare in the same sweep); default: no cu_seqlens")
-    ap.add_argument("--max-memory-gb", type=float, default=None, help="CPU guard (0 = off); default 70%% of available memory")
+    ap.add_argument("--max-memory-gb", type=float, default=0.7 * (mem_available_gb() or 0.0),
+                    help="CPU guard (0 = off); default 70%% of available memory")
     args = ap.parse_args(argv)
-    if args.max_memory_gb is None:
-        args.max_memory_gb = 0.7 * (mem_available_gb() or 0.0)
-    points = [dict(method=method, kind=METHODS[method].kind, op_method=METHODS[method].op, seq_len=n, sp=sp, heads=args.heads,
+    points = [dict(method=method, kind=METHODS[method][0], op_method=METHODS[method][1], seq_len=n, sp=sp, heads=args.heads,
                    kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, documents=docs or None, _max_memory_gb=args.max_memory_gb)
               for sp in args.sp for method in args.method for n in args.seq_len for docs in args.documents]
     return sweep.main(BENCH, args, argv, points, interleave=args.interleave)

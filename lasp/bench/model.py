@@ -54,28 +54,22 @@ def model_config(point: dict):
     return ModelConfig.from_dict(base, source=f"bench model {point['model']}")
 
 
-def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers' implementation of ``model`` with its weights (through ``lasp.models.to_hf``)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..models import to_hf
-
-    with tempfile.TemporaryDirectory() as d:
-        to_hf(model, d)
-        return AutoModelForCausalLM.from_pretrained(d).float()
-
-
 def build_step(point: dict, rank: int, world: int, device: torch.device):
     """The driver's ``build``: the model (lasp's or transformers'), its optimizer and this rank's
     tokens; forward = loss (the first one kept), backward = backward + gradient all-reduce + AdamW step."""
-    from ..models import LinearLlamaForCausalLM
+    from ..models import LinearLlamaForCausalLM, to_hf
     from ..parallel import shard_sequence
 
-    cfg = model_config(point)
+    cfg, hf = model_config(point), point["impl"] == "transformers"
     torch.manual_seed(0)
     model = LinearLlamaForCausalLM(cfg)
-    hf = point["impl"] == "transformers"
-    model = (transformers_model(model) if hf else model).to(device=device, dtype=DTYPES[point["dtype"]]).train()
+    if hf:  # transformers' implementation with the same weights
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as d:
+            to_hf(model, d)
+            model = AutoModelForCausalLM.from_pretrained(d)
+    model = model.to(device=device, dtype=DTYPES[point["dtype"]]).train()
     if point["activation_checkpointing"]:
         (model.gradient_checkpointing_enable if hf else model.set_activation_checkpointing)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

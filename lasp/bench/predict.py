@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 
 import numpy as np
 
@@ -158,7 +157,6 @@ def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: in
 # LASP-2 paper (arXiv 2502.07563), Linear-Llama3-1B, 64 A100: LASP-2's speed-up in %
 PAPER = {("ring", 512 * 1024): 17.8, ("lasp1", 512 * 1024): 7.3, ("ring", 2048 * 1024): 36.6, ("lasp1", 2048 * 1024): 15.2}
 PAPER_CITE = "Sun et al. 2025, LASP-2, arXiv 2502.07563"
-DEFAULT_CONFIG = "configs/models/linear-llama3-1b.yaml"
 
 
 def _fit(xs, ys) -> tuple[float, float]:
@@ -205,15 +203,6 @@ def calibrate(layer_doc: dict) -> dict:
         rows.append({"method": r["method"], "seq_len": r["seq_len"], "sp": r["sp"], "measured_ms": r["time_ms"],
                      "predicted_ms": pred, "error_pct": 100 * (pred / r["time_ms"] - 1)})
     return {"fits": fits, "bandwidth_bytes_per_s": bw, "points": rows}
-
-
-def predict(cfg, seq_lens: list[int], devices: int, methods: list[str], hw: Hardware) -> list[dict]:
-    """One step-cost record per (length, method), with LASP-2's speed-up over it."""
-    recs = [dict(step_cost(cfg, n, devices, m, hw), sp=devices, status="ok") for n in seq_lens for m in methods]
-    for r in recs:
-        base = step_cost(cfg, r["seq_len"], devices, "lasp2", hw)["tokens_per_s"]
-        r["lasp2_speedup_pct"] = 100 * (base / r["tokens_per_s"] - 1)
-    return recs
 
 
 # what one hardware knob would have to be for the model to reproduce a paper figure
@@ -282,7 +271,7 @@ def report_markdown(doc: dict) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
-    ap.add_argument("--config", default=DEFAULT_CONFIG, help="model YAML (default: the paper's Linear-Llama3-1B)")
+    ap.add_argument("--config", default="configs/models/linear-llama3-1b.yaml", help="model YAML (default: the paper's Linear-Llama3-1B)")
     ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
     ap.add_argument("--seq-len", type=csv_arg(seq_len_arg), default="2K,8K,32K,128K,512K,2048K",
                     help="total sequence lengths, comma-separated")
@@ -311,12 +300,14 @@ def main(argv: list[str]) -> int:
         what = "--calibrate"
         cal = calibrate(load_results(args.calibrate)) if args.calibrate else None
     except (ValueError, OSError, KeyError) as e:
-        print(f"lasp bench predict: {what}: {e}", file=sys.stderr)
-        return 2
+        ap.error(f"{what}: {e}")
     if cal and args.use_calibration and "linear" in cal["fits"]:
         bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
         hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
-    records = predict(cfg, args.seq_len, args.devices, args.methods, hw)
+    records = [dict(step_cost(cfg, n, args.devices, m, hw), sp=args.devices, status="ok") for n in args.seq_len for m in args.methods]
+    lasp2 = {r["seq_len"]: r["tokens_per_s"] for r in records if r["method"] == "lasp2"}
+    for r in records:  # LASP-2's speed-up over each
+        r["lasp2_speedup_pct"] = 100 * (lasp2[r["seq_len"]] / r["tokens_per_s"] - 1)
     config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}

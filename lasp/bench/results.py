@@ -111,46 +111,18 @@ def report(kind: str, command: str, env: dict, table: str, note: str, header: st
     return "\n".join(lines + ([f"Environment: {env_line}", ""] if env_line else []) + [table, ""] + ([note, ""] if note else []))
 
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _colors(names) -> dict:
-    """One fixed colour per series name (the same in every panel and plot)."""
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {n: cycle[i % len(cycle)] for i, n in enumerate(sorted(set(names)))}
-
-
 def _ok(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status", "ok") == "ok" and r.get("time_ms") is not None]
 
 
-def _style(ax, ylabel: str, title: str, empty: str | None) -> None:
-    """Log-2 sequence-length axis, log y axis, labels, grid; a legend, or the ``empty`` note when nothing was drawn."""
-    ax.set_xscale("log", base=2)
-    if empty is None:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="total sequence length (tokens)", ylabel=ylabel, title=title)
-    ax.grid(True, which="both", alpha=0.3)
-
-
-def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metric: str, ylabel: str, title: str,
                            dashed: tuple[str, ...] = (), panel: str = "sp", panel_name: str = "P", hline: float | None = None) -> str:
-    """``metric`` vs ``seq_len``, one line per value of ``series`` (``dashed`` ones dashed), one panel
-    per ``panel``; a grey reference line at ``hline``."""
+    """``metric`` vs ``seq_len`` on log-log axes, one line per value of ``series`` (one fixed colour
+    each; ``dashed`` ones dashed), one panel per ``panel``; a grey reference line at ``hline``."""
     ok = _ok(records)
     panels = sorted({r[panel] for r in ok}) or [0]
-    colors = _colors(r[series] for r in ok)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {n: cycle[i % len(cycle)] for i, n in enumerate(sorted({r[series] for r in ok}))}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, value in zip(axes[0], panels):
         lines = defaultdict(list)
@@ -161,8 +133,19 @@ def plot_metric_vs_seq_len(records: list[dict], path: str, *, series: str, metri
             ax.plot(*zip(*sorted(pts)), marker="o", label=name, ls="--" if name in dashed else "-", color=colors[name])
         if hline is not None:
             ax.axhline(hline, color="grey", lw=1, ls="--")
-        _style(ax, ylabel, f"{title}, {panel_name}={value}" if value else title, None if lines else "no successful points")
-    return _save(fig, path)
+        ax.set_xscale("log", base=2)
+        if lines:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no successful points", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xlabel="total sequence length (tokens)", ylabel=ylabel, title=f"{title}, {panel_name}={value}" if value else title)
+        ax.grid(True, which="both", alpha=0.3)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_speedup(records: list[dict], path: str, *, series: str, base: str, against: tuple[str, ...], title: str) -> str:

@@ -142,23 +142,16 @@ def _precheck(bench: Bench, point: dict, world: int) -> tuple[str, str] | None:
 
 def _run_group(bench: Bench, points: list[dict], world: int, timeout_s: float) -> list[dict]:
     """Every record of one group of points (same SP size and length)."""
-    def here(rank: int, size: int) -> tuple[list | None, Failure | None]:
-        try:
-            return group_worker(rank, size, bench.build, points), None
-        except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
-            return None, Failure.from_exception(e, rank)
-
-    per_rank, failure, threads = None, None, torch.get_num_threads()
+    per_rank, failure = None, None
     if world:  # launched: this process is one rank
+        try:
+            mine = group_worker(dist.get_rank(), world, bench.build, points), None
+        except Exception as e:  # noqa: BLE001 - a failure becomes a record (ValueErrors are raised on every rank alike)
+            mine = None, Failure.from_exception(e, dist.get_rank())
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, here(dist.get_rank(), world))
+        dist.all_gather_object(gathered, mine)
         per_rank, failure = [m for m, _ in gathered], next((f for _, f in gathered if f), None)
-    elif points[0]["sp"] == 1:  # this process, one thread (as one rank of a spawned group)
-        torch.set_num_threads(1)
-        mine, failure = here(0, 1)
-        torch.set_num_threads(threads)
-        per_rank = [mine]
-    else:
+    else:  # spawned ranks (one thread each), P = 1 included
         try:
             pool = _POOLS.setdefault(points[0]["sp"], SpawnedGroup(points[0]["sp"], timeout=timeout_s))
             pool.timeout = timeout_s  # (the gloo timeout of ranks it starts)
@@ -233,8 +226,7 @@ def main(bench: Bench, args, argv: list[str], points: list[dict], *, interleave:
     for pts in bar:
         bar.set_postfix_str(f"{'+'.join(p[bench.series] for p in pts)} T={pts[0]['seq_len']} P={pts[0]['sp']}")
         emit(_run_group(bench, pts, world, args.point_timeout * len(pts)))
-    if not main_rank:
-        return 0
-    print(write(True))
-    print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
+    if main_rank:
+        print(write(True))
+        print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and plots")
     return 0

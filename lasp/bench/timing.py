@@ -18,13 +18,9 @@ import torch.distributed as dist
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _world(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
 def max_over_group(values: list[float], group) -> list[float]:
-    """Element-wise max of a list of floats over the group (identity for one process)."""
-    if _world(group) == 1 or not values:
+    """Element-wise max of a list of floats over the group (identity for one process: ``group=None``)."""
+    if group is None or not values:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -66,7 +62,7 @@ def measure_peak_memory(step: Callable[[], None], device: torch.device) -> tuple
 
 def _timed(step: Callable[[], None], group, device: torch.device) -> float:
     """One step's seconds on this rank (CPU: barrier-to-barrier; CUDA: events)."""
-    barrier = dist.barrier if _world(group) > 1 else lambda group: None
+    barrier = dist.barrier if group is not None else lambda group: None
     barrier(group=group)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -108,9 +104,7 @@ def time_steps(steps: list[Callable[[], None]], *, group, device: torch.device, 
 
 
 def summarize_samples(samples_s: list[float]) -> dict:
-    """Median, min, max, quartiles and std of the samples, in milliseconds."""
-    if not samples_s:
-        return {}
+    """Median, min, max, quartiles and std of the samples (at least one), in milliseconds."""
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     p25, p50, p75 = np.percentile(ms, [25, 50, 75])
     return {"time_ms": float(p50), "time_ms_min": float(ms.min()), "time_ms_max": float(ms.max()),
