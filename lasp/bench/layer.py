@@ -100,7 +100,7 @@ def precheck(point: dict) -> tuple[str, str] | None:
     """Unavailable (not in the operators' public method table) or over the memory guard."""
     from ..attention import LINEAR_METHODS, SOFTMAX_METHODS
 
-    kind, op = METHODS[point["method"]]
+    kind, op = point["kind"], point["op_method"]
     table = {"linear": LINEAR_METHODS, "delta": LINEAR_METHODS, "softmax": SOFTMAX_METHODS}.get(kind)
     if table is not None and op not in table:
         return "unavailable", f"{kind} attention method {op!r} is not implemented (choose from {', '.join(table)})"

@@ -11,6 +11,7 @@ weights, written by ``lasp.models.to_hf``; SP = 1; needs ``lasp[hf]``). Details:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -48,7 +49,7 @@ def model_config(point: dict):
 
     spec = MODELS[point["model"]]
     if isinstance(spec, str):
-        return ModelConfig.from_dict(dict(ModelConfig.from_yaml(spec).to_dict(), linear_backend=point["backend"]), source=spec)
+        return dataclasses.replace(ModelConfig.from_yaml(spec), linear_backend=point["backend"])
     base = dict(point["_base_config"], layer_pattern=spec[0], linear_method=spec[1], softmax_method=spec[2],
                 num_kv_heads=None, linear_backend=point["backend"])
     return ModelConfig.from_dict(base, source=f"bench model {point['model']}")
@@ -155,9 +156,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--compare-hf", action="store_true",
                     help="also time transformers' implementation of each model, the same weights (SP = 1; default --sp 1)")
     common_args(ap, default_budget=30.0)
+    ap.set_defaults(sp=None)  # default: [1] with --compare-hf, else [2]
     args = ap.parse_args(argv)
-    if args.compare_hf and not any(a.startswith("--sp") for a in argv):
-        args.sp = [1]
+    args.sp = args.sp or ([1] if args.compare_hf else [2])
     if args.dtype == "fp16":
         ap.error("--dtype: the model bench supports fp32 and bf16")
     args.base_config = dict(SMALL)
