@@ -10,13 +10,13 @@ from typing import Callable
 import torch
 
 from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, check_states, resolve_backend
-from .ops.documents import check_cu_seqlens, reset_gate
+from .ops.documents import document_bounds, document_gate
 from .ops.lasp1 import lasp1_linear_attention
 from .ops.lasp2 import lasp2_linear_attention
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
-from .ops.softmax_documents import document_bounds, single_process_softmax
+from .ops.softmax_documents import single_process_softmax
 from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
@@ -85,9 +85,7 @@ def linear_attention(
     if cu_seqlens is not None:
         if not causal:
             raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
-        B, T_local, H = q.shape[:3]
-        cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
-        g = reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
+        g = document_gate(g, cu_seqlens, q, group, layout)
     states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
     backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -131,9 +129,7 @@ def softmax_attention(
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     size = group_rank_size(group)[1]
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q.shape[1] * size, q.shape[0], group)
-    bounds = document_bounds(cu_seqlens)
+    bounds = document_bounds(cu_seqlens, q.shape[1] * size, q.shape[0], group, device=q.device)
     if size == 1:
         return single_process_softmax(q, k, v, causal=causal, scale=scale, bounds=bounds)
     impl = SOFTMAX_METHODS[method]

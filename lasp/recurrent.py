@@ -8,33 +8,22 @@ Ulysses (all-to-all to heads, the one-process operator on whole sequences, all-t
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .ops.checks import check_gated_delta, resolve_backend
 from .ops.conv import causal_conv1d
 from .ops.delta_chunk import chunk_gated_delta_rule
 from .ops.delta_segment import DeltaTorchSegment
-from .ops.documents import check_cu_seqlens, reset_gate
+from .ops.documents import document_gate
+from .ops.lasp1 import lasp1_apply
+from .ops.lasp2 import lasp2_apply
+from .ops.ulysses import check_heads_divisible, ulysses_apply
 from .parallel import group_rank_size
 
 __all__ = ["gated_delta_rule", "causal_conv1d"]
 
-# method -> (module under lasp.ops, driver entry point)
-_DRIVERS = {"lasp2": ("lasp2", "lasp2_apply"), "lasp1": ("lasp1", "lasp1_apply"), "ulysses": ("ulysses", "ulysses_apply")}
-
-
-def _driver(method: str):
-    module, name = _DRIVERS[method]
-    try:
-        return getattr(importlib.import_module(f"lasp.ops.{module}"), name)
-    except (ImportError, AttributeError) as e:
-        raise NotImplementedError(
-            f"gated_delta_rule with method={method!r} over a process group of more than one rank needs "
-            f"the generic segment driver lasp.ops.{module}.{name}, which is not available in this build; "
-            "use group=None (one process) meanwhile"
-        ) from e
+# method -> driver (the same LASP-2 / LASP-1 / Ulysses drivers as linear attention's)
+_DRIVERS = {"lasp2": lasp2_apply, "lasp1": lasp1_apply, "ulysses": ulysses_apply}
 
 
 def _segment_class(backend: str, q: torch.Tensor, v: torch.Tensor) -> type:
@@ -93,23 +82,19 @@ def gated_delta_rule(
     check_gated_delta(q, k, v, beta, g, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
     seg_class = _segment_class(backend, q, v)
     if cu_seqlens is not None:
-        B, T_local, H = q.shape[:3]
-        cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
-        g = reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
+        g = document_gate(g, cu_seqlens, q, group, layout)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def one_process(tokens, s0, ofs):  # the whole sequence here: torch chunked, or one Triton segment
         if seg_class is DeltaTorchSegment:
             return chunk_gated_delta_rule(*tokens, scale, s0, ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
-        return _driver("lasp2")(seg_class, tokens, [], scale=scale, group=None, initial_state=s0,
-                                output_final_state=ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
+        return lasp2_apply(seg_class, tokens, [], scale=scale, group=None, initial_state=s0,
+                           output_final_state=ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
 
     if group_rank_size(group)[1] == 1:
         return one_process([q, k, v, beta, g], initial_state, output_final_state)
-    apply = _driver(method)
+    apply = _DRIVERS[method]
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
-        from .ops.ulysses import check_heads_divisible
-
         check_heads_divisible(group, H=q.shape[2])
 
         def local_op(tokens, heads, s0, ofs):

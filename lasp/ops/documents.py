@@ -29,7 +29,7 @@ import torch
 from .. import comm
 from ..parallel import group_rank_size, layout_chunks
 
-__all__ = ["check_cu_seqlens", "reset_mask", "reset_gate", "document_offsets"]
+__all__ = ["check_cu_seqlens", "document_bounds", "document_gate", "reset_mask", "reset_gate", "document_offsets"]
 
 
 def _local_problem(cu_seqlens, T_total: int, B: int) -> tuple[str | None, torch.Tensor | None]:
@@ -56,13 +56,34 @@ def _local_problem(cu_seqlens, T_total: int, B: int) -> tuple[str | None, torch.
 
 
 def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group, *, device=None) -> torch.Tensor:
-    """Validate ``cu_seqlens`` on every rank; returns it as int64 on ``device`` (default: its own).
+    """Validate ``cu_seqlens`` on every rank (:func:`validated_values`); returns it as int64 on
+    ``device`` (default: its own)."""
+    validated_values(cu_seqlens, T_total, B, group, device=device)
+    return cu_seqlens.to(device or cu_seqlens.device, torch.int64)
+
+
+def document_bounds(cu_seqlens, T_total: int, B: int, group, *, device=None) -> tuple[int, ...] | None:
+    """Validate ``cu_seqlens`` (:func:`validated_values`) and return it as a tuple of Python ints
+    (the host copy the validation made), or None without documents: what the softmax methods take."""
+    return None if cu_seqlens is None else tuple(validated_values(cu_seqlens, T_total, B, group, device=device).tolist())
+
+
+def document_gate(g: torch.Tensor | None, cu_seqlens, q: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """Validate ``cu_seqlens`` for a linear recurrence on ``q [B, T_local, H, K]`` and return its
+    log-decay with a hard reset at every document start but the first (:func:`reset_gate`)."""
+    B, T_local, H = q.shape[:3]
+    cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
+    return reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
+
+
+def validated_values(cu_seqlens, T_total: int, B: int, group, *, device=None) -> torch.Tensor:
+    """Validate ``cu_seqlens`` on every rank; returns its values as a CPU int64 tensor.
 
     Args:
         cu_seqlens: 1-D integer tensor ``[N+1]`` of global document starts.
         T_total: tokens of the whole sequence (``T_local * P``). B: the batch size (must be 1).
         group: the SP process group (None or one rank: no collective).
-        device: where the returned tensor lives (the operator's device).
+        device: the operator's device (of the one small all-gather; default: ``cu_seqlens``'s own).
     Raises:
         ValueError naming ``cu_seqlens`` and what was expected: not a 1-D integer tensor,
         ``c_0 != 0``, ``c_N != T_total``, not strictly increasing, ``B != 1``, or different on
@@ -76,7 +97,7 @@ def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group, *, device=None) ->
     if size == 1:
         if problem:
             raise ValueError(problem)
-        return cu_seqlens.to(device or cu_seqlens.device, torch.int64)
+        return vals
     dev = device or (cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else "cpu")
     crc = -1 if vals is None else zlib.crc32(vals.numpy().tobytes())
     n = -1 if vals is None else vals.numel()
@@ -91,7 +112,7 @@ def check_cu_seqlens(cu_seqlens, T_total: int, B: int, group, *, device=None) ->
     if any(row[1:] != rows[0][1:] for row in rows):
         got = ", ".join(f"rank {r}: N={row[1] - 1}" for r, row in enumerate(rows))
         raise ValueError(f"cu_seqlens must be identical on every rank of the group (the same global document starts); they differ ({got})")
-    return cu_seqlens.to(dev, torch.int64)
+    return vals
 
 
 def _positions(T_local: int, rank: int, size: int, layout: str, device) -> torch.Tensor:

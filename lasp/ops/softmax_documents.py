@@ -14,8 +14,9 @@ Pieces of one query row are merged by log-sum-exp, and go through the flash back
 final output and log-sum-exp (:func:`~lasp.ops.softmax_local.pieces_forward`,
 :func:`~lasp.ops.softmax_local.pieces_backward`).
 
-- :func:`document_bounds`: a validated ``cu_seqlens`` as Python ints (the one host copy, made by
-  the public wrapper, outside forward/backward).
+- The documents arrive as ``bounds``: a validated ``cu_seqlens`` as Python ints
+  (:func:`lasp.ops.documents.document_bounds`: the one host copy, made by the public wrapper,
+  outside forward/backward).
 - :func:`doc_pieces`: the pieces of a query run against a key range.
 - :func:`document_attention`: single-process attention over documents (``group=None``, and
   Ulysses after its all-to-all, which holds the whole sequence on ``H/P`` heads).
@@ -35,13 +36,6 @@ from bisect import bisect_right
 import torch
 
 from .softmax_local import Piece, PiecesAttention, sdpa_attention
-
-
-def document_bounds(cu_seqlens: torch.Tensor | None) -> tuple[int, ...] | None:
-    """A validated ``cu_seqlens [N+1]`` as a tuple of Python ints, or None (no documents)."""
-    if cu_seqlens is None:
-        return None
-    return tuple(int(x) for x in cu_seqlens.detach().to("cpu", torch.int64).tolist())
 
 
 SMALL_DOCUMENT = 32
