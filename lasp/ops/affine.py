@@ -27,6 +27,7 @@ matmuls.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 KINDS = ("scalar", "matrix")
 
@@ -72,20 +73,21 @@ def unpack(kind: str, buf: torch.Tensor, K: int, V: int) -> tuple[torch.Tensor, 
     return A, x.reshape(*x.shape[:-1], K, V)
 
 
-def transfer_weights(logA: torch.Tensor) -> torch.Tensor:
-    """``W [N+1, N+1, B, H]`` with ``W[j, i] = exp(sum_{i <= t < j} logA_t)`` for ``i <= j``, else 0.
+def segment_sums(g: torch.Tensor) -> torch.Tensor:
+    """``[..., C, C]``: ``sum_{l=j+1..i} g_l`` at ``[i, j]`` for ``j <= i`` (0 on the diagonal), -inf
+    above it. ``g [..., C]`` may hold -inf: every entry is a sum of values <= 0 (a masked cumulative
+    sum), so -inf only ever adds to finite or -inf (no NaN)."""
+    C = g.shape[-1]
+    x = g[..., :, None].expand(*g.shape, C)  # x[i, j] = g_i
+    strict = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
+    gam = x.masked_fill(~strict, 0.0).cumsum(-2)
+    return gam.masked_fill(~strict.logical_or(torch.eye(C, dtype=torch.bool, device=g.device)), float("-inf"))
 
-    ``logA [N, B, H]`` (may hold -inf). Built as a masked cumulative sum (the "segment sum"),
-    so every entry is a sum of values <= 0: stable, and -inf only ever adds to finite or -inf.
-    """
-    N = logA.shape[0]
-    rows = torch.arange(N + 1, device=logA.device)
-    # x[j, i] = logA_{j-1} where i < j (the decay applied on the step into row j), else 0
-    lower = (rows[:, None] > rows[None, :]).view(N + 1, N + 1, *([1] * (logA.dim() - 1)))
-    shifted = torch.cat([logA.new_zeros(1, *logA.shape[1:]), logA])[:, None].expand(N + 1, N + 1, *logA.shape[1:])
-    seg = torch.where(lower, shifted, torch.zeros_like(shifted)).cumsum(0)
-    upper = (rows[:, None] < rows[None, :]).view_as(lower)
-    return torch.where(upper, torch.zeros_like(seg), seg.exp())
+
+def transfer_weights(logA: torch.Tensor) -> torch.Tensor:
+    """``W [N+1, N+1, B, H]`` with ``W[j, i] = exp(sum_{i <= t < j} logA_t)`` for ``i <= j``, else 0:
+    the :func:`segment_sums` of ``logA [N, B, H]`` (may hold -inf) after a leading 0."""
+    return segment_sums(F.pad(logA.permute(1, 2, 0), (1, 0))).exp().permute(2, 3, 0, 1)
 
 
 def prefix_states(kind: str, A: torch.Tensor, M: torch.Tensor, S0: torch.Tensor | None, rows: list[int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .affine import segment_sums
 from .delta_reference import l2norm
 
 DEFAULT_CHUNK_SIZE = 64
@@ -61,15 +62,6 @@ def _to_chunks(x: torch.Tensor | None, C: int, N: int) -> torch.Tensor | None:
     return x.reshape(*x.shape[:2], N, C, *x.shape[3:])
 
 
-def _segsum(g: torch.Tensor) -> torch.Tensor:
-    """``Gam [..., C, C]``: ``sum_{l=j+1..i} g_l`` for j <= i, -inf above the diagonal."""
-    C = g.shape[-1]
-    x = g[..., :, None].expand(*g.shape, C)  # x[i, j] = g_i
-    strict = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
-    gam = x.masked_fill(~strict, 0.0).cumsum(-2)
-    return gam.masked_fill(~strict.logical_or(torch.eye(C, dtype=torch.bool, device=g.device)), float("-inf"))
-
-
 def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
     """The WY factors and per-chunk maps ``(A_c, M_c)`` of a whole segment (the module docstring).
 
@@ -87,7 +79,7 @@ def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk
         decay = incl.to(qc.dtype)  # e^Gam on and below the diagonal
         d_in = d_out = None
     else:
-        gam = _segsum(gc)
+        gam = segment_sums(gc)
         decay = gam.exp()
         d_in = (gc[..., :1] + gam[..., :, 0]).exp()  # e^{G_i}  [B, H, N, C]
         d_out = gam[..., -1, :].exp()  # e^{G_C - G_j}
