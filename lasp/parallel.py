@@ -173,6 +173,15 @@ def num_chunks(sp_size: int, layout: str) -> int:
     return sp_size if layout == "contiguous" else 2 * sp_size
 
 
+def chunk_owners(sp_size: int, layout: str) -> list[tuple[int, int]]:
+    """For every global chunk c (natural order): ``(rank that holds it, its index among that rank's chunks)``."""
+    owners = [(0, 0)] * num_chunks(sp_size, layout)
+    for r in range(sp_size):
+        for j, c in enumerate(layout_chunks(r, sp_size, layout)):
+            owners[c] = (r, j)
+    return owners
+
+
 def shard_sequence(x: torch.Tensor, sp_rank: int, sp_size: int, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
     """A rank's piece of a full ``[B, T, ...]`` tensor (sequence along ``dim``)."""
     check_shardable(x.shape[dim], sp_size, layout)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..parallel import group_rank_size, layout_chunks
+from ..parallel import chunk_owners, group_rank_size, layout_chunks, num_chunks
 
 __all__ = [
     "cat_or_none",
@@ -118,13 +118,8 @@ def global_order_index(group_size: int, layout: str, device=None) -> torch.Tenso
 
 @functools.lru_cache(maxsize=64)
 def _order_index(group_size: int, layout: str, device: torch.device) -> torch.Tensor:
-    order = segment_order(group_size, layout)
-    n_seg = len(order[0])
-    pos = [0] * (group_size * n_seg)
-    for r, ps in enumerate(order):
-        for j, p in enumerate(ps):
-            pos[p] = r * n_seg + j
-    return torch.tensor(pos, dtype=torch.long, device=device)
+    n_seg = num_chunks(group_size, layout) // group_size
+    return torch.tensor([r * n_seg + j for r, j in chunk_owners(group_size, layout)], dtype=torch.long, device=device)
 
 
 # ----------------------------------------------------------------------------- segment drivers

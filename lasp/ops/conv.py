@@ -28,14 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import comm
-from ..parallel import group_rank_size, layout_chunks
+from ..parallel import chunk_owners, group_rank_size, layout_chunks
 from .checks import check_conv
 from .documents import check_cu_seqlens, document_offsets
-
-
-def _owners(size: int, layout: str) -> dict[int, tuple[int, int]]:
-    """Global segment index -> (rank, slot on that rank)."""
-    return {c: (r, j) for r in range(size) for j, c in enumerate(layout_chunks(r, size, layout))}
 
 
 class _Halo(torch.autograd.Function):
@@ -46,7 +41,7 @@ class _Halo(torch.autograd.Function):
         rank, size = group_rank_size(group)
         ctx.group, ctx.layout = group, layout
         gathered, _ = comm.all_gather(tails, group, tag="conv.halo.fwd")
-        owners = _owners(size, layout)
+        owners = chunk_owners(size, layout)
         halos = torch.zeros_like(tails)
         for j, c in enumerate(layout_chunks(rank, size, layout)):
             if c > 0:
@@ -58,7 +53,7 @@ class _Halo(torch.autograd.Function):
     def backward(ctx, dhalos):
         rank, size = group_rank_size(ctx.group)
         gathered, _ = comm.all_gather(dhalos, ctx.group, tag="conv.halo.bwd")
-        owners = _owners(size, ctx.layout)
+        owners = chunk_owners(size, ctx.layout)
         dtails = torch.zeros_like(dhalos)
         for j, c in enumerate(layout_chunks(rank, size, ctx.layout)):
             if c + 1 < len(owners):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..parallel import group_rank_size
+from ..parallel import chunk_owners, group_rank_size
 from . import affine
 from .common import (
     SegmentCall, build_segments, join_segments, rebuild_segments, run_driver, segment_input_grads, segment_order, split_segments,
@@ -60,7 +60,7 @@ class _Chain:
         order = segment_order(self.size, layout)
         self.mine = order[self.rank]  # global indices of this rank's segments, increasing
         self.n = self.size * len(self.mine)
-        self.owner = {p: r for r, ps in enumerate(order) for p in ps}
+        self.owner = [r for r, _ in chunk_owners(self.size, layout)]  # global segment -> rank
 
     def remote(self, p: int) -> bool:
         """Whether global segment ``p`` exists and lives on another rank."""

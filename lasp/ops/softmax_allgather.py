@@ -49,21 +49,12 @@ from __future__ import annotations
 import torch
 
 from .. import comm
-from ..parallel import group_rank_size, layout_chunks, num_chunks
+from ..parallel import chunk_owners, group_rank_size, layout_chunks, num_chunks
 from .softmax_documents import doc_pieces, single_process_softmax
 from .softmax_local import Piece, lower_right_blocks, piece_backward, pieces_forward
 
 _FWD_TAG = "allgather.fwd"
 _BWD_TAG = "allgather.bwd"
-
-
-def chunk_owners(size: int, layout: str) -> list[tuple[int, int]]:
-    """For every global chunk c (natural order): ``(rank that holds it, its chunk index on that rank)``."""
-    owners = [(0, 0)] * num_chunks(size, layout)
-    for j in range(size):
-        for i, c in enumerate(layout_chunks(j, size, layout)):
-            owners[c] = (j, i)
-    return owners
 
 
 def query_spans(rank: int, size: int, layout: str, t_local: int, causal: bool) -> list[tuple[int, int, int]]:
@@ -148,7 +139,7 @@ class AllGatherSoftmax(torch.autograd.Function):
 
 def allgather_softmax_attention(q, k, v, *, causal: bool, scale: float, group, layout: str, bounds=None) -> torch.Tensor:
     """LASP-2H on validated inputs (see :func:`lasp.softmax_attention`); ``bounds``: the
-    documents' ``cu_seqlens`` as ints (:func:`~lasp.ops.softmax_documents.document_bounds`) or None."""
+    documents' ``cu_seqlens`` as ints (:func:`~lasp.ops.documents.document_bounds`) or None."""
     if group_rank_size(group)[1] == 1:
         return single_process_softmax(q, k, v, causal=causal, scale=scale, bounds=bounds)
     return AllGatherSoftmax.apply(q, k, v, scale, causal, group, layout, bounds)
