@@ -11,8 +11,8 @@ from lasp import comm
 from lasp.ops import reference, softmax_local
 from lasp.ops.ring import step_blocks
 from lasp.ops.softmax_local import (
+    attend,
     attend_backward,
-    attend_blocks,
     block_backward,
     block_forward,
     lower_right_blocks,
@@ -21,6 +21,15 @@ from lasp.ops.softmax_local import (
 )
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
 from lasp.testing import assert_close, seed_for
+
+def attend_blocks(q, k, v, scale: float, blocks):
+    """``q`` against the ``blocks`` ``(k0, k1, causal)`` of ``k, v``, merged by log-sum-exp: ``(o float32, lse)``."""
+    o = lse = None
+    for k0, k1, causal in blocks:
+        ob, lb = attend(q, k[:, :, k0:k1], v[:, :, k0:k1], scale, causal)
+        o, lse = (ob.float(), lb) if o is None else merge_partial(o, lse, ob, lb)
+    return o, lse
+
 
 METHODS = ("allgather", "ring", "ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

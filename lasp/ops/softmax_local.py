@@ -5,7 +5,7 @@ either a FULLY VISIBLE block (every query sees every key) or a SQUARE CAUSAL DIA
 (query i sees keys 0..i of the block), and both are what a flash kernel computes without a mask.
 Bottom-right aligned causal attention (the last ``Tq`` queries of a ``Tk``-token sequence
 against keys ``[0, Tk)``) is the fully visible prefix ``[0, Tk - Tq)`` plus the diagonal block
-``[Tk - Tq, Tk)``, merged by log-sum-exp (:func:`lower_right_blocks`, :func:`attend_blocks`).
+``[Tk - Tq, Tk)``, merged by log-sum-exp (:func:`lower_right_blocks`, :func:`merge_partial`).
 
 - :func:`sdpa_attention`: autograd softmax attention in the ``[B, T, H, D]`` layout, GQA
   included, causal bottom-right aligned when there are more keys than queries. Used by
@@ -119,18 +119,6 @@ def lower_right_blocks(Tq: int, Tk: int, causal: bool = True) -> list[Block]:
         return [(0, Tk, False)]
     n = Tk - Tq
     return ([(0, n, False)] if n > 0 else []) + [(n, Tk, True)]
-
-
-def attend_blocks(q, k, v, scale: float, blocks: list[Block]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, H, Tq, D]`` against the ``blocks`` of ``k, v [B, H_kv, Tk, D]``, merged by log-sum-exp.
-
-    Returns ``o`` float32 ``[B, H, Tq, D]`` and ``lse [B, H, Tq]``.
-    """
-    o = lse = None
-    for k0, k1, causal in blocks:
-        ob, lb = attend(q, k[:, :, k0:k1], v[:, :, k0:k1], scale, causal)
-        o, lse = (ob.float(), lb) if o is None else merge_partial(o, lse, ob, lb)
-    return o, lse
 
 
 def merge_partial(o, lse, o_blk, lse_blk):
