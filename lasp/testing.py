@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import zlib
 
 import torch
@@ -105,6 +106,22 @@ def delta_inputs(B, T, H, K, V, *, gates="g", dtype=torch.float32, l2norm=False,
     s0 = torch.randn(B, H, K, V, generator=gen) if init else None
     cast = lambda x, dt=dtype: None if x is None else x.to(device=device, dtype=dt)  # noqa: E731
     return [cast(q), cast(k), cast(v), cast(beta), cast(g, torch.float32), cast(s0, torch.float32)]
+
+
+def softmax_inputs(B, T, H, H_kv, D, dtype=torch.float32, seed=0):
+    """Random q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` and an output gradient for softmax
+    attention (never zeros): ``([q, k, v], do)`` in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    q, do = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
+    k, v = torch.randn(B, T, H_kv, D, generator=gen), torch.randn(B, T, H_kv, D, generator=gen)
+    return [x.to(dtype) for x in (q, k, v)], do.to(dtype)
+
+
+def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens [n_docs + 1]`` (int64): ``n_docs`` documents of random lengths (>= 1) filling
+    ``seq_len`` tokens; seeded, so identical on every rank."""
+    cuts = sorted(random.Random(seed).sample(range(1, seq_len), n_docs - 1))
+    return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
 
 
 #: What reads a device value on the host (a host-device synchronisation on a GPU).

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import lasp
 from lasp.ops.softmax_local import sdpa_attention
 from lasp.parallel import shard_sequence
-from lasp.testing import assert_close
+from lasp.testing import assert_close, document_starts, softmax_inputs
 
 T, P, H, H_KV, D = 4096, 2, 4, 2, 16
 
@@ -33,13 +33,6 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def inputs(t: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q, do = (torch.randn(1, t, H, D, generator=gen) for _ in range(2))
-    k, v = (torch.randn(1, t, H_KV, D, generator=gen) for _ in range(2))
-    return (q, k, v), do
-
-
 def largest_in_fwd_bwd(fn, ins, do) -> tuple[int, str]:
     ins = [x.clone().requires_grad_() for x in ins]
     with LargestTensor() as rec:
@@ -48,19 +41,11 @@ def largest_in_fwd_bwd(fn, ins, do) -> tuple[int, str]:
     return rec.numel, rec.op
 
 
-def documents(n: int, t: int = T) -> torch.Tensor | None:
-    """``cu_seqlens`` of ``n`` random-length documents over ``t`` tokens (None for n = 0)."""
-    if n == 0:
-        return None
-    cuts = torch.randperm(t - 1, generator=torch.Generator().manual_seed(n))[: n - 1] + 1
-    return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([t])])
-
-
 def run_largest(rank, world, method, layout, n_docs=0):
     torch.set_num_threads(1)
-    full, do = inputs(T, seed=1)
+    full, do = softmax_inputs(1, T, H, H_KV, D, seed=1)
     ins = [shard_sequence(x, rank, world, layout) for x in full]
-    cu = documents(n_docs)
+    cu = document_starts(T, n_docs) if n_docs else None
 
     def fn(q, k, v):
         return lasp.softmax_attention(q, k, v, group=dist.group.WORLD, method=method, layout=layout, cu_seqlens=cu)
@@ -93,8 +78,8 @@ def test_softmax_documents_allocate_no_score_sized_tensor(spawn, method, layout,
 
 @pytest.mark.parametrize("n_docs", [1, 64], ids=lambda n: f"{n}docs")
 def test_single_process_documents_allocate_no_score_sized_tensor(n_docs):
-    (q, k, v), do = inputs(T, seed=2)
-    cu = documents(n_docs)
+    (q, k, v), do = softmax_inputs(1, T, H, H_KV, D, seed=2)
+    cu = document_starts(T, n_docs) if n_docs else None
     numel, op = largest_in_fwd_bwd(lambda q, k, v: lasp.softmax_attention(q, k, v, cu_seqlens=cu), (q, k, v), do)
     assert_linear(numel, op, T, T)
 
@@ -102,7 +87,7 @@ def test_single_process_documents_allocate_no_score_sized_tensor(n_docs):
 @pytest.mark.parametrize("t_q", [T, T // 2, 1], ids=["square", "half", "one"])
 def test_single_process_allocates_no_score_sized_tensor(t_q):
     """group=None (and the decoding cache's bottom-right case, fewer queries than keys)."""
-    (q, k, v), do = inputs(T, seed=2)
+    (q, k, v), do = softmax_inputs(1, T, H, H_KV, D, seed=2)
     numel, op = largest_in_fwd_bwd(
         lambda q, k, v: sdpa_attention(q, k, v, causal=True, scale=D**-0.5), (q[:, T - t_q :], k, v), do[:, T - t_q :])
     assert_linear(numel, op, t_q, T)
@@ -110,7 +95,7 @@ def test_single_process_allocates_no_score_sized_tensor(t_q):
 
 def run_checkpointed(rank, world, method, layout):
     """Grads with and without non-reentrant checkpointing, and the tensor attributes of the ctx."""
-    full, do = inputs(64, seed=3)
+    full, do = softmax_inputs(1, 64, H, H_KV, D, seed=3)
     grads, ctx_tensors = [], None
     for ckpt in (False, True):
         ins = [shard_sequence(x, rank, world, layout).clone().requires_grad_() for x in full]

@@ -9,7 +9,6 @@ Methods: the registry :data:`METHODS`. Records, timing, memory, bytes, ``--docum
 from __future__ import annotations
 
 import argparse
-import random
 from typing import Callable
 
 import torch
@@ -19,14 +18,8 @@ import torch.nn.functional as F
 from . import sweep
 from .cli import common_args, csv_arg, positive
 from .results import fmt_bytes
+from ..testing import document_starts
 from .timing import DTYPES, mem_available_gb
-
-
-def document_starts(seq_len: int, n_docs: int, seed: int = 0) -> torch.Tensor:
-    """``cu_seqlens [n_docs + 1]`` (int64): ``n_docs`` documents of random lengths (>= 1) filling
-    ``seq_len`` tokens; seeded, so identical on every rank."""
-    cuts = sorted(random.Random(seed).sample(range(1, seq_len), n_docs - 1))
-    return torch.tensor([0, *cuts, seq_len], dtype=torch.int64)
 
 
 def attention_inputs(point: dict, rnd):
