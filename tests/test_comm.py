@@ -8,9 +8,9 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
-from lasp.testing import linear_inputs
+from lasp.testing import linear_inputs, softmax_inputs
 from test_lasp2 import run_linear
-from test_softmax import run_softmax, softmax_inputs
+from test_softmax import run_softmax
 
 FP32 = 4
 

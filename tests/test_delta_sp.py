@@ -1,11 +1,5 @@
-"""The gated delta rule and the GDN model under sequence parallelism vs one process.
-
-Needs the generic segment drivers (``lasp.ops.lasp2.lasp2_apply`` & co.); skipped until they
-are part of the build.
-"""
+"""The gated delta rule and the GDN model under sequence parallelism vs one process."""
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
@@ -15,19 +9,9 @@ import lasp
 from lasp import comm
 from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.parallel import shard_sequence, unshard_sequence
-from lasp.testing import assert_close, seed_for
+from lasp.testing import assert_close, delta_inputs, seed_for
 
-from test_delta import NAMES, delta_inputs
-
-
-def _has(module: str, name: str) -> bool:
-    return hasattr(importlib.import_module(f"lasp.ops.{module}"), name)
-
-
-pytestmark = pytest.mark.skipif(
-    not (_has("lasp2", "lasp2_apply") and _has("lasp1", "lasp1_apply") and _has("ulysses", "ulysses_apply")),
-    reason="the generic segment drivers are not in this build yet",
-)
+from test_delta import NAMES
 
 
 def run_delta(rank, world, xs, do, dF, method, layout, l2, final):

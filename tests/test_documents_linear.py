@@ -19,9 +19,7 @@ from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.ops.documents import check_cu_seqlens, document_offsets, reset_gate
 from lasp.ops.reference import naive_recurrent_linear_attention
 from lasp.parallel import num_chunks, shard_sequence, unshard_sequence
-from lasp.testing import assert_close, linear_inputs, no_host_sync, seed_for, value_error_and_collectives
-
-from test_delta import delta_inputs
+from lasp.testing import assert_close, delta_inputs, linear_inputs, no_host_sync, seed_for, value_error_and_collectives
 
 
 def doc_cuts(T: int, P: int, layout: str, seed: int) -> torch.Tensor:

@@ -14,9 +14,7 @@ import lasp
 from lasp.kernels.delta_segment import TritonDeltaSegment
 from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.parallel import shard_sequence
-from lasp.testing import assert_close, drive_segment
-
-from test_delta import delta_inputs
+from lasp.testing import assert_close, delta_inputs, drive_segment
 
 NAMES = ("q", "k", "v", "beta", "g")
 CHUNK = 16  # the kernels' smallest chunk: several chunks on short sequences

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lasp.train.config import RunConfig
 from lasp.train.data import prepare, stdlib_sources
+
+from test_train import _train
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,19 +35,12 @@ def run_dict(tmp: str, name: str, sp: int, zero: int, src: str) -> dict:
     }
 
 
-def _train(d: dict):
-    from lasp.train.trainer import train
-
-    torch.set_num_threads(1)
-    return train(RunConfig.from_dict(d, source="test"), progress=False, sample=False, verbose=False).losses
-
-
 def _one(rank, world, tmp):
-    return _train(run_dict(tmp, "reference", 1, 0, "lasp"))
+    return _train(run_dict(tmp, "reference", 1, 0, "lasp")).losses
 
 
 def _two(rank, world, tmp):
-    return {name: _train(run_dict(tmp, name, 2, zero, src)) for name, zero, src in RUNS}
+    return {name: _train(run_dict(tmp, name, 2, zero, src)).losses for name, zero, src in RUNS}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lasp.ops.softmax_local import (
     sdpa_attention,
 )
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
-from lasp.testing import assert_close, seed_for
+from lasp.testing import assert_close, seed_for, softmax_inputs
 
 def attend_blocks(q, k, v, scale: float, blocks):
     """``q`` against the ``blocks`` ``(k0, k1, causal)`` of ``k, v``, merged by log-sum-exp: ``(o float32, lse)``."""
@@ -34,14 +34,6 @@ def attend_blocks(q, k, v, scale: float, blocks):
 METHODS = ("allgather", "ring", "ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = {"mha": (8, 8), "gqa": (8, 4)}  # (H, H_kv): divisible by P=4 for Ulysses
-
-
-def softmax_inputs(B, T, H, H_kv, D, dtype, seed):
-    """Random q, k, v and an output gradient for softmax attention (never zeros)."""
-    gen = torch.Generator().manual_seed(seed)
-    q, do = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
-    k, v = torch.randn(B, T, H_kv, D, generator=gen), torch.randn(B, T, H_kv, D, generator=gen)
-    return [x.to(dtype) for x in (q, k, v)], do.to(dtype)
 
 
 def run_softmax(rank, world, full, do, *, causal, layout, method):

@@ -14,7 +14,7 @@ from lasp.ops import reference, softmax_documents, softmax_local
 from lasp.ops.ring import step_pieces
 from lasp.ops.softmax_allgather import rank_pieces
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
-from lasp.testing import HostSyncError, assert_close, no_host_sync, seed_for, value_error_and_collectives
+from lasp.testing import HostSyncError, assert_close, no_host_sync, seed_for, softmax_inputs, value_error_and_collectives
 
 METHODS = ("allgather", "ring", "ulysses")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,13 +33,6 @@ def cu_for(kind: str, P: int, t: int = T) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed_for("cu", P, t))
     cuts = torch.randperm(t - 1, generator=gen)[:9] + 1
     return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([t])])
-
-
-def doc_inputs(t, H, H_kv, D, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q, do = (torch.randn(1, t, H, D, generator=gen).to(dtype) for _ in range(2))
-    k, v = (torch.randn(1, t, H_kv, D, generator=gen).to(dtype) for _ in range(2))
-    return [q, k, v], do
 
 
 def oracle(full, do, cu, causal, scale=None):
@@ -82,7 +75,7 @@ def test_documents_match_per_document_oracle(spawn, P, method, layout, dtype, do
     """``ungrouped``: the fixed documents, each its own kernel call (no small-document groups)."""
     if docs == "ungrouped" and dtype != torch.float32:
         pytest.skip("fp32 covers the ungrouped pieces")
-    full, do = doc_inputs(T, 8, 4, 8, dtype, seed=seed_for("docs", P, method, layout, str(dtype), docs))
+    full, do = softmax_inputs(1, T, 8, 4, 8, dtype, seed=seed_for("docs", P, method, layout, str(dtype), docs))
     cu = cu_for("fixed" if docs == "ungrouped" else docs, P)
     small = 0 if docs == "ungrouped" else softmax_documents.SMALL_DOCUMENT
     res = spawn(P).run(run_docs, full, do, cu, causal=True, layout=layout, method=method, small=small)
@@ -92,14 +85,14 @@ def test_documents_match_per_document_oracle(spawn, P, method, layout, dtype, do
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("method", METHODS)
 def test_documents_noncausal(spawn, method, layout):
-    full, do = doc_inputs(T, 4, 2, 8, torch.float32, seed=seed_for("nc", method, layout))
+    full, do = softmax_inputs(1, T, 4, 2, 8, torch.float32, seed=seed_for("nc", method, layout))
     cu = cu_for("fixed", 2)
     check(spawn(2).run(run_docs, full, do, cu, causal=False, layout=layout, method=method), full, do, cu, False, layout)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_one_document_equals_no_documents(spawn, method):
-    full, do = doc_inputs(T, 4, 2, 8, torch.float32, seed=5)
+    full, do = softmax_inputs(1, T, 4, 2, 8, torch.float32, seed=5)
     res = spawn(2).run(run_docs, full, do, cu_for("one", 2), causal=True, layout="zigzag", method=method)
     check(res, full, do, cu_for("one", 2), True, "zigzag")
 
@@ -117,7 +110,7 @@ def test_single_process_documents(monkeypatch, dtype, causal, docs, kernel):
         monkeypatch.setattr(softmax_local, "_cpu_flash", lambda q: False)
         monkeypatch.setattr(softmax_local, "REFERENCE_TILE_ROWS", 4)
     t = {"random": T, "tiny": 300, "long": 160}[docs]
-    full, do = doc_inputs(t, 4, 2, 8, dtype, seed=seed_for("p1", str(dtype), causal, docs))
+    full, do = softmax_inputs(1, t, 4, 2, 8, dtype, seed=seed_for("p1", str(dtype), causal, docs))
     if docs == "random":
         cu = cu_for("random", 1)
     elif docs == "tiny":
@@ -174,7 +167,7 @@ BAD = {
 
 
 def run_bad(rank, world, cu_per_rank, B):
-    full, _ = doc_inputs(T, 4, 2, 8, torch.float32, seed=1)
+    full, _ = softmax_inputs(1, T, 4, 2, 8, torch.float32, seed=1)
     ins = [shard_sequence(x, rank, world).expand(B, -1, -1, -1) for x in full]
     return value_error_and_collectives(lambda: lasp.softmax_attention(*ins, group=dist.group.WORLD, cu_seqlens=cu_per_rank[rank]))
 
@@ -200,7 +193,7 @@ def test_one_rank_bad_others_raise_too(spawn):
 
 @pytest.mark.parametrize("bad", list(BAD))
 def test_bad_cu_seqlens_single_process(bad):
-    full, _ = doc_inputs(T, 4, 2, 8, torch.float32, seed=1)
+    full, _ = softmax_inputs(1, T, 4, 2, 8, torch.float32, seed=1)
     with pytest.raises(ValueError, match="cu_seqlens"):
         lasp.softmax_attention(*full, cu_seqlens=BAD[bad](T))
 
@@ -217,7 +210,7 @@ def run_bytes(rank, world, full, do, cu, method, layout):
 def test_documents_send_the_same_bytes(spawn, method):
     """Documents change the compute, not the communication: the same collectives and bytes, plus
     the validation's one all-gather of 3 int64 (tag ``documents.check``)."""
-    full, do = doc_inputs(T, 4, 4, 8, torch.float32, seed=9)
+    full, do = softmax_inputs(1, T, 4, 4, 8, torch.float32, seed=9)
     plain = spawn(2).run(run_bytes, full, do, None, method, "zigzag")
     docs = spawn(2).run(run_bytes, full, do, cu_for("fixed", 2), method, "zigzag")
     for a, b in zip(plain, docs):
@@ -242,7 +235,7 @@ def run_no_sync(rank, world, full, do, bounds, method):
 def test_documents_forward_backward_have_no_host_sync(spawn, method):
     """cu_seqlens is read on the host once, by the wrapper's validation; forward and backward
     (pieces, small-document masks) never synchronise."""
-    full, do = doc_inputs(T, 4, 2, 8, torch.float32, seed=11)
+    full, do = softmax_inputs(1, T, 4, 2, 8, torch.float32, seed=11)
     assert spawn(2).run(run_no_sync, full, do, tuple(FIXED[2]), method) == [None, None]
     ins = [x.clone().requires_grad_() for x in full]
     with no_host_sync():

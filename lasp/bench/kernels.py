@@ -20,7 +20,7 @@ import torch
 
 from ..ops.delta_reference import naive_gated_delta_rule
 from ..ops.reference import naive_recurrent_linear_attention
-from ..testing import delta_inputs, linear_inputs, rel_error
+from ..testing import RTOL, delta_inputs, linear_inputs, rel_error
 from .cli import csv_arg, positive
 from .results import fmt_num, markdown_table, plot_metric_vs_seq_len, report, results_doc, status_cell, write_results
 from .timing import DTYPES, env_info, summarize_samples, time_steps
@@ -117,7 +117,7 @@ def check_provider(fn, name: str, op: str, dims: list[int], gates: str, device: 
             for n, a, r in zip(spec.names, ins, ref_in):
                 if a is not None:  # None: the provider gives no gradient for it
                     errs["d" + n] = None if a.grad is None else rel_error(r.grad, a.grad)
-            bound = {"fp32": 1e-5, "bf16": 1e-2}[dname]
+            bound = RTOL[dtype]
             ok = all(e is None or e <= (1e-4 if n == "dg_gamma" and dname == "fp32" else bound) for n, e in errs.items())
             rows.append({"provider": name, "op": op, "dtype": dname, "K": d, "V": d, "gates": gates, "errors": errs, "ok": ok})
             print(f"check {name:6s} {op} {dname} K=V={d}: " + " ".join(f"{n}={'none' if e is None else f'{e:.1e}'}"
