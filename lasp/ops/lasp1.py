@@ -8,8 +8,9 @@ a local hand-off otherwise), add the inter part to the segment's output, and sen
 ``Gtot_p = dL/dS_in_p + A_p^T Gout_p`` goes to the segment before, and the segment's summary
 gradient is ``dM_p = Gout_p``, ``dA_p = Gout_p S_in_p^T`` (scalar: ``dlogA_p = e^logA_p <Gout_p,
 S_in_p>``; the same folds LASP-2 does after its all-gather, :mod:`lasp.ops.affine`). Each
-segment's state-independent work (``compute_local``; in backward the recomputed forward and
-``backward_output``) runs between posting the receive and waiting for it.
+segment's state-independent work (``compute_local``; in backward ``prepare_backward``, the
+recomputed forward where the segment needs one, and ``backward_output``) runs between posting the
+receive and waiting for it.
 
 Entry point: :func:`lasp1_apply`, with exactly the arguments and conventions of
 :func:`lasp.ops.lasp2.lasp2_apply` (any segment class of :mod:`lasp.ops.segment`, scalar or
@@ -136,8 +137,8 @@ class LASP1Causal(torch.autograd.Function):
             p, seg, d, s_in = chain.mine[j], segs[j], do_parts[j], states_in[j]
             pending = chain.post_recv(p + 1, zero, _BWD_TAG) if chain.remote(p + 1) else None
             ds_in = seg.state_grad(d)
-            seg.compute_local()  # the recomputed forward and the local backward overlap the wait
-            seg.output(s_in, state_is_zero=not ctx.has_s0 and p == 0)
+            # the recomputed forward (where the segment needs one) and the local backward overlap the wait
+            seg.prepare_backward(s_in, state_is_zero=not ctx.has_s0 and p == 0)
             seg.backward_output(d)
             if pending is not None:
                 wait_all(pending[1])

@@ -37,9 +37,10 @@ Each rank holds one segment (contiguous layout) or two (zigzag: global segments 
 Backward (recompute: the forward keeps no segment; it saves only its inputs and this rank's
 ``n_seg`` incoming states): rebuild the segments, take each one's ``dL/dS_in`` and pack it with
 its transition ``A`` (and, with ``output_final_state``, this rank's final-state gradient) into
-ONE asynchronous all-gather, overlapped with the recomputed forward and the local backward from
-``dO``; a suffix fold ``Gtot_p = dS_in_p + A_p^T Gtot_{p+1}`` (``Gtot_N`` = the summed final-state
-gradient) gives each own segment's summary gradient ``dM_p = Gtot_{p+1}``,
+ONE asynchronous all-gather, overlapped with ``prepare_backward`` (the recomputed forward where
+the segment needs one) and the local backward from ``dO``; a suffix fold
+``Gtot_p = dS_in_p + A_p^T Gtot_{p+1}`` (``Gtot_N`` = the summed final-state gradient) gives each
+own segment's summary gradient ``dM_p = Gtot_{p+1}``,
 ``dA_p = Gtot_{p+1} S_p^T`` (scalar: ``dlogA_p = e^logA_p <Gtot_{p+1}, S_p>``); rank 0 also
 gets ``dS_0 = Gtot_0``.
 
@@ -138,8 +139,7 @@ class LASP2Causal(torch.autograd.Function):
         gathered, work = all_gather_async(packed, call.group, _BWD_TAG)
         zero_first = not ctx.has_s0
         for s, p, S_in, d in zip(segs, mine, own_states, do_parts):  # overlaps the all-gather
-            s.compute_local()
-            s.output(S_in, state_is_zero=zero_first and p == 0)
+            s.prepare_backward(S_in, state_is_zero=zero_first and p == 0)
             s.backward_output(d)
         work.wait()
 
