@@ -43,8 +43,8 @@ from .. import comm
 from ..parallel import group_rank_size
 from . import affine
 from .common import (
-    SegmentCall, build_segments, join_segments, rebuild_segments, run_driver, segment_input_grads, segment_order, split_segments,
-    wait_all,
+    SegmentCall, build_segments, initial_state_grad, join_segments, rebuild_segments, run_driver, segment_input_grads,
+    segment_order, split_segments, wait_all,
 )
 from .noncausal import diagonal_method
 
@@ -113,8 +113,7 @@ class LASP1Causal(torch.autograd.Function):
         for _, works in sends:
             wait_all(works)
 
-        ctx.call, ctx.has_s0 = call, initial_state is not None
-        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.call, ctx.s0_dtype = call, None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, torch.stack(states_in))
         o = join_segments(outs, inputs[0].dtype)
         if call.output_final_state:
@@ -138,7 +137,7 @@ class LASP1Causal(torch.autograd.Function):
             pending = chain.post_recv(p + 1, zero, _BWD_TAG) if chain.remote(p + 1) else None
             ds_in = seg.state_grad(d)
             # the recomputed forward (where the segment needs one) and the local backward overlap the wait
-            seg.prepare_backward(s_in, state_is_zero=not ctx.has_s0 and p == 0)
+            seg.prepare_backward(s_in, state_is_zero=ctx.s0_dtype is None and p == 0)
             seg.backward_output(d)
             if pending is not None:
                 wait_all(pending[1])
@@ -156,9 +155,7 @@ class LASP1Causal(torch.autograd.Function):
         for _, works in sends:
             wait_all(works)
 
-        d_s0 = None
-        if ctx.has_s0 and ctx.needs_input_grad[1]:
-            d_s0 = (g_next if chain.mine[0] == 0 else zero).to(ctx.s0_dtype)
+        d_s0 = initial_state_grad(ctx, g_next if chain.mine[0] == 0 else None, zero)
         return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 
