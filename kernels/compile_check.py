@@ -66,16 +66,22 @@ DELTA_INPUT_PTRS = {"q_ptr", "k_ptr", "v_ptr", "beta_ptr"}
 
 def delta_variants(quick: bool):
     """The gated delta rule kernels (:mod:`lasp.kernels.gated_delta`), same tuple as :func:`variants`."""
+    import torch
+
+    from .delta_segment import FP32_CHUNK, unsupported_head_dims
     from .gated_delta import bwd, fwd
+    from .gated_delta.common import col_block
     from .gated_delta.local_bwd import local_bwd_kernel
+    from .utils import DEFAULT_CHUNK
 
     dtypes = [("*bf16", True)] if quick else [("*bf16", True), ("*fp16", True), ("*fp32", False)]
+    torch_dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}
     dims = [(32, 64)] if quick else [(128, 128), (64, 256), (256, 64), (16, 32)]
     for (dt, lowp), (K, V) in itertools.product(dtypes, dims):
-        if dt == "*fp32" and max(K, V) == 256:
-            continue  # rejected by delta_segment.unsupported_head_dims (local backward: 460 KiB)
-        bv = max(16, min(V, 64, 8192 // K))  # gated_delta.common.col_block
-        bt = 32 if dt == "*fp32" else 64  # delta_segment.FP32_CHUNK
+        if unsupported_head_dims(K, V, torch_dtype[dt]):
+            continue  # TritonDeltaSegment refuses these (local backward's shared memory)
+        bv = col_block(K, V)
+        bt = FP32_CHUNK if dt == "*fp32" else DEFAULT_CHUNK  # TritonDeltaSegment's default chunk
         for use_g, l2 in ([(True, True)] if quick else [(True, True), (False, False)]):
             c = dict(H=16, K=K, V=V, BT=bt, BK=min(K, 64), BV=min(V, 64), USE_G=use_g, L2=l2, LOWP=lowp)
             yield f"wy_fwd_kernel[{dt[1:]} K{K} V{V} g={use_g} l2={l2}]", fwd.wy_fwd_kernel, dt, c, 4, 1

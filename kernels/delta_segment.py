@@ -14,6 +14,7 @@ constructor                 WY factors, the transition's pass (no snapshots) and
 ``summary()``               ``(A [B, H, K, K], M [B, H, K, V])`` float32
 ``compute_local()``         nothing (the factors are built in the constructor)
 ``output(S_in)``            the outputs' pass from ``S_in`` and ``o [B, T, H, V]`` float32
+``prepare_backward(S_in)``  backward: the outputs' pass only (its states; no output kernel)
 ``state_grad(dO)``          ``dL/dS_in`` (the reverse pass with ``dO``)
 ``backward_output(dO)``     records the outputs' adjoint terms
 ``backward_summary(dM, dA)``  the reverse passes from ``dM`` and ``dA``; records their terms
@@ -80,11 +81,16 @@ class TritonDeltaSegment:
 
     def output(self, S_in: torch.Tensor, *, state_is_zero: bool = False) -> torch.Tensor:
         """``o [B, T, H, V]`` float32 for the state ``S_in [B, H, K, V]`` entering the segment."""
+        self.prepare_backward(S_in, state_is_zero=state_is_zero)
+        return gd.chunk_output(self.f, self.S_out, self.scale)
+
+    def prepare_backward(self, S_in: torch.Tensor, *, state_is_zero: bool = False) -> None:
+        """The outputs' pass from ``S_in`` (its chunk states, which ``backward_output`` and
+        ``grads`` read), without the outputs themselves."""
         if state_is_zero:
             self.S_out = self.Ms
         else:
             self.S_out, _ = gd.state_pass(self.f, S_in.detach().float().contiguous())
-        return gd.chunk_output(self.f, self.S_out, self.scale)
 
     def state_grad(self, do: torch.Tensor) -> torch.Tensor:
         """``dL/dS_in [B, H, K, V]`` float32 from ``dO [B, T, H, V]``."""
@@ -98,9 +104,10 @@ class TritonDeltaSegment:
             self.E = E if self.E is None else self.E + E
 
     def backward_output(self, do: torch.Tensor) -> None:
-        """Records the outputs' terms (call ``output(S_in)`` first: its states are used)."""
+        """Records the outputs' terms (call ``output(S_in)`` or ``prepare_backward(S_in)`` first:
+        its states are used)."""
         if self.S_out is None:
-            raise RuntimeError("TritonDeltaSegment.backward_output: call output(S_in) first")
+            raise RuntimeError("TritonDeltaSegment.backward_output: call output(S_in) or prepare_backward(S_in) first")
         if self._do is None or do is not self._do_src:
             self.state_grad(do)
         self._add(self._dh @ self.S_out.transpose(-1, -2), self._dh)

@@ -3,7 +3,8 @@
 Every step calls the kernels of :mod:`lasp.kernels.simple_gla` explicitly; no autograd graph is
 built. Forward: gate summaries and the chunk states/summary (constructor, before the
 all-gather), the local output (``compute_local``, overlapping it), the inter part
-(``output``, added in place to the local output: one float32 output buffer). Backward:
+(``output``, added in place to the local output: one float32 output buffer). Backward: the
+incoming state kept for ``dq`` (``prepare_backward``: no output kernel runs again),
 ``dS_in`` and the chunk state gradients (``state_grad``), ``dq, dk, dv`` from ``dO``
 (``backward_output``, overlapping the all-gather), the summary's share (``backward_summary``)
 and the gate gradients (``grads``). The driver says when the incoming state is zero
@@ -71,6 +72,11 @@ class TritonSegment:
         self.state = state.detach().float().contiguous()
         return sg.chunk_fwd_inter(self.q, self.gates, self.state, o, self.scale, self.BT)
 
+    def prepare_backward(self, state: torch.Tensor, *, state_is_zero: bool = False) -> None:
+        """Backward: keeps the incoming state ``[B, H, K, V]`` as ``output`` does (None when
+        ``state_is_zero``); the output itself is not recomputed (``backward_output`` does not read it)."""
+        self.state = None if state_is_zero else state.detach().float().contiguous()
+
     def _grad_out(self, do: torch.Tensor) -> torch.Tensor:
         return do.detach().to(self.q.dtype).contiguous()
 
@@ -81,7 +87,8 @@ class TritonSegment:
         return ds
 
     def backward_output(self, do: torch.Tensor) -> None:
-        """Gradients due to ``dO [B, T, H, V]`` (the state given to ``output`` held fixed)."""
+        """Gradients due to ``dO [B, T, H, V]`` (the state given to ``output`` or
+        ``prepare_backward`` held fixed)."""
         if self._do is None or do is not self._do_src:  # state_grad ran on another dO
             self.state_grad(do)
         do = self._do

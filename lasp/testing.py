@@ -186,13 +186,17 @@ def value_error_and_collectives(call) -> tuple[str | None, list[str]]:
     return None, [ev.tag for ev in log.events]
 
 
-def drive_segment(seg, state: torch.Tensor, do: torch.Tensor, dM: torch.Tensor, dA: torch.Tensor):
+def drive_segment(make, state: torch.Tensor, do: torch.Tensor, dM: torch.Tensor, dA: torch.Tensor):
     """Drive one segment through the protocol exactly as LASP-2 does (:mod:`lasp.ops.segment`):
+    forward on ``make()``, backward on a second ``make()`` (the drivers rebuild their segments);
     ``({A or logA, M, o, dS_in}, [input gradients])``; ``A`` under the key ``"A"``."""
+    seg = make()
     A, M = seg.summary()
     seg.compute_local()
     o = seg.output(state)
+    seg = make()
     ds = seg.state_grad(do)
+    seg.prepare_backward(state)
     seg.backward_output(do)
     seg.backward_summary(dM, dA)
     return dict(A=A, M=M, o=o, dS_in=ds), list(seg.grads())

@@ -108,9 +108,8 @@ def drive_segments(xs, bounds, scale, l2norm, output_final_state=True, dO=None, 
     dOs = [dO[:, a:b] for a, b in bounds]
     dS_in = []
     for p, seg in enumerate(segs):
-        seg.compute_local()
-        seg.output(states[p], state_is_zero=(p == 0 and s0 is None))
         dS_in.append(seg.state_grad(dOs[p]))
+        seg.prepare_backward(states[p], state_is_zero=(p == 0 and s0 is None))
     G = dF.float() if output_final_state else torch.zeros(B, H, K, V)
     grads = [None] * len(segs)
     for p in reversed(range(len(segs))):

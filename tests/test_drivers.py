@@ -39,6 +39,9 @@ class MatrixTorchSegment:
     def output(self, state, *, state_is_zero=False):
         return self.inner.output(state, state_is_zero=state_is_zero)
 
+    def prepare_backward(self, state, *, state_is_zero=False):
+        self.inner.prepare_backward(state, state_is_zero=state_is_zero)
+
     def state_grad(self, do):
         return self.inner.state_grad(do)
 
@@ -85,6 +88,9 @@ class RecurrentSegment:
         with torch.enable_grad():
             self.o = self._run(state.detach())
         return self.o.detach()
+
+    def prepare_backward(self, state, *, state_is_zero=False):
+        self.output(state, state_is_zero=state_is_zero)
 
     def state_grad(self, do):
         with torch.enable_grad():

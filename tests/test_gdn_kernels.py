@@ -43,7 +43,7 @@ def segment_oracle(xs, S_in, do, dM, dA, scale, l2):
 
 def run_segment(xs, S_in, do, dM, dA, scale, l2):
     ins = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
-    return drive_segment(TritonDeltaSegment(*ins, scale, use_qk_l2norm=l2, chunk_size=CHUNK), S_in, do, dM, dA)
+    return drive_segment(lambda: TritonDeltaSegment(*ins, scale, use_qk_l2norm=l2, chunk_size=CHUNK), S_in, do, dM, dA)
 
 
 SEG_CASES = [  # id, T, K, V, gates, l2, dtype
@@ -97,6 +97,27 @@ def test_public_operator_triton_one_process():
         res.append([o, S, *[x.grad for x in ins]])
     for name, r, x in zip(("o", "final", "dq", "dk", "dv", "dbeta", "dg", "ds0"), *res):
         assert_close(r, x, name=name)
+
+
+@pytest.mark.parametrize("api", ["lasp2", "lasp1"])
+def test_driver_backward_launches_no_output_kernel(monkeypatch, api):
+    """The drivers' backward rebuilds each TritonDeltaSegment with ``prepare_backward``: only the
+    state pass runs again, the output kernel runs in forward only (once per segment)."""
+    import lasp.kernels.gated_delta as gd
+    from lasp.ops.lasp1 import lasp1_apply
+    from lasp.ops.lasp2 import lasp2_apply
+
+    calls = []
+    chunk_output = gd.chunk_output
+    monkeypatch.setattr(gd, "chunk_output", lambda *a, **kw: calls.append(1) or chunk_output(*a, **kw))
+    B, T, H, K, V = 1, 32, 1, 16, 16
+    xs = [x.clone().requires_grad_() for x in delta_inputs(B, T, H, K, V, gates="g", seed=13)[:5]]
+    apply = {"lasp2": lasp2_apply, "lasp1": lasp1_apply}[api]
+    o = apply(TritonDeltaSegment, xs, [], scale=K**-0.5, group=None, layout="zigzag", chunk_size=CHUNK)
+    assert len(calls) == 2
+    o.backward(rnd(B, T, H, V, seed=14))
+    assert len(calls) == 2, "backward ran the output kernel"
+    assert all(x.grad is not None for x in xs)
 
 
 def lasp2_worker(rank, world, xs, do, layout, l2, method="lasp2"):

@@ -56,7 +56,7 @@ def segment_oracle(full, state, do, dM, dlogA):
 def run_segment(cls, full, state, do, dM, dlogA, **kw):
     """Drive one segment through the protocol exactly as LASP-2 does."""
     full = [None if x is None else x.detach().clone().requires_grad_() for x in full]  # leaves, as in autograd
-    out, grads = drive_segment(cls(*full, scale=full[0].shape[-1] ** -0.5, **kw), state, do, dM, dlogA)
+    out, grads = drive_segment(lambda: cls(*full, scale=full[0].shape[-1] ** -0.5, **kw), state, do, dM, dlogA)
     return dict(logA=out.pop("A"), **out), grads
 
 
@@ -279,6 +279,31 @@ def test_segment_hard_resets_match_oracle(resets, gates):
         for x in (*out.values(), *[gr for gr in grads if gr is not None]):
             assert torch.isfinite(x).all(), cls.__name__
         _compare(ref_out, ref_grads, out, grads, full, torch.float32, cls.__name__)
+
+
+@pytest.mark.parametrize("api", ["lasp2", "lasp1"])
+def test_driver_backward_launches_no_output_kernel(monkeypatch, api):
+    """The drivers' backward rebuilds each TritonSegment with ``prepare_backward``: the forward's
+    output kernels (local and inter) run in forward only (two segments, one entered by a non-zero
+    state, so forward launches both kernels)."""
+    import lasp.kernels.simple_gla as sg
+    from lasp.ops.lasp1 import lasp1_apply
+    from lasp.ops.lasp2 import lasp2_apply
+
+    calls = {"chunk_fwd_o": 0, "chunk_fwd_inter": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(sg, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(sg, name, counted)
+    B, T, H, K, V = 1, 32, 1, 16, 16
+    full = [x.requires_grad_() for x in linear_inputs(B, T, H, K, V, gates="g", seed=51)[:4]]
+    apply = {"lasp2": lasp2_apply, "lasp1": lasp1_apply}[api]
+    o = apply(TritonSegment, full, [None], scale=K**-0.5, group=None, layout="zigzag", chunk_size=16)
+    assert calls == {"chunk_fwd_o": 2, "chunk_fwd_inter": 1}
+    o.backward(randn(B, T, H, V, seed=52))
+    assert calls == {"chunk_fwd_o": 2, "chunk_fwd_inter": 1}, "backward ran an output kernel"
+    assert all(x.grad is not None for x in full)
 
 
 def test_linear_attention_triton_p1_hard_resets():

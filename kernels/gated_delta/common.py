@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.recurrence import RESET_LOG_DECAY
+from ..simple_gla.common import RESET, n_chunks
 from ..simple_gla.common import mm_state as dot  # a @ b, fp32 accumulation, bf16 operands when LOWP
 
-__all__ = ["Factors", "dot", "chunk_gates", "pair_decay", "from_start", "to_end", "qk_decay", "state_tile", "col_block", "n_chunks"]
-
-RESET = tl.constexpr(RESET_LOG_DECAY)
+__all__ = [
+    "Factors", "RESET", "dot", "chunk_gates", "pair_decay", "from_start", "to_end", "qk_decay", "state_tile", "col_block", "n_chunks",
+]
 
 
 class Factors(NamedTuple):
@@ -92,7 +92,3 @@ def qk_decay(qn, kn, gc, gr, m, LOWP: tl.constexpr, BT: tl.constexpr):
 def col_block(K: int, ncol: int) -> int:
     """Columns of a ``[K, BV]`` state tile: at most 64, and ``K * BV <= 8192`` floats."""
     return max(16, min(ncol, 64, 8192 // K))
-
-
-def n_chunks(T: int, BT: int) -> int:
-    return triton.cdiv(T, BT)

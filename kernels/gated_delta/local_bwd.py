@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Factors, dot, from_start, n_chunks, pair_decay, to_end
+from .common import RESET, Factors, dot, from_start, n_chunks, pair_decay, to_end
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
         dG = tl.where(m, dG + tl.where(o == last, dG_last, 0.0), 0.0)
         dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG  # sum over i >= j
         a = tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32)
-        tl.store(dg_ptr + row, tl.where(a < -100.0, 0.0, dg), mask=m)
+        tl.store(dg_ptr + row, tl.where(a < RESET, 0.0, dg), mask=m)
 
 
 def local_bwd(inputs, f: Factors, use_qk_l2norm: bool, scale: float, D, E, dO, S_out):

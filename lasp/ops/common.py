@@ -25,6 +25,8 @@ __all__ = [
     "SegmentCall",
     "build_segments",
     "segment_input_grads",
+    "initial_state_grad_wanted",
+    "initial_state_grad",
     "run_driver",
 ]
 
@@ -176,6 +178,22 @@ def segment_input_grads(call: SegmentCall, segs: list, needs_grad) -> list[torch
         g = cat_or_none(parts) if i < call.n_token else sum_or_none(parts)
         out.append(g if need else None)
     return out
+
+
+def initial_state_grad_wanted(ctx) -> bool:
+    """In a driver's backward: whether the forward got an initial state (input 1 of the Function;
+    its forward sets ``ctx.s0_dtype``, None without one) and its gradient is wanted."""
+    return ctx.s0_dtype is not None and ctx.needs_input_grad[1]
+
+
+def initial_state_grad(ctx, grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """What a driver's backward returns for the initial state: None when not wanted
+    (:func:`initial_state_grad_wanted`); else ``grad``, the total gradient of the state entering
+    global segment 0 (given on the rank that holds it, None elsewhere), or zeros shaped like the
+    float32 ``like`` ``[B, H, K, V]``, cast to the initial state's dtype."""
+    if not initial_state_grad_wanted(ctx):
+        return None
+    return (like.new_zeros(like.shape) if grad is None else grad).to(ctx.s0_dtype)
 
 
 def run_driver(

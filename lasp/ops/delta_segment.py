@@ -16,6 +16,7 @@ constructor                 the WY factors, chunk maps and the scan (what ``summ
 ``summary()``               ``(A [B, H, K, K], M [B, H, K, V])`` float32
 ``compute_local()``         the intra-chunk products, ``o_local`` and ``Qt`` (overlap the gather)
 ``output(S_in)``            ``o [B, T, H, V]`` float32
+``prepare_backward(S_in)``  backward: ``compute_local`` + ``output`` (records their graph)
 ``state_grad(dO)``          ``Qt^T dO`` ``[B, H, K, V]`` float32
 ``backward_output(dO)``     records ``dO`` (gradients with ``S_in`` held fixed)
 ``backward_summary(dM, dA)``  records the summary's gradient
@@ -69,6 +70,11 @@ class DeltaTorchSegment:
             self.o = self.o_local if state_is_zero else self.o_local + self.Qt @ S_in.detach().float()
         return self.o.detach().transpose(1, 2)
 
+    def prepare_backward(self, S_in: torch.Tensor, *, state_is_zero: bool = False) -> None:
+        """Backward: records the forward's graph again (``compute_local`` + ``output``)."""
+        self.compute_local()
+        self.output(S_in, state_is_zero=state_is_zero)
+
     def state_grad(self, do: torch.Tensor) -> torch.Tensor:
         self.compute_local()
         with torch.no_grad():
@@ -76,7 +82,7 @@ class DeltaTorchSegment:
 
     def backward_output(self, do: torch.Tensor) -> None:
         if not hasattr(self, "o"):
-            raise RuntimeError("DeltaTorchSegment.backward_output: call output(S_in) first (it records the graph)")
+            raise RuntimeError("DeltaTorchSegment.backward_output: call output(S_in) or prepare_backward(S_in) first (it records the graph)")
         self._outs.append(self.o)
         self._gouts.append(do.float().transpose(1, 2))
 

@@ -8,8 +8,9 @@ a local hand-off otherwise), add the inter part to the segment's output, and sen
 ``Gtot_p = dL/dS_in_p + A_p^T Gout_p`` goes to the segment before, and the segment's summary
 gradient is ``dM_p = Gout_p``, ``dA_p = Gout_p S_in_p^T`` (scalar: ``dlogA_p = e^logA_p <Gout_p,
 S_in_p>``; the same folds LASP-2 does after its all-gather, :mod:`lasp.ops.affine`). Each
-segment's state-independent work (``compute_local``; in backward the recomputed forward and
-``backward_output``) runs between posting the receive and waiting for it.
+segment's state-independent work (``compute_local``; in backward ``prepare_backward``, the
+recomputed forward where the segment needs one, and ``backward_output``) runs between posting the
+receive and waiting for it.
 
 Entry point: :func:`lasp1_apply`, with exactly the arguments and conventions of
 :func:`lasp.ops.lasp2.lasp2_apply` (any segment class of :mod:`lasp.ops.segment`, scalar or
@@ -42,8 +43,8 @@ from .. import comm
 from ..parallel import chunk_owners, group_rank_size
 from . import affine
 from .common import (
-    SegmentCall, build_segments, join_segments, rebuild_segments, run_driver, segment_input_grads, segment_order, split_segments,
-    wait_all,
+    SegmentCall, build_segments, initial_state_grad, join_segments, rebuild_segments, run_driver, segment_input_grads,
+    segment_order, split_segments, wait_all,
 )
 from .noncausal import diagonal_method
 
@@ -112,8 +113,7 @@ class LASP1Causal(torch.autograd.Function):
         for _, works in sends:
             wait_all(works)
 
-        ctx.call, ctx.has_s0 = call, initial_state is not None
-        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.call, ctx.s0_dtype = call, None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, torch.stack(states_in))
         o = join_segments(outs, inputs[0].dtype)
         if call.output_final_state:
@@ -136,8 +136,8 @@ class LASP1Causal(torch.autograd.Function):
             p, seg, d, s_in = chain.mine[j], segs[j], do_parts[j], states_in[j]
             pending = chain.post_recv(p + 1, zero, _BWD_TAG) if chain.remote(p + 1) else None
             ds_in = seg.state_grad(d)
-            seg.compute_local()  # the recomputed forward and the local backward overlap the wait
-            seg.output(s_in, state_is_zero=not ctx.has_s0 and p == 0)
+            # the recomputed forward (where the segment needs one) and the local backward overlap the wait
+            seg.prepare_backward(s_in, state_is_zero=ctx.s0_dtype is None and p == 0)
             seg.backward_output(d)
             if pending is not None:
                 wait_all(pending[1])
@@ -155,9 +155,7 @@ class LASP1Causal(torch.autograd.Function):
         for _, works in sends:
             wait_all(works)
 
-        d_s0 = None
-        if ctx.has_s0 and ctx.needs_input_grad[1]:
-            d_s0 = (g_next if chain.mine[0] == 0 else zero).to(ctx.s0_dtype)
+        d_s0 = initial_state_grad(ctx, g_next if chain.mine[0] == 0 else None, zero)
         return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 

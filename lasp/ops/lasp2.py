@@ -37,9 +37,10 @@ Each rank holds one segment (contiguous layout) or two (zigzag: global segments 
 Backward (recompute: the forward keeps no segment; it saves only its inputs and this rank's
 ``n_seg`` incoming states): rebuild the segments, take each one's ``dL/dS_in`` and pack it with
 its transition ``A`` (and, with ``output_final_state``, this rank's final-state gradient) into
-ONE asynchronous all-gather, overlapped with the recomputed forward and the local backward from
-``dO``; a suffix fold ``Gtot_p = dS_in_p + A_p^T Gtot_{p+1}`` (``Gtot_N`` = the summed final-state
-gradient) gives each own segment's summary gradient ``dM_p = Gtot_{p+1}``,
+ONE asynchronous all-gather, overlapped with ``prepare_backward`` (the recomputed forward where
+the segment needs one) and the local backward from ``dO``; a suffix fold
+``Gtot_p = dS_in_p + A_p^T Gtot_{p+1}`` (``Gtot_N`` = the summed final-state gradient) gives each
+own segment's summary gradient ``dM_p = Gtot_{p+1}``,
 ``dA_p = Gtot_{p+1} S_p^T`` (scalar: ``dlogA_p = e^logA_p <Gtot_{p+1}, S_p>``); rank 0 also
 gets ``dS_0 = Gtot_0``.
 
@@ -68,6 +69,8 @@ from .common import (
     all_gather_async,
     build_segments,
     global_order_index,
+    initial_state_grad,
+    initial_state_grad_wanted,
     join_segments,
     rebuild_segments,
     run_driver,
@@ -112,8 +115,7 @@ class LASP2Causal(torch.autograd.Function):
         zero_first = initial_state is None
         outs = [s.output(states[j], state_is_zero=zero_first and p == 0) for j, (s, p) in enumerate(zip(segs, mine))]
 
-        ctx.call, ctx.has_s0 = call, initial_state is not None
-        ctx.s0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.call, ctx.s0_dtype = call, None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, states[:n_seg])
         o = join_segments(outs, inputs[0].dtype)
         if call.output_final_state:
@@ -136,10 +138,9 @@ class LASP2Causal(torch.autograd.Function):
         if call.output_final_state:
             packed = torch.cat([packed, dfinal.float().reshape(-1)])
         gathered, work = all_gather_async(packed, call.group, _BWD_TAG)
-        zero_first = not ctx.has_s0
+        zero_first = ctx.s0_dtype is None
         for s, p, S_in, d in zip(segs, mine, own_states, do_parts):  # overlaps the all-gather
-            s.compute_local()
-            s.output(S_in, state_is_zero=zero_first and p == 0)
+            s.prepare_backward(S_in, state_is_zero=zero_first and p == 0)
             s.backward_output(d)
         work.wait()
 
@@ -147,7 +148,7 @@ class LASP2Causal(torch.autograd.Function):
         body = gathered[:, : n_seg * B * H * width].reshape(size, n_seg, B, H, width)
         A_all, dS_all = affine.unpack(kind, to_global_order(body, call.layout), K, V)
         G_N = gathered[:, n_seg * B * H * width :].reshape(size, B, H, K, V).sum(0) if call.output_final_state else None
-        want_s0 = ctx.has_s0 and ctx.needs_input_grad[1] and rank == 0
+        want_s0 = initial_state_grad_wanted(ctx) and rank == 0
         rows = [p + 1 for p in mine] + ([0] if want_s0 else [])
         G = affine.suffix_grads(kind, A_all, dS_all, G_N, rows)
         for j, (s, p) in enumerate(zip(segs, mine)):
@@ -155,10 +156,7 @@ class LASP2Causal(torch.autograd.Function):
                 continue  # the last segment's summary feeds nothing
             s.backward_summary(G[j], affine.grad_A(kind, own_A[j], G[j], own_states[j]))
 
-        d_s0 = None
-        if ctx.has_s0 and ctx.needs_input_grad[1]:
-            d_s0 = G[-1] if want_s0 else torch.zeros(B, H, K, V, dtype=torch.float32, device=do.device)
-            d_s0 = d_s0.to(ctx.s0_dtype)
+        d_s0 = initial_state_grad(ctx, G[-1] if want_s0 else None, own_states[0])
         return (None, d_s0, *segment_input_grads(call, segs, needs))
 
 

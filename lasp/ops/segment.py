@@ -15,8 +15,13 @@ maps with :mod:`lasp.ops.affine` and only need, per segment:
 ``output(S_in, *, state_is_zero)`` ``o [B, T, H, V]`` float32; ``state_is_zero=True``: S_in is
                                    known to be zero (from its position), the inter part may be
                                    skipped
+``prepare_backward(S_in, *,         backward only, on a rebuilt segment: whatever
+state_is_zero)``                   ``backward_output`` needs of ``compute_local`` + ``output``
+                                   with the same arguments as in forward, without computing
+                                   the output where it is not needed
 ``state_grad(dO)``                 ``dL/dS_in [B, H, K, V]`` float32 from this segment's outputs
-``backward_output(dO)``            gradients due to ``dO`` (``S_in`` as given to ``output``)
+``backward_output(dO)``            gradients due to ``dO`` (``S_in`` as given to
+                                   ``prepare_backward``)
 ``backward_summary(dM, dA)``       gradients due to the summary's own gradient (``dA`` is
                                    ``dlogA [B, H]`` or ``[B, H, K, K]``); not called when the
                                    driver knows both are zero
@@ -27,8 +32,10 @@ maps with :mod:`lasp.ops.affine` and only need, per segment:
 Constructors: diagonal ``Seg(q, k, v, g, g_gamma, scale)`` (grads ``(dq, dk, dv, dg, dg_gamma)``);
 delta ``Seg(q, k, v, beta, g, scale, use_qk_l2norm=False)``. A segment object lives for ONE
 direction: the drivers build segments in forward and REBUILD them from the saved inputs in
-backward (recompute), calling ``compute_local`` and ``output`` again before ``backward_output``;
-a segment must not rely on another instance.
+backward (recompute), calling ``prepare_backward`` (not ``compute_local`` and ``output``) before
+``backward_output``; a segment must not rely on another instance. Plain-torch segments recompute
+their forward there (it records the autograd graph backward replays); the Triton ones keep only
+the incoming state (diagonal) or run only the state pass (delta), launching no output kernel.
 
 Backends: :class:`TorchSegment` (plain torch, autograd inside) here; the Triton one lives in
 ``kernels``. Both are selected by :func:`segment_class`.
@@ -72,6 +79,11 @@ class TorchSegment:
         with torch.enable_grad():
             self.o = self.o_local if state_is_zero else self.o_local + chunk.inter_output(self.q, self.a, state, self.scale)
         return self.o.detach().transpose(1, 2)
+
+    def prepare_backward(self, state: torch.Tensor, *, state_is_zero: bool = False) -> None:
+        """Backward: records the forward's graph again (``compute_local`` + ``output``)."""
+        self.compute_local()
+        self.output(state, state_is_zero=state_is_zero)
 
     def state_grad(self, do: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
