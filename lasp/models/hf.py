@@ -29,6 +29,7 @@ _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
 }
+_LASP_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}  # HF name -> lasp name
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -141,9 +142,8 @@ def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
     if m is None:
         return rest
     i, tail = int(m.group(1)), m.group(2)
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    if tail in inverse:
-        return f"layers.{i}.{inverse[tail]}"
+    if tail in _LASP_LAYER_NAMES:
+        return f"layers.{i}.{_LASP_LAYER_NAMES[tail]}"
     for mixer in ("linear_attn.", "self_attn."):
         if tail.startswith(mixer):
             return f"layers.{i}.attn." + tail[len(mixer):].replace("conv1d.weight", "conv_weight")
