@@ -55,9 +55,10 @@ def delta_gate(A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def init_conv_(weight: torch.Tensor) -> None:
-    """A ``[channels, width]`` depthwise conv weight initialised like ``nn.Conv1d``'s default."""
-    bound = 1.0 / math.sqrt(weight.shape[-1])
+def init_conv_(weight: torch.Tensor, width: int) -> None:
+    """A ``[channels, width]`` depthwise conv weight initialised like ``nn.Conv1d``'s default
+    (``width`` given: under ZeRO-3's ``zero.Init`` the local ``weight`` is an empty partition)."""
+    bound = 1.0 / math.sqrt(width)
     weight.uniform_(-bound, bound)
 
 
@@ -96,7 +97,7 @@ class GatedDeltaNet(nn.Module):
         [1e-3, 0.1] stored as ``dt_bias = softplus^-1(dt)`` (the Mamba / GDN recipe)."""
         if self.conv_weight.is_meta:
             return
-        init_conv_(self.conv_weight)
+        init_conv_(self.conv_weight, self.cfg.conv_size)
         if self.gated:
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
             dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp()

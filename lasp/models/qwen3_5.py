@@ -70,7 +70,7 @@ class Qwen35GatedDeltaNet(nn.Module):
         """Conv like ``nn.Conv1d``'s default; ``A`` uniform in [0.01, 16]; ``dt_bias`` ones (transformers' init)."""
         if self.conv_weight.is_meta:
             return
-        init_conv_(self.conv_weight)
+        init_conv_(self.conv_weight, self.cfg.conv_size)
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16.0).log())
         self.dt_bias.fill_(1.0)
 
