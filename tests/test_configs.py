@@ -68,6 +68,18 @@ def test_1b_parameter_count_closed_form(capsys):
     assert LinearLlamaForCausalLM(hyb, device="meta").num_parameters() == count_params(hyb)
 
 
+@pytest.mark.parametrize("variant", ["basic", "lightning", "retention", "simple_gla", "deltanet", "gated_deltanet"])
+def test_count_params_matches_built_model(variant):
+    """The closed form (what the trainer reports) equals the meta-built model's count for every
+    linear variant, with and without the output norm, tied or not, GQA softmax layers included."""
+    for output_norm in (True, False):
+        for tie in (True, False):
+            cfg = ModelConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_heads=4, num_kv_heads=2,
+                              num_layers=4, layer_pattern="LLLS", linear_variant=variant, output_norm=output_norm,
+                              tie_embeddings=tie, gate_low_rank_dim=5, conv_size=3)
+            assert count_params(cfg) == LinearLlamaForCausalLM(cfg, device="meta").num_parameters(), cfg
+
+
 def test_flop_counts():
     cfg = ModelConfig.from_yaml(os.path.join(ROOT, "configs", "models", "linear-llama3-1b-hybrid-1of4.yaml"))
     T = 4096

@@ -212,7 +212,8 @@ def test_finetune_config_resolves_init_from(hf_dir):
     path, hf = hf_dir
     cfg = RunConfig.from_yaml("configs/finetune-qwen3_5.yaml")
     cfg.model["init_from"] = path
-    mcfg = build_model_config(cfg)
+    mcfg, init_from = build_model_config(cfg)
+    assert init_from == path
     assert mcfg.architecture == "qwen3_5" and mcfg.num_layers == hf.config.num_hidden_layers
     cfg.model["init_from"] = path + "-missing"
     with pytest.raises(ValueError, match="model.init_from: no such directory"):

@@ -40,6 +40,28 @@ def delta_rule(cfg: ModelConfig, q, k, v, beta, g, cache: dict | None, *, group,
     )
 
 
+def delta_conv(x: torch.Tensor, weight: torch.Tensor, cache: dict | None, *, group, layout: str, cu_seqlens=None) -> torch.Tensor:
+    """A GDN layer's depthwise causal convolution + SiLU over the projected ``[q | k | v]``
+    channels: across ranks when training (``cache`` None), carrying ``cache["conv"]`` when decoding."""
+    if cache is None:
+        return ops.causal_conv1d(x, weight, activation="silu", group=group, layout=layout, cu_seqlens=cu_seqlens)
+    out, cache["conv"] = causal_conv1d_with_state(x, weight, activation="silu", state=cache.get("conv"))
+    return out
+
+
+def delta_gate(A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """The GDN log-decay ``g = -exp(A_log) * softplus(a + dt_bias)`` in float32 (``a = W_a x``)."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+
+
+@torch.no_grad()
+def init_conv_(weight: torch.Tensor, width: int) -> None:
+    """A ``[channels, width]`` depthwise conv weight initialised like ``nn.Conv1d``'s default
+    (``width`` given: under ZeRO-3's ``zero.Init`` the local ``weight`` is an empty partition)."""
+    bound = 1.0 / math.sqrt(width)
+    weight.uniform_(-bound, bound)
+
+
 def delta_param_counts(cfg: ModelConfig) -> tuple[int, int]:
     """``(matrix weights, other weights)`` of one delta-rule mixer (for ``lasp model-info``)."""
     h, HD, H = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_heads
@@ -75,8 +97,7 @@ class GatedDeltaNet(nn.Module):
         [1e-3, 0.1] stored as ``dt_bias = softplus^-1(dt)`` (the Mamba / GDN recipe)."""
         if self.conv_weight.is_meta:
             return
-        bound = 1.0 / math.sqrt(self.cfg.conv_size)
-        self.conv_weight.uniform_(-bound, bound)
+        init_conv_(self.conv_weight, self.cfg.conv_size)
         if self.gated:
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
             dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp()
@@ -93,13 +114,10 @@ class GatedDeltaNet(nn.Module):
         """
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        if cache is None:
-            qkv = ops.causal_conv1d(self.qkv_proj(x), self.conv_weight, activation="silu", group=group, layout=layout, cu_seqlens=cu_seqlens)
-        else:
-            qkv, cache["conv"] = causal_conv1d_with_state(self.qkv_proj(x), self.conv_weight, activation="silu", state=cache.get("conv"))
+        qkv = delta_conv(self.qkv_proj(x), self.conv_weight, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         beta = torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float()) if self.gated else None
+        g = delta_gate(self.A_log, self.a_proj(x), self.dt_bias) if self.gated else None
         o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.z_proj(x).view(B, T, H, D)
         o = (self.o_norm(o).float() * F.silu(z.float())).to(x.dtype)

@@ -29,6 +29,7 @@ _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
 }
+_LASP_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}  # HF name -> lasp name
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -141,9 +142,8 @@ def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
     if m is None:
         return rest
     i, tail = int(m.group(1)), m.group(2)
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    if tail in inverse:
-        return f"layers.{i}.{inverse[tail]}"
+    if tail in _LASP_LAYER_NAMES:
+        return f"layers.{i}.{_LASP_LAYER_NAMES[tail]}"
     for mixer in ("linear_attn.", "self_attn."):
         if tail.startswith(mixer):
             return f"layers.{i}.attn." + tail[len(mixer):].replace("conv1d.weight", "conv_weight")
@@ -195,17 +195,11 @@ def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tupl
     return index
 
 
-def read_hf_tensor(file: str, hf_name: str) -> torch.Tensor:
-    """One tensor of an HF checkpoint in lasp's shape (the GDN conv loses its middle dim)."""
-    with safe_open(file, framework="pt") as f:
-        t = f.get_tensor(hf_name)
+def read_hf_tensor(f, hf_name: str) -> torch.Tensor:
+    """Tensor ``hf_name`` of the open safetensors file ``f`` in lasp's shape (the GDN conv loses
+    its middle dim)."""
+    t = f.get_tensor(hf_name)
     return t[:, 0].contiguous() if hf_name.endswith("conv1d.weight") else t
-
-
-def iter_hf_tensors(path: str | os.PathLike, cfg: ModelConfig):
-    """Yield ``(lasp_name, tensor)`` of HF directory ``path`` (checked by :func:`hf_tensor_index` first)."""
-    for name, (file, hf_name) in hf_tensor_index(path, cfg).items():
-        yield name, read_hf_tensor(file, hf_name)
 
 
 def expected_names(cfg: ModelConfig) -> list[str]:
@@ -218,12 +212,10 @@ def expected_names(cfg: ModelConfig) -> list[str]:
 def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5``) from HF directory ``path``."""
     from .model import LinearLlamaForCausalLM
+    from .weights import load_weights_
 
-    cfg = read_hf_config(path)
-    model = LinearLlamaForCausalLM(cfg, device="meta")
-    state = {name: t.to(device) for name, t in iter_hf_tensors(path, cfg)}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dtype=dtype) if dtype is not None else model
+    model = load_weights_(LinearLlamaForCausalLM(read_hf_config(path), device="meta"), path)
+    return model.to(device=device, dtype=dtype)
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

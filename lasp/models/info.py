@@ -25,18 +25,24 @@ from .delta_mixer import delta_param_counts
 from .qwen3_5 import qwen35_param_counts
 
 
+def _mixer_counts(cfg: ModelConfig, kind: str) -> tuple[int, int]:
+    """``(matrix weights, other weights)`` of one token mixer of kind ``kind``."""
+    h, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    if cfg.architecture == "qwen3_5":
+        return qwen35_param_counts(cfg, kind)
+    if kind == "softmax":
+        return 2 * h * H * D + 2 * h * cfg.kv_heads * D, 0
+    if cfg.linear_variant in DELTA_VARIANTS:
+        return delta_param_counts(cfg)
+    gla = cfg.linear_variant == "simple_gla"
+    gate = h * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * H if gla else 0
+    others = (D if cfg.output_norm else 0) + (H if gla else 0)  # output norm, gate bias
+    return 4 * h * H * D + gate, others
+
+
 def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
     """Weights in the matrices of one decoder layer (what matmuls touch per token)."""
-    h, D = cfg.hidden_size, cfg.head_dim
-    mlp = 3 * h * cfg.intermediate_size
-    if cfg.architecture == "qwen3_5":
-        return mlp + qwen35_param_counts(cfg, kind)[0]
-    if kind == "softmax":
-        return mlp + 2 * h * cfg.num_heads * D + 2 * h * cfg.kv_heads * D
-    if cfg.linear_variant in DELTA_VARIANTS:
-        return mlp + delta_param_counts(cfg)[0]
-    gate = h * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * cfg.num_heads if cfg.linear_variant == "simple_gla" else 0
-    return mlp + 4 * h * cfg.num_heads * D + gate
+    return 3 * cfg.hidden_size * cfg.intermediate_size + _mixer_counts(cfg, kind)[0]
 
 
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
@@ -44,14 +50,7 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     h = cfg.hidden_size
     total = h  # final norm
     for kind in cfg.layer_types:
-        total += 2 * h + _layer_matrices(cfg, kind)
-        if cfg.architecture == "qwen3_5":
-            total += qwen35_param_counts(cfg, kind)[1]
-        elif kind == "linear" and cfg.linear_variant in DELTA_VARIANTS:
-            total += delta_param_counts(cfg)[1]
-        elif kind == "linear":
-            total += cfg.head_dim if cfg.output_norm else 0
-            total += cfg.num_heads if cfg.linear_variant == "simple_gla" else 0  # gate bias
+        total += 2 * h + _layer_matrices(cfg, kind) + _mixer_counts(cfg, kind)[1]
     if include_embedding:
         total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
     elif not cfg.tie_embeddings:

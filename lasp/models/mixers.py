@@ -88,6 +88,18 @@ class LinearAttention(nn.Module):
         return self._out(o)
 
 
+def softmax_attend(cfg: ModelConfig, q, k, v, cache: dict | None, *, group, layout: str, cu_seqlens=None) -> torch.Tensor:
+    """A softmax layer's attention over post-RoPE ``q [B, T, H, D]``, ``k, v [B, T, H_kv, D]``: the
+    sequence-parallel operator when training (``cache`` None), else the KV cache ``{"k", "v"}``
+    extended in place by these tokens (bottom-right causal: the new tokens are last)."""
+    if cache is None:
+        return ops.softmax_attention(q, k, v, group=group, layout=layout, method=cfg.softmax_method, cu_seqlens=cu_seqlens)
+    if cache.get("k") is not None:
+        k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
+    cache["k"], cache["v"] = k, v
+    return sdpa_attention(q, k, v, causal=True, scale=q.shape[-1] ** -0.5)
+
+
 class SoftmaxAttention(nn.Module):
     """Llama-3 GQA softmax attention with RoPE at global positions. ``[B, T_local, hidden] -> same``."""
 
@@ -114,13 +126,5 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if cache is None:
-            o = ops.softmax_attention(
-                q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, cu_seqlens=cu_seqlens
-            )
-        else:
-            if cache.get("k") is not None:
-                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
-            cache["k"], cache["v"] = k, v
-            o = sdpa_attention(q, k, v, causal=True, scale=self.head_dim**-0.5)  # bottom-right: new tokens are last
+        o = softmax_attend(self.cfg, q, k, v, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, -1))

@@ -18,19 +18,14 @@ softmax layers.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import attention as attn_ops
-from .. import recurrent as rec_ops
-from ..ops.conv import causal_conv1d_with_state
-from ..ops.softmax_local import sdpa_attention
 from .config import ModelConfig
-from .delta_mixer import delta_rule
+from .delta_mixer import delta_conv, delta_gate, delta_rule, init_conv_
 from .layers import RMSNorm, apply_rope
+from .mixers import softmax_attend
 
 
 class OffsetRMSNorm(RMSNorm):
@@ -75,8 +70,7 @@ class Qwen35GatedDeltaNet(nn.Module):
         """Conv like ``nn.Conv1d``'s default; ``A`` uniform in [0.01, 16]; ``dt_bias`` ones (transformers' init)."""
         if self.conv_weight.is_meta:
             return
-        bound = 1.0 / math.sqrt(self.cfg.conv_size)
-        self.conv_weight.uniform_(-bound, bound)
+        init_conv_(self.conv_weight, self.cfg.conv_size)
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16.0).log())
         self.dt_bias.fill_(1.0)
 
@@ -85,17 +79,14 @@ class Qwen35GatedDeltaNet(nn.Module):
         """``x [B, T_local, hidden]``; ``cos, sin`` unused. ``cache``: ``{"state", "conv"}`` (generation).
         ``cu_seqlens``: global document starts (packed documents), passed to the operators."""
         B, T, _ = x.shape
-        if cache is None:
-            qkv = rec_ops.causal_conv1d(self.in_proj_qkv(x), self.conv_weight, activation="silu", group=group, layout=layout, cu_seqlens=cu_seqlens)
-        else:
-            qkv, cache["conv"] = causal_conv1d_with_state(self.in_proj_qkv(x), self.conv_weight, activation="silu", state=cache.get("conv"))
+        qkv = delta_conv(self.in_proj_qkv(x), self.conv_weight, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         q, k, v = qkv.split([self.nk * self.dk, self.nk * self.dk, self.nv * self.dv], dim=-1)
-        rep = self.nv // self.nk
+        rep = self.nv // self.nk  # repeat_interleave copies even at rep 1: skipping it moves the CPU results by ~1 ulp
         q = q.reshape(B, T, self.nk, self.dk).repeat_interleave(rep, dim=2)
         k = k.reshape(B, T, self.nk, self.dk).repeat_interleave(rep, dim=2)
         v = v.reshape(B, T, self.nv, self.dv)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        g = delta_gate(self.A_log, self.in_proj_a(x), self.dt_bias)
         o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.in_proj_z(x).view(B, T, self.nv, self.dv)
         o = (self.norm(o.to(x.dtype)).float() * F.silu(z.float())).to(x.dtype)
@@ -126,13 +117,7 @@ class Qwen35Attention(nn.Module):
         q = partial_rope(self.q_norm(q), cos, sin)
         k = partial_rope(self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if cache is None:
-            o = attn_ops.softmax_attention(q, k, v, group=group, layout=layout, method=self.cfg.softmax_method, cu_seqlens=cu_seqlens)
-        else:
-            if cache.get("k") is not None:
-                k, v = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1)
-            cache["k"], cache["v"] = k, v
-            o = sdpa_attention(q, k, v, causal=True, scale=self.head_dim**-0.5)
+        o = softmax_attend(self.cfg, q, k, v, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         o = o.reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(o)
 

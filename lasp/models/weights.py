@@ -25,8 +25,10 @@ def source_config(path: str | os.PathLike) -> ModelConfig:
     raise ValueError(f"init_from: {os.fspath(path)!r} is neither a lasp model directory ({CONFIG_FILE}) nor a Hugging Face one (config.json)")
 
 
-def tensor_readers(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Callable[[], torch.Tensor]]:
-    """``{lasp parameter name: () -> tensor}`` for every tensor of a ``cfg`` model in ``path``.
+def tensor_locations(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """``{lasp parameter name: (safetensors file, name in the file)}`` for every tensor of a ``cfg``
+    model in ``path``. Both kinds are read by :func:`~lasp.models.hf.read_hf_tensor` (its reshape
+    is for HF's ``conv1d.weight``, a name lasp files never hold).
 
     ``ValueError`` listing unknown and missing names when the files do not match ``cfg``.
     """
@@ -37,22 +39,38 @@ def tensor_readers(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Calla
         expected = set(expected_names(cfg))
         if names != expected:
             raise ValueError(f"{file}: tensors do not match the model: unknown {sorted(names - expected)}, missing {sorted(expected - names)}")
+        return {n: (file, n) for n in sorted(names)}
+    return hf_tensor_index(path, cfg)
 
-        def read(name: str) -> torch.Tensor:
-            with safe_open(file, framework="pt") as f:
-                return f.get_tensor(name)
 
-        return {n: (lambda n=n: read(n)) for n in sorted(names)}
-    return {n: (lambda fh=fh: read_hf_tensor(*fh)) for n, fh in hf_tensor_index(path, cfg).items()}
+def tensor_readers(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """``{lasp parameter name: () -> tensor}`` for every tensor of a ``cfg`` model in ``path``
+    (each call opens the file: one tensor at a time).
+
+    ``ValueError`` listing unknown and missing names when the files do not match ``cfg``.
+    """
+
+    def read(file: str, key: str) -> torch.Tensor:
+        with safe_open(file, framework="pt") as f:
+            return read_hf_tensor(f, key)
+
+    return {n: (lambda loc=loc: read(*loc)) for n, loc in tensor_locations(path, cfg).items()}
 
 
 def load_weights_(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Fill ``model`` (built on any device, ``meta`` included) from ``path``; returns it.
 
-    Meta tensors are replaced by the loaded ones (``assign``), others are copied into.
+    Meta tensors are replaced by the loaded ones (``assign``), others are copied into. Each
+    safetensors file is opened once.
     """
-    readers = tensor_readers(path, model.config)
-    state = {name: read() for name, read in readers.items()}
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, (file, key) in tensor_locations(path, model.config).items():
+        by_file.setdefault(file, []).append((name, key))
+    state = {}
+    for file, items in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name, key in items:
+                state[name] = read_hf_tensor(f, key)
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state, strict=True, assign=on_meta)
     return model

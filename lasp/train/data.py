@@ -388,6 +388,14 @@ def window_starts(spec: BatchSpec, step: int, num_tokens: int) -> np.ndarray:
     return rng.integers(0, num_tokens - spec.seq_len, size=spec.windows_per_step, dtype=np.int64)
 
 
+def micro_batch_windows(data: TokenDataset, spec: BatchSpec, step: int, micro_step: int, dp_rank: int) -> list[tuple[int, np.ndarray]]:
+    """``(start, window [seq_len + 1] int64)`` of DP rank ``dp_rank``'s ``micro_batch_size``
+    windows for ``(step, micro_step)``."""
+    starts = window_starts(spec, step, data.num_tokens)
+    first = (micro_step * spec.dp_size + dp_rank) * spec.micro_batch_size
+    return [(int(s), np.asarray(data.tokens[s : s + spec.seq_len + 1], dtype=np.int64)) for s in starts[first : first + spec.micro_batch_size]]
+
+
 def micro_batch(
     data: TokenDataset, spec: BatchSpec, step: int, micro_step: int, dp_rank: int, sp_rank: int, sp_size: int, layout: str
 ):
@@ -397,10 +405,7 @@ def micro_batch(
 
     from lasp.parallel import shard_sequence
 
-    starts = window_starts(spec, step, data.num_tokens)
-    first = (micro_step * spec.dp_size + dp_rank) * spec.micro_batch_size
-    rows = [np.asarray(data.tokens[s : s + spec.seq_len + 1], dtype=np.int64) for s in starts[first : first + spec.micro_batch_size]]
-    windows = torch.from_numpy(np.stack(rows))
+    windows = torch.from_numpy(np.stack([w for _, w in micro_batch_windows(data, spec, step, micro_step, dp_rank)]))
     inputs, labels = windows[:, :-1], windows[:, 1:]  # shift on the full window, THEN shard
     return (
         shard_sequence(inputs, sp_rank, sp_size, layout).contiguous(),

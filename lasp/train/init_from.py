@@ -44,11 +44,9 @@ def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict
     from lasp.models import LinearLlamaForCausalLM
     from lasp.models.weights import load_weights_, tensor_readers
 
-    if path is None:
+    if path is None or (zero_stage < 3 and not load):
         return LinearLlamaForCausalLM(mcfg)
     if zero_stage < 3:
-        if not load:
-            return LinearLlamaForCausalLM(mcfg)
         return load_weights_(LinearLlamaForCausalLM(mcfg, device="meta"), path).float()
     import deepspeed
     import torch.distributed as dist

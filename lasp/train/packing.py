@@ -1,6 +1,6 @@
 """Packed documents: a micro-batch's windows as one row with ``cu_seqlens`` and boundary-aware labels.
 
-Windows are cut from the token stream exactly as without documents (:func:`lasp.train.data.window_starts`).
+Windows are cut from the token stream exactly as without documents (:func:`lasp.train.data.micro_batch_windows`).
 Inside a window of ``seq_len + 1`` tokens starting at offset ``s``, the document starts ``d`` of the
 dataset's index with ``s < d <= s + seq_len`` split it into documents; the window start is a
 document start for the window's purposes (its first tokens continue a document whose beginning
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import BatchSpec, TokenDataset, window_starts
+from .data import BatchSpec, TokenDataset, micro_batch_windows
 
 #: the label of a token whose next token starts another document (``F.cross_entropy``'s default)
 IGNORE_INDEX = -100
@@ -60,12 +60,9 @@ def packed_micro_batch(
 
     if data.doc_starts is None:
         raise ValueError(f"data.pack_documents: {data.path!r} has no document index ({data.header.get('document_index')})")
-    starts = window_starts(spec, step, data.num_tokens)
-    first = (micro_step * spec.dp_size + dp_rank) * spec.micro_batch_size
     inputs, labels, cus = [], [], [np.zeros(1, dtype=np.int64)]
-    for b, s in enumerate(starts[first : first + spec.micro_batch_size]):
-        window = np.asarray(data.tokens[s : s + spec.seq_len + 1], dtype=np.int64)
-        x, y, cu = pack_window(window, window_boundaries(data.doc_starts, int(s), spec.seq_len))
+    for b, (s, window) in enumerate(micro_batch_windows(data, spec, step, micro_step, dp_rank)):
+        x, y, cu = pack_window(window, window_boundaries(data.doc_starts, s, spec.seq_len))
         inputs.append(x)
         labels.append(y)
         cus.append(cu[1:] + b * spec.seq_len)

@@ -26,7 +26,7 @@ from .config import RunConfig
 from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
 from .ds_config import build_deepspeed_config, make_scheduler
-from .init_from import INIT_KEY, build_initial_model
+from .init_from import build_initial_model
 from .metrics import MetricsLogger
 from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
 
@@ -69,9 +69,10 @@ def resolve_data(cfg: RunConfig) -> str:
 
 
 def build_model_config(cfg: RunConfig):
+    """``(ModelConfig, model.init_from path or None)`` of the run (:mod:`lasp.train.init_from`)."""
     from .init_from import split_model_section
 
-    return split_model_section(cfg.model, cfg.source)[0]
+    return split_model_section(cfg.model, cfg.source)
 
 
 def check_writable(path: str, key: str) -> None:
@@ -88,18 +89,17 @@ def check_writable(path: str, key: str) -> None:
         raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not writable: {e.strerror})") from None
 
 
-def preflight(cfg: RunConfig, world: int) -> tuple[object, TokenDataset]:
+def preflight(cfg: RunConfig, world: int) -> tuple[object, str | None, TokenDataset, bool]:
     """Every check that needs no collective: world size, model config, writable output
-    directories, data (header, size, token ids against the model's vocab). Returns
-    ``(model_config, dataset)``."""
+    directories, data (header, size, token ids against the model's vocab, document packing).
+    Returns ``(model_config, init_from path or None, dataset, whether documents are packed)``."""
     check_world(cfg, world)
-    mcfg = build_model_config(cfg)
+    mcfg, init_from = build_model_config(cfg)
     check_writable(cfg.out_dir, "out_dir")
     check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     data = TokenDataset(resolve_data(cfg))
     data.check_fits(cfg.train.seq_len, mcfg.vocab_size)
-    pack_documents(cfg, data)
-    return mcfg, data
+    return mcfg, init_from, data, pack_documents(cfg, data)
 
 
 def pack_documents(cfg: RunConfig, data: TokenDataset) -> bool:
@@ -225,12 +225,12 @@ def train(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
     import deepspeed
 
-    from lasp.models import LinearLlamaForCausalLM
+    from lasp.models.info import count_params
     from lasp.parallel import DEFAULT_TIMEOUT_S, init_parallel
 
     t, layout = cfg.train, cfg.parallel.layout
     world = world_size_from_env()
-    mcfg, data = preflight(cfg, world)
+    mcfg, init_from, data, packed = preflight(cfg, world)  # init_from: fine-tuning (lasp.train.init_from)
     ckpt_dir = cfg.checkpoint_dir
     run_id = env_run_id()
     plan = plan_start(cfg, world=world, resume=resume, overwrite=overwrite, reset_schedule=reset_schedule,
@@ -252,7 +252,6 @@ def train(
     if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
         print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
-    packed = pack_documents(cfg, data)
 
     def batch(step: int, micro: int):
         """``(input_ids, labels, cu_seqlens or None)`` of this rank, on the device."""
@@ -264,11 +263,10 @@ def train(
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
     ds_config = build_deepspeed_config(cfg, world)
-    init_from = cfg.model.get(INIT_KEY)  # fine-tuning: pretrained weights (lasp.train.init_from)
     model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
-    n_params = LinearLlamaForCausalLM(mcfg, device="meta").num_parameters()
+    n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
