@@ -212,9 +212,10 @@ def expected_names(cfg: ModelConfig) -> list[str]:
 def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5``) from HF directory ``path``."""
     from .model import LinearLlamaForCausalLM
-    from .weights import load_weights_
+    from .weights import load_tensors_
 
-    model = load_weights_(LinearLlamaForCausalLM(read_hf_config(path), device="meta"), path)
+    cfg = read_hf_config(path)
+    model = load_tensors_(LinearLlamaForCausalLM(cfg, device="meta"), hf_tensor_index(path, cfg))
     return model.to(device=device, dtype=dtype)
 
 

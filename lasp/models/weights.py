@@ -63,8 +63,13 @@ def load_weights_(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.M
     Meta tensors are replaced by the loaded ones (``assign``), others are copied into. Each
     safetensors file is opened once.
     """
+    return load_tensors_(model, tensor_locations(path, model.config))
+
+
+def load_tensors_(model: torch.nn.Module, locations: dict[str, tuple[str, str]]) -> torch.nn.Module:
+    """Fill ``model`` from ``{lasp name: (safetensors file, name in the file)}`` (as :func:`load_weights_`)."""
     by_file: dict[str, list[tuple[str, str]]] = {}
-    for name, (file, key) in tensor_locations(path, model.config).items():
+    for name, (file, key) in locations.items():
         by_file.setdefault(file, []).append((name, key))
     state = {}
     for file, items in by_file.items():
