@@ -6,9 +6,9 @@
 #   compile   python -m lasp.kernels.compile_check --quick
 #   kernels   every Triton kernel, fwd + bwd, vs the torch path in float64 (scripts/gpu_check.py)
 #   softmax   the CUDA softmax blocks (flash / memory-efficient / reference) vs a float64 oracle; times
-#   speed     T=8192 H=16 K=V=128 bf16: lasp's Triton kernels vs fla (when its wheel is carried) vs torch
 #   train     lasp train configs/tiny-hybrid.yaml, one process, a few bf16 steps (needs deepspeed)
-#   sanitizer compute-sanitizer memcheck of the first two kernel checks
+#   speed     T=8192 H=16 K=V=128 bf16: lasp's Triton kernels vs fla (when its wheel is carried) vs torch
+#   sanitizer compute-sanitizer memcheck of two short bf16 kernel checks
 # then prints one table. Results go to $OUT (the device tool's output folder) or bench-results/gpu-check:
 # gpu_check.log, summary.md, rows.jsonl, status.tsv. Exit status 1: a check failed or ran out of time.
 #
@@ -80,8 +80,8 @@ main() {
     run_section compile 90 "$PY" -m lasp.kernels.compile_check --quick
     run_section kernels 150 "$PY" scripts/gpu_check.py --out "$OUT_DIR" run kernels
     run_section softmax 60 "$PY" scripts/gpu_check.py --out "$OUT_DIR" run softmax
-    run_section speed 120 "$PY" scripts/gpu_check.py --out "$OUT_DIR" run speed
     run_section train 120 "$PY" scripts/gpu_check.py --out "$OUT_DIR" run train
+    run_section speed 120 "$PY" scripts/gpu_check.py --out "$OUT_DIR" run speed
     if command -v compute-sanitizer >/dev/null; then
       run_section sanitizer 90 compute-sanitizer --tool memcheck --print-limit 10 --error-exitcode 9 \
         "$PY" scripts/gpu_check.py --mini --out /tmp/lasp-sanitizer-rows run kernels
