@@ -173,7 +173,6 @@ def check_delta(r: Report, dname, B, T, H, K, V, gates, l2, docs=0, gate_scale=N
 def kernels(r: Report) -> None:
     if r.smoke:  # the interpreter: one case per kind
         check_linear(r, "fp32", 1, 40, 2, 16, 32, "both", resets=(5, 21))
-        check_linear(r, "bf16", 1, 40, 2, 16, 16, "g", docs=3)
         check_delta(r, "fp32", 1, 40, 2, 16, 16, "g", True, docs=3)
         return
     if r.mini:  # the compute-sanitizer run: the kernels of the bf16 K = V = 128 cases, a short T
@@ -431,11 +430,18 @@ def train(r: Report) -> None:
     steps = 8
     cmd = [sys.executable, "-m", "lasp.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny-hybrid.yaml"),
            "--nproc", "1", "--overwrite", "--no-progress",
-           *[a for kv in (f"parallel.sp_size=1", "parallel.nproc=1", f"train.steps={steps}", "train.warmup=2",
+           *[a for kv in ("parallel.sp_size=1", "parallel.nproc=1", f"train.steps={steps}", "train.warmup=2",
                           "train.dtype=bf16", "checkpoint.every=1000", "sample.max_new_tokens=16", f"out_dir={out_dir}")
              for a in ("--set", kv)]]
+    deadline = float(os.environ.get("GPU_CHECK_DEADLINE", 0))  # set by gpu_check.sh: the section's end
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=max(10.0, deadline - time.time() - 8) if deadline else None)
+    except subprocess.TimeoutExpired as e:
+        sys.stdout.write(str(e.stdout or "")[-4000:] + str(e.stderr or "")[-4000:])
+        r.row("tiny-hybrid on one GPU", "FAIL", f"lasp train still running after {time.perf_counter() - t0:.0f}s (the section's time)")
+        return
     wall = time.perf_counter() - t0
     sys.stdout.write(proc.stdout[-4000:] + proc.stderr[-4000:])
     metrics = os.path.join(out_dir, "metrics.jsonl")

@@ -52,6 +52,7 @@ run_section() {
   ((max > left)) && max=$left
   echo "===== $name (at most ${max}s)"
   local t0=$SECONDS rc=0
+  export GPU_CHECK_DEADLINE=$(($(date +%s) + max))  # a section may stop a subprocess before it
   timeout -k 10 "$max" "$@" || rc=$?
   printf '%s\t%s\t%s\t\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STATUS"
 }

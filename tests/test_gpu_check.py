@@ -24,7 +24,7 @@ def test_smoke_mode_runs_every_section(tmp_path):
     by_section = {s: [x for x in rows if x["section"] == s] for s in ("env", "kernels", "softmax", "speed", "train")}
     assert all(by_section.values()), {s: len(v) for s, v in by_section.items()}
     assert all(x["result"] in ("ok", "info", "skip") for x in rows), [x for x in rows if x["result"] not in ("ok", "info", "skip")]
-    assert sum(x["result"] == "ok" for x in by_section["kernels"]) == 3 and sum(x["result"] == "ok" for x in by_section["softmax"]) == 2
+    assert sum(x["result"] == "ok" for x in by_section["kernels"]) == 2 and sum(x["result"] == "ok" for x in by_section["softmax"]) == 2
     assert [x["result"] for x in by_section["train"]] == ["skip"]
     status = {line.split("\t")[0]: line.split("\t") for line in (tmp_path / "status.tsv").read_text().splitlines()}
     assert status["smoke"][1] == "0" and status["compile"][3].startswith("skip") and status["sanitizer"][3].startswith("skip")
