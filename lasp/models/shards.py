@@ -3,8 +3,8 @@
 Writing (:func:`write_weights`, the one writer behind ``save_pretrained``, ``to_hf``, ``lasp export``
 and ``lasp convert``): the tensors' names, shapes and dtypes are known first, so the shards are
 planned before any data exists; each shard's header is written, then each tensor is asked for
-(``read(name)``), cast to its planned dtype (the only rounding), written and dropped. No state dict
-is ever held. Files follow Hugging Face's layout: one ``model.safetensors``, or shards
+(``read(name)``), cast to its planned dtype (the only rounding) and written 64 MiB at a time, and
+dropped. No state dict is ever held, nor a cast copy of a whole tensor. Files follow Hugging Face's layout: one ``model.safetensors``, or shards
 ``model-00001-of-0000N.safetensors`` of at most ``max_shard_size`` bytes each (a tensor larger than
 that gets a shard of its own) listed by ``model.safetensors.index.json`` (``metadata.total_size``,
 ``weight_map``).
@@ -35,6 +35,7 @@ from safetensors import safe_open
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+CHUNK_BYTES = 64 * 2**20  # a tensor is cast and written in pieces of at most this many source bytes
 # weight files a model directory may hold besides the new ones: removed by a write
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", INDEX_FILE, "model*.safetensors.partial",
                     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
@@ -187,10 +188,12 @@ def _write_file(path: str, shard: list[TensorSpec], read: Callable[[str], torch.
             t = read(s.name)
             if tuple(t.shape) != s.shape:
                 raise ValueError(f"tensor {s.name!r}: expected shape {list(s.shape)}, got {list(t.shape)}")
-            t = t.detach().to(device="cpu", dtype=s.dtype).contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            del t
+            flat = t.detach().reshape(-1)
+            step = max(1, CHUNK_BYTES // flat.element_size())
+            for i in range(0, flat.numel(), step):  # cast and copy to the host a chunk at a time
+                piece = flat[i:i + step].to(device="cpu", dtype=s.dtype).contiguous()
+                f.write(memoryview(piece.view(torch.uint8).numpy()))
+            del t, flat
 
 
 def _remove_stale(out_dir: str | os.PathLike, keep: set[str], stale: Iterable[str]) -> list[str]:
