@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"lasp convert: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. no space left on the output's filesystem
+        print(f"lasp convert: error: {err.filename or args.output}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"converted {args.from_hf or args.from_lasp} -> {res.output}\n{describe(res.output, res.weights, res.companions)}")
     return 0
 

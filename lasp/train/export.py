@@ -24,6 +24,7 @@ checkpoint is verified against its manifest first: a damaged one is one clear er
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -133,7 +134,11 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
             written = write_hf(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size, token_ids=ids)
         else:
             written = write_pretrained(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size)
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise ValueError(f"--output: cannot write {output}: {e.strerror}") from None
+        raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
     companions = copy_companions(init_dir, output) if init_dir else []
     if "tokenizer.json" not in companions and tokenizer is not None:
