@@ -158,7 +158,7 @@ def test_export_under_zero0_half_is_the_fp32_master_copy(run, tmp_path, dtype):
 
     rc, _, err = run("--set", "train.zero_stage=0", "--set", "train.dtype=" + dtype, steps=2, every=0)
     assert rc == 0, err
-    assert export_main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(tmp_path / "exp")]) == 0
+    assert export_main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(tmp_path / "exp"), "--dtype", "fp32"]) == 0
     weights = dict(load_pretrained(str(tmp_path / "exp")).named_parameters())
     rounded = [n for n, w in weights.items() if torch.equal(w.detach().to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype])).float(), w.detach())]
     assert not rounded, f"{dtype}-rounded weights exported: {rounded}"
