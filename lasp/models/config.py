@@ -18,6 +18,7 @@ import yaml
 
 from ..config_loader import build, coerce_fields, read_yaml
 from ..ops.checks import BACKENDS, LINEAR_METHOD_NAMES, SOFTMAX_METHOD_NAMES
+from .rope import check_rope_scaling
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
 DELTA_VARIANTS = ("gated_deltanet", "deltanet")  # delta-rule linear layers (lasp.models.delta_mixer)
@@ -44,6 +45,10 @@ class ModelConfig:
     ``linear_attention``/``full_attention``) may replace ``layer_pattern``; after construction
     ``layer_types`` always holds the ``linear``/``softmax`` kind of every layer and
     ``layer_pattern`` the matching letters.
+
+    ``rope_scaling`` (None: plain RoPE of base ``rope_theta``) takes Hugging Face's keys:
+    ``{rope_type: yarn, factor, original_max_position_embeddings, ...}`` or ``{rope_type: linear,
+    factor}`` (:mod:`lasp.models.rope`; ``type`` is read as ``rope_type``).
     """
 
     vocab_size: int = 256
@@ -75,6 +80,9 @@ class ModelConfig:
     softmax_method: str = "allgather"
     # shared
     rope_theta: float = 500000.0
+    # None: plain RoPE; or Hugging Face's keys, e.g. {rope_type: yarn, factor: 4.0,
+    # original_max_position_embeddings: 262144} (lasp.models.rope: linear, yarn)
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     initializer_range: float = 0.02
@@ -172,6 +180,10 @@ class ModelConfig:
         for key in ("rope_theta", "rms_norm_eps", "initializer_range", "gate_logit_normalizer"):
             if not getattr(self, key) > 0:
                 fail(key, f"must be > 0, got {getattr(self, key)}")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
