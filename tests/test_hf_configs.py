@@ -10,14 +10,13 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from lasp.testing import assert_close
 
-from test_qwen3_5 import VOCAB, conditional_config, ids_for, make_hf, sp_logits, text_kwargs
+from test_qwen3_5 import VOCAB, conditional_config, ids_for, make_hf, sp_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -343,4 +342,3 @@ def test_like_writes_the_conditional_generation_layout(tmp_path, capsys):
         write_hf(tmp_path / "x", dataclasses.replace(model.config, vocab_size=98), model_sources(model), like=like)
     assert convert_main(["--from-hf", str(like), "--output", str(tmp_path / "y"), "--like", str(like)]) == 2
     assert "--like: only with --from-lasp" in capsys.readouterr().err
-    shutil.rmtree(tmp_path / "new")
