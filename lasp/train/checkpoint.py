@@ -166,10 +166,10 @@ def read_trainer_state(ckpt_dir: str) -> dict | None:
     return None if tag is None else read_state(ckpt_dir, tag)
 
 
-def resume_point(ckpt_dir: str, world_size: int, seed: int) -> tuple[str, dict, list[str]]:
+def resume_point(ckpt_dir: str, world_size: int, seed: int, ep_size: int = 1) -> tuple[str, dict, list[str]]:
     """``(tag, state, notes)`` of the checkpoint a ``--resume`` continues from: the newest intact
     one. ValueError unless there is one, written by ``world_size`` ranks with ``seed`` (ZeRO
-    shards are per rank; the data order is per seed)."""
+    shards are per rank; the data order is per seed) and ``ep_size`` (experts are per EP rank)."""
     tag, notes = find_resumable(ckpt_dir)
     if tag is None:
         why = ("; ".join(notes)) if notes else "none was ever written"
@@ -180,6 +180,8 @@ def resume_point(ckpt_dir: str, world_size: int, seed: int) -> tuple[str, dict, 
         raise ValueError(f"--resume: checkpoint {where} was written by {state['world_size']} ranks, this run has {world_size}")
     if state.get("seed", seed) != seed:
         raise ValueError(f"--resume: checkpoint {where} was trained with train.seed={state['seed']}, the config says {seed}")
+    if state.get("ep_size", 1) != ep_size:
+        raise ValueError(f"--resume: checkpoint {where} was written with parallel.ep_size={state.get('ep_size', 1)}, the config says {ep_size}")
     return tag, state, notes
 
 
@@ -191,10 +193,11 @@ def check_resumable(ckpt_dir: str, world_size: int, seed: int) -> dict:
 # ---------------------------------------------------------------------------- writing
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict[str, str], rank: int) -> str:
+def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict[str, str], rank: int, write_more=None) -> str:
     """Save ``engine`` as ``tag_for(step)`` atomically (see the module docstring); every rank
-    calls this. ``extra_files`` (name -> text) are written next to DeepSpeed's files by rank 0.
-    Returns the checkpoint's directory."""
+    calls this. ``extra_files`` (name -> text) are written next to DeepSpeed's files by rank 0;
+    ``write_more(tag_dir)``, when given, runs on every rank after DeepSpeed's save (files of its
+    own, e.g. expert-parallel shards). Returns the checkpoint's directory."""
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     tmp_dir, final_dir = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
@@ -206,6 +209,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict
                 shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     _barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    if write_more is not None:
+        write_more(tmp_dir)
     _barrier()
     if rank == 0:
         files = dict(extra_files)

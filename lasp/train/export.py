@@ -6,7 +6,8 @@ with ``lasp.models.load_pretrained`` and ``lasp generate``).
 one checkpoint's tag directory (``.../checkpoints/step00000200``). Runs in one process, no
 launcher: ZeRO-1/2/3 shards are merged by DeepSpeed's ``zero_to_fp32`` consolidation; under
 ZeRO-0 the fp32 master copy is read from the optimizer state (a bf16/fp16 run's module holds
-rounded weights). The checkpoint is verified against its manifest first: a damaged one is one
+rounded weights); an expert-parallel checkpoint (fp32 runs) is its module copy plus every EP
+rank's experts (``lasp.train.expert_parallel``). The checkpoint is verified against its manifest first: a damaged one is one
 clear error.
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ import sys
 
 import torch
 
+from lasp.config_loader import read_yaml
+
 from .checkpoint import read_latest, verify
+from .expert_parallel import merged_experts
 
 MODEL_YAML = "model.yaml"
 
@@ -66,7 +70,15 @@ def consolidated_state_dict(ckpt_dir: str, tag: str, model: torch.nn.Module | No
     master weights, never the bf16/fp16 module copy). ``model`` (meta device is fine) gives the
     parameter order of a ZeRO-0 checkpoint's optimizer state."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")):
+    experts = merged_experts(tag_dir)
+    if experts is not None:  # expert parallel: the module copy (= the fp32 master in fp32) and each EP rank's experts
+        dtype = (read_yaml(os.path.join(tag_dir, "run.yaml"), "run config").get("train") or {}).get("dtype", "fp32")
+        if dtype != "fp32":
+            raise ValueError(f"--checkpoint: {tag_dir!r} is an expert-parallel {dtype} checkpoint; export reads expert-parallel "
+                             "checkpoints of fp32 runs only (their module copy is the master) for now")
+        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
+        state = {**torch.load(files[0], map_location="cpu", weights_only=False)["module"], **experts}
+    elif glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)

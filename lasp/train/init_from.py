@@ -38,14 +38,15 @@ def split_model_section(section: dict, source: str):
     return ModelConfig.from_dict(base, source=f"{source}:model (init_from {path})"), path
 
 
-def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict, load: bool = True):
+def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict, load: bool = True, ep_group=None):
     """The model to hand to ``deepspeed.initialize``: random init (``path`` None, as before), or
-    ``path``'s weights (``load=False``: only the structure, e.g. when a checkpoint is resumed)."""
+    ``path``'s weights (``load=False``: only the structure, e.g. when a checkpoint is resumed).
+    ``ep_group``: an MoE model's expert-parallel group (random init or resume only)."""
     from lasp.models import LinearLlamaForCausalLM
     from lasp.models.weights import load_weights_, tensor_readers
 
     if path is None or (zero_stage < 3 and not load):
-        return LinearLlamaForCausalLM(mcfg)
+        return LinearLlamaForCausalLM(mcfg, ep_group=ep_group)
     if zero_stage < 3:
         return load_weights_(LinearLlamaForCausalLM(mcfg, device="meta"), path).float()
     import deepspeed

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, expert_parallel
 from .config import RunConfig
 from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
-from .ds_config import build_deepspeed_config, make_scheduler
+from .ds_config import build_deepspeed_config, make_scheduler, trainer_clips
 from .init_from import build_initial_model
 from .metrics import MetricsLogger
 from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
@@ -55,10 +55,24 @@ def world_size_from_env() -> int:
 
 
 def check_world(cfg: RunConfig, world: int) -> None:
-    """ValueError unless ``parallel.sp_size`` divides ``world``."""
-    sp = cfg.parallel.sp_size
-    if world % sp != 0:
-        raise ValueError(f"{cfg.source}: parallel.sp_size={sp} must divide the world size {world}")
+    """ValueError unless ``parallel.sp_size`` and ``parallel.ep_size`` divide ``world``."""
+    for key in ("sp_size", "ep_size"):
+        size = getattr(cfg.parallel, key)
+        if world % size != 0:
+            raise ValueError(f"{cfg.source}: parallel.{key}={size} must divide the world size {world}")
+
+
+def check_experts(cfg: RunConfig, mcfg, init_from: str | None) -> None:
+    """ValueError unless ``parallel.ep_size`` fits the model (an ``mlp: moe`` model whose experts it divides)."""
+    ep = cfg.parallel.ep_size
+    if ep == 1:
+        return
+    if mcfg.mlp != "moe":
+        raise ValueError(f"{cfg.source}: parallel.ep_size={ep} needs a mixture-of-experts model (model.mlp: moe), got mlp: {mcfg.mlp}")
+    if mcfg.num_experts % ep:
+        raise ValueError(f"{cfg.source}: parallel.ep_size={ep} must divide model.num_experts={mcfg.num_experts}")
+    if init_from is not None:
+        raise ValueError(f"{cfg.source}: model.init_from with parallel.ep_size={ep} is not supported yet (start from it with ep_size: 1)")
 
 
 def resolve_data(cfg: RunConfig) -> str:
@@ -95,6 +109,7 @@ def preflight(cfg: RunConfig, world: int) -> tuple[object, str | None, TokenData
     Returns ``(model_config, init_from path or None, dataset, whether documents are packed)``."""
     check_world(cfg, world)
     mcfg, init_from = build_model_config(cfg)
+    check_experts(cfg, mcfg, init_from)
     check_writable(cfg.out_dir, "out_dir")
     check_writable(cfg.checkpoint_dir, "checkpoint.dir")
     data = TokenDataset(resolve_data(cfg))
@@ -158,16 +173,18 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, zero_stage: int, rank: int, ep_group=None) -> dict[str, torch.Tensor] | None:
     """The model's full fp32 state dict on rank 0's CPU (None on the other ranks). Collective
-    under ZeRO-3 (call on every rank): parameters are gathered ONE AT A TIME, so no rank ever
-    holds the whole model twice."""
+    under ZeRO-3 and expert parallelism (call on every rank): parameters are gathered ONE AT A
+    TIME, so no rank ever holds the whole model twice."""
     module = engine.module
+    experts = {id(p) for _, p in expert_parallel.expert_parameters(module)} if ep_group is not None else set()
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     for name, p in module.named_parameters(remove_duplicate=False):
         with _gathered_one(p, zero_stage):
+            value = expert_parallel.gather_expert(p, ep_group) if id(p) in experts else p
             if out is not None:
-                out[name] = p.detach().float().cpu().clone()
+                out[name] = value.detach().float().cpu().clone()
     if out is not None:
         for name, b in module.named_buffers():
             out[name] = b.detach().float().cpu().clone()
@@ -226,6 +243,7 @@ def train(
     import deepspeed
 
     from lasp.models.info import count_params
+    from lasp.models.moe import router_losses
     from lasp.parallel import DEFAULT_TIMEOUT_S, init_parallel
 
     t, layout = cfg.train, cfg.parallel.layout
@@ -245,7 +263,7 @@ def train(
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _single_process_env()  # DeepSpeed needs a process group, even for one process
-    state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
+    state = init_parallel(cfg.parallel.sp_size, ep_size=cfg.parallel.ep_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
     # a collective: past it, every rank has decided its plan from the files as they were
     run_id = check_same_inputs(data, ckpt_dir, plan.resume_tag, run_id)
@@ -263,18 +281,23 @@ def train(
 
     torch.manual_seed(t.seed)  # same initial replica on every rank
     ds_config = build_deepspeed_config(cfg, world)
-    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
+    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None, ep_group=state.ep_group)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    if state.ep_size > 1:  # experts as DeepSpeed expert parameters (reduced over their EDP group)
+        expert_parallel.prepare(model, state, mcfg.num_experts)
+    moe, clip_experts = mcfg.mlp == "moe", trainer_clips(cfg)
     n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, lr_scheduler=scheduler)
     device = engine.device
 
     start_step, tokens_done = 0, 0
     if plan.resume_tag is not None:
         client = checkpoint.load(engine, ckpt_dir, plan.resume_tag)
+        if state.ep_size > 1:
+            expert_parallel.load_experts(engine.module, os.path.join(ckpt_dir, plan.resume_tag), state)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
         if reset_schedule:
             apply_schedule(engine, cfg, scheduler is not None)
@@ -286,7 +309,7 @@ def train(
     if rank == 0 and verbose:
         print(
             f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
-            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
+            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}{f' (EP={state.ep_size})' if state.ep_size > 1 else ''}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
             f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens"
             f"{', packed documents' if packed else ''})",
             flush=True,
@@ -298,12 +321,13 @@ def train(
     def save(step: int) -> str:
         client = {
             "step": step, "tokens": tokens_done, "seed": t.seed, "world_size": world, "sp_size": state.sp_size,
-            "dp_size": state.dp_size, "run_id": run_id, "schedule": schedule_settings(cfg),
+            "dp_size": state.dp_size, "ep_size": state.ep_size, "run_id": run_id, "schedule": schedule_settings(cfg),
         }
-        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank)
+        more = (lambda tag_dir: expert_parallel.save_experts(engine.module, tag_dir, state)) if state.ep_size > 1 else None
+        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank, write_more=more)
 
     engine.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces device tensors
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, z; on the device: NCCL reduces device tensors
     run_start = time.perf_counter()
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
@@ -312,19 +336,28 @@ def train(
         # the loss is the mean over the counted tokens of the GLOBAL batch (every rank, every micro-step)
         scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
-        for input_ids, labels, cu_seqlens in batches:
-            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens)
+        for micro, (input_ids, labels, cu_seqlens) in enumerate(batches):
+            stats = [] if moe else None
+            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, router_stats=stats)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            engine.backward(loss * scale.to(loss.dtype))
+            objective = loss * scale.to(loss.dtype)
+            if moe:  # the router losses of the micro-step's global batch: this rank's share (lasp.models.moe)
+                router = router_losses(stats, dist.group.WORLD)
+                objective = objective + world * (mcfg.router_aux_loss_coef * router.aux_share + mcfg.router_z_loss_coef * router.z_share)
+                loss_sum[1:] += torch.stack([router.aux, router.z]) / world  # every rank holds the global values
+            engine.backward(objective)
+            if clip_experts and micro == t.grad_accum - 1:  # the gradients are reduced at the last micro-step
+                expert_parallel.clip_grad_norm_(engine.module, t.grad_clip, state.ep_group)
             engine.step()
-            loss_sum += loss.detach().double()
+            loss_sum[0] += loss.detach().double()
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        step_loss = (loss_sum * scale).item() / (world * t.grad_accum)
+        step_loss = (loss_sum[0] * scale).item() / (world * t.grad_accum)
+        router_logs = {"aux_loss": loss_sum[1].item() / t.grad_accum, "z_loss": loss_sum[2].item() / t.grad_accum} if moe else None
         tokens_done += spec.tokens_per_step
         dt = time.perf_counter() - step_start
         result.losses.append(step_loss)
         if (step + 1) % t.log_every == 0 or step + 1 == last_step:
-            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt)
+            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt, extra=router_logs)
         if not torch.isfinite(torch.tensor(step_loss)):
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
         done = step + 1
@@ -340,7 +373,7 @@ def train(
 
     want_sample = sample and cfg.sample.max_new_tokens > 0
     if want_sample or keep_weights:
-        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank)  # collective under ZeRO-3: every rank
+        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank, state.ep_group)  # collective under ZeRO-3 / EP
         if rank == 0:
             result.sample = generate_sample(mcfg, weights, data, cfg) if want_sample else None
             result.weights = weights if keep_weights else None
