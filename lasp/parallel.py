@@ -108,6 +108,17 @@ def expert_parallel_ranks(world_size: int, ep_size: int) -> tuple[list[list[int]
     return ep, edp
 
 
+def new_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """``(EP group, EDP group)`` of this rank in the initialised world (every rank must call it)."""
+    rank = dist.get_rank()
+    ep_ranks, edp_ranks = expert_parallel_ranks(dist.get_world_size(), ep_size)
+    mine = []
+    for layout in (ep_ranks, edp_ranks):
+        groups = [dist.new_group(ranks) for ranks in layout]  # every group on every rank, in order
+        mine.append(next(g for g, ranks in zip(groups, layout) if rank in ranks))
+    return mine[0], mine[1]
+
+
 def init_parallel(
     sp_size: int = 1, *, ep_size: int = 1, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ParallelState:
@@ -150,17 +161,7 @@ def init_parallel(
         group = dist.new_group(ranks)
         if rank in ranks:
             dp_group = group
-    ep_group = edp_group = None
-    if ep_size > 1:
-        ep_ranks, edp_ranks = expert_parallel_ranks(world, ep_size)
-        for ranks in ep_ranks:
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                ep_group = group
-        for ranks in edp_ranks:
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                edp_group = group
+    ep_group, edp_group = new_expert_groups(ep_size) if ep_size > 1 else (None, None)
     return ParallelState(
         sp_group=sp_group,
         dp_group=dp_group,

@@ -145,6 +145,11 @@ class SparseMoeBlock(nn.Module):
         return y.view(shape), stats
 
 
+def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The routed experts' parameters of every MoE layer (sharded over the EP group), by name."""
+    return [(f"{n}.{pn}", p) for n, m in model.named_modules() if isinstance(m, Experts) for pn, p in m.named_parameters()]
+
+
 def router_losses(stats: list[RouterStats], group=None) -> RouterLosses:
     """The load-balancing and z losses of the MoE layers' ``stats`` (one forward's) over the tokens
     of every rank of ``group`` (None: this process's tokens only): ONE all-reduce of ``2E + 2``

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..models.moe import expert_parameters
 
 MARKER = "deepspeed_moe_marker"
 
@@ -40,13 +41,6 @@ MARKER = "deepspeed_moe_marker"
 def group_name(ep_size: int) -> str:
     """DeepSpeed's name of the expert groups of size ``ep_size``."""
     return f"ep_size_{ep_size}"
-
-
-def expert_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The routed experts' parameters (sharded over the EP group), by name."""
-    from lasp.models.moe import Experts
-
-    return [(f"{n}.{pn}", p) for n, m in model.named_modules() if isinstance(m, Experts) for pn, p in m.named_parameters()]
 
 
 def _marker_class():
