@@ -1,6 +1,6 @@
 """Training an MoE hybrid with expert parallelism on 4 gloo ranks: EP = 2 and 4 under ZeRO 0, 1
-and 2 (SP = 2 x DP = 2, and SP = 1 x DP = 4) follow the EP = 1 run (losses, the logged router
-losses, final weights), kill-and-resume under EP reproduces it, the export of an EP checkpoint
+and 2 (SP = 2 x DP = 2, and SP = 1 x DP = 4), and EP = 1 under ZeRO-3, follow the EP = 1 ZeRO-1 run
+(losses, the logged router losses, final weights), kill-and-resume under EP reproduces it, the export of an EP checkpoint
 holds the same weights; ZeRO-3 with EP, and EP on a dense model, are refused by name."""
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ MODEL = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
              linear_variant="lightning", rope_theta=10000.0, mlp="moe", num_experts=4, num_experts_per_tok=2,
              moe_intermediate_size=16, shared_expert_intermediate_size=16, router_aux_loss_coef=0.05, router_z_loss_coef=0.01)
 # (name, sp_size, ep_size, zero_stage); the first is the reference
-RUNS = [("ep1-zero1", 2, 1, 1), ("ep2-zero0", 2, 2, 0), ("ep2-zero2", 2, 2, 2), ("ep4-zero1", 2, 4, 1), ("sp1-ep4-zero2", 1, 4, 2)]
+RUNS = [("ep1-zero1", 2, 1, 1), ("ep2-zero0", 2, 2, 0), ("ep2-zero2", 2, 2, 2), ("ep4-zero1", 2, 4, 1), ("sp1-ep4-zero2", 1, 4, 2),
+        ("ep1-zero3", 2, 1, 3)]  # (ZeRO-3 takes the MoE model without expert parallelism)
 
 
 def run_dict(tmp: str, name: str, sp: int, ep: int, zero: int, world: int = 4) -> dict:
