@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpoint, expert_parallel
 from .config import RunConfig
@@ -338,8 +337,8 @@ def train(
         loss_sum.zero_()
         for micro, (input_ids, labels, cu_seqlens) in enumerate(batches):
             stats = [] if moe else None
-            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, router_stats=stats)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            # the sum of this rank's token losses (labels IGNORE_INDEX = none), fused: no logits
+            loss = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, labels=labels, router_stats=stats)
             objective = loss * scale.to(loss.dtype)
             if moe:  # the router losses of the micro-step's global batch: this rank's share (lasp.models.moe)
                 router = router_losses(stats, dist.group.WORLD)
