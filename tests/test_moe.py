@@ -49,7 +49,8 @@ def reference_block(x: torch.Tensor, p: dict, top_k: int, norm_topk_prob: bool) 
             gate, up = (p["experts.gate_up_proj"][e] @ t).chunk(2)
             y = y + w * (p["experts.down_proj"][e] @ (F.silu(gate) * up))
         if "shared_expert_gate.weight" in p:
-            shared = p["shared_expert.down_proj.weight"] @ (F.silu(p["shared_expert.gate_proj.weight"] @ t) * (p["shared_expert.up_proj.weight"] @ t))
+            gate, up = p["shared_expert.gate_proj.weight"] @ t, p["shared_expert.up_proj.weight"] @ t
+            shared = p["shared_expert.down_proj.weight"] @ (F.silu(gate) * up)
             y = y + torch.sigmoid(p["shared_expert_gate.weight"] @ t) * shared
         out.append(y)
     return torch.stack(out)

@@ -102,7 +102,8 @@ def test_unsupported_combinations_are_refused_by_name(tmp_path):
     dense = {k: v for k, v in MODEL.items() if k not in MOE_KEYS and k != "mlp"}
     with pytest.raises(ValueError, match="num_experts is a mixture-of-experts key, but mlp is 'dense'"):
         ModelConfig.from_dict({**dense, "num_experts": 16})
-    for model, why in ((dense, "parallel.ep_size=4 needs a mixture-of-experts model"), ({**MODEL, "num_experts": 6}, "must divide model.num_experts=6")):
+    for model, why in ((dense, "parallel.ep_size=4 needs a mixture-of-experts model"),
+                       ({**MODEL, "num_experts": 6}, "must divide model.num_experts=6")):
         cfg = RunConfig.from_dict({**run_dict(str(tmp_path), "x", 2, 4, 1), "model": model}, source="test")
         with pytest.raises(ValueError, match=why):
             check_experts(cfg, ModelConfig.from_dict(cfg.model), None)

@@ -181,7 +181,8 @@ def resume_point(ckpt_dir: str, world_size: int, seed: int, ep_size: int = 1) ->
     if state.get("seed", seed) != seed:
         raise ValueError(f"--resume: checkpoint {where} was trained with train.seed={state['seed']}, the config says {seed}")
     if state.get("ep_size", 1) != ep_size:
-        raise ValueError(f"--resume: checkpoint {where} was written with parallel.ep_size={state.get('ep_size', 1)}, the config says {ep_size}")
+        raise ValueError(f"--resume: checkpoint {where} was written with parallel.ep_size={state.get('ep_size', 1)}, "
+                         f"the config says {ep_size}")
     return tag, state, notes
 
 

@@ -289,7 +289,8 @@ def train(
     n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config, lr_scheduler=scheduler)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
+                                               lr_scheduler=scheduler)
     device = engine.device
 
     start_step, tokens_done = 0, 0
@@ -308,7 +309,8 @@ def train(
     if rank == 0 and verbose:
         print(
             f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
-            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}{f' (EP={state.ep_size})' if state.ep_size > 1 else ''}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
+            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}{f' (EP={state.ep_size})' if state.ep_size > 1 else ''}, "
+            f"{layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
             f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens"
             f"{', packed documents' if packed else ''})",
             flush=True,
