@@ -180,22 +180,23 @@ def read_trainer_state(ckpt_dir: str) -> dict | None:
     return None if tag is None else read_state(ckpt_dir, tag)
 
 
-def resume_point(ckpt_dir: str, world_size: int, seed: int) -> tuple[str, dict, list[str]]:
+def resume_point(ckpt_dir: str, world_size: int, seed: int, reshard: bool = False) -> tuple[str, dict, list[str]]:
     """``(tag, state, notes)`` of the checkpoint a ``--resume`` continues from: the newest intact
-    one. ValueError unless there is one, written by ``world_size`` ranks with ``seed`` (ZeRO
-    shards are per rank; the data order is per seed)."""
+    one. ValueError unless there is one, written by ``world_size`` ranks (or ``reshard``: any
+    number, :mod:`lasp.train.reshard`) with ``seed`` (ZeRO shards are per rank; the data order
+    is per seed)."""
     tag, notes = find_resumable(ckpt_dir)
     if tag is None:
         why = ("; ".join(notes)) if notes else "none was ever written"
         raise ValueError(f"--resume: no intact checkpoint to resume from in {ckpt_dir!r} ({why})")
     state = read_state(ckpt_dir, tag)
     where = os.path.join(ckpt_dir, tag)
-    if state.get("world_size", world_size) != world_size:
+    if state.get("world_size", world_size) != world_size and not reshard:
         raise ValueError(
             f"--resume: checkpoint {where} was written by {state['world_size']} ranks, this run has {world_size} "
-            f"(ZeRO partitions the optimizer state per rank): run it on {state['world_size']} ranks, or continue on "
-            f"{world_size} from its weights: `lasp export --checkpoint {where} --output DIR`, then a new run with "
-            "--set model.init_from=DIR (the optimizer state and the LR schedule start over)"
+            f"(ZeRO partitions the optimizer state per rank): run it on {state['world_size']} ranks, add --resume-reshard "
+            f"to repartition it for {world_size} (DeepSpeed's universal checkpoint: optimizer state kept), or continue from "
+            f"its weights only: `lasp export --checkpoint {where} --output DIR`, then a new run with --set model.init_from=DIR"
         )
     if state.get("seed", seed) != seed:
         raise ValueError(f"--resume: checkpoint {where} was trained with train.seed={state['seed']}, the config says {seed}")
@@ -253,7 +254,7 @@ def read_latest_quietly(ckpt_dir: str) -> str | None:
         return None
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (one tiny all-reduce; the local flag
     without a process group)."""
     if not dist.is_initialized():
@@ -312,7 +313,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict
             write_manifest(tmp_dir)
         except OSError as e:
             error = e
-    if _any_rank(error is not None):
+    if any_rank(error is not None):
         full = error is not None and is_disk_full(error, ckpt_dir)  # before the partial save is removed
         _barrier()
         if rank == 0:

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in checkpoint.dir")
     p.add_argument("--overwrite", action="store_true", help="start over in an out_dir holding checkpoints: move the old run aside to <dir>.old-<timestamp>")
     p.add_argument("--resume-reset-schedule", action="store_true", help="with --resume: apply changed lr / schedule / weight decay settings instead of refusing")
+    p.add_argument("--resume-reshard", action="store_true",
+                   help="with --resume: continue a checkpoint written by another number of ranks (DeepSpeed universal checkpoint; same ZeRO stage)")
     p.add_argument("--resume-allow-data-change", action="store_true",
                    help="with --resume: continue with changed batches (seq_len, windows per step, sp_size's dp_size, data) instead of refusing")
     p.add_argument("--nproc", type=int, default=None, help="processes to start when not under a launcher (default: parallel.nproc, else sp_size)")
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--resume-reset-schedule needs --resume")
         if args.resume_allow_data_change and not args.resume:
             raise ValueError("--resume-allow-data-change needs --resume")
+        if args.resume_reshard and not args.resume:
+            raise ValueError("--resume-reshard needs --resume")
         if args.local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         under_launcher = _under_launcher()
@@ -135,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             if nproc > 1:
                 check_unlocked(lock_dirs(cfg.out_dir, cfg.checkpoint_dir))
                 plan = plan_start(cfg, world=nproc, resume=args.resume, overwrite=args.overwrite, reset_schedule=args.resume_reset_schedule,
-                                  allow_data_change=args.resume_allow_data_change, model=mcfg.to_dict(), data=data_fingerprint(data),
-                                  packed=packed)
+                                  allow_data_change=args.resume_allow_data_change, reshard=args.resume_reshard, model=mcfg.to_dict(),
+                                  data=data_fingerprint(data), packed=packed)
                 if plan.done:
                     print("\n".join(f"lasp train: {m}" for m in plan.messages), flush=True)
                     return 0
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train
 
         train(cfg, resume=args.resume, overwrite=args.overwrite, reset_schedule=args.resume_reset_schedule,
-              allow_data_change=args.resume_allow_data_change, stop_after=args.stop_after, progress=not args.no_progress)
+              allow_data_change=args.resume_allow_data_change, reshard=args.resume_reshard, stop_after=args.stop_after,
+              progress=not args.no_progress)
     except ValueError as err:
         print(f"{where}: error: {err}", file=sys.stderr, flush=True)
         return 2

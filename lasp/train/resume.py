@@ -11,7 +11,8 @@ The rules (decided on every rank from the same files, before any collective):
 - a resume whose optimizer / schedule settings differ from the checkpoint's is refused with the
   list of differences, unless ``--resume-reset-schedule`` (then the new settings apply);
 - a resume that DeepSpeed cannot load (another world size, precision or model, a ZeRO stage
-  other than 1 <-> 2) is refused, every difference named, before DeepSpeed reads a file;
+  other than 1 <-> 2) is refused, every difference named, before DeepSpeed reads a file; another
+  world size is accepted with ``--resume-reshard`` (:mod:`lasp.train.reshard`);
 - a resume whose batches would differ from the checkpointed run's (``train.seq_len``, the
   windows per step ``micro_batch_size x grad_accum x dp_size`` -- a changed ``sp_size`` changes
   ``dp_size`` --, the data, ``data.pack_documents``) is refused with the list of differences,
@@ -175,12 +176,13 @@ class StartPlan:
     start_step: int = 0
     done: bool = False  # the checkpoint is at or past train.steps: do nothing
     move_aside: bool = False  # --overwrite: move the old run aside before starting
+    reshard: bool = False  # the checkpoint was written by another number of ranks: load it as a universal checkpoint
     messages: list[str] = field(default_factory=list)  # tell the user (rank 0)
 
 
 def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = False, reset_schedule: bool = False,
-               allow_data_change: bool = False, run_id: str | None = None, restarts: int = 0, model: dict | None = None,
-               data: dict | None = None, packed: bool | None = None) -> StartPlan:
+               allow_data_change: bool = False, reshard: bool = False, run_id: str | None = None, restarts: int = 0,
+               model: dict | None = None, data: dict | None = None, packed: bool | None = None) -> StartPlan:
     """Decide how this run starts (see the module docstring); ValueError when it must refuse.
     ``model``: the run's model config dict; ``data``: its :func:`data_fingerprint`; ``packed``:
     whether it packs documents (compared with the checkpoint's on resume when given)."""
@@ -211,7 +213,7 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
                 )
             plan.move_aside = True
         return plan
-    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed)
+    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed, reshard=reshard)
     plan.messages += notes
     if notes:
         plan.messages.append(f"resuming from {os.path.join(ckpt_dir, tag)}, the newest intact checkpoint")
@@ -249,6 +251,10 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
     if diffs:
         plan.messages.append("--resume-reset-schedule: applying the new settings (" + "; ".join(diffs) + ")")
     plan.resume_tag, plan.start_step = tag, step
+    if state.get("world_size", world) != world:
+        plan.reshard = True
+        plan.messages.append(f"--resume-reshard: repartitioning {where} from {state['world_size']} to {world} ranks "
+                             "(DeepSpeed universal checkpoint)")
     return plan
 
 

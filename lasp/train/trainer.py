@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, reshard
 from .config import RunConfig
 from .data import TOKENIZER_FILE, BatchSpec, TokenDataset, dataset_tokenizer_path, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
@@ -113,6 +113,7 @@ def train(
     overwrite: bool = False,
     reset_schedule: bool = False,
     allow_data_change: bool = False,
+    reshard: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     sample: bool = True,
@@ -124,8 +125,8 @@ def train(
     ``stop_after``: end right after that optimizer step without a final checkpoint, as if the
     job were killed there (the resume tests use it). ``keep_weights``: return the final fp32
     weights (rank 0) in ``result.weights``. ``resume`` / ``overwrite`` / ``reset_schedule`` /
-    ``allow_data_change``: ``--resume``, ``--overwrite``, ``--resume-reset-schedule``,
-    ``--resume-allow-data-change`` (rules in :mod:`lasp.train.resume`); a torchrun elastic
+    ``allow_data_change`` / ``reshard``: ``--resume``, ``--overwrite``, ``--resume-reset-schedule``,
+    ``--resume-allow-data-change``, ``--resume-reshard`` (rules in :mod:`lasp.train.resume`); a torchrun elastic
     restart resumes its own run's checkpoint by itself. Raises :class:`Preempted` (on every
     rank) when a SIGINT / SIGTERM stopped the run after a step, with that step saved.
     """
@@ -140,8 +141,8 @@ def train(
     run_id = env_run_id()
     fingerprint = data_fingerprint(data)
     plan = plan_start(cfg, world=world, resume=resume, overwrite=overwrite, reset_schedule=reset_schedule,
-                      allow_data_change=allow_data_change, run_id=run_id, restarts=restart_count(), model=mcfg.to_dict(),
-                      data=fingerprint, packed=packed)
+                      allow_data_change=allow_data_change, reshard=reshard, run_id=run_id, restarts=restart_count(),
+                      model=mcfg.to_dict(), data=fingerprint, packed=packed)
     rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
     if rank == 0 and plan.messages:
         print("\n".join(f"lasp train: {m}" for m in plan.messages), flush=True)
@@ -199,8 +200,13 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
         ids, labels = micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
         return ids.to(device), labels.to(device), None
 
+    load_tag = plan.resume_tag
+    if plan.reshard:  # rank 0 converts, every rank loads the universal checkpoint
+        load_tag = _converted(ckpt_dir, plan.resume_tag, rank)
     torch.manual_seed(t.seed)  # same initial replica on every rank
     ds_config = build_deepspeed_config(cfg, world)
+    if plan.reshard:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
@@ -212,8 +218,12 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
 
     start_step, tokens_done = 0, 0
     if plan.resume_tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, plan.resume_tag)
+        client = checkpoint.load(engine, ckpt_dir, load_tag)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
+        if plan.reshard:
+            dist.barrier()
+            if rank == 0:
+                reshard.remove(ckpt_dir, plan.resume_tag)
         if reset_schedule:
             apply_schedule(engine, cfg, scheduler is not None)
     last_step = min(t.steps, stop_after) if stop_after is not None else t.steps
@@ -310,6 +320,19 @@ def backward_scale(labels: list[torch.Tensor], world: int, grad_accum: int) -> t
     count = sum((y != IGNORE_INDEX).sum() for y in labels).to(torch.float64)
     dist.all_reduce(count, op=dist.ReduceOp.SUM)
     return world * grad_accum / count.clamp(min=1.0)
+
+
+def _converted(ckpt_dir: str, tag: str, rank: int) -> str:
+    """The universal checkpoint of ``tag`` (rank 0 converts it; ValueError on every rank when it could not)."""
+    error = None
+    if rank == 0:
+        try:
+            reshard.convert(ckpt_dir, tag)
+        except ValueError as e:
+            error = str(e)
+    if checkpoint.any_rank(error is not None):
+        raise ValueError(error or "--resume-reshard: rank 0 could not convert the checkpoint (see its error)")
+    return reshard.universal_tag(tag)
 
 
 def _tokenizer_file(data: TokenDataset) -> dict[str, str]:
