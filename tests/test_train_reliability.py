@@ -22,7 +22,6 @@ import torch
 from lasp.train import checkpoint
 from lasp.train.data import prepare, stdlib_sources
 from lasp.train.main import main as train_main
-from lasp.train.preflight import cpu_supports_fp16
 from lasp.train.run_lock import RunLock
 
 from test_train_resume import MODEL, ROOT, TINY, _cli, _metrics

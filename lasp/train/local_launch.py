@@ -22,6 +22,7 @@ import signal
 
 from .preemption import STOP_SIGNALS, signal_name
 
+#: set for the ranks of ``lasp train --nproc N``: N
 LAUNCHED_ENV = "LASP_TRAIN_LAUNCHED"
 
 
@@ -45,7 +46,7 @@ def launch(child_argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    os.environ[LAUNCHED_ENV] = "1"
+    os.environ[LAUNCHED_ENV] = str(nproc)  # the ranks say `lasp train --nproc N ... --resume` when stopped
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     argv = ["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.5", "-m", "lasp.train", *child_argv]
     print(f"lasp train: starting {nproc} processes: torchrun {' '.join(argv)}", flush=True)

@@ -26,7 +26,7 @@ import socket
 import sys
 
 from .config import RunConfig
-from .local_launch import LAUNCHED_ENV, launch  # noqa: F401 - LAUNCHED_ENV: where it has always been
+from .local_launch import LAUNCHED_ENV, launch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +70,9 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The ``lasp train`` command that continues a stopped run: ``argv`` with ``--resume``, without
-    ``--overwrite`` / ``--stop-after``."""
+    """How to continue a stopped run: the trainer arguments ``argv`` with ``--resume``, without
+    ``--overwrite`` / ``--stop-after``, as a ``lasp train`` command (with the ``--nproc`` of the
+    ``lasp train`` that started this rank), or for the launcher that started it."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -82,6 +83,11 @@ def resume_command(argv: list[str]) -> str:
             out.append(a)
     if "--resume" not in out:
         out.append("--resume")
+    nproc = os.environ.get(LAUNCHED_ENV)
+    if nproc:
+        return f"lasp train --nproc {nproc} " + " ".join(out)
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ and "CROSS_RANK" in os.environ:
+        return "your launcher, with the trainer arguments " + " ".join(out)
     return "lasp train " + " ".join(out)
 
 

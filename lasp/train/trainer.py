@@ -30,7 +30,7 @@ from .ds_config import build_deepspeed_config, make_scheduler
 from .init_from import build_initial_model
 from .metrics import MetricsLogger
 from .preemption import Preempted, StopSignals
-from .preflight import build_model_config, check_same_inputs, check_world, pack_documents, preflight, world_size_from_env  # noqa: F401
+from .preflight import build_model_config, check_same_inputs, pack_documents, preflight, world_size_from_env  # noqa: F401 - tests import the first and third from here
 from .resume import batch_settings, data_fingerprint, env_run_id, move_aside, plan_start, restart_count, schedule_settings
 from .run_lock import RunLock, lock_dirs
 
