@@ -196,6 +196,29 @@ def test_resume_on_half_the_ranks_through_a_universal_checkpoint(runs, spawn):
     assert len(got) == 2 and not any(n.startswith(".universal-") for n in os.listdir(os.path.join(tmp, "reshard", "checkpoints")))
 
 
+def test_first_loss_is_the_plain_cross_entropy(runs):
+    """The trainer's fused loss (``model(..., labels=...)``, issue 21) at step 1 is ``F.cross_entropy``
+    of the initial model's logits over the step's global batch: on one process and under ZeRO-3."""
+    import torch.nn.functional as F
+
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig
+    from lasp.train.data import BatchSpec, TokenDataset, micro_batch
+
+    tmp, reference, results = runs
+    torch.manual_seed(7)  # the run's seed: the trainer's initial weights
+    model = LinearLlamaForCausalLM(ModelConfig.from_dict(MODEL))
+    data, spec = TokenDataset(os.path.join(tmp, "data")), BatchSpec(32, WINDOWS_PER_STEP, 2, 1, 7)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for micro in range(2):
+            ids, labels = micro_batch(data, spec, 0, micro, 0, 0, 1, "contiguous")
+            total += F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    plain = total / count
+    for name, loss in [("SP=1", reference[0])] + [(n, results[n][0]) for n, *_, zero in RUNS if zero == 3]:
+        assert abs(loss - plain) <= 1e-5 * plain, f"{name}: step-1 loss {loss} vs plain {plain}"
+
+
 def test_export_round_trip_same_logits(runs):
     from lasp.models import LinearLlamaForCausalLM, ModelConfig, load_pretrained
     from lasp.train.export import main as export_main

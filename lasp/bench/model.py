@@ -82,8 +82,10 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
 
     def forward() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
-        logits = model(ids).logits if hf else model(ids, group=group, layout=point["layout"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        if hf:  # transformers' model builds its logits: the peer as users run it
+            loss = F.cross_entropy(model(ids).logits.float().flatten(0, 1), labels.flatten())
+        else:  # the fused loss (lasp.linear_cross_entropy): no [T, vocab] logits
+            loss = model(ids, group=group, layout=point["layout"], labels=labels, loss_reduction="mean")
         if "first_loss" not in info:
             info["first_loss"] = loss.item()
         return loss

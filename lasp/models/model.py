@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.cross_entropy import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 from ..parallel import LAYOUTS, global_positions, group_rank_size
 from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import GatedDeltaNet
@@ -58,6 +59,7 @@ class LinearLlamaForCausalLM(nn.Module):
 
         model = LinearLlamaForCausalLM(cfg)                  # or device="meta"
         logits = model(input_ids, group=sp_group, layout="zigzag")
+        loss_sum = model(input_ids, group=sp_group, layout="zigzag", labels=labels)  # no logits built
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
@@ -104,8 +106,11 @@ class LinearLlamaForCausalLM(nn.Module):
         layout: str = "contiguous",
         positions: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        loss_reduction: str = "sum",
     ) -> torch.Tensor:
-        """Logits of this rank's tokens.
+        """Logits of this rank's tokens, or with ``labels`` the training loss (no logits built).
 
         Args:
             input_ids: ``[B, T_local]`` int64, this rank's shard in ``layout`` order.
@@ -116,9 +121,19 @@ class LinearLlamaForCausalLM(nn.Module):
             cu_seqlens: ``[N+1]`` integer global document starts (``0 ... T_global``, the same on
                 every rank), B must be 1; or None (one document). Every operator gets it, and RoPE
                 uses each token's position within its document.
+            labels: ``[B, T_local]`` integer next-token ids of this rank's tokens, ``-100`` where a
+                token has none; or None (return logits).
+            loss_reduction: with labels: ``sum`` (default: the SUM of this rank's token losses,
+                what the trainer scales to the global mean over SP x DP), ``mean`` (over this
+                rank's labelled tokens) or ``none`` (``[B, T_local]``, 0 where unlabelled).
         Returns:
-            ``[B, T_local, vocab_size]`` float32.
+            without labels: ``[B, T_local, vocab_size]`` float32 logits. With labels: the float32
+            loss from :func:`lasp.linear_cross_entropy` on the final normed hidden states, the LM
+            head used inside this forward (so ZeRO-3 has gathered it). It is the objective to
+            back-propagate: a term a model adds later (e.g. an MoE auxiliary loss) is added to it.
         """
+        if labels is not None:  # before any collective
+            _check_labels(input_ids, labels, loss_reduction)
         cos, sin = self._rope(input_ids, group, layout, positions, cu_seqlens)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
@@ -126,12 +141,23 @@ class LinearLlamaForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, group, layout, cu_seqlens)
-        return self.logits(self.norm(x))
+        h = self.norm(x)
+        return self.logits(h) if labels is None else self.loss(h, labels, loss_reduction)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[vocab, hidden]``: the LM head's weight, or the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head (tied or not) on final hidden states ``[B, T, hidden]`` -> float32 logits."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return F.linear(h, self.lm_head_weight()).float()
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Cross-entropy of final hidden states ``[B, T, hidden]`` against ``labels [B, T]``
+        (``-100`` = none) through the fused :func:`lasp.linear_cross_entropy` -> float32."""
+        loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction=reduction)
+        return loss.view(labels.shape) if reduction == "none" else loss
 
     def _rope(self, input_ids, group, layout, positions, cu_seqlens=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -180,6 +206,14 @@ class LinearLlamaForCausalLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
 
+
+
+def _check_labels(input_ids: torch.Tensor, labels, loss_reduction: str) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != input_ids.shape:
+        got = f"{list(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor shaped like input_ids {list(input_ids.shape)}, got {got}")
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
 
 
 def _check_documents(input_ids: torch.Tensor, cu_seqlens) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpoint, reshard
 from .config import RunConfig
@@ -265,8 +264,8 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
         scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
         for input_ids, labels, cu_seqlens in batches:
-            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            # the sum of this rank's token losses (labels IGNORE_INDEX = none), fused: no logits
+            loss = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, labels=labels)
             engine.backward(loss * scale.to(loss.dtype))
             engine.step()
             loss_sum += loss.detach().double()
