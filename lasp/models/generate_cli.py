@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
         spec = resolve_tokenizer(args.tokenizer, args.checkpoint)
         if spec != "bytes":
-            from lasp.train.data import load_tokenizer
+            from lasp.train.tokenizer import load_tokenizer
 
             tok = load_tokenizer(spec)
             if tok.vocab_size > model.config.vocab_size:
