@@ -304,7 +304,11 @@ def main(argv: list[str]) -> int:
     if cal and args.use_calibration and "linear" in cal["fits"]:
         bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
         hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
-    records = [dict(step_cost(cfg, n, args.devices, m, hw), sp=args.devices, status="ok") for n in args.seq_len for m in args.methods]
+    records = [dict(step_cost(cfg, n, args.devices, m, hw), sp=args.devices) for n in args.seq_len for m in args.methods]
+    for r in records:  # an infeasible point (Ulysses with heads % P != 0) is listed in the table, never plotted
+        r["status"] = "ok" if r["feasible"] else "skipped"
+        if not r["feasible"]:
+            r["reason"] = f"infeasible: {r['note']}"
     lasp2 = {r["seq_len"]: r["tokens_per_s"] for r in records if r["method"] == "lasp2"}
     for r in records:  # LASP-2's speed-up over each
         r["lasp2_speedup_pct"] = 100 * (lasp2[r["seq_len"]] / r["tokens_per_s"] - 1)
