@@ -75,6 +75,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group created from now on without one.
+
+    ``torch.distributed.new_group(ranks)`` without ``timeout`` takes torch's backend default (30
+    min gloo, 10 min NCCL), not the default group's: DeepSpeed creates its groups that way, so
+    without this a stalled rank would hang them long after ``timeout_s``. torch reads these two
+    module defaults each time a group is created."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def _init_from_env(backend: str | None, timeout_s: float) -> None:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -133,7 +147,9 @@ def init_parallel(
         sp_size: ranks per sequence-parallel group; must divide the world size.
         ep_size: ranks per expert-parallel group (MoE models); must divide the world size.
         backend: ``gloo``/``nccl``; default nccl on CUDA machines, gloo otherwise.
-        timeout_s: collective timeout, so a lost peer ends in an error instead of a hang.
+        timeout_s: collective timeout, so a lost peer ends in an error instead of a hang: of the
+            default group (when this initialises it), of the SP and DP groups, and of every group
+            created later without a timeout (DeepSpeed's; :func:`set_default_group_timeout`).
     """
     if not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
@@ -148,17 +164,19 @@ def init_parallel(
         raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
     if world % ep_size != 0:
         raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    set_default_group_timeout(timeout)
     dp_size = world // sp_size
     sp_group = dp_group = None
     # Every rank must create every group, in the same order.
     for d in range(dp_size):
         ranks = list(range(d * sp_size, (d + 1) * sp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             sp_group = group
     for s in range(sp_size):
         ranks = list(range(s, world, sp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dp_group = group
     ep_group, edp_group = new_expert_groups(ep_size) if ep_size > 1 else (None, None)

@@ -234,6 +234,19 @@ def test_predict_paper_setting_and_calibration(tmp_path, layer_run, capsys):
     _assert_png(os.path.join(out, doc["plots"][0]))
 
 
+def test_predict_lists_infeasible_points_but_never_plots_them(tmp_path, capsys):
+    """Ulysses needs heads % P == 0 (16 heads on 64 devices: no): the point is in the table as
+    infeasible, a skipped record, so the plot (ok records only) draws no line through it."""
+    assert predict.main(["--seq-len", "64K,128K", "--methods", "lasp2,ulysses", "--out", str(tmp_path)]) == 0
+    assert "no (needs heads % P == 0" in capsys.readouterr().out
+    with open(tmp_path / "results.json") as fh:
+        doc = json.load(fh)
+    validate_results(doc)
+    status = {(r["method"], r["seq_len"]): r["status"] for r in doc["records"]}
+    assert set(status.values()) == {"ok", "skipped"} and all(s == "skipped" for (m, _), s in status.items() if m == "ulysses")
+    assert all("infeasible" in r["reason"] for r in doc["records"] if r["status"] == "skipped")
+
+
 def test_cost_model_structure():
     hw = predict.Hardware()
     lasp2 = [predict.layer_cost("lasp2", predict.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]

@@ -87,14 +87,14 @@ def test_resume_and_export_under_expert_parallelism(runs, tmp_path):
     ref, ref_w = out["ep1-zero1"]
     assert out["stopped"] == pytest.approx(ref[:3], rel=RTOL)
     assert out["resumed"][0] == pytest.approx(ref[3:], rel=RTOL)
-    exported = load_pretrained(export(os.path.join(tmp, "resumed", "checkpoints"), str(tmp_path / "export")))
+    exported = load_pretrained(export(os.path.join(tmp, "resumed", "checkpoints"), str(tmp_path / "export")).output)
     for k, w in exported.state_dict().items():
         assert_close(ref_w[k], w, rtol=RTOL, name=k)
         assert_close(out["resumed"][1][k], w, rtol=1e-6, name=k)
 
 
 def test_unsupported_combinations_are_refused_by_name(tmp_path):
-    from lasp.train.trainer import check_experts
+    from lasp.train.preflight import check_experts
 
     d = run_dict(str(tmp_path), "x", 2, 2, 3)
     with pytest.raises(ValueError, match=r"train\.zero_stage=3 .*parallel\.ep_size=2"):

@@ -4,7 +4,6 @@ their token mixers, at growing sequence lengths, on P ranks.
 
     lasp bench model --models linear,hybrid,llama-ring --seq-len 2K,8K --sp 2 --out DIR
     lasp bench model --models qwen3_5-tiny --compare-hf --seq-len 512,2K --out DIR   # vs transformers
-    lasp bench model --models moe-hybrid --ep 1,2,4 --sp 4 --seq-len 2K,8K --out DIR   # MoE, expert parallel
 
 Models: :data:`MODELS`; ``--compare-hf`` adds transformers' implementation of each (the same
 weights, written by ``lasp.models.to_hf``; SP = 1; needs ``lasp[hf]``). Details: ``docs/bench/README.md``.
@@ -64,7 +63,7 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     from ..parallel import new_expert_groups, shard_sequence
 
     cfg, hf = model_config(point), point["impl"] == "transformers"
-    if point["ep"] > 1 and cfg.mlp != "moe":  # (and new_expert_groups: ep must divide the world)
+    if point["ep"] > 1 and cfg.mlp != "moe":  # (new_expert_groups: ep must divide the world)
         raise ValueError(f"ep={point['ep']} needs a mixture-of-experts model (moe-hybrid)")
     ep_group, edp_group = new_expert_groups(point["ep"]) if point["ep"] > 1 else (None, None)
     torch.manual_seed(0)
@@ -122,8 +121,7 @@ def precheck(point: dict) -> tuple[str, str] | None:
 
 
 def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
-    """Parameters, model TFLOP/s, the first step's loss (mean over the ranks' equal shards) and the
-    attention part of the communication (without the gradients')."""
+    """Parameters, model TFLOP/s, the first step's loss (mean over the ranks' equal shards), the attention and MoE parts of the bytes."""
     from ..models.info import count_flops
 
     cfg = model_config(point)
@@ -133,7 +131,7 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
         model_tflops=count_flops(cfg, rec["seq_len"]) * rec["tokens_per_s"] / 1e12,
         bytes_per_rank_a2a=max(sum(v for k, v in r["tag_bytes"].items() if k.startswith("moe.")) for r in per_rank),
         bytes_per_rank_attention=max(sum(v for k, v in r["tag_bytes"].items() if k != GRAD_TAG and not k.startswith("moe.")) for r in per_rank),
-        collectives_attention=max(r["calls"] - r["tag_calls"].get(GRAD_TAG, 0) for r in per_rank),
+        collectives_attention=max(sum(c for k, c in r["tag_calls"].items() if k != GRAD_TAG and not k.startswith("moe.")) for r in per_rank),
     )
 
 

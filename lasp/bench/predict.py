@@ -143,8 +143,7 @@ def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: in
     n_soft = cfg.layer_types.count("softmax")
     n_lin = cfg.num_layers - n_soft
     experts = sum(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.expert_intermediate_size  # routed expert weights
-    grads = (collective_s("all_reduce", (count_params(cfg) - experts) * grad_bytes, P, hw)
-             + collective_s("all_reduce", experts // ep * grad_bytes, P // ep, hw))
+    grads = sum(collective_s("all_reduce", n * grad_bytes, p, hw) for n, p in ((count_params(cfg) - experts, P), (experts // ep, P // ep)))
     a2a = 4 * sum(cfg.moe_layers) * collective_s("all_to_all", batch * seq_len / P * cfg.num_experts_per_tok * cfg.hidden_size * grad_bytes, ep, hw)
     part = {k: n_lin * lin[k] + n_soft * soft[k] for k in ("compute_s", "exposed_comm_s", "comm_s")}
     total = dense + part["compute_s"] + part["exposed_comm_s"] + grads + a2a
@@ -304,8 +303,11 @@ def main(argv: list[str]) -> int:
     if cal and args.use_calibration and "linear" in cal["fits"]:
         bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
         hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
-    records = [dict(step_cost(cfg, n, args.devices, m, hw, ep=args.ep), sp=args.devices, status="ok")
-               for n in args.seq_len for m in args.methods]
+    records = [dict(step_cost(cfg, n, args.devices, m, hw, ep=args.ep), sp=args.devices) for n in args.seq_len for m in args.methods]
+    for r in records:  # an infeasible point (Ulysses with heads % P != 0) is listed in the table, never plotted
+        r["status"] = "ok" if r["feasible"] else "skipped"
+        if not r["feasible"]:
+            r["reason"] = f"infeasible: {r['note']}"
     lasp2 = {r["seq_len"]: r["tokens_per_s"] for r in records if r["method"] == "lasp2"}
     for r in records:  # LASP-2's speed-up over each
         r["lasp2_speedup_pct"] = 100 * (lasp2[r["seq_len"]] / r["tokens_per_s"] - 1)

@@ -23,7 +23,8 @@ norms instead, so for ZeRO-0 the trainer clips itself (:func:`clip_grad_norm_`) 
 the whole model.
 
 Checkpoints: DeepSpeed writes the module state of data-parallel rank 0 only; each EP rank's
-experts go to ``experts-ep{r}.pt`` next to it (:func:`save_experts` / :func:`load_experts`).
+experts go to ``experts-ep{r}.pt`` next to it (:func:`save_experts` / :func:`load_experts`;
+``lasp export`` merges them: :mod:`lasp.train.consolidate`).
 """
 from __future__ import annotations
 
@@ -126,14 +127,10 @@ def load_experts(model: torch.nn.Module, tag_dir: str, state) -> None:
             p.copy_(saved[n].to(p.dtype))
 
 
-def merged_experts(tag_dir: str) -> dict[str, torch.Tensor] | None:
-    """All experts of an expert-parallel checkpoint (its ``experts-ep*.pt`` concatenated in EP-rank
-    order), by parameter name; None for a checkpoint without them."""
+def expert_files(tag_dir: str) -> list[str]:
+    """An expert-parallel checkpoint's ``experts-ep*.pt`` in EP-rank order ([] for another checkpoint)."""
     files = {int(f[len("experts-ep"):-3]): f for f in os.listdir(tag_dir) if f.startswith("experts-ep") and f.endswith(".pt")}
-    if not files:
-        return None
-    shards = [torch.load(os.path.join(tag_dir, files[r]), map_location="cpu", weights_only=True) for r in range(len(files))]
-    return {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+    return [os.path.join(tag_dir, files[r]) for r in range(len(files))]
 
 
 def gather_expert(p: torch.Tensor, ep_group) -> torch.Tensor:
