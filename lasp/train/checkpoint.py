@@ -180,11 +180,11 @@ def read_trainer_state(ckpt_dir: str) -> dict | None:
     return None if tag is None else read_state(ckpt_dir, tag)
 
 
-def resume_point(ckpt_dir: str, world_size: int, seed: int, reshard: bool = False) -> tuple[str, dict, list[str]]:
+def resume_point(ckpt_dir: str, world_size: int, seed: int, reshard: bool = False, ep_size: int = 1) -> tuple[str, dict, list[str]]:
     """``(tag, state, notes)`` of the checkpoint a ``--resume`` continues from: the newest intact
     one. ValueError unless there is one, written by ``world_size`` ranks (or ``reshard``: any
     number, :mod:`lasp.train.reshard`) with ``seed`` (ZeRO shards are per rank; the data order
-    is per seed)."""
+    is per seed) and ``ep_size`` (experts are per EP rank; no resharding with expert parallelism)."""
     tag, notes = find_resumable(ckpt_dir)
     if tag is None:
         why = ("; ".join(notes)) if notes else "none was ever written"
@@ -200,6 +200,12 @@ def resume_point(ckpt_dir: str, world_size: int, seed: int, reshard: bool = Fals
         )
     if state.get("seed", seed) != seed:
         raise ValueError(f"--resume: checkpoint {where} was trained with train.seed={state['seed']}, the config says {seed}")
+    if state.get("ep_size", 1) != ep_size:
+        raise ValueError(f"--resume: checkpoint {where} was written with parallel.ep_size={state.get('ep_size', 1)}, "
+                         f"the config says {ep_size}")
+    if reshard and ep_size > 1:
+        raise ValueError(f"--resume-reshard: checkpoint {where} holds expert-parallel shards (parallel.ep_size={ep_size}); "
+                         "resharding them is not supported")
     return tag, state, notes
 
 
@@ -283,10 +289,12 @@ def prune(ckpt_dir: str, keep_last: int | None, newest_step: int) -> list[str]:
 
 
 def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict[str, str], rank: int,
-         keep_last: int | None = None) -> str:
+         keep_last: int | None = None, write_more=None) -> str:
     """Save ``engine`` as ``tag_for(step)`` atomically (see the module docstring); every rank
     calls this. ``extra_files`` (name -> text) are written next to DeepSpeed's files by rank 0.
-    ``keep_last``: retention (None keeps every checkpoint). Returns the checkpoint's directory;
+    ``keep_last``: retention (None keeps every checkpoint). ``write_more(tag_dir)``, when given,
+    runs on every rank after DeepSpeed's save (files of its own, e.g. expert-parallel shards), then
+    one barrier, so the manifest lists them. Returns the checkpoint's directory;
     :class:`CheckpointWriteError` on every rank when any rank could not write its part."""
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
@@ -304,6 +312,13 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, extra_files: dict
     except (OSError, RuntimeError) as e:
         error = e
         _barrier()  # the barrier that closes DeepSpeed's save, which the others are waiting in
+    if write_more is not None:  # on every rank, then one barrier (whatever failed)
+        if error is None:
+            try:
+                write_more(tmp_dir)
+            except OSError as e:
+                error = e
+        _barrier()
     if rank == 0 and error is None:
         try:
             files = dict(extra_files)

@@ -23,15 +23,19 @@ from lasp.config_loader import build, read_yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
+EP_ZERO_STAGES = (0, 1, 2)  # the ZeRO stages DeepSpeed runs with expert (MoE) parameter groups
 
 
 @dataclass
 class ParallelConfig:
     """Sequence parallelism: ``sp_size`` ranks per SP group, the token ``layout``, ``nproc``
     (processes ``lasp train`` starts by itself when not run under a launcher; default sp_size),
-    and the collective timeout ``timeout_s`` (a lost peer ends the run with an error, not a hang)."""
+    and the collective timeout ``timeout_s`` (a lost peer ends the run with an error, not a hang).
+    ``ep_size``: expert parallelism of an ``mlp: moe`` model (ranks per EP group, carved from the
+    same ranks as SP x DP: :mod:`lasp.parallel`)."""
 
     sp_size: int = 1
+    ep_size: int = 1
     layout: str = "contiguous"
     nproc: int | None = None
     #: seconds a collective waits for a lost peer before failing (None: $LASP_COLLECTIVE_TIMEOUT, else 600)
@@ -206,9 +210,12 @@ class RunConfig:
         p, t, src = self.parallel, self.train, self.source
         if p.sp_size < 1:
             raise ValueError(f"{src}: parallel.sp_size must be >= 1, got {p.sp_size}")
+        if p.ep_size < 1:
+            raise ValueError(f"{src}: parallel.ep_size must be >= 1, got {p.ep_size}")
         if p.nproc is not None and p.nproc < 1:
             raise ValueError(f"{src}: parallel.nproc must be >= 1, got {p.nproc}")
         check_world(p.sp_size, world if world is not None else p.nproc, src)
+        check_world(p.ep_size, world if world is not None else p.nproc, src, key="ep_size")
         if p.layout not in LAYOUTS:
             raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
         if p.timeout_s is not None and not p.timeout_s > 0:
@@ -239,6 +246,12 @@ class RunConfig:
             raise ValueError(f"{src}: sample.top_k must be >= 1 or null, got {sm.top_k}")
         if t.zero_stage not in ZERO_STAGES:
             raise ValueError(f"{src}: train.zero_stage must be one of {ZERO_STAGES}, got {t.zero_stage}")
+        if p.ep_size > 1 and t.zero_stage not in EP_ZERO_STAGES:
+            raise ValueError(
+                f"{src}: train.zero_stage={t.zero_stage} does not support expert parallelism (parallel.ep_size={p.ep_size}): "
+                f"DeepSpeed reduces and partitions expert parameters over their expert-data-parallel group only in ZeRO stages "
+                f"{EP_ZERO_STAGES} (its stage 3 refuses MoE layers); use one of those, or parallel.ep_size: 1"
+            )
         if t.dtype not in DTYPES:
             raise ValueError(f"{src}: train.dtype must be one of {DTYPES}, got {t.dtype!r}")
         check_shardable(t.seq_len, p.sp_size, p.layout, name="train.seq_len")
@@ -255,10 +268,10 @@ class RunConfig:
 # ---------------------------------------------------------------------------- helpers
 
 
-def check_world(sp_size: int, world: int | None, source: str) -> None:
-    """ValueError unless ``sp_size`` divides ``world`` (nothing to check when ``world`` is None)."""
+def check_world(sp_size: int, world: int | None, source: str, key: str = "sp_size") -> None:
+    """ValueError unless ``sp_size`` (``parallel.<key>``) divides ``world`` (nothing to check when ``world`` is None)."""
     if world is not None and world % sp_size != 0:
-        raise ValueError(f"{source}: parallel.sp_size={sp_size} must divide the world size {world} ({sp_size} does not divide {world})")
+        raise ValueError(f"{source}: parallel.{key}={sp_size} must divide the world size {world} ({sp_size} does not divide {world})")
 
 
 def _load_model_section(model: Any, source: str, base_dir: str | None) -> dict:

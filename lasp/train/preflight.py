@@ -29,8 +29,22 @@ def world_size_from_env() -> int:
 
 
 def check_world(cfg: RunConfig, world: int) -> None:
-    """ValueError unless ``parallel.sp_size`` divides ``world``."""
+    """ValueError unless ``parallel.sp_size`` and ``parallel.ep_size`` divide ``world``."""
     _check_world(cfg.parallel.sp_size, world, cfg.source)
+    _check_world(cfg.parallel.ep_size, world, cfg.source, key="ep_size")
+
+
+def check_experts(cfg: RunConfig, mcfg, init_from: str | None) -> None:
+    """ValueError unless ``parallel.ep_size`` fits the model (an ``mlp: moe`` model whose experts it divides)."""
+    ep = cfg.parallel.ep_size
+    if ep == 1:
+        return
+    if mcfg.mlp != "moe":
+        raise ValueError(f"{cfg.source}: parallel.ep_size={ep} needs a mixture-of-experts model (model.mlp: moe), got mlp: {mcfg.mlp}")
+    if mcfg.num_experts % ep:
+        raise ValueError(f"{cfg.source}: parallel.ep_size={ep} must divide model.num_experts={mcfg.num_experts}")
+    if init_from is not None:
+        raise ValueError(f"{cfg.source}: model.init_from with parallel.ep_size={ep} is not supported yet (start from it with ep_size: 1)")
 
 
 def resolve_data(cfg: RunConfig) -> str:
@@ -102,6 +116,7 @@ def preflight(cfg: RunConfig, world: int) -> tuple[object, str | None, TokenData
     documents are packed)``."""
     check_world(cfg, world)
     mcfg, init_from = build_model_config(cfg)
+    check_experts(cfg, mcfg, init_from)
     check_seq_len(cfg, mcfg)
     check_precision(cfg)
     check_writable(cfg.out_dir, "out_dir")

@@ -213,7 +213,7 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
                 )
             plan.move_aside = True
         return plan
-    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed, reshard=reshard)
+    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed, reshard=reshard, ep_size=cfg.parallel.ep_size)
     plan.messages += notes
     if notes:
         plan.messages.append(f"resuming from {os.path.join(ckpt_dir, tag)}, the newest intact checkpoint")

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, reshard
+from . import checkpoint, expert_parallel, reshard
 from .config import RunConfig
 from .data import TOKENIZER_FILE, BatchSpec, TokenDataset, dataset_tokenizer_path, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
-from .ds_config import build_deepspeed_config, make_scheduler
+from .ds_config import build_deepspeed_config, make_scheduler, trainer_clips
 from .init_from import build_initial_model
 from .metrics import MetricsLogger
 from .preemption import Preempted, StopSignals
@@ -62,16 +62,18 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, zero_stage: int, rank: int, ep_group=None) -> dict[str, torch.Tensor] | None:
     """The model's full fp32 state dict on rank 0's CPU (None on the other ranks). Collective
-    under ZeRO-3 (call on every rank): parameters are gathered ONE AT A TIME, so no rank ever
-    holds the whole model twice."""
+    under ZeRO-3 and expert parallelism (call on every rank): parameters are gathered ONE AT A
+    TIME, so no rank ever holds the whole model twice."""
     module = engine.module
+    experts = {id(p) for _, p in expert_parallel.expert_parameters(module)} if ep_group is not None else set()
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     for name, p in module.named_parameters(remove_duplicate=False):
         with _gathered_one(p, zero_stage):
+            value = expert_parallel.gather_expert(p, ep_group) if id(p) in experts else p
             if out is not None:
-                out[name] = p.detach().float().cpu().clone()
+                out[name] = value.detach().float().cpu().clone()
     if out is not None:
         for name, b in module.named_buffers():
             out[name] = b.detach().float().cpu().clone()
@@ -154,7 +156,7 @@ def train(
         _single_process_env()  # DeepSpeed needs a process group, even for one process
     timeout_s = cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S
     with StopSignals(announce=rank == 0) as stop:
-        state = init_parallel(cfg.parallel.sp_size, timeout_s=timeout_s)  # the timeout of every group, DeepSpeed's too
+        state = init_parallel(cfg.parallel.sp_size, ep_size=cfg.parallel.ep_size, timeout_s=timeout_s)  # the timeout of every group, DeepSpeed's too
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
             deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s))
         rank = dist.get_rank()
@@ -185,6 +187,7 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
     import deepspeed
 
     from lasp.models.info import count_params
+    from lasp.models.moe import router_losses
 
     t, layout = cfg.train, cfg.parallel.layout
     ckpt_dir = cfg.checkpoint_dir
@@ -206,18 +209,24 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
     ds_config = build_deepspeed_config(cfg, world)
     if plan.reshard:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
+    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None, ep_group=state.ep_group)
     if t.activation_checkpointing:
         model.set_activation_checkpointing(True)
+    if state.ep_size > 1:  # experts as DeepSpeed expert parameters (reduced over their EDP group)
+        expert_parallel.prepare(model, state, mcfg.num_experts)
+    moe, clip_experts = mcfg.mlp == "moe", trainer_clips(cfg)
     n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
+                                               lr_scheduler=scheduler)
     device = engine.device
 
     start_step, tokens_done = 0, 0
     if plan.resume_tag is not None:
         client = checkpoint.load(engine, ckpt_dir, load_tag)
+        if state.ep_size > 1:
+            expert_parallel.load_experts(engine.module, os.path.join(ckpt_dir, load_tag), state)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
         if plan.reshard:
             dist.barrier()
@@ -233,7 +242,8 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
     if rank == 0 and verbose:
         print(
             f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
-            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
+            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}{f' (EP={state.ep_size})' if state.ep_size > 1 else ''}, "
+            f"{layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
             f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens"
             f"{', packed documents' if packed else ''})",
             flush=True,
@@ -247,13 +257,14 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
     def save(step: int) -> str:
         client = {
             "step": step, "tokens": tokens_done, "seed": t.seed, "world_size": world, "sp_size": state.sp_size,
-            "dp_size": state.dp_size, "run_id": run_id, "schedule": schedule_settings(cfg),
+            "dp_size": state.dp_size, "ep_size": state.ep_size, "run_id": run_id, "schedule": schedule_settings(cfg),
             "batch": batch_settings(cfg, world, packed), "data": fingerprint,
         }
-        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank, keep_last=cfg.checkpoint.keep_last)
+        more = (lambda tag_dir: expert_parallel.save_experts(engine.module, tag_dir, state)) if state.ep_size > 1 else None
+        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank, keep_last=cfg.checkpoint.keep_last, write_more=more)
 
     engine.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces device tensors
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, z; on the device: NCCL reduces device tensors
     run_start = time.perf_counter()
     signum = 0
     for step in range(start_step, last_step):
@@ -263,19 +274,28 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
         # the loss is the mean over the counted tokens of the GLOBAL batch (every rank, every micro-step)
         scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
-        for input_ids, labels, cu_seqlens in batches:
+        for micro, (input_ids, labels, cu_seqlens) in enumerate(batches):
+            stats = [] if moe else None
             # the sum of this rank's token losses (labels IGNORE_INDEX = none), fused: no logits
-            loss = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, labels=labels)
-            engine.backward(loss * scale.to(loss.dtype))
+            loss = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, labels=labels, router_stats=stats)
+            objective = loss * scale.to(loss.dtype)
+            if moe:  # the router losses of the micro-step's global batch: this rank's share (lasp.models.moe)
+                router = router_losses(stats, dist.group.WORLD)
+                objective = objective + world * (mcfg.router_aux_loss_coef * router.aux_share + mcfg.router_z_loss_coef * router.z_share)
+                loss_sum[1:] += torch.stack([router.aux, router.z]) / world  # every rank holds the global values
+            engine.backward(objective)
+            if clip_experts and micro == t.grad_accum - 1:  # the gradients are reduced at the last micro-step
+                expert_parallel.clip_grad_norm_(engine.module, t.grad_clip, state.ep_group)
             engine.step()
-            loss_sum += loss.detach().double()
+            loss_sum[0] += loss.detach().double()
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        step_loss = (loss_sum * scale).item() / (world * t.grad_accum)
+        step_loss = (loss_sum[0] * scale).item() / (world * t.grad_accum)
+        router_logs = {"aux_loss": loss_sum[1].item() / t.grad_accum, "z_loss": loss_sum[2].item() / t.grad_accum} if moe else None
         tokens_done += spec.tokens_per_step
         dt = time.perf_counter() - step_start
         result.losses.append(step_loss)
         if (step + 1) % t.log_every == 0 or step + 1 == last_step:
-            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt)
+            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt, extra=router_logs)
         if not torch.isfinite(torch.tensor(step_loss)):
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
         done = step + 1
@@ -298,7 +318,7 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
 
     want_sample = sample and cfg.sample.max_new_tokens > 0 and not signum  # asked to stop in the last step: no sample
     if want_sample or keep_weights:
-        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank)  # collective under ZeRO-3: every rank
+        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank, state.ep_group)  # collective under ZeRO-3 / EP
         if rank == 0:
             result.sample = sample_or_warn(mcfg, weights, data, cfg) if want_sample else None
             result.weights = weights if keep_weights else None
