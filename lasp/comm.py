@@ -29,6 +29,7 @@ __all__ = [
     "all_reduce",
     "reduce_scatter",
     "all_to_all",
+    "all_to_all_v",
     "batch_send_recv",
     "prepare_p2p",
 ]
@@ -126,6 +127,18 @@ def all_to_all(inp: torch.Tensor, group, *, tag: str = "") -> torch.Tensor:
     out = torch.empty_like(inp)
     _note("all_to_all", inp, group, tag)
     dist.all_to_all_single(out, inp, group=group)
+    return out
+
+
+def all_to_all_v(inp: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, *, tag: str = "") -> torch.Tensor:
+    """All-to-all of rows with uneven splits: the first ``send_splits[0]`` rows of ``inp [sum(send), ...]``
+    go to rank 0, the next ``send_splits[1]`` to rank 1, ...; returns ``[sum(recv_splits), ...]``, rank
+    j's rows (``recv_splits[j]`` of them) in rank order. The splits are host ints (the caller has
+    exchanged the counts first)."""
+    inp = inp.contiguous()
+    out = inp.new_empty((sum(recv_splits), *inp.shape[1:]))
+    _note("all_to_all", inp, group, tag)
+    dist.all_to_all_single(out, inp, recv_splits, send_splits, group=group)
     return out
 
 

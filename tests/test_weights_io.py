@@ -161,3 +161,23 @@ def test_init_from_loads_in_the_training_dtype(tmp_path, zero):
         model = build_initial_model(cfg, str(tmp_path), zero, {"bf16": {"enabled": False}})
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert max(n for d, n in rec.created if d == torch.float32) == max(p.numel() for p in model.parameters())
+
+
+def test_export_takes_the_checkpoints_own_tokenizer_first(tmp_path):
+    """The tokenizer beside a checkpoint's weights (what lasp train saves) wins over the dataset's,
+    which may have moved; a dataset's relative tokenizer path is read from its directory."""
+    from lasp.train.export import dataset_tokenizer
+
+    data, tag = tmp_path / "data", tmp_path / "step00000001"
+    data.mkdir()
+    tag.mkdir()
+    (data / "header.json").write_text(json.dumps({"tokenizer": "tokenizer.json", "separator": 7}))
+    (data / "tokenizer.json").write_text("{}")
+    run = {"data": {"path": str(data)}}
+    assert dataset_tokenizer(run, str(tag)) == (str(data / "tokenizer.json"), {"eos_token_id": 7})
+    (tag / "tokenizer.json").write_text("{}")
+    assert dataset_tokenizer(run, str(tag)) == (str(tag / "tokenizer.json"), {"eos_token_id": 7})
+    (tag / "tokenizer.json").unlink()
+    (data / "tokenizer.json").unlink()
+    assert dataset_tokenizer(run, str(tag)) == (None, {"eos_token_id": 7})  # gone: no tokenizer, no error
+    assert dataset_tokenizer({}, str(tag)) == (None, {})

@@ -23,6 +23,7 @@ from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
+from .moe import SparseMoeBlock
 from .qwen3_5 import OffsetRMSNorm, Qwen35Attention, Qwen35GatedDeltaNet
 
 
@@ -39,19 +40,24 @@ def _mixer_class(cfg: ModelConfig, kind: str) -> type:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``[B, T, hidden] -> same``."""
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``[B, T, hidden] -> (same,
+    RouterStats of a sparse-MoE MLP or None)``."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, ep_group=None):
         super().__init__()
         self.kind = kind
         self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = _mixer_class(cfg, kind)(cfg, layer_idx)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        moe = cfg.moe_layers[layer_idx]
+        self.mlp = SparseMoeBlock(cfg, ep_group) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, group=group, layout=layout, cu_seqlens=cu_seqlens, cache=cache)
-        return x + self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, SparseMoeBlock):
+            y, stats = self.mlp(self.mlp_norm(x))
+            return x + y, stats
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 class LinearLlamaForCausalLM(nn.Module):
@@ -60,14 +66,17 @@ class LinearLlamaForCausalLM(nn.Module):
         model = LinearLlamaForCausalLM(cfg)                  # or device="meta"
         logits = model(input_ids, group=sp_group, layout="zigzag")
         loss_sum = model(input_ids, group=sp_group, layout="zigzag", labels=labels)  # no logits built
+
+    ``ep_group``: the expert-parallel group of an ``mlp: moe`` model (this rank then holds its
+    ``E / ep_size`` experts of every MoE layer; :mod:`lasp.models.moe`).
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, ep_group=None):
         super().__init__()
         self.config = config
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-            self.layers = nn.ModuleList(DecoderLayer(config, i, kind) for i, kind in enumerate(config.layer_types))
+            self.layers = nn.ModuleList(DecoderLayer(config, i, kind, ep_group) for i, kind in enumerate(config.layer_types))
             self.norm = _norm(config, config.hidden_size)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
@@ -89,6 +98,8 @@ class LinearLlamaForCausalLM(nn.Module):
                 nn.init.constant_(m.weight, 1.0 - m.OFFSET)
             elif isinstance(m, (GatedDeltaNet, Qwen35GatedDeltaNet)):
                 m.reset_delta_parameters()
+            elif isinstance(m, SparseMoeBlock):
+                m.reset_moe_parameters(std)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
@@ -106,6 +117,7 @@ class LinearLlamaForCausalLM(nn.Module):
         layout: str = "contiguous",
         positions: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        router_stats: list | None = None,
         *,
         labels: torch.Tensor | None = None,
         loss_reduction: str = "sum",
@@ -121,6 +133,8 @@ class LinearLlamaForCausalLM(nn.Module):
             cu_seqlens: ``[N+1]`` integer global document starts (``0 ... T_global``, the same on
                 every rank), B must be 1; or None (one document). Every operator gets it, and RoPE
                 uses each token's position within its document.
+            router_stats: a list to which every MoE layer appends its
+                :class:`~lasp.models.moe.RouterStats` (for :func:`lasp.models.moe.router_losses`).
             labels: ``[B, T_local]`` integer next-token ids of this rank's tokens, ``-100`` where a
                 token has none; or None (return logits).
             loss_reduction: with labels: ``sum`` (default: the SUM of this rank's token losses,
@@ -129,8 +143,10 @@ class LinearLlamaForCausalLM(nn.Module):
         Returns:
             without labels: ``[B, T_local, vocab_size]`` float32 logits. With labels: the float32
             loss from :func:`lasp.linear_cross_entropy` on the final normed hidden states, the LM
-            head used inside this forward (so ZeRO-3 has gathered it). It is the objective to
-            back-propagate: a term a model adds later (e.g. an MoE auxiliary loss) is added to it.
+            head used inside this forward (so ZeRO-3 has gathered it): the cross-entropy only. An
+            MoE model's router losses are the caller's to add, from ``router_stats`` through
+            :func:`lasp.models.moe.router_losses` (their batch is a group's tokens, their scale
+            the caller's: see the trainer).
         """
         if labels is not None:  # before any collective
             _check_labels(input_ids, labels, loss_reduction)
@@ -138,9 +154,11 @@ class LinearLlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
+                x, stats = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, group, layout, cu_seqlens)
+                x, stats = layer(x, cos, sin, group, layout, cu_seqlens)
+            if stats is not None and router_stats is not None:
+                router_stats.append(stats)
         h = self.norm(x)
         return self.logits(h) if labels is None else self.loss(h, labels, loss_reduction)
 
@@ -193,7 +211,7 @@ class LinearLlamaForCausalLM(nn.Module):
         cos, sin = self._rope(input_ids, None, "contiguous", positions)
         x = self.embed_tokens(input_ids)
         for layer, layer_cache in zip(self.layers, cache):
-            x = layer(x, cos, sin, cache=layer_cache)
+            x, _ = layer(x, cos, sin, cache=layer_cache)
         return self.logits(self.norm(x))
 
     def new_cache(self) -> list[dict]:

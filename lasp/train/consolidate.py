@@ -13,6 +13,9 @@ for, and then only that tensor's bytes (Adam moments and the other ranks' states
   straddles two partitions is copied, one at a time).
 - ZeRO-3: DeepSpeed's ``zero_to_fp32`` in ``lazy_mode`` (its ``GatheredTensor``: each
   parameter gathered from the ranks' flat partitions when read).
+- expert parallelism (fp32 runs): the module of the model-states file (there the fp32 master),
+  each routed expert tensor the concatenation of the EP ranks' ``experts-ep{r}.pt``
+  (:mod:`lasp.train.expert_parallel`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import torch
 
 from lasp.models.shards import TensorSource
 
+from .expert_parallel import expert_files
+
 
 def checkpoint_sources(ckpt_dir: str, tag: str, model: torch.nn.Module) -> dict[str, TensorSource]:
     """``{name: TensorSource}`` (fp32) of checkpoint ``tag`` for ``model``'s state dict (the meta
@@ -34,7 +39,9 @@ def checkpoint_sources(ckpt_dir: str, tag: str, model: torch.nn.Module) -> dict[
     """
     tag_dir = os.path.join(ckpt_dir, tag)
     optim_files = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
-    if optim_files:
+    if expert_files(tag_dir):
+        readers = _expert_parallel_readers(tag_dir, expert_files(tag_dir))
+    elif optim_files:
         stage = _load(optim_files[0])["optimizer_state_dict"]["zero_stage"]
         readers = _zero3_readers(ckpt_dir, tag) if stage == 3 else _zero12_readers(tag_dir, optim_files)
     else:
@@ -124,6 +131,18 @@ def _zero12_readers(tag_dir: str, optim_files: list[str]) -> dict:
     for alias, target in (saved.get("shared_params") or {}).items():
         if target in readers:
             readers[alias] = readers[target]
+    return readers
+
+
+def _expert_parallel_readers(tag_dir: str, files: list[str]) -> dict:
+    """An expert-parallel checkpoint: the module copy, the experts from every EP rank's file."""
+    saved = _load(sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))[0])
+    if any(t.dtype != torch.float32 for t in saved["module"].values()):
+        raise ValueError(f"--checkpoint: {tag_dir!r} is an expert-parallel checkpoint of a bf16 / fp16 run; lasp export "
+                         "reads expert-parallel checkpoints of fp32 runs only (their module copy is the master) for now")
+    shards = [_load(f) for f in files]
+    readers = {n: (lambda t=t: t) for n, t in saved["module"].items()}
+    readers.update({n: (lambda n=n: torch.cat([s[n] for s in shards])) for n in shards[0]})
     return readers
 
 

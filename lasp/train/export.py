@@ -15,8 +15,8 @@ them, :mod:`lasp.models.shards` writes them) into shards of at most ``--max-shar
 ``model.safetensors.index.json`` when there is more than one.
 
 Beside the weights: the tokenizer, chat-template, generation and processor files of the run's
-``model.init_from`` directory (or, without one, the dataset's tokenizers JSON as
-``tokenizer.json``); the HF ``config.json`` carries the bos/eos/pad token ids of the init_from
+``model.init_from`` directory (or, without one, the tokenizers JSON the checkpoint carries, else
+the dataset's, as ``tokenizer.json``); the HF ``config.json`` carries the bos/eos/pad token ids of the init_from
 directory (``config.json``, ``generation_config.json``), else the dataset's document separator
 as eos. Weights already in ``--output`` are replaced (see :mod:`lasp.models.shards`). The
 checkpoint is verified against its manifest first: a damaged one is one clear error.
@@ -73,24 +73,30 @@ def read_run(tag_dir: str) -> dict:
     return run if isinstance(run, dict) else {}
 
 
-def dataset_tokenizer(run: dict) -> tuple[str | None, dict]:
-    """``(tokenizers JSON path or None, {"eos_token_id": separator})`` of the run's dataset, if
-    its header can be read (the separator ends every document: the model's end-of-text)."""
+def dataset_tokenizer(run: dict, tag_dir: str) -> tuple[str | None, dict]:
+    """``(tokenizers JSON path or None, {"eos_token_id": separator})`` of the run: the tokenizer
+    the checkpoint carries (``tokenizer.json`` beside its weights), else the dataset's (if its
+    header can be read); the separator ends every document: the model's end-of-text."""
+    from .data import HEADER, TOKENIZER_FILE, dataset_tokenizer_path
+
+    own = os.path.join(tag_dir, TOKENIZER_FILE)
     data = (run.get("data") or {}).get("path")
-    header_path = os.path.join(data, "header.json") if isinstance(data, str) else None
-    if header_path is None or not os.path.isfile(header_path):
-        return None, {}
-    try:
-        with open(header_path, encoding="utf-8") as f:
-            header = json.load(f)
-    except (OSError, ValueError):
-        return None, {}
+    header_path = os.path.join(data, HEADER) if isinstance(data, str) else None
+    header = {}
+    if header_path is not None and os.path.isfile(header_path):
+        try:
+            with open(header_path, encoding="utf-8") as f:
+                header = json.load(f)
+        except (OSError, ValueError):
+            header = {}
     ids = {"eos_token_id": header["separator"]} if isinstance(header.get("separator"), int) else {}
-    tok = header.get("tokenizer")
-    if isinstance(tok, str) and tok != "bytes":
-        tok = tok if os.path.isabs(tok) else os.path.join(data, tok)
-        return (tok if os.path.isfile(tok) else None), ids
-    return None, ids
+    if os.path.isfile(own):
+        return own, ids
+    try:
+        tok = dataset_tokenizer_path(data, header) if header else "bytes"
+    except ValueError:
+        tok = "bytes"
+    return (None if tok == "bytes" else tok), ids
 
 
 @dataclass
@@ -134,7 +140,7 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
         dtype = DTYPES.get((run.get("train") or {}).get("dtype"), torch.float32)
     init_from = (run.get("model") or {}).get("init_from")
     init_dir = init_from if isinstance(init_from, str) and os.path.isdir(init_from) else None
-    tokenizer, ids = dataset_tokenizer(run)
+    tokenizer, ids = dataset_tokenizer(run, tag_dir)
     ids = {**ids, **(token_ids(init_dir) if init_dir else {}), **(token_ids(like) if like else {})} if fmt == "hf" else {}
     try:
         sources = checkpoint_sources(ckpt_dir, tag, LinearLlamaForCausalLM(cfg, device="meta"))

@@ -62,14 +62,15 @@ def init_deepspeed_comm() -> None:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
 
 
-def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict, load: bool = True):
+def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict, load: bool = True, ep_group=None):
     """The model to hand to ``deepspeed.initialize``: random init (``path`` None, as before), or
-    ``path``'s weights (``load=False``: only the structure, e.g. when a checkpoint is resumed)."""
+    ``path``'s weights (``load=False``: only the structure, e.g. when a checkpoint is resumed).
+    ``ep_group``: an MoE model's expert-parallel group (random init or resume only)."""
     from lasp.models import LinearLlamaForCausalLM
     from lasp.models.weights import load_weights_, tensor_readers
 
     if path is None or (zero_stage < 3 and not load):
-        return LinearLlamaForCausalLM(mcfg)
+        return LinearLlamaForCausalLM(mcfg, ep_group=ep_group)
     if zero_stage < 3:
         return load_weights_(LinearLlamaForCausalLM(mcfg, device="meta"), path, dtype=training_dtype(ds_config))
     import deepspeed
