@@ -210,6 +210,12 @@ def test_refusals_are_one_line(tmp_path, capsys):
     refused(moe, r"^config.json: Mixture-of-Experts models \(model_type 'qwen3_5_moe'")
     refused(Qwen3NextConfig(num_hidden_layers=2).to_dict(), r"^config.json: Mixture-of-Experts models \(model_type 'qwen3_next'")
     refused({k: v for k, v in base.items() if k != "intermediate_size"}, r"^config.json: the text config has no 'intermediate_size'$")
+    from lasp.models import ModelConfig
+    from lasp.models.hf_config import config_to_hf
+
+    moe_cfg = ModelConfig.from_dict({**config_from_hf(copy.deepcopy(base)).to_dict(), "mlp": "moe", "num_experts": 4})
+    with pytest.raises(ValueError, match=r"^model: Mixture-of-Experts models \(mlp: moe\) do not export to Hugging Face format yet"):
+        config_to_hf(moe_cfg)
 
     # quantized tensors without a quantization_config: names or dtypes, before any tensor is read
     tensors = load_file(src / "model.safetensors")

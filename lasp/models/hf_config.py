@@ -159,6 +159,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """A ``Qwen3_5ForCausalLM`` ``config.json`` mapping for a ``qwen3_5`` :class:`ModelConfig`."""
     if cfg.architecture != "qwen3_5":
         raise ValueError(f"model: only architecture='qwen3_5' exports to Hugging Face format, got {cfg.architecture!r}")
+    if cfg.mlp != "dense":  # with check_dense: the place Mixture-of-Experts export support goes
+        raise ValueError(f"model: Mixture-of-Experts models (mlp: {cfg.mlp}) do not export to Hugging Face format yet; only dense Qwen3.5 models do")
     nk, nv, dk, dv = cfg.linear_dims
     return {
         "architectures": ["Qwen3_5ForCausalLM"],
