@@ -24,18 +24,24 @@ CONFIGS = {
 VOCAB = 97
 
 
-def make_hf(path, variant: str, seed: int = 0):
-    """Save a tiny random Qwen3_5ForCausalLM to ``path``; return the (eval, fp32) model."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
+def text_kwargs(variant: str) -> dict:
+    """The keyword arguments of a tiny ``Qwen3_5TextConfig`` of ``variant`` (4 layers, both kinds)."""
     kw = dict(CONFIGS[variant])
     prf = kw.pop("partial_rotary_factor")
-    hc = Qwen3_5TextConfig(
+    return dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, head_dim=16,
         linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12, linear_num_key_heads=2,
         linear_num_value_heads=4, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": prf}, **kw,
     )
+
+
+def make_hf(path, variant: str, seed: int = 0, **overrides):
+    """Save a tiny random Qwen3_5ForCausalLM to ``path``; return the (eval, fp32) model.
+    ``overrides`` replace ``Qwen3_5TextConfig`` arguments of :func:`text_kwargs`."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    hc = Qwen3_5TextConfig(**{**text_kwargs(variant), **overrides})
     torch.manual_seed(seed)
     model = Qwen3_5ForCausalLM(hc).float().eval()
     with torch.no_grad():
@@ -259,22 +265,30 @@ def test_bench_compare_hf_same_loss(tmp_path):
     assert (tmp_path / "hf_speedup.png").exists()
 
 
-@pytest.mark.parametrize("text_tie,top_tie", [(True, False), (False, True)])
-def test_conditional_generation_model(tmp_path, text_tie, top_tie):
-    """A real (tiny) ``Qwen3_5ForConditionalGeneration``: text logits equal, the vision tower is
-    skipped, and the top-level ``tie_word_embeddings`` decides the tying (as in transformers)."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    from lasp.models import from_hf
+def conditional_config(tie: bool, **text_overrides):
+    """A tiny ``Qwen3_5Config`` (a ``Qwen3_5ForConditionalGeneration``: 2 text layers, a 1-block
+    vision tower, multimodal RoPE keys); ``tie``: its top-level ``tie_word_embeddings``."""
+    from transformers import Qwen3_5Config
 
     text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
                 linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
-                tie_word_embeddings=text_tie, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                                                              "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4, num_position_embeddings=16)
+    return Qwen3_5Config(text_config={**text, **text_overrides}, vision_config=vision, tie_word_embeddings=tie)
+
+
+@pytest.mark.parametrize("text_tie,top_tie", [(True, False), (False, True)])
+def test_conditional_generation_model(tmp_path, text_tie, top_tie):
+    """A real (tiny) ``Qwen3_5ForConditionalGeneration``: text logits equal, the vision tower is
+    skipped, and the top-level ``tie_word_embeddings`` decides the tying (as in transformers)."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from lasp.models import from_hf
+
     torch.manual_seed(0)
-    hf = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=top_tie)).eval()
+    hf = Qwen3_5ForConditionalGeneration(conditional_config(top_tie, tie_word_embeddings=text_tie)).eval()
     hf.save_pretrained(tmp_path)
     model = from_hf(tmp_path)
     assert model.config.tie_embeddings == top_tie

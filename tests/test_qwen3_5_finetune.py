@@ -122,6 +122,46 @@ def test_export_hf_loads_in_transformers(runs, tmp_path):
         assert_close(hf(ids).logits, from_hf(tmp_path)(ids), rtol=1e-4, name="logits")
 
 
+def test_export_like_conditional_generation(runs, tmp_path):
+    """``lasp export --format hf --like CG_DIR``: the checkpoint's text weights in the layout of a
+    Qwen3_5ForConditionalGeneration (``model.language_model.*``, its nested config), which
+    transformers' ConditionalGeneration class loads with the plain export's logits and CG_DIR's
+    vision weights untouched."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3_5ForConditionalGeneration
+
+    from lasp.testing import assert_close
+    from lasp.train.export import main as export_main
+
+    from test_qwen3_5 import conditional_config
+
+    tmp, _, _ = runs
+    text = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, linear_conv_kernel_dim=3, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=1,
+                linear_num_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                                           "mrope_section": [1, 1, 0], "mrope_interleaved": True})
+    torch.manual_seed(1)
+    cg = Qwen3_5ForConditionalGeneration(conditional_config(True, **text)).eval()  # another model of the same shapes
+    cg.save_pretrained(tmp_path / "cg")
+    ckpt = os.path.join(tmp, "sp2-zero3-hf-dir", "checkpoints")
+    assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "plain"), "--format", "hf"]) == 0
+    assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--format", "hf", "--like", str(tmp_path / "cg")]) == 0
+    plain, out = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in plain.items():
+        assert torch.equal(out[name.replace("model.", "model.language_model.", 1)], t), name
+    back = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits
+        assert_close(ref, back(input_ids=ids).logits, rtol=1e-5, name="logits")
+    for name, p in cg.model.visual.state_dict().items():
+        assert torch.equal(back.model.visual.state_dict()[name], p), name
+    with pytest.raises(ValueError, match="--like: only with --format hf"):
+        from lasp.train.export import export
+
+        export(ckpt, str(tmp_path / "x"), "lasp", like=str(tmp_path / "cg"))
+
+
 def _ckpt(tmp: str, run: str) -> str:
     return os.path.join(tmp, run, "checkpoints")
 

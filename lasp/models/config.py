@@ -19,6 +19,7 @@ import yaml
 
 from ..config_loader import build, coerce_fields, read_yaml
 from ..ops.checks import BACKENDS, LINEAR_METHOD_NAMES, SOFTMAX_METHOD_NAMES
+from .rope import check_rope_scaling
 
 LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
 DELTA_VARIANTS = ("gated_deltanet", "deltanet")  # delta-rule linear layers (lasp.models.delta_mixer)
@@ -49,6 +50,10 @@ class ModelConfig:
     ``linear_attention``/``full_attention``) may replace ``layer_pattern``; after construction
     ``layer_types`` always holds the ``linear``/``softmax`` kind of every layer and
     ``layer_pattern`` the matching letters.
+
+    ``rope_scaling`` (None: plain RoPE of base ``rope_theta``) takes Hugging Face's keys:
+    ``{rope_type: yarn, factor, original_max_position_embeddings, ...}`` or ``{rope_type: linear,
+    factor}`` (:mod:`lasp.models.rope`; ``type`` is read as ``rope_type``).
 
     ``mlp: moe`` makes the MLP of every layer a sparse mixture of experts
     (:class:`lasp.models.moe.SparseMoeBlock`) except the layers in ``mlp_only_layers`` and those
@@ -96,6 +101,9 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)  # layers that keep the dense MLP
     # shared
     rope_theta: float = 500000.0
+    # None: plain RoPE; or Hugging Face's keys, e.g. {rope_type: yarn, factor: 4.0,
+    # original_max_position_embeddings: 262144} (lasp.models.rope: linear, yarn)
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     initializer_range: float = 0.02
@@ -205,6 +213,10 @@ class ModelConfig:
         for key in ("rope_theta", "rms_norm_eps", "initializer_range", "gate_logit_normalizer"):
             if not getattr(self, key) > 0:
                 fail(key, f"must be > 0, got {getattr(self, key)}")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         self._validate_moe(fail)
 
     def _validate_moe(self, fail) -> None:

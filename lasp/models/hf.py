@@ -1,30 +1,41 @@
 """Hugging Face Qwen3.5 checkpoints in and out (no ``transformers`` import needed).
 
-- :func:`config_from_hf` / :func:`config_to_hf`: ``config.json`` (``Qwen3_5TextConfig``, or the
-  ``text_config`` of a ``Qwen3_5ForConditionalGeneration``) <-> :class:`ModelConfig`
-  (``architecture: qwen3_5``);
+- ``config.json`` <-> :class:`ModelConfig`: :mod:`lasp.models.hf_config` (:func:`read_hf_config`
+  reads a directory's, and settles a tied checkpoint that still ships ``lm_head.weight``);
 - :func:`hf_to_lasp_name` / :func:`lasp_to_hf_name`: tensor names (the only reshaped tensor is the
   GDN convolution: HF ``conv1d.weight [C, 1, W]`` <-> lasp ``conv_weight [C, W]``);
 - :func:`from_hf` / :func:`to_hf` / :func:`write_hf`: whole directories (``model.safetensors`` or
   shards listed in ``model.safetensors.index.json``), read and written one tensor at a time
   (:mod:`lasp.models.shards`). The vision tower (``model.visual.*``) and the multi-token
-  prediction head (``mtp.*``) are skipped; any other unknown or missing tensor is an error that
-  lists them.
+  prediction head (``mtp.*``) are skipped on reading; any other unknown or missing tensor is an
+  error that lists them, quantized weights one error line. ``like=HF_DIR`` writes in the layout
+  of the checkpoint the model came from (e.g. ``model.language_model.*`` and the nested config of
+  a ``Qwen3_5ForConditionalGeneration``), its vision tower and MTP head copied through unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
 
 from .config import ModelConfig
-from .shards import DEFAULT_MAX_SHARD_SIZE, TensorSource, TensorSpec, WrittenWeights, model_sources, weight_map, write_weights
+from .hf_config import check_same_layout, config_from_hf, config_like, config_to_hf
+from .shards import (DEFAULT_MAX_SHARD_SIZE, StoredTensor, TensorSource, TensorSpec, WrittenWeights, dtype_from_safetensors,
+                     has_weights, model_sources, weight_entries, write_weights)
 
 SKIPPED_PREFIXES = ("model.visual.", "mtp.", "model.mtp.")
-_TEXT_PREFIXES = ("model.language_model.", "model.")
+TEXT_PREFIXES = ("model.language_model.", "model.")  # Qwen3_5ForConditionalGeneration's, Qwen3_5ForCausalLM's
+#: name endings and safetensors dtypes of quantized weights (FP8 block scales, GPTQ/AWQ packing, ...)
+QUANT_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".qweight", ".qzeros", ".scales", ".g_idx",
+                  ".weight_packed", ".weight_zero_point")
+QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "I4", "U4")
 # lasp name (after "layers.N.") <-> HF name (after "layers.N.")
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -33,87 +44,15 @@ _LAYER_NAMES = {
 _LASP_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}  # HF name -> lasp name
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
-    """``ModelConfig`` (architecture ``qwen3_5``) from a Qwen3.5 ``config.json`` mapping."""
-    text = hf.get("text_config", hf)
-    if text.get("model_type", "qwen3_5_text") not in ("qwen3_5_text", "qwen3_5"):
-        raise ValueError(f"config.json: model_type must be qwen3_5 / qwen3_5_text, got {text.get('model_type')!r}")
-    rope = text.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: rope_parameters.rope_type must be 'default', got {rope.get('rope_type')!r}")
-    if text.get("hidden_act", "silu") != "silu" or text.get("attention_bias", False):
-        raise ValueError("config.json: only hidden_act='silu' and attention_bias=false are supported")
-    # a Qwen3_5ForConditionalGeneration ties (or not) by its top-level flag, whatever text_config says
-    tie = hf.get("tie_word_embeddings", False) if "text_config" in hf else text.get("tie_word_embeddings", False)
-    n = text["num_hidden_layers"]
-    types = text.get("layer_types") or [
-        "full_attention" if (i + 1) % text.get("full_attention_interval", 4) == 0 else "linear_attention" for i in range(n)
-    ]
-    return ModelConfig(
-        architecture="qwen3_5",
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        intermediate_size=text["intermediate_size"],
-        num_layers=n,
-        num_heads=text["num_attention_heads"],
-        num_kv_heads=text["num_key_value_heads"],
-        attention_head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-        layer_types=list(types),
-        linear_variant="gated_deltanet",
-        conv_size=text.get("linear_conv_kernel_dim", 4),
-        linear_num_key_heads=text["linear_num_key_heads"],
-        linear_num_value_heads=text["linear_num_value_heads"],
-        linear_key_head_dim=text["linear_key_head_dim"],
-        linear_value_head_dim=text["linear_value_head_dim"],
-        partial_rotary_factor=rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)),
-        rope_theta=rope.get("rope_theta", text.get("rope_theta", 10000.0)),
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(tie),
-        initializer_range=text.get("initializer_range", 0.02),
-        max_seq_len=text.get("max_position_embeddings", 32768),
-    )
-
-
-def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """A ``Qwen3_5ForCausalLM`` ``config.json`` mapping for a ``qwen3_5`` :class:`ModelConfig`."""
-    if cfg.architecture != "qwen3_5":
-        raise ValueError(f"model: only architecture='qwen3_5' exports to Hugging Face format, got {cfg.architecture!r}")
-    nk, nv, dk, dv = cfg.linear_dims
-    return {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": "qwen3_5_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.initializer_range,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.partial_rotary_factor},
-        "attention_bias": False,
-        "linear_conv_kernel_dim": cfg.conv_size,
-        "linear_key_head_dim": dk,
-        "linear_value_head_dim": dv,
-        "linear_num_key_heads": nk,
-        "linear_num_value_heads": nv,
-        "layer_types": ["linear_attention" if k == "linear" else "full_attention" for k in cfg.layer_types],
-        "dtype": dtype,
-    }
-
-
 def _mixer_hf(kind: str) -> str:
     return "linear_attn" if kind == "linear" else "self_attn"
 
 
-def lasp_to_hf_name(name: str, cfg: ModelConfig) -> str:
-    """HF (``Qwen3_5ForCausalLM``) name of lasp parameter ``name``."""
+def lasp_to_hf_name(name: str, cfg: ModelConfig, prefix: str = "model.") -> str:
+    """HF name of lasp parameter ``name``: ``Qwen3_5ForCausalLM``'s, or with the text decoder under
+    ``prefix`` (``model.language_model.`` in a ``Qwen3_5ForConditionalGeneration``)."""
     if name in ("embed_tokens.weight", "norm.weight"):
-        return "model." + name
+        return prefix + name
     if name == "lm_head.weight":
         return name
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -124,7 +63,7 @@ def lasp_to_hf_name(name: str, cfg: ModelConfig) -> str:
         rest = _LAYER_NAMES[rest]
     elif rest.startswith("attn."):
         rest = _mixer_hf(cfg.layer_types[i]) + "." + rest[len("attn."):].replace("conv_weight", "conv1d.weight")
-    return f"model.layers.{i}.{rest}"
+    return f"{prefix}layers.{i}.{rest}"
 
 
 def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
@@ -133,7 +72,7 @@ def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
         return None
     if name == "lm_head.weight":
         return name
-    for p in _TEXT_PREFIXES:
+    for p in TEXT_PREFIXES:
         if name.startswith(p):
             rest = name[len(p):]
             break
@@ -152,27 +91,67 @@ def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
 
 
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
-    """The :class:`ModelConfig` of HF directory ``path`` (its ``config.json``)."""
+    """The :class:`ModelConfig` of HF directory ``path`` (its ``config.json``).
+
+    A tied checkpoint (``tie_word_embeddings: true``) that still ships ``lm_head.weight`` is
+    what transformers makes of it: tied (the copy ignored) when the copy equals the embedding,
+    else untied, both tensors loaded, with a warning (transformers warns the same way)."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ValueError(f"path: {os.fspath(path)!r} is not a Hugging Face model directory (no config.json)")
     with open(cfg_file, encoding="utf-8") as f:
-        return config_from_hf(json.load(f))
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON: {e}") from None
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}/{e}") from None
+    if cfg.tie_embeddings and has_weights(path):
+        entries = weight_entries(path)
+        embed = next((n for n in entries if hf_to_lasp_name(n, cfg) == "embed_tokens.weight"), None)
+        if "lm_head.weight" in entries and embed is not None and not same_values(entries["lm_head.weight"], entries[embed], "lm_head.weight", embed):
+            warnings.warn(f"{os.fspath(path)}: config.json ties the embeddings (tie_word_embeddings: true) but lm_head.weight "
+                          f"differs from {embed}: loaded untied, as transformers does", stacklevel=2)
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    return cfg
 
 
-def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
-    """``{lasp name: (safetensors file, HF name)}`` of HF directory ``path`` for a ``cfg`` model.
+def same_values(a: StoredTensor, b: StoredTensor, name_a: str, name_b: str, rows: int = 4096) -> bool:
+    """Whether stored tensors ``a`` and ``b`` hold the same dtype, shape and values (read a block
+    of ``rows`` rows at a time; the first differing block ends it)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    with safe_open(a.file, framework="pt") as fa, safe_open(b.file, framework="pt") as fb:
+        sa, sb = fa.get_slice(name_a), fb.get_slice(name_b)
+        for i in range(0, a.shape[0] if a.shape else 1, rows):
+            if not torch.equal(sa[i:i + rows], sb[i:i + rows]):
+                return False
+    return True
 
-    ``ValueError`` listing the unknown and the missing tensor names when they do not match.
-    """
+
+def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig, entries: dict[str, StoredTensor] | None = None) -> dict[str, tuple[str, str]]:
+    """``{lasp name: (safetensors file, HF name)}`` of HF directory ``path`` for a ``cfg`` model
+    (``entries``: its :func:`~lasp.models.shards.weight_entries`, if already read).
+
+    ``ValueError`` listing the unknown and the missing tensor names when they do not match; one
+    line for quantized weights. A tied ``cfg`` ignores an ``lm_head.weight`` copy
+    (:func:`read_hf_config` decided it equals the embedding)."""
+    entries = weight_entries(path) if entries is None else entries
+    quantized = [n for n, t in entries.items() if n.endswith(QUANT_SUFFIXES) or t.dtype in QUANT_DTYPES]
+    if quantized:
+        t = entries[quantized[0]]
+        raise ValueError(f"{os.fspath(path)}: quantized weights are not supported ({len(quantized)} tensors such as "
+                         f"{quantized[0]!r}, dtype {t.dtype}); use the unquantized (bf16) release")
     expected = set(expected_names(cfg))
     index, unknown = {}, []
-    for hf_name, file in weight_map(path).items():
+    for hf_name, t in entries.items():
         name = hf_to_lasp_name(hf_name, cfg)
-        if name is None:
-            continue  # vision tower / MTP head
+        if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # vision tower / MTP head / the tied head's copy
         if name in expected:
-            index[name] = (file, hf_name)
+            index[name] = (t.file, hf_name)
         else:
             unknown.append(hf_name)
     missing = sorted(expected - set(index))
@@ -206,6 +185,45 @@ def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: 
     return load_tensors_(LinearLlamaForCausalLM(cfg, device="meta"), hf_tensor_index(path, cfg), dtype=dtype, device=device)
 
 
+@dataclass
+class LikeLayout:
+    """The layout of the checkpoint a model came from (``like=HF_DIR``): its ``config.json``
+    mapping, the prefix of its text decoder's tensors, and the tensors lasp does not hold (vision
+    tower, MTP head), copied through unchanged."""
+
+    path: str
+    config: dict
+    prefix: str
+    others: dict[str, StoredTensor]
+
+
+def like_layout(like: str | os.PathLike, cfg: ModelConfig) -> LikeLayout:
+    """:class:`LikeLayout` of HF directory ``like``, which must be a readable Qwen3.5 checkpoint
+    of ``cfg``'s shapes (``ValueError`` naming ``--like`` otherwise)."""
+    like = os.fspath(like)
+    if not os.path.isdir(like):
+        raise ValueError(f"--like: no such directory {like!r}")
+    try:
+        like_cfg = read_hf_config(like)
+        entries = weight_entries(like)
+        index = hf_tensor_index(like, like_cfg, entries)
+    except ValueError as e:
+        raise ValueError(f"--like: {e}") from None
+    check_same_layout(cfg, like_cfg, like)
+    with open(os.path.join(like, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    embed = index["embed_tokens.weight"][1]
+    prefix = embed[: -len("embed_tokens.weight")]
+    others = {n: t for n, t in entries.items() if hf_to_lasp_name(n, like_cfg) is None}
+    return LikeLayout(like, config, prefix, others)
+
+
+def read_stored(t: StoredTensor, name: str) -> torch.Tensor:
+    """Tensor ``name`` of stored file ``t.file`` exactly as stored (no reshape)."""
+    with safe_open(t.file, framework="pt") as f:
+        return f.get_tensor(name)
+
+
 def write_hf(
     path: str | os.PathLike,
     cfg: ModelConfig,
@@ -214,22 +232,41 @@ def write_hf(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     token_ids: dict | None = None,
+    like: str | os.PathLike | None = None,
 ) -> WrittenWeights:
     """Write ``path/config.json`` + safetensors (shards of at most ``max_shard_size`` with
     ``model.safetensors.index.json`` when more than one) that ``transformers`` loads, from
     ``{lasp name: TensorSource}``, one tensor at a time, each cast to ``dtype`` (None: its own).
     ``token_ids`` (``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``) go into config.json.
-    Replaces the weights (and a ``model.yaml``) already in ``path``, keeps other files."""
-    main = dtype or sources["embed_tokens.weight"].dtype
-    config = config_to_hf(cfg, str(main).replace("torch.", ""))  # refuses other architectures before writing
-    config.update({k: v for k, v in (token_ids or {}).items() if v is not None})
+    Replaces the weights (and a ``model.yaml``) already in ``path``, keeps other files.
+
+    ``like``: an HF directory this model came from (same shapes): the output takes its layout
+    (:func:`like_layout`): its config.json with the text settings replaced
+    (:func:`~lasp.models.hf_config.config_like`), the text tensors under its prefix, and its
+    other tensors (vision tower, MTP head) streamed through unchanged, in their stored dtype, so
+    the output replaces that repository's weights. ``path`` may be ``like`` itself (the old
+    files are read before they are replaced)."""
+    main = str(dtype or sources["embed_tokens.weight"].dtype).replace("torch.", "")
+    config_to_hf(cfg, main)  # refuses other architectures before anything is read or written
+    layout = like_layout(like, cfg) if like is not None else None
+    if layout is None:
+        config = config_to_hf(cfg, main)
+        config.update({k: v for k, v in (token_ids or {}).items() if v is not None})
+    else:
+        config = config_like(layout.config, cfg, main, token_ids)
+    prefix = layout.prefix if layout else "model."
     specs, readers = [], {}
     for name, src in sources.items():
-        hf_name, conv = lasp_to_hf_name(name, cfg), name.endswith("conv_weight")
+        hf_name, conv = lasp_to_hf_name(name, cfg, prefix), name.endswith("conv_weight")
         shape = (src.shape[0], 1, *src.shape[1:]) if conv else tuple(src.shape)
         specs.append(TensorSpec(hf_name, shape, dtype or src.dtype))
         readers[hf_name] = (lambda src=src, conv=conv: src.read()[:, None, :] if conv else src.read())
+    others = layout.others if layout else {}
+    for name, t in others.items():
+        specs.append(TensorSpec(name, t.shape, dtype_from_safetensors(t.dtype)))
+        readers[name] = (lambda t=t, name=name: read_stored(t, name))
     written = write_weights(path, specs, lambda n: readers[n](), max_shard_size, stale=("model.yaml",))
+    written.copied_through = sorted(others)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return written
@@ -242,8 +279,11 @@ def to_hf(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     token_ids: dict | None = None,
+    like: str | os.PathLike | None = None,
 ) -> WrittenWeights:
     """Write ``path/config.json`` + safetensors that ``transformers`` loads
-    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``); see :func:`write_hf`."""
+    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``; with ``like``, the
+    class and layout of that checkpoint, e.g. ``Qwen3_5ForConditionalGeneration``); see :func:`write_hf`."""
     model = getattr(model, "module", model)
-    return write_hf(path, model.config, model_sources(model), dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids)
+    return write_hf(path, model.config, model_sources(model), dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids,
+                    like=like)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.documents import offsets_in_documents
+from .rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -48,11 +49,15 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin [T, head_dim // 2]`` (float32) for integer ``positions [T]`` (global token indices)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [T, head_dim // 2]`` (float32) for integer ``positions [T]`` (global token indices);
+    ``scaling``: ``ModelConfig.rope_scaling`` (None, linear or YaRN: :mod:`lasp.models.rope`, whose
+    attention factor multiplies both)."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, device=positions.device)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
+    if attention_factor == 1.0:
+        return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
 
 
 def positions_in_documents(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -197,7 +197,7 @@ class LinearLlamaForCausalLM(nn.Module):
         if cu_seqlens is not None:
             _check_documents(input_ids, cu_seqlens)
             positions = positions_in_documents(positions.to(input_ids.device), cu_seqlens)
-        return rope_cos_sin(positions.to(input_ids.device), self.config.rope_dim, self.config.rope_theta)
+        return rope_cos_sin(positions.to(input_ids.device), self.config.rope_dim, self.config.rope_theta, self.config.rope_scaling)
 
     # ------------------------------------------------------------------ generation (no documents)
     def forward_cached(self, input_ids: torch.Tensor, cache: list[dict], start_pos: int) -> torch.Tensor:

@@ -15,8 +15,9 @@ own (``model*.safetensors``, ``model.safetensors.index.json``, ``pytorch_model*.
 index, and the caller's ``stale`` names, e.g. the other format's config) are deleted and the new
 files renamed into place. Tokenizer files and anything else in the directory are kept.
 
-Reading (:func:`weight_map`): ``{name in the files: file}`` from the index (only the shards it
-lists, so a stray file is never read) or from ``model.safetensors``.
+Reading (:func:`weight_map`, :func:`weight_entries`): ``{name in the files: file}`` (with dtype
+and shape) from the headers of the shards the index lists (so a stray file is never read; a
+listed shard that is missing is one error naming it) or of ``model.safetensors``.
 """
 from __future__ import annotations
 
@@ -26,11 +27,10 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -118,11 +118,13 @@ def model_sources(model: torch.nn.Module) -> dict[str, TensorSource]:
 
 @dataclass
 class WrittenWeights:
-    """What :func:`write_weights` did: files written (in ``out_dir``), bytes, files removed."""
+    """What :func:`write_weights` did: files written (in ``out_dir``), bytes, files removed; and
+    the tensors a ``--like`` export copied unchanged from its model (set by the caller)."""
 
     files: list[str]
     total_size: int
     removed: list[str]
+    copied_through: list[str] = field(default_factory=list)
 
 
 def write_weights(
@@ -208,20 +210,57 @@ def _remove_stale(out_dir: str | os.PathLike, keep: set[str], stale: Iterable[st
     return removed
 
 
-def weight_map(path: str | os.PathLike) -> dict[str, str]:
-    """``{tensor name: safetensors file}`` of directory ``path``: the shards its
-    ``model.safetensors.index.json`` lists (each file's own keys), or ``model.safetensors``."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor of a weight directory is: its ``file``, safetensors ``dtype`` string
+    (``"BF16"``, ``"F8_E4M3"``, ...) and ``shape``, from the file's header (no data read)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(file: str) -> dict[str, StoredTensor]:
+    """``{name: StoredTensor}`` of safetensors ``file`` from its JSON header alone."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return {k: StoredTensor(file, v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, MemoryError, OverflowError):
+        raise ValueError(f"{file}: not a safetensors file (its header cannot be read)") from None
+
+
+def weight_entries(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """``{tensor name: StoredTensor}`` of directory ``path``: the shards its
+    ``model.safetensors.index.json`` lists (each file's own keys), or ``model.safetensors``.
+    A shard the index lists but the directory lacks is a ``ValueError`` naming it."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (no weight_map of tensor names to files)") from None
+        missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+        if missing:
+            raise ValueError(f"{os.fspath(path)}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")
     elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
         raise ValueError(f"path: {os.fspath(path)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    out: dict[str, str] = {}
+    out: dict[str, StoredTensor] = {}
     for name in files:
-        file = os.path.join(path, name)
-        with safe_open(file, framework="pt") as f:
-            out.update(dict.fromkeys(f.keys(), file))
+        out.update(read_header(os.path.join(path, name)))
     return out
+
+
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether directory ``path`` holds safetensors weights (an index or ``model.safetensors``)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE))
+
+
+def weight_map(path: str | os.PathLike) -> dict[str, str]:
+    """``{tensor name: safetensors file}`` of directory ``path`` (see :func:`weight_entries`)."""
+    return {name: t.file for name, t in weight_entries(path).items()}

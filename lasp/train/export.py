@@ -3,7 +3,7 @@ directory: ``model.yaml`` + safetensors (the ``save_pretrained`` format, for
 ``lasp.models.load_pretrained``, ``lasp generate`` and ``model.init_from``) or, with ``--format hf``,
 ``config.json`` + safetensors that transformers loads (qwen3_5 models).
 
-    lasp export --checkpoint runs/x/checkpoints --output OUT [--format lasp|hf]
+    lasp export --checkpoint runs/x/checkpoints --output OUT [--format lasp|hf [--like HF_DIR]]
                 [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
 ``--checkpoint`` is either a checkpoint directory (its ``latest`` checkpoint is exported) or
@@ -20,6 +20,12 @@ the dataset's, as ``tokenizer.json``); the HF ``config.json`` carries the bos/eo
 directory (``config.json``, ``generation_config.json``), else the dataset's document separator
 as eos. Weights already in ``--output`` are replaced (see :mod:`lasp.models.shards`). The
 checkpoint is verified against its manifest first: a damaged one is one clear error.
+
+``--format hf --like HF_DIR``: the layout of the Hugging Face checkpoint the run started from
+(e.g. a ``Qwen3_5ForConditionalGeneration``: ``model.language_model.*``, its ``config.json``
+with ``text_config`` nesting and ``vision_config``), the vision tower and MTP weights copied
+through unchanged from HF_DIR (see :mod:`lasp.models.convert_cli`); HF_DIR's companion files and
+token ids are used (the ``init_from`` directory's take precedence for the files).
 """
 from __future__ import annotations
 
@@ -106,9 +112,9 @@ class Exported:
 
 
 def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtype | None = None,
-           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Exported:
+           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, like: str | None = None) -> Exported:
     """Write checkpoint ``checkpoint`` into ``output`` (see the module docstring); ``dtype`` None is
-    the run's training dtype."""
+    the run's training dtype; ``like``: an HF directory whose layout the ``hf`` format takes."""
     from lasp.models import LinearLlamaForCausalLM, ModelConfig
     from lasp.models.companions import copy_companions, token_ids
     from lasp.models.hf import write_hf
@@ -116,6 +122,8 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
 
     from .consolidate import checkpoint_sources
 
+    if like is not None and fmt != "hf":
+        raise ValueError("--like: only with --format hf (it gives the Hugging Face layout to write)")
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     tag_dir = os.path.join(ckpt_dir, tag)
     cfg_path = os.path.join(tag_dir, MODEL_YAML)
@@ -133,11 +141,11 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
     init_from = (run.get("model") or {}).get("init_from")
     init_dir = init_from if isinstance(init_from, str) and os.path.isdir(init_from) else None
     tokenizer, ids = dataset_tokenizer(run, tag_dir)
-    ids = {**ids, **(token_ids(init_dir) if init_dir else {})} if fmt == "hf" else {}
+    ids = {**ids, **(token_ids(init_dir) if init_dir else {}), **(token_ids(like) if like else {})} if fmt == "hf" else {}
     try:
         sources = checkpoint_sources(ckpt_dir, tag, LinearLlamaForCausalLM(cfg, device="meta"))
         if fmt == "hf":
-            written = write_hf(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size, token_ids=ids)
+            written = write_hf(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size, token_ids=ids, like=like)
         else:
             written = write_pretrained(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size)
     except OSError as e:
@@ -146,7 +154,7 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
         raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
-    companions = copy_companions(init_dir, output) if init_dir else []
+    companions = sorted(set(copy_companions(like, output) if like else []) | set(copy_companions(init_dir, output) if init_dir else []))
     if "tokenizer.json" not in companions and tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.json"))
         companions.append("tokenizer.json")
@@ -161,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="output directory (its old weights are replaced, other files kept)")
     p.add_argument("--format", choices=("lasp", "hf"), default="lasp",
                    help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 models)")
+    p.add_argument("--like", metavar="HF_DIR", default=None,
+                   help="with --format hf: write in the layout of the Hugging Face checkpoint the run started from (e.g. a "
+                        "Qwen3_5ForConditionalGeneration: model.language_model.*, its config.json nesting), its vision tower "
+                        "and MTP weights copied through unchanged")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the written weights (default: the run's train.dtype; the fp32 master copy is rounded once)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
@@ -169,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     try:
         parse_size(args.max_shard_size, "--max-shard-size")
-        res = export(args.checkpoint, args.output, args.format, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+        res = export(args.checkpoint, args.output, args.format, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+                     like=args.like)
     except ValueError as err:
         print(f"lasp export: error: {err}", file=sys.stderr)
         return 2
     config = "config.json" if args.format == "hf" else MODEL_YAML
     ids = "".join(f", {k}={v}" for k, v in res.token_ids.items())
     print(f"exported {args.checkpoint} ({res.tag}) -> {res.output}/{config}, {str(res.dtype).replace('torch.', '')}{ids}\n"
-          f"{describe(res.output, res.weights, res.companions)}")
+          f"{describe(res.output, res.weights, res.companions, args.like)}")
     return 0
 
 
