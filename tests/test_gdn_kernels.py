@@ -55,6 +55,9 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
     ("g-bf16", 20, 16, 32, "g", False, torch.bfloat16),
     ("g-fp16", 20, 16, 32, "g", False, torch.float16),
     ("deltanet-l2-bf16", 20, 32, 16, "none", True, torch.bfloat16),
+    # log gates x 200 (-82..-2 per token): cumulative gates far below -88 inside a chunk, last chunk partly filled
+    ("strong-g-fp32", 37, 16, 32, "strong", False, torch.float32),
+    ("strong-g-l2-bf16", 21, 32, 16, "strong", True, torch.bfloat16),
 ]
 
 
@@ -62,7 +65,9 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
 def test_segment_matches_float64_oracle(case):
     _, T, K, V, gates, l2, dtype = case
     B, H = 1, 2
-    xs = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, seed=T + K)[:5]
+    xs = delta_inputs(B, T, H, K, V, gates="g" if gates == "strong" else gates, dtype=dtype, l2norm=l2, seed=T + K)[:5]
+    if gates == "strong":
+        xs[4] = xs[4] * 200
     S_in, do = rnd(B, H, K, V, seed=1) * 0.5, rnd(B, T, H, V, seed=2).to(dtype)
     dM, dA = rnd(B, H, K, V, seed=3) * 0.1, rnd(B, H, K, K, seed=4) * 0.1
     scale = K**-0.5

@@ -24,7 +24,7 @@ from .common import Factors, state_tile, col_block, dot, from_start, n_chunks, q
 
 
 @triton.jit
-def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, scale, T, NCOL,
+def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, do_ptr, dst_ptr, dh_ptr, ds0_ptr, scale, T, NCOL,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_DO: tl.constexpr, HAS_T: tl.constexpr, LOWP: tl.constexpr):
     iv = tl.program_id(0)
@@ -45,7 +45,8 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, do_ptr, dst_ptr, dh_
         tl.store(dh_ptr + (bh * N + n) * K * NCOL + soff, dS, mask=mv[None, :])
         gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
         gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
-        dk, dc = to_end(gc, gr, m, n, T, BT)
+        gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
+        dk, dc = to_end(gc, gr, gn, m, n, T, BT)
         kn = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         w = tl.load(w_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         dvn = dot(kn * dk[:, None], dS, LOWP)
@@ -53,7 +54,7 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, do_ptr, dst_ptr, dh_
         if HAS_DO:
             qn = tl.load(qn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
             do = tl.load(do_ptr + ((b * T + t) * H + h)[:, None] * NCOL + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0)
-            A = qk_decay(qn, kn, gc, gr, m, LOWP, BT)
+            A = qk_decay(qn, kn, gn, gr, m, LOWP, BT)
             dvn += scale * dot(tl.trans(A), do, LOWP)
             qd = qn * from_start(gc, gr, m)[:, None]
             dS += scale * dot(tl.trans(qd), do, LOWP)
@@ -74,7 +75,7 @@ def state_grad_pass(f: Factors, ncol: int, dS_T: torch.Tensor | None = None, do:
     ds0 = torch.empty(B, H, K, ncol, dtype=torch.float32, device=f.kn.device)
     BV = col_block(K, ncol)
     state_bwd_kernel[(triton.cdiv(ncol, BV), B * H)](
-        f.qn, f.kn, f.w, f.gc, f.gr, ds0 if do is None else do, ds0 if dS_T is None else dS_T, dh, ds0, float(scale), T, ncol,
+        f.qn, f.kn, f.w, f.gc, f.gr, f.gn, ds0 if do is None else do, ds0 if dS_T is None else dS_T, dh, ds0, float(scale), T, ncol,
         H=H, K=K, BT=f.BT, BV=BV, HAS_DO=do is not None, HAS_T=dS_T is not None, LOWP=f.lowp,
     )
     return dh, ds0

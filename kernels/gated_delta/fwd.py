@@ -22,7 +22,7 @@ from .common import Factors, state_tile, chunk_gates, col_block, dot, from_start
 
 
 @triton.jit
-def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, T,
+def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, T,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr, LOWP: tl.constexpr):
     n = tl.program_id(0)
@@ -34,9 +34,10 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
     row = (b * T + t) * H + h  # token-major [B, T, H, .] rows (int64)
     hrow = bh * T + t  # heads-first rows
     beta = tl.load(beta_ptr + row, mask=m, other=0.0).to(tl.float32)
-    gc, gr = chunk_gates(g_ptr, row, m, USE_G, BT)
+    gc, gr, gn = chunk_gates(g_ptr, row, t, T, H, USE_G, BT)
     tl.store(gc_ptr + hrow, gc, mask=m)
     tl.store(gr_ptr + hrow, gr, mask=m)
+    tl.store(gn_ptr + hrow, gn, mask=m)
     rk = tl.full([BT], 1.0, dtype=tl.float32)
     rq = tl.full([BT], 1.0, dtype=tl.float32)
     if L2:
@@ -59,7 +60,7 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
         tl.store(qn_ptr + hrow[:, None] * K + c[None, :], qt, mask=m[:, None])
         kk += dot(kt, tl.trans(kt), LOWP)
     strict = o[:, None] > o[None, :]
-    L = beta[:, None] * pair_decay(gc, gr, strict) * kk
+    L = beta[:, None] * pair_decay(gn, gr, m, strict, BT) * kk
     # X = (I + L)^-1 by forward substitution: X_i = e_i - sum_{j<i} L_ij X_j
     X = (o[:, None] == o[None, :]).to(tl.float32)
     for i in range(1, BT):
@@ -80,7 +81,7 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
 
 
 @triton.jit
-def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, s0_ptr, h_ptr, st_ptr, T, NCOL,
+def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, s0_ptr, h_ptr, st_ptr, T, NCOL,
                      K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, INIT: tl.constexpr,
                      HAS_U: tl.constexpr, STORE: tl.constexpr, LOWP: tl.constexpr):
     """INIT: 0 zeros, 1 the state at ``s0_ptr``, 2 the identity (NCOL = K); STORE: write ``h``."""
@@ -107,14 +108,15 @@ def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, s0_ptr, h_ptr, st_ptr
             vn += tl.load(u_ptr + hrow[:, None] * NCOL + cv[None, :], mask=m[:, None] & mv[None, :], other=0.0)
         gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
         gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
-        dk, dc = to_end(gc, gr, m, n, T, BT)
+        gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
+        dk, dc = to_end(gc, gr, gn, m, n, T, BT)
         kd = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0) * dk[:, None]
         S = S * dc + dot(tl.trans(kd), vn, LOWP)
     tl.store(st_ptr + bh * K * NCOL + soff, S, mask=mv[None, :])
 
 
 @triton.jit
-def output_fwd_kernel(qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, h_ptr, o_ptr, scale, T,
+def output_fwd_kernel(qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, o_ptr, scale, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                       LOWP: tl.constexpr):
     n = tl.program_id(0)
@@ -132,9 +134,10 @@ def output_fwd_kernel(qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, h_ptr, o_ptr
     w = tl.load(w_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
     gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
+    gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
     S = tl.load(h_ptr + (bh * N + n) * K * V + ck[:, None] * V + cv[None, :])
     vn = tl.load(u_ptr + hrow[:, None] * V + cv[None, :], mask=m[:, None], other=0.0) - dot(w, S, LOWP)
-    A = qk_decay(qn, kn, gc, gr, m, LOWP, BT)
+    A = qk_decay(qn, kn, gn, gr, m, LOWP, BT)
     qd = qn * from_start(gc, gr, m)[:, None]
     out = scale * (dot(A, vn, LOWP) + dot(qd, S, LOWP))
     tl.store(o_ptr + ((b * T + t) * H + h)[:, None] * V + cv[None, :], out, mask=m[:, None])
@@ -147,12 +150,13 @@ def wy_factors(q, k, v, beta, g, BT: int, use_qk_l2norm: bool) -> Factors:
     V = v.shape[-1]
     f32 = dict(dtype=torch.float32, device=q.device)
     qn, kn, w = (torch.empty(B, H, T, K, **f32) for _ in range(3))
-    u, gc, gr = torch.empty(B, H, T, V, **f32), torch.empty(B, H, T, **f32), torch.empty(B, H, T, **f32)
+    u = torch.empty(B, H, T, V, **f32)
+    gc, gr, gn = (torch.empty(B, H, T, **f32) for _ in range(3))
     wy_fwd_kernel[(n_chunks(T, BT), B * H)](
-        q, k, v, beta, beta if g is None else g, qn, kn, w, u, gc, gr, T, H=H, K=K, V=V, BT=BT,
+        q, k, v, beta, beta if g is None else g, qn, kn, w, u, gc, gr, gn, T, H=H, K=K, V=V, BT=BT,
         BK=min(K, 64), BV=min(V, 64), USE_G=g is not None, L2=use_qk_l2norm, LOWP=low_precision_dots(q.dtype),
     )
-    return Factors(qn, kn, w, u, gc, gr, BT, low_precision_dots(q.dtype))
+    return Factors(qn, kn, w, u, gc, gr, gn, BT, low_precision_dots(q.dtype))
 
 
 def state_pass(f: Factors, s0: torch.Tensor | None = None, identity: bool = False, store: bool = True):
@@ -168,7 +172,7 @@ def state_pass(f: Factors, s0: torch.Tensor | None = None, identity: bool = Fals
     BV = col_block(K, X)
     init = 2 if identity else (0 if s0 is None else 1)
     state_fwd_kernel[(triton.cdiv(X, BV), B * H)](
-        f.kn, f.w, f.u, f.gc, f.gr, st if s0 is None else s0, st if h is None else h, st, T, X, K=K, BT=f.BT, BV=BV,
+        f.kn, f.w, f.u, f.gc, f.gr, f.gn, st if s0 is None else s0, st if h is None else h, st, T, X, K=K, BT=f.BT, BV=BV,
         INIT=init, HAS_U=not identity, STORE=store, LOWP=f.lowp,
     )
     return h, st
@@ -181,6 +185,6 @@ def chunk_output(f: Factors, h: torch.Tensor, scale: float) -> torch.Tensor:
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=f.kn.device)
     BV = col_block(K, V)
     output_fwd_kernel[(n_chunks(T, f.BT), B * H, triton.cdiv(V, BV))](
-        f.qn, f.kn, f.w, f.u, f.gc, f.gr, h, o, float(scale), T, H=H, K=K, V=V, BT=f.BT, BV=BV, LOWP=f.lowp,
+        f.qn, f.kn, f.w, f.u, f.gc, f.gr, f.gn, h, o, float(scale), T, H=H, K=K, V=V, BT=f.BT, BV=BV, LOWP=f.lowp,
     )
     return o

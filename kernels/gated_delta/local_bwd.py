@@ -30,7 +30,7 @@ def l2_bwd(x_ptr, row, m, xn, dxn, K: tl.constexpr, ck):
 
 
 @triton.jit
-def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr,
+def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr,
                      d_ptr, e_ptr, do_ptr, s_ptr, dq_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      USE_G: tl.constexpr, L2: tl.constexpr, HAS_DO: tl.constexpr, LOWP: tl.constexpr):
@@ -54,8 +54,9 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
     beta = tl.load(beta_ptr + row, mask=m, other=0.0).to(tl.float32)
     gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
+    gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
     eG = from_start(gc, gr, m)
-    dke, eC = to_end(gc, gr, m, n, T, BT)
+    dke, eC = to_end(gc, gr, gn, m, n, T, BT)
     cidx = (bh * N + n)
     Dm = tl.load(d_ptr + cidx * K * K + ck[:, None] * K + ck[None, :])
     Em = tl.load(e_ptr + cidx * K * V + ck[:, None] * V + cv[None, :])
@@ -65,12 +66,17 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
     dKd = dot(u, tl.trans(Em), LOWP) - dot(w, tl.trans(Dm), LOWP)
     dU = dot(kd, Em, LOWP)
     trace = tl.sum(tl.sum(tl.where(ck[:, None] == ck[None, :], Dm, 0.0), axis=1), axis=0)
-    dG_last = trace * eC
+    last = tl.minimum(BT, T - n * BT) - 1
+    strict = o[:, None] > o[None, :]
+    # The gate gradient in two parts, so that nothing cancels: dGe_i, the gradient w.r.t. a
+    # factor e^{G_i} (it reaches every g_t, t <= i) and dGp_ij (i > j), w.r.t. a factor
+    # e^{G_i - G_j} (it reaches g_t for j < t <= i only).
+    dGe = tl.where(o == last, trace * eC, 0.0)
     if HAS_DO:
         do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=mvv, other=0.0)
         S = tl.load(s_ptr + cidx * K * V + ck[:, None] * V + cv[None, :])
         dQe = dot(do, tl.trans(S), LOWP)  # dL/dQeff
-        gam = pair_decay(gc, gr, (o[:, None] >= o[None, :]) & m[None, :])
+        gam = pair_decay(gn, gr, m, o[:, None] >= o[None, :], BT)
         P = dot(qn, tl.trans(kn), LOWP) * gam
         dU += scale * dot(tl.trans(P), do, LOWP)
         dW -= scale * dot(tl.trans(P), dQe, LOWP)
@@ -78,20 +84,18 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
         dPG = dP * gam
         dqn = scale * eG[:, None] * dQe + dot(dPG, kn, LOWP)
         dkn = dot(tl.trans(dPG), qn, LOWP)
-        t1 = dP * P
-        dG = tl.sum(t1, axis=1) - tl.sum(t1, axis=0) + scale * eG * tl.sum(qn * dQe, axis=1)
+        dGp = tl.where(strict, dP * P, 0.0)  # the diagonal's e^{G_i - G_i} has no gate gradient
+        dGe += scale * eG * tl.sum(qn * dQe, axis=1)
     else:
         dqn = tl.zeros([BT, K], dtype=tl.float32)
         dkn = tl.zeros([BT, K], dtype=tl.float32)
-        dG = tl.zeros([BT], dtype=tl.float32)
-    # Kd_j = e^{G_C - G_j} k_j
+        dGp = tl.zeros([BT, BT], dtype=tl.float32)
+    # Kd_j = e^{G_C - G_j} k_j: the pair (last, j)
     tkd = tl.sum(kd * dKd, axis=1)
     dkn += dKd * dke[:, None]
-    dG -= tkd
-    dG_last += tl.sum(tkd, axis=0)
+    dGp += tl.where((o[:, None] == last) & strict, tkd[None, :], 0.0)
     # X = (I + L)^-1, recomputed as in the forward
-    strict = o[:, None] > o[None, :]
-    gs = pair_decay(gc, gr, strict)
+    gs = pair_decay(gn, gr, m, strict, BT)
     kk = dot(kn, tl.trans(kn), LOWP)
     L = beta[:, None] * gs * kk
     X = (o[:, None] == o[None, :]).to(tl.float32)
@@ -106,8 +110,7 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
     dX = dot(dW, tl.trans(kb), False) + dot(dU, tl.trans(vb), False)
     dL = -dot(dot(tl.trans(X), dX, False), tl.trans(X), False)
     dL = tl.where(strict, dL, 0.0)
-    t2 = dL * L
-    dG += tl.sum(t2, axis=1) - tl.sum(t2, axis=0)
+    dGp += dL * L
     dLG = dL * gs
     dbeta = tl.sum(dLG * kk, axis=1)
     dKK = dLG * beta[:, None]
@@ -115,7 +118,7 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
     dkn += dKb * (beta * eG)[:, None]
     tb = tl.sum(dKb * kn, axis=1)
     dbeta += tb * eG + tl.sum(dVb * v, axis=1)
-    dG += tb * beta * eG
+    dGe += tb * beta * eG
     dv = dVb * beta[:, None]
     if L2:
         dqn = l2_bwd(q_ptr, row, m, qn, dqn, K, ck)
@@ -125,9 +128,9 @@ def local_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr
     tl.store(dv_ptr + row[:, None] * V + cv[None, :], dv, mask=mvv)
     tl.store(db_ptr + row, dbeta, mask=m)
     if USE_G:
-        last = tl.minimum(BT, T - n * BT) - 1
-        dG = tl.where(m, dG + tl.where(o == last, dG_last, 0.0), 0.0)
-        dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG  # sum over i >= j
+        # dg_t = sum_{i >= t} dGe_i + sum_{i >= t > j} dGp_ij
+        dg = tl.cumsum(tl.where(m, dGe, 0.0), axis=0, reverse=True)
+        dg += tl.sum(tl.where(o[:, None] > o[None, :], tl.cumsum(dGp, axis=0, reverse=True), 0.0), axis=1)
         a = tl.load(g_ptr + row, mask=m, other=0.0).to(tl.float32)
         tl.store(dg_ptr + row, tl.where(a < RESET, 0.0, dg), mask=m)
 
@@ -144,7 +147,7 @@ def local_bwd(inputs, f: Factors, use_qk_l2norm: bool, scale: float, D, E, dO, S
     dq, dk, dv = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32)
     db, dg = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     local_bwd_kernel[(n_chunks(T, f.BT), B * H)](
-        q, k, v, beta, beta if g is None else g, f.qn, f.kn, f.w, f.u, f.gc, f.gr, D, E,
+        q, k, v, beta, beta if g is None else g, f.qn, f.kn, f.w, f.u, f.gc, f.gr, f.gn, D, E,
         D if dO is None else dO, D if dO is None else S_out, dq, dk, dv, db, dg, float(scale), T,
         H=H, K=K, V=V, BT=f.BT, USE_G=g is not None, L2=use_qk_l2norm, HAS_DO=dO is not None, LOWP=f.lowp,
     )
