@@ -125,6 +125,28 @@ def test_driver_backward_launches_no_output_kernel(monkeypatch, api):
     assert all(x.grad is not None for x in xs)
 
 
+@pytest.mark.parametrize("final", [False, True], ids=["o", "o+final"])
+def test_one_segment_runs_no_transition_and_three_passes(monkeypatch, final):
+    """P = 1, no initial state: the transition A (the trajectory from I) is never computed, forward
+    runs one chunk-state pass, backward two (the state pass again and the reverse pass from dO),
+    plus one reverse pass from the final state's gradient when it is returned."""
+    import lasp.kernels.gated_delta as gd
+
+    calls = []
+    for name in ("transition_and_summary", "state_pass", "identity_trajectory", "state_grad_pass"):
+        fn = getattr(gd, name)
+        monkeypatch.setattr(gd, name, lambda *a, _n=name, _f=fn, **kw: calls.append((_n, kw.get("transition"))) or _f(*a, **kw))
+    B, T, H, K, V = 1, 40, 1, 16, 16
+    xs = [x.clone().requires_grad_() for x in delta_inputs(B, T, H, K, V, gates="g", seed=21)[:5]]
+    out = lasp.gated_delta_rule(*xs, output_final_state=final, backend="triton")
+    assert calls == [("transition_and_summary", False)]
+    calls.clear()
+    loss = (out[0].sum() + out[1].sum()) if final else out.sum()
+    loss.backward()
+    assert calls == [("transition_and_summary", False), ("state_grad_pass", None)] + [("state_grad_pass", None)] * final
+    assert all(torch.isfinite(x.grad).all() for x in xs)
+
+
 def lasp2_worker(rank, world, xs, do, layout, l2, method="lasp2"):
     """This rank's shard through lasp.gated_delta_rule on both backends (LASP-2, WORLD group)."""
     torch.set_num_threads(1)
