@@ -9,8 +9,9 @@ state with a gradient; the loss ``<o, do> + <ht, dht>``. Every output and gradie
 the float64 oracle by fla's metric (the RMS of the error over the RMS of the reference; a max
 absolute error <= 1e-6 passes outright, as in fla's ``assert_close``), at fla's ratios.
 
-Cases: fla's T=75 / normaliser 0.01 case verbatim (it returned inf/NaN dk, dv, dbeta, dg, dh0
-before the partial-chunk row mask); the other ``test_chunk`` settings (scale 0.1, normaliser 1, 10,
+Cases: fla's T=75 / normaliser 0.01 case (T, D, scale, normaliser, dtype as fla's; B and H halved:
+the interpreter is slow; it returned inf/NaN dk, dv, dbeta, dg, dh0 before the partial-chunk row
+mask); the other ``test_chunk`` settings (scale 0.1, normaliser 1, 10,
 0.1, mask_p 0.5, L2 norm in the op, head dim 128) at shorter T and fewer heads (the interpreter is
 slow), each T not a multiple of the chunk; fla's fp32 recurrent case with a random initial state.
 Head dims that are not powers of two (fla's D=60, 100) and HV != H (GVA) are not taken by lasp's
@@ -29,7 +30,7 @@ from lasp.ops.delta_reference import naive_gated_delta_rule
 TOL = {"o": 0.005, "ht": 0.005, "dq": 0.008, "dk": 0.008, "dv": 0.008, "db": 0.02, "dg": 0.02, "dh0": 0.008}
 
 CASES = [  # B, T, H, D, scale, gate_logit_normalizer, mask_p, use_qk_l2norm_in_kernel, dtype, random h0
-    (2, 75, 4, 64, 1.0, 0.01, 0.0, False, torch.float16, False),  # fla's, verbatim
+    (1, 75, 2, 64, 1.0, 0.01, 0.0, False, torch.float16, False),  # fla's (2, 75, 4, 4, 64, 1, 0.01), B and H halved
     (1, 100, 2, 32, 0.1, 1.0, 0.5, False, torch.float16, False),  # fla: (2, 1000, 3, 3, 64, 0.1, 1, 0.5)
     (1, 70, 1, 128, 0.1, 1.0, 0.0, True, torch.float16, False),  # fla: (4, 1024, 4, 4, 128, 0.1, 1, 0, True)
     (1, 90, 2, 32, 0.1, 10.0, 0.0, False, torch.float16, False),  # fla: (2, 1500, 4, 4, 128, 0.1, 10)
