@@ -11,9 +11,10 @@ absolute error <= 1e-6 passes outright, as in fla's ``assert_close``), at fla's 
 
 Cases: fla's T=75 / normaliser 0.01 case (T, D, scale, normaliser, dtype as fla's; B and H halved:
 the interpreter is slow; it returned inf/NaN dk, dv, dbeta, dg, dh0 before the partial-chunk row
-mask); the other ``test_chunk`` settings (scale 0.1, normaliser 1, 10,
-0.1, mask_p 0.5, L2 norm in the op, head dim 128) at shorter T and fewer heads (the interpreter is
-slow), each T not a multiple of the chunk; fla's fp32 recurrent case with a random initial state.
+mask); the other ``test_chunk`` settings (scale 0.1, normaliser 1 and 0.1, mask_p 0.5, L2 norm in
+the op, head dim 128) at shorter T and fewer heads, each T not a multiple of the chunk; fla's fp32
+recurrent case with a random initial state. (Normaliser 10, weak gates, is what the segment tests
+use.)
 Head dims that are not powers of two (fla's D=60, 100) and HV != H (GVA) are not taken by lasp's
 kernels and are left out.
 """
@@ -33,7 +34,6 @@ CASES = [  # B, T, H, D, scale, gate_logit_normalizer, mask_p, use_qk_l2norm_in_
     (1, 75, 2, 64, 1.0, 0.01, 0.0, False, torch.float16, False),  # fla's (2, 75, 4, 4, 64, 1, 0.01), B and H halved
     (1, 100, 2, 32, 0.1, 1.0, 0.5, False, torch.float16, False),  # fla: (2, 1000, 3, 3, 64, 0.1, 1, 0.5)
     (1, 70, 1, 128, 0.1, 1.0, 0.0, True, torch.float16, False),  # fla: (4, 1024, 4, 4, 128, 0.1, 1, 0, True)
-    (1, 90, 2, 32, 0.1, 10.0, 0.0, False, torch.float16, False),  # fla: (2, 1500, 4, 4, 128, 0.1, 10)
     (1, 50, 2, 32, 1.0, 0.1, 0.0, True, torch.float16, False),  # fla: (2, 512, 2, 8, 64, 1, 0.1, 0, True)
     (1, 63, 1, 64, 1.0, 1.0, 0.0, False, torch.float32, True),  # fla's test_fused_recurrent (1, 63, 1, 1, 64, 1, 1)
 ]

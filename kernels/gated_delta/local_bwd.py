@@ -1,4 +1,4 @@
-"""The per-chunk local backward of the gated delta rule: two Triton kernels, both parallel over
+"""The per-chunk local backward of the gated delta rule: four Triton kernels, all parallel over
 chunks, tiled over K and V (no whole ``[BT, K]`` / ``[BT, V]`` tile set held at once).
 
 Per chunk c, from the trajectory's incoming state ``S_c``, the gradient ``dS_{c+1}`` of the state
