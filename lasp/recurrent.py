@@ -44,29 +44,34 @@ def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    g: torch.Tensor | None,
     beta: torch.Tensor,
-    g: torch.Tensor | None = None,
     *,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     group=None,
     method: str = "lasp2",
     layout: str = "contiguous",
     backend: str = "auto",
-    cu_seqlens: torch.Tensor | None = None,
 ):
-    """(Sequence-parallel) gated delta rule on this rank's shard (fla's names and layout).
+    """(Sequence-parallel) gated delta rule on this rank's shard (fla's names, order and layout:
+    ``chunk_gated_delta_rule(q, k, v, g, beta, ...)``, everything after beta keyword-only).
 
     Over the WHOLE sequence, per head: ``S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1} +
     beta_t k_t v_t^T``, ``o_t = scale * S_t^T q_t``, ``S_0 = initial_state`` (zeros if None).
 
     Args:
-        q, k: ``[B, T_local, H, K]``; v: ``[B, T_local, H, V]`` (same dtype).
-        beta: ``[B, T_local, H]`` in (0, 1). g: ``[B, T_local, H]`` log-decay (<= 0; -inf is a
-            hard reset) or None (DeltaNet).
-        scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]`` or None.
+        q, k: ``[B, T_local, H, K]``; v: ``[B, T_local, HV, V]`` (same dtype), ``HV`` a multiple of
+            ``H`` (GVA, fla's convention: value head j reads q/k head ``j // (HV // H)``, what
+            transformers' ``repeat_interleave`` of q, k gives; nothing is repeated inside, and the
+            gradients of q, k sum over their value heads). ``method="ulysses"`` needs H and HV
+            divisible by P.
+        g: ``[B, T_local, HV]`` log-decay (<= 0; -inf is a hard reset) or None (DeltaNet).
+        beta: ``[B, T_local, HV]`` in (0, 1).
+        scale: default ``K ** -0.5``. initial_state: ``[B, HV, K, V]`` or None.
         output_final_state: also return the fp32 state after the last token of the whole
             sequence (the same on every rank).
         use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the operator.
@@ -77,9 +82,9 @@ def gated_delta_rule(
             alone (a start is a hard reset ``g = -inf``: ``S = beta k v^T`` there); ``initial_state``
             feeds the first document, ``final_state`` is the last one's. LASP-2's bytes are unchanged.
     Returns:
-        ``o [B, T_local, H, V]`` in q's dtype, or ``(o, final_state [B, H, K, V] float32)``.
+        ``o [B, T_local, HV, V]`` in q's dtype, or ``(o, final_state [B, HV, K, V] float32)``.
     """
-    check_gated_delta(q, k, v, beta, g, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
     seg_class = _segment_class(backend, q, v)
     if cu_seqlens is not None:
         g = document_gate(g, cu_seqlens, q, group, layout)
@@ -92,17 +97,17 @@ def gated_delta_rule(
                            output_final_state=ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
 
     if group_rank_size(group)[1] == 1:
-        return one_process([q, k, v, beta, g], initial_state, output_final_state)
+        return one_process([q, k, v, g, beta], initial_state, output_final_state)
     apply = _DRIVERS[method]
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
-        check_heads_divisible(group, H=q.shape[2])
+        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
 
         def local_op(tokens, heads, s0, ofs):
             return one_process(tokens, s0, ofs)
 
-        return apply(local_op, [q, k, v, beta, g], [], group=group, layout=layout,
+        return apply(local_op, [q, k, v, g, beta], [], group=group, layout=layout,
                      initial_state=initial_state, output_final_state=output_final_state)
     return apply(
-        seg_class, [q, k, v, beta, g], [], scale=scale, group=group, layout=layout,
+        seg_class, [q, k, v, g, beta], [], scale=scale, group=group, layout=layout,
         initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
     )

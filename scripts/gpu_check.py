@@ -156,7 +156,7 @@ def check_delta(r: Report, dname, B, T, H, K, V, gates, l2, docs=0, gate_scale=N
     from lasp.testing import delta_inputs, document_starts
 
     dtype = DT[dname]
-    q, k, v, beta, g, s0 = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=True, seed=K + V + T, device=r.dev)
+    q, k, v, g, beta, s0 = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=True, seed=K + V + T, device=r.dev)
     if gate_scale is not None:  # fla's test_gdn: g = logsigmoid(U(0, 1)) / gate_logit_normalizer
         g = torch.nn.functional.logsigmoid(torch.rand(B, T, H, generator=torch.Generator().manual_seed(5))).to(r.dev) / gate_scale
     cu = document_starts(T, docs, seed=T).to(r.dev) if docs else None
@@ -166,7 +166,7 @@ def check_delta(r: Report, dname, B, T, H, K, V, gates, l2, docs=0, gate_scale=N
                                      use_qk_l2norm_in_kernel=l2, backend=backend, cu_seqlens=cu)
     tag = (f"gated delta {dname} B{B} T{T} H{H} K{K} V{V} g={gates} l2={l2}" + (f" {docs} docs" if docs else "")
            + (f" g/{gate_scale} (fla test_gdn)" if gate_scale else ""))
-    r.guarded(tag, lambda: compare(r, tag + " +states", run, [q, k, v, beta, g, s0], ("q", "k", "v", "beta", "g", "s0"), dtype))
+    r.guarded(tag, lambda: compare(r, tag + " +states", run, [q, k, v, g, beta, s0], ("q", "k", "v", "g", "beta", "s0"), dtype))
 
 
 @section

@@ -288,7 +288,7 @@ def run_bad(rank, world, op, cus, B):
     q, k, v = (torch.randn(B, T, 2, 4, generator=gen) for _ in range(3))
     beta = torch.rand(B, T, 2, generator=gen)
     call = {"linear": lambda: lasp.linear_attention(q, k, v, group=group, cu_seqlens=cu),
-            "delta": lambda: lasp.gated_delta_rule(q, k, v, beta, group=group, cu_seqlens=cu),
+            "delta": lambda: lasp.gated_delta_rule(q, k, v, None, beta, group=group, cu_seqlens=cu),
             "conv": lambda: lasp.causal_conv1d(q[..., 0, :], torch.randn(4, 3), group=group, cu_seqlens=cu)}[op]
     return value_error_and_collectives(call)
 
@@ -327,7 +327,7 @@ def test_bad_cu_seqlens_one_process():
     with pytest.raises(ValueError, match="end at"):
         lasp.causal_conv1d(q[:, :, 0], torch.randn(4, 2), cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="torch.Tensor"):
-        lasp.gated_delta_rule(q, k, v, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
+        lasp.gated_delta_rule(q, k, v, None, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
     assert check_cu_seqlens(torch.tensor([0, 8], dtype=torch.int32), 8, 1, None).dtype == torch.int64
 
 

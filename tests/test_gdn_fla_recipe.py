@@ -71,10 +71,10 @@ def test_fla_chunk_recipe(case):
         qq, kk = (xs[0], xs[1]) if l2 else (F.normalize(xs[0], p=2, dim=-1), F.normalize(xs[1], p=2, dim=-1))
         bb = xs[3].to(dtype)  # lasp takes beta in the input dtype; its gradient flows back to the fp32 leaf
         if backend == "oracle":
-            o, ht = naive_gated_delta_rule(qq, kk, xs[2], bb, xs[4], scale, initial_state=xs[5],
+            o, ht = naive_gated_delta_rule(qq, kk, xs[2], xs[4], bb, scale, initial_state=xs[5],
                                            output_final_state=True, use_qk_l2norm=l2)
         else:
-            o, ht = lasp.gated_delta_rule(qq, kk, xs[2], bb, xs[4], scale=scale, initial_state=xs[5],
+            o, ht = lasp.gated_delta_rule(qq, kk, xs[2], xs[4], bb, scale=scale, initial_state=xs[5],
                                           output_final_state=True, use_qk_l2norm_in_kernel=l2, backend="triton")
         ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
         results.append(dict(o=o, ht=ht, **{n: x.grad for n, x in zip(("dq", "dk", "dv", "db", "dg", "dh0"), xs)}))

@@ -14,7 +14,7 @@ Entry point (callable by any operator built on segments)::
   T into the rank's segments; ``shared_inputs``: tensors every segment gets whole (``g_gamma``);
   a segment is built as ``seg_class(*token_parts, *shared_inputs, scale, **seg_kwargs)`` and its
   ``grads()`` are in that order. Diagonal: ``token_inputs=[q, k, v, g]``, ``shared_inputs=[g_gamma]``;
-  delta: ``token_inputs=[q, k, v, beta, g]``, ``shared_inputs=[]``, ``use_qk_l2norm=...``.
+  delta: ``token_inputs=[q, k, v, g, beta]``, ``shared_inputs=[]``, ``use_qk_l2norm=...``.
 - ``initial_state [B, H, K, V]`` (any float dtype; the same on every rank) is the state before
   the first token of the WHOLE sequence; ``final_state`` the state after its last token, returned
   on every rank (float32).
