@@ -64,9 +64,9 @@ def drive_gated_delta(dtype, K: int, V: int, gated: bool, l2: bool) -> None:
     v, beta = _rand(B, T, H, V, dtype=dtype), _rand(B, T, H, dtype=dtype)
     g = _rand(B, T, H) if gated else None
     scale = K**-0.5
-    drive_segment(lambda: TritonDeltaSegment(q, k, v, beta, g, scale, use_qk_l2norm=l2), _rand(B, H, K, V),
+    drive_segment(lambda: TritonDeltaSegment(q, k, v, g, beta, scale, use_qk_l2norm=l2), _rand(B, H, K, V),
                   _rand(B, T, H, V, dtype=dtype), _rand(B, H, K, V), _rand(B, H, K, K))
-    ins = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, beta, g)]
+    ins = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, beta)]
     o = lasp2_apply(TritonDeltaSegment, ins, [], scale=scale, group=None, use_qk_l2norm=l2)
     o.backward(torch.empty_like(o))
 
