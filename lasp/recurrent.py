@@ -14,7 +14,8 @@ from .ops.checks import check_gated_delta, resolve_backend
 from .ops.conv import causal_conv1d
 from .ops.delta_chunk import chunk_gated_delta_rule
 from .ops.delta_segment import DeltaTorchSegment
-from .ops.documents import document_gate
+from .ops.document_states import documents_apply, per_document_states
+from .ops.documents import document_bounds, document_gate
 from .ops.lasp1 import lasp1_apply
 from .ops.lasp2 import lasp2_apply
 from .ops.ulysses import check_heads_divisible, ulysses_apply
@@ -79,16 +80,28 @@ def gated_delta_rule(
         layout: ``contiguous`` | ``zigzag``. backend: ``auto`` (Triton on CUDA for head dims it takes) | ``torch`` | ``triton``.
         cu_seqlens: packed documents (B = 1): ``[N+1]`` integer global document starts
             ``0 = c_0 < ... < c_N = T_local * P``, the same on every rank; each document runs as if
-            alone (a start is a hard reset ``g = -inf``: ``S = beta k v^T`` there); ``initial_state``
-            feeds the first document, ``final_state`` is the last one's. LASP-2's bytes are unchanged.
+            alone (without states a start is a hard reset ``g = -inf``: ``S = beta k v^T`` there, and
+            LASP-2's bytes are unchanged). States as fla's varlen: ``initial_state [N, HV, K, V]``, one
+            per document (``[1, HV, K, V]``: the first document's, the others from zeros), and the
+            final states ``[N, HV, K, V]``, one per document, the same on every rank; their
+            gradients included (:mod:`lasp.ops.document_states`: one more all-reduce of ``N*HV*K*V*4``
+            bytes each way with ``output_final_state``).
     Returns:
-        ``o [B, T_local, HV, V]`` in q's dtype, or ``(o, final_state [B, HV, K, V] float32)``.
+        ``o [B, T_local, HV, V]`` in q's dtype, or ``(o, final_state [B, HV, K, V] float32)`` (``[N,
+        HV, K, V]`` with ``cu_seqlens``).
     """
-    check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method,
+                      backend=backend, cu_seqlens=cu_seqlens)
     seg_class = _segment_class(backend, q, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    size = group_rank_size(group)[1]
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        bounds = document_bounds(cu_seqlens, q.shape[1] * size, q.shape[0], group, device=q.device)
+        return _with_document_states(seg_class, [q, k, v, g, beta], bounds, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state, group=group, method=method, layout=layout,
+                                     use_qk_l2norm=use_qk_l2norm_in_kernel)
     if cu_seqlens is not None:
         g = document_gate(g, cu_seqlens, q, group, layout)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def one_process(tokens, s0, ofs):  # the whole sequence here: torch chunked, or one Triton segment
         if seg_class is DeltaTorchSegment:
@@ -96,7 +109,7 @@ def gated_delta_rule(
         return lasp2_apply(seg_class, tokens, [], scale=scale, group=None, initial_state=s0,
                            output_final_state=ofs, use_qk_l2norm=use_qk_l2norm_in_kernel)
 
-    if group_rank_size(group)[1] == 1:
+    if size == 1:
         return one_process([q, k, v, g, beta], initial_state, output_final_state)
     apply = _DRIVERS[method]
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
@@ -111,3 +124,23 @@ def gated_delta_rule(
         seg_class, [q, k, v, g, beta], [], scale=scale, group=group, layout=layout,
         initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
     )
+
+
+def _with_document_states(seg_class, tokens, bounds, *, scale, initial_state, output_final_state, group, method, layout,
+                          use_qk_l2norm):
+    """Packed documents with per-document states (:mod:`lasp.ops.document_states`): every method."""
+    q, v = tokens[0], tokens[2]
+    like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+    doc_states = per_document_states(initial_state, len(bounds) - 1, like)
+    kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    if group_rank_size(group)[1] == 1:
+        return documents_apply(lasp2_apply, seg_class, tokens, [], doc_states=doc_states, group=None, **kw)
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
+
+        def local_op(toks, heads, s0, ofs):
+            return documents_apply(lasp2_apply, seg_class, toks, [], doc_states=s0, group=None, **kw)
+
+        return ulysses_apply(local_op, tokens, [], group=group, layout=layout, initial_state=doc_states,
+                             output_final_state=output_final_state)
+    return documents_apply(_DRIVERS[method], seg_class, tokens, [], doc_states=doc_states, group=group, layout=layout, **kw)

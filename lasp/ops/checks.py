@@ -128,8 +128,10 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
         backend, on_cuda=q.is_cuda, interpreting=os.environ.get("TRITON_INTERPRET") == "1",
         K=q.shape[-1], V=v.shape[-1],
     )
-def check_states(q, v, initial_state, output_final_state, *, causal: bool) -> None:
-    """Validate ``initial_state`` (``[B, H, K, V]`` with v's heads H, float, on q's device) and ``output_final_state``."""
+def check_states(q, v, initial_state, output_final_state, *, causal: bool, cu_seqlens=None) -> None:
+    """Validate ``initial_state`` (``[B, H, K, V]`` with v's heads H, float, on q's device) and
+    ``output_final_state``. With ``cu_seqlens`` (``[N+1]``, B = 1): fla's per-document ``[N, H, K,
+    V]``, or lasp's single state ``[1, H, K, V]`` (the first document's)."""
     if not isinstance(output_final_state, bool):
         raise ValueError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     if not causal and (initial_state is not None or output_final_state):
@@ -138,7 +140,15 @@ def check_states(q, v, initial_state, output_final_state, *, causal: bool) -> No
         return
     B, K = q.shape[0], q.shape[-1]
     want = (B, v.shape[2], K, v.shape[-1])
-    if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+    n_docs = cu_seqlens.shape[0] - 1 if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 else None
+    if n_docs is not None and B == 1:
+        ok = isinstance(initial_state, torch.Tensor) and initial_state.dim() == 4 and tuple(initial_state.shape[1:]) == want[1:]
+        if not ok or initial_state.shape[0] not in (1, n_docs):
+            raise ValueError(
+                f"initial_state must have shape [N, H, K, V] = {[n_docs, *want[1:]]} with cu_seqlens (one state per "
+                f"document, fla's varlen form) or [1, H, K, V] (the first document's), got {_shape(initial_state)}"
+            )
+    elif not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
         raise ValueError(f"initial_state must have shape [B, H, K, V] = {list(want)}, got {_shape(initial_state)}")
     if not initial_state.is_floating_point() or initial_state.device != q.device:
         raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
@@ -148,12 +158,13 @@ def _shape(x) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_gated_delta(q, k, v, g, beta, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str) -> None:
+def check_gated_delta(q, k, v, g, beta, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str,
+                      cu_seqlens=None) -> None:
     """Validate the arguments of :func:`lasp.gated_delta_rule`."""
     _check_recurrent(q, k, v, {"g": g, "beta": beta}, scale=scale, group=group, layout=layout, method=method, backend=backend, gva=True)
     if beta is None:
         raise ValueError(f"beta must have shape [B, T_local, HV] = {[*q.shape[:2], v.shape[2]]}, got NoneType")
-    check_states(q, v, initial_state, output_final_state, causal=True)
+    check_states(q, v, initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
 
 
 def check_conv(x, weight, bias, *, activation, group, layout: str) -> None:
