@@ -14,6 +14,7 @@ from .ops.documents import document_bounds, document_gate
 from .ops.document_states import documents_apply, per_document_states
 from .ops.lasp1 import lasp1_apply, lasp1_linear_attention
 from .ops.lasp2 import lasp2_apply, lasp2_linear_attention
+from .ops.rank_check import check_same_on_ranks, token_field_ignored
 from .ops.segment import segment_class
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
@@ -89,6 +90,11 @@ def linear_attention(
     check_states(q, v, initial_state, output_final_state, causal=causal, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None and not causal:
         raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
+    check_same_on_ranks("linear_attention", dict(
+        B=q.shape[0], T_local=q.shape[1], H=q.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype, g=g is not None,
+        g_gamma=g_gamma is not None, causal=causal, initial_state=-1 if initial_state is None else initial_state.shape[0],
+        output_final_state=output_final_state, method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+    ), group, q.device, ignore=token_field_ignored(method, layout))
     backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
@@ -158,6 +164,10 @@ def softmax_attention(
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
+    check_same_on_ranks("softmax_attention", dict(
+        B=q.shape[0], T_local=q.shape[1], H=q.shape[2], H_kv=k.shape[2], D=q.shape[3], dtype=q.dtype, causal=causal,
+        method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+    ), group, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     size = group_rank_size(group)[1]
     bounds = document_bounds(cu_seqlens, q.shape[1] * size, q.shape[0], group, device=q.device)

@@ -18,6 +18,7 @@ from .ops.document_states import documents_apply, per_document_states
 from .ops.documents import document_bounds, document_gate
 from .ops.lasp1 import lasp1_apply
 from .ops.lasp2 import lasp2_apply
+from .ops.rank_check import check_same_on_ranks, token_field_ignored
 from .ops.ulysses import check_heads_divisible, ulysses_apply
 from .parallel import group_rank_size
 
@@ -92,6 +93,11 @@ def gated_delta_rule(
     """
     check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method,
                       backend=backend, cu_seqlens=cu_seqlens)
+    check_same_on_ranks("gated_delta_rule", dict(
+        B=q.shape[0], T_local=q.shape[1], H=q.shape[2], HV=v.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype,
+        g=g is not None, initial_state=-1 if initial_state is None else initial_state.shape[0],
+        output_final_state=output_final_state, method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+    ), group, q.device, ignore=token_field_ignored(method, layout))
     seg_class = _segment_class(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     size = group_rank_size(group)[1]
