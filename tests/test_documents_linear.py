@@ -360,20 +360,21 @@ def test_documents_bf16(spawn, op):
     check(results, layout, o_ref, None, tok64, [], None, 1e-2)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_gated_delta_rule_documents_triton(spawn, layout):
-    """The Triton delta-rule segments (interpreter on the CPU) take the document resets too,
-    with an initial and a final state, LASP-2 on 2 ranks."""
+@pytest.mark.parametrize("layout,states", [("contiguous", False), ("zigzag", True)])
+def test_gated_delta_rule_documents_triton(spawn, layout, states):
+    """The Triton delta-rule segments (interpreter on the CPU) take the document resets too (no
+    states), and the per-document pieces with lasp's single initial state and the per-document
+    final states (fla's varlen form with GVA: tests/test_gdn_fla_recipe.py), LASP-2 on 2 ranks."""
     P, B, T, H, K, V = 2, 1, 32, 2, 16, 16
-    xs = delta_inputs(B, T, H, K, V, gates="g", l2norm=True, init=True, seed=seed_for("triton-ddocs", layout))
+    xs = delta_inputs(B, T, H, K, V, gates="g", l2norm=True, init=states, seed=seed_for("triton-ddocs", layout))
     cu = doc_cuts(T, P, layout, 11)
     gen = torch.Generator().manual_seed(3)
     do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(len(cu) - 1, H, K, V, generator=gen)
-    tok64, s064 = leaves64(xs[:5]), xs[5].double().requires_grad_()
+    tok64, s064 = leaves64(xs[:5]), None if xs[5] is None else xs[5].double().requires_grad_()
     o_ref, S_ref = per_document(
         lambda t, s: naive_gated_delta_rule(*t, initial_state=s, output_final_state=True, use_qk_l2norm=True), cu, tok64, s064
     )
-    ((o_ref * do.double()).sum() + (S_ref * dF.double()).sum()).backward()
+    ((o_ref * do.double()).sum() + ((S_ref * dF.double()).sum() if states else 0)).backward()
     kw = dict(method="lasp2", backend="triton", use_qk_l2norm_in_kernel=True)
-    results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, True)
-    check(results, layout, o_ref, S_ref, tok64, [], s064, 1e-5)
+    results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, states)
+    check(results, layout, o_ref, S_ref if states else None, tok64, [], s064, 1e-5)
