@@ -116,6 +116,7 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
     """Write checkpoint ``checkpoint`` into ``output`` (see the module docstring); ``dtype`` None is
     the run's training dtype; ``like``: an HF directory whose layout the ``hf`` format takes."""
     from lasp.models import LinearLlamaForCausalLM, ModelConfig
+    from lasp.models.config import QWEN_ARCHITECTURES
     from lasp.models.companions import copy_companions, token_ids
     from lasp.models.hf import write_hf
     from lasp.models.io import write_pretrained
@@ -133,8 +134,8 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
     if problem is not None:
         raise ValueError(f"--checkpoint: checkpoint {tag_dir} is damaged: {problem}; export an intact one (another stepN directory)")
     cfg = ModelConfig.from_yaml(cfg_path)
-    if fmt == "hf" and cfg.architecture != "qwen3_5":
-        raise ValueError(f"--format hf: only architecture='qwen3_5' models export to Hugging Face format, this one is {cfg.architecture!r}")
+    if fmt == "hf" and cfg.architecture not in QWEN_ARCHITECTURES:
+        raise ValueError(f"--format hf: only architecture qwen3_5 / qwen3_next models export to Hugging Face format, this one is {cfg.architecture!r}")
     run = read_run(tag_dir)
     if dtype is None:
         dtype = DTYPES.get((run.get("train") or {}).get("dtype"), torch.float32)
