@@ -3,7 +3,8 @@
 part of ``Qwen3_5MoeForConditionalGeneration``, built from transformers' own config objects and saved
 with ``save_pretrained`` (experts per expert), plus the same weights in the fused 3-D expert layout.
 lasp's logits equal transformers' (fp32) at SP = 1 and 2, the round trip HF -> lasp -> HF is bit-exact
-in the source's layout, an expert-parallel rank (EP = 2) reads only its experts, and ``model-info``
+in the source's layout, an expert-parallel rank (EP = 2) reads only its experts, ZeRO-3 init fills
+every partitioned parameter, and ``model-info``
 counts total / active parameters as transformers builds them (Qwen3-Next-80B-A3B included, on the
 meta device). Skipped without transformers.
 """
@@ -211,6 +212,31 @@ def test_sp2_logits_and_ep2_init_from(spawn, checkpoints):
             assert_close(ref, logits, rtol=RTOL, name=f"{kind} EP=2 logits")
             for name, local in experts.items():
                 assert local.shape[0] == 2 and torch.equal(local, full[name].detach().chunk(2)[ep_rank]), name
+
+
+def zero3_worker(rank: int, world: int, dirs: dict):
+    """ZeRO-3 init: ``build_initial_model`` under ``deepspeed.zero.Init`` fills each partitioned
+    parameter from the checkpoint (experts assembled from either layout); returns the names that differ."""
+    import deepspeed
+
+    from lasp.models import from_hf
+    from lasp.models.weights import source_config
+    from lasp.train.init_from import build_initial_model
+
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+    bad = []
+    for d in dirs.values():
+        model, ref = build_initial_model(source_config(d), d, 3, ds), from_hf(d).state_dict()
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if not torch.equal(p.detach(), ref[name]):
+                    bad.append(name)
+    return bad
+
+
+def test_zero3_init_from(spawn, checkpoints):
+    dirs = {"qwen3_5_moe": checkpoints["qwen3_5_moe"][1]["fused"], "qwen3_next": checkpoints["qwen3_next"][1]["per_expert"]}
+    assert spawn(2).run(zero3_worker, dirs) == [[], []]
 
 
 @pytest.mark.parametrize("kind", KINDS)
