@@ -4,7 +4,7 @@ part of ``Qwen3_5MoeForConditionalGeneration``, built from transformers' own con
 with ``save_pretrained`` (experts per expert), plus the same weights in the fused 3-D expert layout.
 lasp's logits equal transformers' (fp32) at SP = 1 and 2, the round trip HF -> lasp -> HF is bit-exact
 in the source's layout, an expert-parallel rank (EP = 2) reads only its experts, ZeRO-3 init fills
-every partitioned parameter, and ``model-info``
+every partitioned parameter, a bf16 EP = 2 fine-tuning run exports back into the source's layout, and ``model-info``
 counts total / active parameters as transformers builds them (Qwen3-Next-80B-A3B included, on the
 meta device). Skipped without transformers.
 """
@@ -23,7 +23,7 @@ from lasp.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB, RTOL = 128, 1e-5
+VOCAB, RTOL = 256, 1e-5  # 256: the byte-level dataset of the fine-tuning test
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
             layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
@@ -84,6 +84,45 @@ def ids_for(T: int, seed: int = 1, batch: int = 2) -> torch.Tensor:
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def finetune_worker(rank: int, world: int, tmp: str, src: str):
+    """One bf16 ZeRO-1 step with EP = 2 from an HF checkpoint (``model.init_from``); rank 0's weights."""
+    from lasp.train.config import RunConfig
+    from lasp.train.trainer import train
+
+    torch.set_num_threads(1)
+    d = {"model": {"init_from": src}, "parallel": {"sp_size": 1, "ep_size": 2},
+         "train": {"steps": 1, "seq_len": 32, "micro_batch_size": 1, "grad_accum": 1, "lr": 1e-2, "warmup": 1, "seed": 7,
+                   "zero_stage": 1, "dtype": "bf16"},
+         "data": {"path": os.path.join(tmp, "data")}, "checkpoint": {"every": 1}, "sample": {"max_new_tokens": 0},
+         "out_dir": os.path.join(tmp, "run")}
+    r = train(RunConfig.from_dict(d, source="test"), progress=False, sample=False, verbose=False, keep_weights=True)
+    return r.weights if rank == 0 else None
+
+
+def test_finetune_with_ep_and_export_like(spawn, checkpoints, tmp_path):
+    """A ``Qwen3_5MoeForConditionalGeneration`` fine-tuned with EP = 2 in bf16 (each rank loading its
+    experts) exports with ``--format hf --like`` into that class's layout (vision tower copied
+    through, experts per expert): transformers loads it, and it holds the run's weights."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    from lasp.models import from_hf
+    from lasp.models.shards import weight_entries
+    from lasp.train.data import prepare, stdlib_sources
+    from lasp.train.export import main as export_main
+
+    src = checkpoints["qwen3_5_moe_cg"][1]["per_expert"]
+    prepare([], str(tmp_path / "data"), "bytes", files=stdlib_sources()[:3])
+    weights = spawn(2).run(finetune_worker, str(tmp_path), src)[0]
+    out = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(out), "--format", "hf", "--like", src]) == 0
+    assert set(weight_entries(out)) == set(weight_entries(src))
+    for name, t in from_hf(out).state_dict().items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t.float(), weights[name]), name
+    loaded = Qwen3_5MoeForConditionalGeneration.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids_for(12, batch=1)).logits, from_hf(out).float()(ids_for(12, batch=1)), rtol=RTOL, name="logits")
 
 
 def test_saved_layouts(checkpoints):
