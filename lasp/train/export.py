@@ -1,7 +1,7 @@
 """``lasp export --checkpoint DIR --output DIR``: a DeepSpeed checkpoint (any ZeRO stage) to a model
 directory: ``model.yaml`` + safetensors (the ``save_pretrained`` format, for
 ``lasp.models.load_pretrained``, ``lasp generate`` and ``model.init_from``) or, with ``--format hf``,
-``config.json`` + safetensors that transformers loads (qwen3_5 models).
+``config.json`` + safetensors that transformers loads (qwen3_5 / qwen3_next models, dense or MoE).
 
     lasp export --checkpoint runs/x/checkpoints --output OUT [--format lasp|hf [--like HF_DIR]]
                 [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (uses 'latest') or one checkpoint's tag directory")
     p.add_argument("--output", required=True, help="output directory (its old weights are replaced, other files kept)")
     p.add_argument("--format", choices=("lasp", "hf"), default="lasp",
-                   help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 models)")
+                   help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 / qwen3_next models)")
     p.add_argument("--like", metavar="HF_DIR", default=None,
                    help="with --format hf: write in the layout of the Hugging Face checkpoint the run started from (e.g. a "
                         "Qwen3_5ForConditionalGeneration: model.language_model.*, its config.json nesting), its vision tower "
