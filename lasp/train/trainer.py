@@ -264,8 +264,8 @@ def train(
     torch.manual_seed(t.seed)  # same initial replica on every rank
     ds_config = build_deepspeed_config(cfg, world)
     model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
-    if t.activation_checkpointing:
-        model.set_activation_checkpointing(True)
+    if t.activation_checkpointing or t.activation_offload:
+        model.set_activation_checkpointing(True, offload=t.activation_offload)
     n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
