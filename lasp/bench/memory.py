@@ -3,6 +3,7 @@ training runs measure on this machine.
 
     lasp bench memory --out docs/bench/memory                 # every point
     lasp bench memory --out DIR --points sp2-zero3-bf16,runtime
+    lasp bench memory --out docs/bench/memory --reestimate    # today's estimate of the measured runs
 
 Each point is a ``lasp train`` run of ``configs/tiny-hybrid.yaml`` (the embedded corpus, packed
 documents) with the point's overrides and ``train.steps=2``, in its own processes; its
@@ -82,7 +83,8 @@ def run_point(name: str, workdir: str, timeout: float, malloc: str = "mmap") -> 
         raise RuntimeError(f"point {name}: lasp train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    return dict(peak_memory_mb=max(r["peak_memory_mb"] for r in recs), step_time_s=recs[-1]["step_time_s"], wall_s=round(wall, 1))
+    return dict(peak_memory_mb=max(r["peak_memory_mb"] for r in recs), step_time_s=recs[-1]["step_time_s"], wall_s=round(wall, 1),
+                losses=[r["loss"] for r in recs])
 
 
 def estimate_point(name: str, loss: str | None = None):
@@ -120,11 +122,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _row(name: str, measured: dict, est) -> dict:
+    return dict(name=name, setup=est.setup, estimate=est.as_dict(), measured=measured,
+                ratio=round(est.total / (measured["peak_memory_mb"] * 2**20), 3))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (results.json, results.md)")
     ap.add_argument("--points", default=",".join(POINTS), help=f"comma-separated, of {', '.join(POINTS)}")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
+    ap.add_argument("--reestimate", action="store_true",
+                    help="run nothing: estimate the points measured in OUT/results.json again (after a change to the estimate)")
     ap.add_argument("--malloc", choices=("mmap", "default"), default="mmap",
                     help="mmap: MALLOC_MMAP_THRESHOLD_=1MiB, the RSS follows the live tensors (default); default: glibc's own")
     args = ap.parse_args(argv)
@@ -134,14 +143,19 @@ def main(argv: list[str]) -> int:
         ap.error(f"--points: unknown {bad[0]!r}; choose from {', '.join(POINTS)}")
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="lasp-bench-memory-") as work:
-        for name in names:
-            measured = run_point(name, work, args.timeout, args.malloc)
-            est = estimate_point(name)
-            ratio = est.total / (measured["peak_memory_mb"] * 2**20)
-            rows.append(dict(name=name, setup=est.setup, estimate=est.as_dict(), measured=measured, ratio=round(ratio, 3)))
-            print(f"{name:<26} estimate {est.total / 2**20:8,.0f} MiB  measured {measured['peak_memory_mb']:8,.0f} MiB  "
-                  f"ratio {ratio:.2f}  step {measured['step_time_s']:.2f} s", flush=True)
+    if args.reestimate:
+        with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
+            old = json.load(f)
+        args.malloc, names = old["malloc"], [r["name"] for r in old["points"]]
+        for r in old["points"]:
+            rows.append(_row(r["name"], r["measured"], estimate_point(r["name"], loss=r["setup"]["loss"])))
+    else:
+        with tempfile.TemporaryDirectory(prefix="lasp-bench-memory-") as work:
+            for name in names:
+                rows.append(_row(name, run_point(name, work, args.timeout, args.malloc), estimate_point(name)))
+    for r in rows:
+        print(f"{r['name']:<26} estimate {r['estimate']['total'] / 2**20:8,.0f} MiB  measured {r['measured']['peak_memory_mb']:8,.0f} MiB  "
+              f"ratio {r['ratio']:.2f}  step {r['measured']['step_time_s']:.2f} s", flush=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"device": "cuda" if torch.cuda.is_available() else "cpu", "malloc": args.malloc, "points": rows}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:

@@ -8,9 +8,11 @@ this gives, in bytes for the rank's ``tokens = batch * seq_len / sp``:
   output) plus the operator's own;
 - ``mlp``: the two RMSNorms, the mid-layer residual and the SwiGLU MLP (gate, up, SiLU(gate) and
   their product: ``4 * intermediate`` elements per token);
-- ``forward_transient`` / ``backward_transient``: the most the layer holds on top of that while
-  its forward / backward runs (fp32 working copies, the recompute of a LASP-2 segment, the
-  gradients in flight).
+- ``forward_transient`` / ``backward_transient``: the most the layer holds on top of its saved
+  tensors while its forward / backward runs (fp32 working copies, the recompute of a LASP-2
+  segment, the gradients in flight). The operator's forward runs before the MLP's tensors exist,
+  its backward after the MLP's backward freed them: its working set counts against the mixer's
+  saved tensors only.
 
 The layer input (``hidden`` elements per token, the residual stream) is not included: under
 activation checkpointing it is the one thing kept per layer (:mod:`lasp.train.memory` adds it).
@@ -140,12 +142,14 @@ def layer_memory(cfg: ModelConfig, kind: str, shape: RankShape) -> LayerMemory:
     mlp_tok = _norm(h, e) + e * h + _norm(h, e) + 4 * e * cfg.intermediate_size  # attn_norm, residual, mlp_norm, SwiGLU
     mlp_bwd = 2 * e * cfg.intermediate_size  # gradients of the SwiGLU intermediates (net of what their backward frees)
     flow = e * h  # the gradient reaching the layer
+    # the operator's forward runs before the MLP exists; its backward after the MLP's (and the
+    # output side's) saved tensors are freed: the peaks above the layer's saved tensors are
     return LayerMemory(
         kind=kind,
         mixer=int(m_tok * n + m_layer),
         mlp=int(mlp_tok * n),
-        forward_transient=int(m_fwd * n),
-        backward_transient=int((flow + max(mlp_bwd, m_bwd)) * n),
+        forward_transient=int(max(0.0, m_fwd - mlp_tok) * n),
+        backward_transient=int((flow + max(mlp_bwd, m_bwd - mlp_tok)) * n),
     )
 
 

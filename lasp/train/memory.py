@@ -27,7 +27,8 @@ group otherwise holds the same replica):
 - **saved activations** (:mod:`lasp.models.activation_memory`, per layer kind): without
   checkpointing every layer's ``saved`` plus its input; with checkpointing each layer's input
   (``hidden`` elements per token in the training dtype) only, and with offload none of that on the
-  device (``host_offload`` on the host instead).
+  device (``host_offload`` on the host instead; on the CPU the host is the device, so the total
+  does not change).
 - **the largest transient** during forward and backward, on top of the above, the biggest of: one layer's forward or backward
   working set (under checkpointing its recompute too: its saved tensors again), the loss (one chunk
   of fp32 logits of the fused linear cross-entropy, ``max(1, 256 MiB // (4 V))`` tokens, and its
@@ -57,7 +58,7 @@ REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size`` (elements); lasp does not change it."""
 CUDA_RUNTIME_BYTES = 2 << 30
 """Assumed: CUDA context (~0.5 GiB), cuBLAS workspace, NCCL buffers. Not measured here (no GPU)."""
-CPU_RUNTIME_BYTES = 480 << 20
+CPU_RUNTIME_BYTES = 435 << 20
 """Measured on this project's CPU machine: max RSS of a ``lasp train`` rank beyond what its tensors
 need (torch, DeepSpeed, gloo, Python; ``lasp bench memory``'s ``runtime`` point)."""
 LOSS_CHUNK_BYTES = 256 << 20
@@ -111,7 +112,8 @@ class MemoryEstimate:
     optimizer_step: int
     runtime: int
     host_offload: int
-    offload_seconds_per_step: float
+    #: seconds per micro-step the offload's copies take (device -> host in forward, back in backward)
+    offload_copy_seconds: float
     layers: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
     device_memory: int | None = None
@@ -257,7 +259,8 @@ def estimate_memory(
     embed = 8 * n  # the token ids the embedding's backward keeps
     full = sum(count * (x + per_kind[k].saved) for k, count in kinds.items()) + rope + head + embed
     kept_ckpt = cfg.num_layers * x + rope + head + embed
-    on_device = (rope + head + embed) if activation_offload else kept_ckpt
+    # offloaded inputs leave the device; on the CPU the host is the device (the RSS holds them)
+    on_device = (rope + head + embed) if activation_offload and device == "cuda" else kept_ckpt
     activations = on_device if ckpt else full
 
     candidates = {"loss": lossm["transient"] + lossm["kept"]}
@@ -285,7 +288,7 @@ def estimate_memory(
         optimizer_step=int(step),
         runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         host_offload=int(host),
-        offload_seconds_per_step=2 * host / PCIE_BYTES_PER_S if device == "cuda" else 0.0,
+        offload_copy_seconds=2 * host / PCIE_BYTES_PER_S if device == "cuda" else 0.0,
         layers={k: dict(count=c, **dataclasses.asdict(per_kind[k]), saved=per_kind[k].saved, input=x) for k, c in kinds.items()},
         loss=dict(kind=loss, **lossm),
         device_memory=device_memory,
@@ -317,13 +320,13 @@ def describe_estimate(est: MemoryEstimate) -> str:
         f"  {'optimizer states':<22}{fmt_bytes(est.optimizer_states):>12}   AdamW m, v fp32" + ("" if s["dtype"] == "fp32" and s["zero"] == 0 else " + fp32 master"),
         f"  {'ZeRO buffers':<22}{fmt_bytes(est.zero_buffers):>12}   gradient reduce bucket" + (", one gathered module" if s["zero"] == 3 else ""),
         f"  {'saved activations':<22}{fmt_bytes(est.activations):>12}   without checkpointing {fmt_bytes(est.activations_no_checkpointing)}, "
-        f"with {fmt_bytes(est.activations_checkpointing if s['activation_checkpointing'] else est.activations_checkpointing)}",
+        f"with {fmt_bytes(est.activations_checkpointing)}" + (" (offload: what stays on the device)" if s["activation_offload"] else ""),
     ]
     for kind, lm in est.layers.items():
         lines.append(
             f"    {kind:<8} x{lm['count']:<3} per layer {fmt_bytes(lm['saved']):>11} (mixer {fmt_bytes(lm['mixer'])}, norms + MLP "
-            f"{fmt_bytes(lm['mlp'])}; input {fmt_bytes(lm['input'])}); transient forward {fmt_bytes(lm['forward_transient'])}, "
-            f"backward {fmt_bytes(lm['backward_transient'])}"
+            f"{fmt_bytes(lm['mlp'])}; input {fmt_bytes(lm['input'])}); peak above that in forward {fmt_bytes(lm['forward_transient'])}, "
+            f"in backward {fmt_bytes(lm['backward_transient'])}"
         )
     loss = est.loss
     lines += [
@@ -340,6 +343,6 @@ def describe_estimate(est: MemoryEstimate) -> str:
         fit = f"   {'fits' if est.fits else 'does NOT fit'} in {fmt_bytes(est.device_memory)}"
     lines.append(f"  {'total':<22}{fmt_bytes(est.total):>12}{fit}")
     if s["activation_offload"]:
-        rate = f"; about {est.offload_seconds_per_step:.2f} s of copies per micro-step at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s each way" if s["device"] == "cuda" else ""
+        rate = f"; about {est.offload_copy_seconds:.2f} s of copies per micro-step at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s each way" if s["device"] == "cuda" else ""
         lines.append(f"  {'host (offload)':<22}{fmt_bytes(est.host_offload):>12}   pinned host memory for the checkpointed inputs{rate}")
     return "\n".join(lines)
