@@ -199,3 +199,16 @@ def test_model_info_memory_cli(capsys):
     assert main(args) == 0
     assert "largest transient" in capsys.readouterr().out
     assert main([path, "--memory", "--seq-len", "1M", "--sp", "3"]) == 2  # 1M tokens do not shard over 3 ranks
+
+
+def test_bench_memory_reestimate(tmp_path, capsys):
+    """``lasp bench memory --reestimate``: today's estimate of the committed measurements (no run)."""
+    import shutil
+
+    from lasp.bench.memory import main
+
+    shutil.copy(RESULTS, tmp_path / "results.json")
+    assert main(["--out", str(tmp_path), "--reestimate"]) == 0
+    assert "sp2-zero3-bf16" in (tmp_path / "results.md").read_text()
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        assert all(abs(r["ratio"] - 1) <= 0.25 for r in json.load(f)["points"])
