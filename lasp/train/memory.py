@@ -29,8 +29,9 @@ group otherwise holds the same replica):
   (``hidden`` elements per token in the training dtype) only, and with offload none of that on the
   device (``host_offload`` on the host instead; on the CPU the host is the device, so the total
   does not change).
-- **the largest transient** during forward and backward, on top of the above, the biggest of: one layer's forward or backward
-  working set (under checkpointing its recompute too: its saved tensors again), the loss (one chunk
+- **the largest transient** during forward and backward, on top of the above, the biggest of: one
+  layer's forward or backward working set (under checkpointing its recompute too: its saved
+  tensors again), the loss (one chunk
   of fp32 logits of the fused linear cross-entropy, ``max(1, 256 MiB // (4 V))`` tokens, and its
   kept fp32 ``dweight``; the plain path: ``[T_local, V]`` logits, log-softmax and their gradient),
   and separately the optimizer step's (the fp32 gradient of the master partition and AdamW's
@@ -317,7 +318,8 @@ def describe_estimate(est: MemoryEstimate) -> str:
         f"{s['layout']}, {mode}, {s['device']} ({'Triton kernels, allocator peak' if s['device'] == 'cuda' else 'torch path, max RSS'})",
         f"  {'parameters':<22}{fmt_bytes(est.parameters):>12}   {s['parameters']:,} parameters",
         f"  {'gradients':<22}{fmt_bytes(est.gradients):>12}",
-        f"  {'optimizer states':<22}{fmt_bytes(est.optimizer_states):>12}   AdamW m, v fp32" + ("" if s["dtype"] == "fp32" and s["zero"] == 0 else " + fp32 master"),
+        f"  {'optimizer states':<22}{fmt_bytes(est.optimizer_states):>12}   AdamW m, v fp32"
+        + ("" if s["dtype"] == "fp32" and s["zero"] == 0 else " + fp32 master"),
         f"  {'ZeRO buffers':<22}{fmt_bytes(est.zero_buffers):>12}   gradient reduce bucket" + (", one gathered module" if s["zero"] == 3 else ""),
         f"  {'saved activations':<22}{fmt_bytes(est.activations):>12}   without checkpointing {fmt_bytes(est.activations_no_checkpointing)}, "
         f"with {fmt_bytes(est.activations_checkpointing)}" + (" (offload: what stays on the device)" if s["activation_offload"] else ""),
@@ -343,6 +345,8 @@ def describe_estimate(est: MemoryEstimate) -> str:
         fit = f"   {'fits' if est.fits else 'does NOT fit'} in {fmt_bytes(est.device_memory)}"
     lines.append(f"  {'total':<22}{fmt_bytes(est.total):>12}{fit}")
     if s["activation_offload"]:
-        rate = f"; about {est.offload_copy_seconds:.2f} s of copies per micro-step at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s each way" if s["device"] == "cuda" else ""
+        rate = ""
+        if s["device"] == "cuda":
+            rate = f"; about {est.offload_copy_seconds:.2f} s of copies per micro-step at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s each way"
         lines.append(f"  {'host (offload)':<22}{fmt_bytes(est.host_offload):>12}   pinned host memory for the checkpointed inputs{rate}")
     return "\n".join(lines)
