@@ -5,6 +5,10 @@ functions here. With :func:`record` active, each call appends a :class:`CommEven
 (kind, bytes this rank sends, group size, tag); when no recorder is active the cost is one
 ``if`` per call.
 
+One-sided P2P batches (a rank that only sends or only receives, as in LASP-1's chain) are well
+defined under NCCL only once the group has run a collective in which every rank took part
+(:func:`prepare_p2p`); a batch in which every rank sends and receives (a ring shift) needs nothing.
+
 Byte convention: ``bytes`` is what THIS rank contributes to the call: the input tensor's size
 for all-gather / all-reduce / reduce-scatter / all-to-all, the sent tensor for ``send``, the
 received tensor for ``recv`` (recorded separately as kind ``recv``).
@@ -25,7 +29,9 @@ __all__ = [
     "all_reduce",
     "reduce_scatter",
     "all_to_all",
+    "all_to_all_v",
     "batch_send_recv",
+    "prepare_p2p",
 ]
 
 
@@ -124,6 +130,18 @@ def all_to_all(inp: torch.Tensor, group, *, tag: str = "") -> torch.Tensor:
     return out
 
 
+def all_to_all_v(inp: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, *, tag: str = "") -> torch.Tensor:
+    """All-to-all of rows with uneven splits: the first ``send_splits[0]`` rows of ``inp [sum(send), ...]``
+    go to rank 0, the next ``send_splits[1]`` to rank 1, ...; returns ``[sum(recv_splits), ...]``, rank
+    j's rows (``recv_splits[j]`` of them) in rank order. The splits are host ints (the caller has
+    exchanged the counts first)."""
+    inp = inp.contiguous()
+    out = inp.new_empty((sum(recv_splits), *inp.shape[1:]))
+    _note("all_to_all", inp, group, tag)
+    dist.all_to_all_single(out, inp, recv_splits, send_splits, group=group)
+    return out
+
+
 def batch_send_recv(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group, *, tag: str = ""):
     """Post isend/irecv pairs (peers are GLOBAL ranks) in one batch; returns the work handles.
 
@@ -140,3 +158,24 @@ def batch_send_recv(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[tor
     if not ops:
         return []
     return dist.batch_isend_irecv(ops)
+
+
+_p2p_ready: set = set()  # groups a full-group collective has set up (kept alive here: a few per process)
+
+
+def prepare_p2p(group, device: torch.device) -> None:
+    """Make later ONE-SIDED ``batch_isend_irecv`` batches on ``group`` well defined; call it where
+    every rank of the group is (an operator's forward entry), before the first of them.
+
+    NCCL creates a group's communicator in the group's first collective, and a batched P2P call
+    that is the group's first collective must include every rank of the group, else the behaviour
+    is undefined (``torch.distributed.batch_isend_irecv``'s documentation); after any collective of
+    the whole group, batches among a subset of its ranks are allowed. The first call per group (per
+    process) runs a one-element all-reduce on ``device``, on every backend (so that gloo runs test
+    the same code); later calls do nothing. Not recorded by :func:`record`: it is one-time setup,
+    not traffic of an operator."""
+    key = dist.group.WORLD if group is None else group
+    if key in _p2p_ready:
+        return
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    _p2p_ready.add(key)

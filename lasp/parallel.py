@@ -1,8 +1,16 @@
-"""Process groups (sequence parallel x data parallel) and sequence sharding.
+"""Process groups (sequence parallel x data parallel, and expert parallel) and sequence sharding.
 
 Ranks are arranged as a DP x SP grid: SP groups are blocks of ``sp_size`` contiguous ranks
 (so an SP group stays inside a node when ``sp_size`` <= GPUs per node), DP groups are strided
 (rank ``r`` is in DP group ``r % sp_size``).
+
+Expert parallelism (``ep_size``, MoE models) is carved from the same ranks, independently of the
+SP x DP split: EP groups are blocks of ``ep_size`` contiguous ranks (``[0..ep-1], [ep..2ep-1], ...``;
+rank ``r`` holds experts ``[(r % ep) * E/ep, (r % ep + 1) * E/ep)``), expert-data-parallel (EDP)
+groups are strided (``r % ep``, ``r % ep + ep``, ...: the ranks holding the same experts, over
+which their gradients are reduced). This is DeepSpeed's layout for expert parallelism without
+model parallelism (``deepspeed.utils.groups``), so its MoE parameter groups use these groups.
+With ``ep_size == sp_size`` the EP groups are the SP groups and the EDP groups the DP groups.
 
 Two token layouts for a sequence of ``T`` tokens over ``P`` SP ranks:
 
@@ -42,6 +50,10 @@ class ParallelState:
     dp_size: int
     rank: int = 0
     world_size: int = 1
+    ep_group: dist.ProcessGroup | None = None  # None when ep_size == 1
+    edp_group: dist.ProcessGroup | None = None
+    ep_rank: int = 0
+    ep_size: int = 1
 
     @property
     def sp_ranks(self) -> list[int]:
@@ -61,6 +73,20 @@ def default_backend() -> str:
     if forced:
         return forced
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group created from now on without one.
+
+    ``torch.distributed.new_group(ranks)`` without ``timeout`` takes torch's backend default (30
+    min gloo, 10 min NCCL), not the default group's: DeepSpeed creates its groups that way, so
+    without this a stalled rank would hang them long after ``timeout_s``. torch reads these two
+    module defaults each time a group is created."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _init_from_env(backend: str | None, timeout_s: float) -> None:
@@ -87,10 +113,31 @@ def _init_from_env(backend: str | None, timeout_s: float) -> None:
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def expert_parallel_ranks(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(EP groups, EDP groups)`` as lists of global ranks (the layout in the module docstring)."""
+    if not isinstance(ep_size, int) or ep_size < 1 or world_size % ep_size:
+        raise ValueError(f"ep_size={ep_size!r} must be a positive int that divides the world size {world_size}")
+    ep = [list(range(g * ep_size, (g + 1) * ep_size)) for g in range(world_size // ep_size)]
+    edp = [list(range(i, world_size, ep_size)) for i in range(ep_size)]
+    return ep, edp
+
+
+def new_expert_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """``(EP group, EDP group)`` of this rank in the initialised world (every rank must call it)."""
+    rank = dist.get_rank()
+    ep_ranks, edp_ranks = expert_parallel_ranks(dist.get_world_size(), ep_size)
+    mine = []
+    for layout in (ep_ranks, edp_ranks):
+        groups = [dist.new_group(ranks) for ranks in layout]  # every group on every rank, in order
+        mine.append(next(g for g, ranks in zip(groups, layout) if rank in ranks))
+    return mine[0], mine[1]
+
+
 def init_parallel(
-    sp_size: int = 1, *, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    sp_size: int = 1, *, ep_size: int = 1, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ParallelState:
-    """Initialise torch.distributed (if needed) and build the SP x DP process groups.
+    """Initialise torch.distributed (if needed) and build the SP x DP process groups, and with
+    ``ep_size > 1`` the expert-parallel and expert-data-parallel groups.
 
     Works under ``torchrun`` and the ``deepspeed`` launcher (both set RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and with a process group the caller already made.
@@ -98,31 +145,41 @@ def init_parallel(
 
     Args:
         sp_size: ranks per sequence-parallel group; must divide the world size.
+        ep_size: ranks per expert-parallel group (MoE models); must divide the world size.
         backend: ``gloo``/``nccl``; default nccl on CUDA machines, gloo otherwise.
-        timeout_s: collective timeout, so a lost peer ends in an error instead of a hang.
+        timeout_s: collective timeout, so a lost peer ends in an error instead of a hang: of the
+            default group (when this initialises it), of the SP and DP groups, and of every group
+            created later without a timeout (DeepSpeed's; :func:`set_default_group_timeout`).
     """
     if not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size must be a positive int, got {sp_size!r}")
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ and sp_size == 1:
+        if "WORLD_SIZE" not in os.environ and sp_size == 1 and ep_size == 1:
             return ParallelState(None, None, 0, 1, 0, 1, 0, 1)
         _init_from_env(backend, timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp_size != 0:
         raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
+    if world % ep_size != 0:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    set_default_group_timeout(timeout)
     dp_size = world // sp_size
     sp_group = dp_group = None
     # Every rank must create every group, in the same order.
     for d in range(dp_size):
         ranks = list(range(d * sp_size, (d + 1) * sp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             sp_group = group
     for s in range(sp_size):
         ranks = list(range(s, world, sp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dp_group = group
+    ep_group, edp_group = new_expert_groups(ep_size) if ep_size > 1 else (None, None)
     return ParallelState(
         sp_group=sp_group,
         dp_group=dp_group,
@@ -132,6 +189,10 @@ def init_parallel(
         dp_size=dp_size,
         rank=rank,
         world_size=world,
+        ep_group=ep_group,
+        edp_group=edp_group,
+        ep_rank=rank % ep_size,
+        ep_size=ep_size,
     )
 
 

@@ -61,6 +61,21 @@ lasp_check_positive_int() {
   fi
 }
 
+# OMP_NUM_THREADS for $1 processes on this node: the caller's own value when it set one, else
+# this node's cores / $1 (at least 1), as `lasp train` does. Unset, the deepspeed launcher lets
+# every rank start a thread per core (on 2 cores and 2 ranks: 3,230 vs 11,613 tokens/s).
+lasp_omp_threads() {
+  local cores
+  cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+  if [[ -n "${OMP_NUM_THREADS:-}" ]]; then
+    echo "$OMP_NUM_THREADS"
+  elif ((cores / $1 > 0)); then
+    echo $((cores / $1))
+  else
+    echo 1
+  fi
+}
+
 # A free TCP port on this host (for a one-node job that was not given MASTER_PORT).
 lasp_free_port() {
   "$(lasp_python)" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'

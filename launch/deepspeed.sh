@@ -21,10 +21,11 @@ Variables (default):
   MASTER_PORT  port (one node: a free port; with HOSTFILE: 29500)
   PYTHON       interpreter with lasp installed (.venv/bin/python, else python3)
   LASP_COLLECTIVE_TIMEOUT  seconds a collective waits for a lost peer before failing (600)
+  OMP_NUM_THREADS  threads per rank (this node's cores / processes per node)
 
-The remote hosts get LASP_DIST_BACKEND, LASP_COLLECTIVE_TIMEOUT and LASP_RUN_ID through a
-DeepSpeed environment file (DS_ENV_FILE; your ~/.deepspeed_env and ./.deepspeed_env lines are
-kept in it).
+The remote hosts get LASP_DIST_BACKEND, LASP_COLLECTIVE_TIMEOUT, LASP_RUN_ID and
+OMP_NUM_THREADS through a DeepSpeed environment file (DS_ENV_FILE; your ~/.deepspeed_env and
+./.deepspeed_env lines are kept in it, and an OMP_NUM_THREADS there wins).
 
 Examples:
   NPROC=2 launch/deepspeed.sh configs/tiny-hybrid.yaml --set parallel.sp_size=2
@@ -63,16 +64,22 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     exit 2
   fi
   lasp_check_positive_int "slots in $HOSTFILE" "$SLOTS"
+  OMP_NUM_THREADS=$(lasp_omp_threads "$SLOTS")
+  export OMP_NUM_THREADS
   MASTER_ADDR=${MASTER_ADDR:-$(grep -vE '^\s*(#|$)' "$HOSTFILE" | awk 'NR==1 {print $1}')}
   MASTER_PORT=${MASTER_PORT:-29500}
   lasp_print_layout "$CONFIG" "$HOSTS" "$SLOTS" "$BACKEND" "$@"
   PLACEMENT=(--hostfile "$HOSTFILE")
   # DeepSpeed forwards to remote hosts only what its environment file lists
   DS_ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/lasp-deepspeed-env.XXXXXX")
+  FORWARD=(LASP_DIST_BACKEND LASP_COLLECTIVE_TIMEOUT LASP_RUN_ID OMP_NUM_THREADS)
   for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do
-    if [[ -f "$f" ]]; then grep -vE '^(LASP_DIST_BACKEND|LASP_COLLECTIVE_TIMEOUT|LASP_RUN_ID)=' "$f" >>"$DS_ENV_FILE" || true; fi
+    if [[ -f "$f" ]]; then
+      grep -vE '^(LASP_DIST_BACKEND|LASP_COLLECTIVE_TIMEOUT|LASP_RUN_ID)=' "$f" >>"$DS_ENV_FILE" || true
+      if grep -qE '^OMP_NUM_THREADS=' "$f"; then FORWARD=(LASP_DIST_BACKEND LASP_COLLECTIVE_TIMEOUT LASP_RUN_ID); fi
+    fi
   done
-  for var in LASP_DIST_BACKEND LASP_COLLECTIVE_TIMEOUT LASP_RUN_ID; do
+  for var in "${FORWARD[@]}"; do
     if [[ -n "${!var:-}" ]]; then echo "${var}=${!var}" >>"$DS_ENV_FILE"; fi
   done
   export DS_ENV_FILE
@@ -80,6 +87,8 @@ else
   NPROC=${NPROC:-auto}
   [[ "$NPROC" == auto ]] && NPROC=$(lasp_default_nproc)
   lasp_check_positive_int NPROC "$NPROC"
+  OMP_NUM_THREADS=$(lasp_omp_threads "$NPROC")
+  export OMP_NUM_THREADS
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   MASTER_PORT=${MASTER_PORT:-$(lasp_free_port)}
   lasp_print_layout "$CONFIG" 1 "$NPROC" "$BACKEND" "$@"

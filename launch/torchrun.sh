@@ -26,6 +26,7 @@ Variables (default):
   LASP_ARGS      more trainer arguments, split at spaces (e.g. "--set a=1 --set b=2")
   PYTHON         interpreter with lasp installed (.venv/bin/python, else python3)
   LASP_COLLECTIVE_TIMEOUT  seconds a collective waits for a lost peer before failing (600)
+  OMP_NUM_THREADS  threads per rank (this node's cores / NPROC; torchrun alone would set 1)
 
 Examples:
   NPROC=4 launch/torchrun.sh configs/tiny-hybrid.yaml --max-restarts 2
@@ -68,6 +69,8 @@ NPROC=${NPROC:-auto}
 NNODES=${NNODES:-1}
 lasp_check_positive_int NPROC "$NPROC"
 lasp_check_positive_int NNODES "$NNODES"
+OMP_NUM_THREADS=$(lasp_omp_threads "$NPROC")
+export OMP_NUM_THREADS
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 if [[ -z "${MASTER_PORT:-}" ]]; then

@@ -6,31 +6,28 @@
 # B=4, H=16, T=8192, K=V=128, bf16, fwd and fwd+bwd, ours (Triton, torch) vs fla's chunk_gated_delta_rule
 # (results under $OUT/gated_delta). Speed target: no slower than fla's chunk_gated_delta_rule there.
 #
-# Runs on a bare CUDA machine with the image's python3 (its torch and triton); the repo is
-# imported from the working tree (PYTHONPATH), nothing is installed except fla from wheels.
-#
-# fla is not on the GPU image and the GPU machine reaches no registry: fetch its wheels here
-# first (pure Python), keep them out of git and carry them along:
-#   .venv/bin/pip download --no-deps -d .wheels flash-linear-attention==0.6.0 fla-core==0.6.0
-#   echo /.wheels/ >> .git/info/exclude
+# Runs on a bare CUDA machine with the image's python3 (its torch and triton): lasp is installed from
+# this checkout without dependencies and the wheels carried in .wheels/ beside it (scripts/gpu_env.sh).
+# fla is not on the GPU image and the GPU machine reaches no registry: fetch its wheels here first
+# (scripts/gpu_wheels.sh: fla, and deepspeed for scripts/gpu_check.sh) and carry them along:
+#   bash scripts/gpu_wheels.sh
 #   device run: command "bash scripts/gpu_kernel_bench.sh", carry [".wheels"], timeout_s 600
 # Results (results.json [schema lasp-bench/1], results.md, kernels.png, log.txt) go to $OUT (the device tool's
 # output folder) or bench-results/gpu-kernels. Extra arguments are passed to `lasp bench kernels`
 # (e.g. --T 8192 --dims 128 for the speed target alone). Exit status 1: the accuracy check failed.
+# The shorter all-round check (correctness of every kernel and of the softmax path, a training step)
+# is scripts/gpu_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench-results/gpu-kernels}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-unset TRITON_INTERPRET
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  gpu_env_setup
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-  if compgen -G ".wheels/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl && echo "installed fla from .wheels"
-  fi
   "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_simple_gla available:", fla_fn() is not None)'
   "$PY" -c 'from lasp.bench.kernels import fla_fn; print("fla chunk_gated_delta_rule available:", fla_fn("gated_delta") is not None)'
   "$PY" -m lasp.kernels.compile_check --quick || echo "compile_check failed (see above)"

@@ -234,6 +234,19 @@ def test_predict_paper_setting_and_calibration(tmp_path, layer_run, capsys):
     _assert_png(os.path.join(out, doc["plots"][0]))
 
 
+def test_predict_lists_infeasible_points_but_never_plots_them(tmp_path, capsys):
+    """Ulysses needs heads % P == 0 (16 heads on 64 devices: no): the point is in the table as
+    infeasible, a skipped record, so the plot (ok records only) draws no line through it."""
+    assert predict.main(["--seq-len", "64K,128K", "--methods", "lasp2,ulysses", "--out", str(tmp_path)]) == 0
+    assert "no (needs heads % P == 0" in capsys.readouterr().out
+    with open(tmp_path / "results.json") as fh:
+        doc = json.load(fh)
+    validate_results(doc)
+    status = {(r["method"], r["seq_len"]): r["status"] for r in doc["records"]}
+    assert set(status.values()) == {"ok", "skipped"} and all(s == "skipped" for (m, _), s in status.items() if m == "ulysses")
+    assert all("infeasible" in r["reason"] for r in doc["records"] if r["status"] == "skipped")
+
+
 def test_cost_model_structure():
     hw = predict.Hardware()
     lasp2 = [predict.layer_cost("lasp2", predict.Shape(n, 64), hw)["comm_s"] for n in (2**19, 2**21)]
@@ -292,3 +305,34 @@ def test_layer_documents_records(tmp_path):
     assert recs[("lasp2", 1)]["bytes_per_rank"] == recs[("lasp2", 16)]["bytes_per_rank"]
     with open(f"{out}/results.md") as fh:
         assert "docs" in fh.read()
+
+
+def test_model_bench_expert_parallel(tmp_path):
+    """--ep: the MoE model's experts over 1 or 2 ranks; all-to-all bytes per rank (the busiest rank's:
+    at least the EP formula's average); a dense model with --ep 2 is skipped."""
+    from lasp.ops.expert_parallel import ep_bytes_per_layer
+
+    out = str(tmp_path)
+    rc = model.main(["--models", "moe-hybrid,hybrid", "--ep", "1,2", "--sp", "2", "--seq-len", "64", "--warmup", "1", "--reps", "1",
+                     "--max-seconds-per-point", "2", "--out", out])
+    assert rc == 0
+    recs = {r["label"]: r for r in _assert_outputs(out, "model")["records"]}
+    assert recs["hybrid+ep2"]["status"] == "skipped" and "mixture-of-experts" in recs["hybrid+ep2"]["reason"]
+    assert recs["moe-hybrid"]["bytes_per_rank_a2a"] == 0 and recs["moe-hybrid+ep2"]["status"] == "ok"
+    cfg = model.model_config(recs["moe-hybrid+ep2"] | {"_base_config": model.SMALL})
+    average = ep_bytes_per_layer(32, cfg.num_experts_per_tok, cfg.hidden_size, cfg.num_experts, 4, 2) * cfg.num_layers
+    assert recs["moe-hybrid+ep2"]["bytes_per_rank_a2a"] >= average
+    assert recs["moe-hybrid+ep2"]["parameters"] < recs["moe-hybrid"]["parameters"]  # half the experts per rank
+
+
+def test_cost_model_moe_all_to_all():
+    """MoE all-to-all time: linear in the sequence length, over NVLink while EP fits a node, none for a dense model."""
+    from lasp.models import ModelConfig
+
+    moe = ModelConfig.from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", "models", "qwen3_5-moe-35b-a3b.yaml"))
+    hw = predict.Hardware()
+    a2a = {(n, ep): predict.step_cost(moe, n, 16, "lasp2", hw, ep=ep)["moe_a2a_s"] for n in (2**16, 2**18) for ep in (8, 16)}
+    assert a2a[(2**18, 8)] > 3 * a2a[(2**16, 8)]
+    assert a2a[(2**16, 16)] > 5 * a2a[(2**16, 8)]  # 16 ranks cross nodes of 8: InfiniBand
+    dense = ModelConfig.from_yaml(os.path.join(os.path.dirname(__file__), "..", "configs", "models", "linear-llama3-1b.yaml"))
+    assert predict.step_cost(dense, 2**16, 16, "lasp2", hw)["moe_a2a_s"] == 0.0

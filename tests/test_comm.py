@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
+from lasp.parallel import shard_sequence
 from lasp.testing import linear_inputs, softmax_inputs
 from test_lasp2 import run_linear
 from test_softmax import run_softmax
@@ -59,6 +60,52 @@ def test_lasp1_sequential_state_hops(spawn, P, layout, hops):
     if layout == "contiguous":  # the chain: rank r sends forward iff r < P-1, backward iff r > 0
         assert [len(sends(r[2])) for r in results] == [1] * (P - 1) + [0]
         assert [len(sends(r[3])) for r in results] == [0] + [1] * (P - 1)
+
+
+def run_lasp1_on_new_group(rank, world, full, do):
+    """Worker: LASP-1 twice (forward + backward) on a group created here, logging every
+    torch.distributed call the operator makes on it; returns (calls, outputs, recorded events)."""
+    group = dist.new_group(list(range(world)))
+    calls, saved = [], {n: getattr(dist, n) for n in ("all_reduce", "batch_isend_irecv")}
+
+    def logged(name):
+        def call(*args, **kwargs):
+            grp = kwargs.get("group", args[1] if len(args) > 1 else None) if name == "all_reduce" else args[0][0].group
+            if grp is group:
+                calls.append(name)
+            return saved[name](*args, **kwargs)
+        return call
+
+    outs, events = [], []
+    try:
+        for name in saved:
+            setattr(dist, name, logged(name))
+        for _ in range(2):
+            ins = [None if x is None else shard_sequence(x, rank, world, "contiguous").clone().requires_grad_() for x in full[:4]]
+            with comm.record() as log:
+                o = lasp.linear_attention(*ins, full[4], group=group, method="lasp1")
+                o.backward(shard_sequence(do, rank, world, "contiguous"))
+            outs.append((o.detach(), [x.grad for x in ins[:3]]))
+            events.append(kinds(log.events))
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    return calls, outs, events
+
+
+def test_lasp1_first_collective_on_a_group_is_a_full_group_one(spawn):
+    """LASP-1's chain posts one-sided P2P batches, which NCCL defines only after a collective of the
+    whole group: on a fresh group every rank first takes part in one all-reduce (once: not on the
+    second call), which the accounting does not record; results are the same both times."""
+    B, H, K, V, T, P = 1, 2, 8, 16, 32, 4
+    full = linear_inputs(B, T, H, K, V, gates="g", seed=4)
+    results = spawn(P).run(run_lasp1_on_new_group, full, torch.randn(B, T, H, V))
+    for rank, (calls, outs, events) in enumerate(results):
+        assert calls[0] == "all_reduce" and calls.count("all_reduce") == 1, (rank, calls)
+        assert calls.count("batch_isend_irecv") == 2 * 2 * (1 if rank in (0, P - 1) else 2)  # 2 calls x (fwd + bwd)
+        assert events[0] == events[1] and set(events[0]) == {"send", "recv"}
+        (o1, g1), (o2, g2) = outs
+        assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 def test_lasp1_noncausal_ring_sum(spawn):

@@ -10,6 +10,7 @@ import torch
 
 from lasp.parallel import unshard_sequence
 from lasp.train import data as D
+from lasp.train import tokenizer as T
 from lasp.train.data_cli import main as data_main
 
 
@@ -31,13 +32,37 @@ def dataset(tmp_path, text_dir):
     return D.TokenDataset(str(out))
 
 
-def test_prepare_round_trip(dataset, text_dir):
+def test_prepare_round_trip(dataset, text_dir, tmp_path):
     files = sorted(p for p in text_dir.rglob("*") if p.is_file())
-    expected = b"".join(p.read_bytes() + D.DOC_SEPARATOR for p in files)
-    assert dataset.header["dtype"] == "uint16" and dataset.vocab_size == 256
+    expected = b"".join(p.read_bytes() + T.DOC_SEPARATOR for p in files)
+    assert dataset.header["dtype"] == "uint8" and dataset.vocab_size == 256  # byte tokens: one byte each
+    assert os.path.getsize(os.path.join(dataset.path, D.TOKENS)) == len(expected)
     assert dataset.num_tokens == len(expected)
     assert bytes(np.asarray(dataset.tokens, dtype=np.uint8)) == expected
-    assert D.ByteTokenizer().decode(D.ByteTokenizer().encode("héllo")) == "héllo"
+    assert T.ByteTokenizer().decode(T.ByteTokenizer().encode("héllo")) == "héllo"
+    # a dataset written before uint8 (byte tokens as uint16) still reads the same tokens
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / D.TOKENS).write_bytes(np.asarray(dataset.tokens, dtype=np.uint16).tobytes())
+    (old / D.HEADER).write_text(json.dumps({**dataset.header, "dtype": "uint16", "document_index": None}))
+    assert np.array_equal(np.asarray(D.TokenDataset(str(old)).tokens), np.asarray(dataset.tokens))
+
+
+def test_prepare_skips_binary_files_and_prints_progress(tmp_path, text_dir, capsys):
+    import gzip
+
+    (text_dir / "data.gz").write_bytes(gzip.compress(b"hello " * 100))
+    (text_dir / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    lines = []
+    header = D.prepare([str(text_dir)], str(tmp_path / "o"), "bytes", log=lines.append, progress_every_s=0)
+    assert header["documents"] == 3 and header["skipped_files"] == 2
+    assert any("files," in line and "tokens" in line for line in lines), lines
+    assert "skipped 2 binary file(s)" in lines[-1] and "data.gz" in lines[-1] and "latin1.txt" in lines[-1]
+    assert data_main(["prepare", "--input", str(text_dir), "--output", str(tmp_path / "o2"), "--progress-every", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "lasp data: 1/5 files," in err and "lasp data: warning: skipped 2 binary file(s)" in err
+    with pytest.raises(ValueError, match="every one of the 1 files is binary"):
+        D.prepare([str(text_dir / "data.gz")], str(tmp_path / "o3"), "bytes")
 
 
 def test_cli_prepare(tmp_path, text_dir, capsys):
@@ -142,10 +167,10 @@ def test_tokenizers_json_without_package_is_clear(tmp_path):
         import tokenizers  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="'tokenizers' package is not installed"):
-            D.load_tokenizer(str(tmp_path / "tok.json"))
+            T.load_tokenizer(str(tmp_path / "tok.json"))
     else:
         with pytest.raises(ValueError, match="no such tokenizers JSON"):
-            D.load_tokenizer(str(tmp_path / "tok.json"))
+            T.load_tokenizer(str(tmp_path / "tok.json"))
 
 
 def _bpe(tmp_path, text_dir, specials):
@@ -163,7 +188,7 @@ def test_tokenizers_json(tmp_path, text_dir):
     tok = _bpe(tmp_path, text_dir, ["[UNK]", "</s>"])
     assert data_main(["prepare", "--input", str(text_dir), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok.json")]) == 0
     ds = D.TokenDataset(str(tmp_path / "o"))
-    assert ds.header["dtype"] == "uint16" and ds.vocab_size == tok.get_vocab_size()
+    assert ds.header["dtype"] == "uint8" and ds.vocab_size == tok.get_vocab_size() <= 256  # the smallest type that holds it
     first = (text_dir / "a.txt").read_text()
     n = len(tok.encode(first).ids)
     assert np.array_equal(np.asarray(ds.tokens[:n]), tok.encode(first).ids)
@@ -171,7 +196,19 @@ def test_tokenizers_json(tmp_path, text_dir):
     eos = tok.token_to_id("</s>")
     assert ds.header["separator"] == eos and int(ds.tokens[n]) == eos
     assert int((np.asarray(ds.tokens) == eos).sum()) == ds.header["documents"]
-    assert D.load_tokenizer(ds.header["tokenizer"]).decode(tok.encode("hello world").ids) == "hello world"
+    # the tokenizer is copied into the dataset: moving the dataset and deleting the original keeps it
+    assert ds.header["tokenizer"] == D.TOKENIZER_FILE and (tmp_path / "o" / D.TOKENIZER_FILE).is_file()
+    os.remove(tmp_path / "tok.json")
+    os.rename(tmp_path / "o", tmp_path / "moved")
+    assert D.TokenDataset(str(tmp_path / "moved")).tokenizer().decode(tok.encode("hello world").ids) == "hello world"
+    # a dataset of an older lasp names the absolute path of a file that is gone: its own copy is used,
+    # and without one the error names both
+    header = json.loads((tmp_path / "moved" / D.HEADER).read_text())
+    (tmp_path / "moved" / D.HEADER).write_text(json.dumps({**header, "tokenizer": str(tmp_path / "tok.json")}))
+    assert D.TokenDataset(str(tmp_path / "moved")).tokenizer().vocab_size == tok.get_vocab_size()
+    os.remove(tmp_path / "moved" / D.TOKENIZER_FILE)
+    with pytest.raises(ValueError, match="the tokenizer of .* is gone"):
+        D.TokenDataset(str(tmp_path / "moved")).tokenizer()
 
 
 def test_tokenizers_json_without_eos_is_a_clear_error(tmp_path, text_dir, capsys):
@@ -213,3 +250,20 @@ def test_max_token_id_recorded_and_checked(tmp_path, dataset):
     (bad / D.HEADER).write_text(json.dumps({"format": D.FORMAT, "dtype": "uint16", "num_tokens": 200, "vocab_size": 128}))
     with pytest.raises(ValueError, match="holds token id 199, but the model's vocab_size is 128"):
         D.TokenDataset(str(bad)).check_fits(16, 128)
+
+
+def test_token_ids_are_scanned_not_read_from_the_header(tmp_path):
+    """Issue 23 F5: a tokens.bin changed after prepare (ids >= the model's vocab) with its header
+    intact is caught before training, naming the file and the first bad offset; the scan is cached."""
+    path = tmp_path / "ds"
+    path.mkdir()
+    (path / D.TOKENS).write_bytes(np.arange(200, dtype=np.uint16).tobytes())
+    (path / D.HEADER).write_text(json.dumps({"format": D.FORMAT, "dtype": "uint16", "num_tokens": 200, "vocab_size": 300, "max_token_id": 199}))
+    D.TokenDataset(str(path)).check_fits(16, 300)
+    assert json.loads((path / D.SCAN_CACHE).read_text())["max_token_id"] == 199
+    tokens = np.fromfile(path / D.TOKENS, dtype=np.uint16)
+    tokens[37] = 310  # the header still says max_token_id 199
+    tokens.tofile(path / D.TOKENS)
+    with pytest.raises(ValueError, match=r"holds token id 310, but the model's vocab_size is 300 .*offset 37 of .*tokens.bin; its "
+                                         r"header.json says max_token_id 199: tokens.bin was changed after"):
+        D.TokenDataset(str(path)).check_fits(16, 300)

@@ -19,7 +19,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lasp.models import LinearLlamaForCausalLM, ModelConfig
 from lasp.models.activation_memory import RankShape, layer_kind, layer_memory
@@ -73,7 +72,7 @@ def _layer_census(rank: int, world: int, model: str, dtype_bytes: int, T: int):
     out = []
     for i in (0, cfg.num_layers - 1):  # a linear layer, the softmax layer
         x = torch.randn(1, t, cfg.hidden_size, dtype=dtype, requires_grad=True)
-        y = m.layers[i](x, cos, sin, group, "zigzag")
+        y, _ = m.layers[i](x, cos, sin, group, "zigzag")
         got = saved_storage_bytes(y, exclude=[*m.parameters(), x, cos, sin])
         kind = layer_kind(cfg, cfg.layer_types[i])
         out.append((kind, got, layer_memory(cfg, kind, shape).saved))
@@ -107,11 +106,10 @@ def test_live_training_step_within_the_estimate(ckpt):
     cu = torch.tensor([0, 300, 700, T])
 
     def step():
-        logits = model(ids, cu_seqlens=cu)
-        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+        model(ids, cu_seqlens=cu, labels=labels).backward()  # the trainer's path: the fused loss
 
     got = live_peak_bytes(step)
-    est = estimate_memory(cfg, seq_len=T, zero=0, dtype="fp32", device="cpu", documents=True, loss="plain",
+    est = estimate_memory(cfg, seq_len=T, zero=0, dtype="fp32", device="cpu", documents=True,
                           activation_checkpointing=ckpt)
     want = est.activations + est.transient + est.gradients  # the parameters' gradients appear in this step
     assert abs(want / got - 1) <= 0.25, f"estimate {want / 2**20:.1f} MiB vs live peak {got / 2**20:.1f} MiB"
@@ -151,7 +149,7 @@ def _offload_losses(rank: int, world: int, offload: bool, steps: int = 2):
     losses, census = [], SavedTensorCensus(exclude=list(model.parameters()))
     for step in range(steps):
         with census if step == 0 else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            loss = F.cross_entropy(model(ids, group=group, layout="zigzag").flatten(0, 1), labels.flatten())
+            loss = model(ids, group=group, layout="zigzag", labels=labels, loss_reduction="mean")
         loss.backward()
         if world > 1:  # replicated weights: the SP ranks' gradients summed (each rank's loss is its shard's mean)
             for p in model.parameters():

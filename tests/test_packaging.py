@@ -47,3 +47,18 @@ def test_lasp_kernels_importable(cwd, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=where, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("segment.py")
+
+
+def test_lasp_kernels_from_a_plain_checkout(tmp_path):
+    """A checkout on PYTHONPATH, nothing installed (the editable install's finder removed): ``lasp``
+    maps ``lasp.kernels`` to the checkout's ``kernels/`` (lasp/_checkout.py), so scripts run from a
+    bare clone (the GPU check) import it."""
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+        f"sys.path.insert(0, {str(ROOT)!r}); import lasp.kernels.segment as s, lasp.kernels.simple_gla, lasp; "
+        "print(s.__file__); print(lasp.__file__)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seg, pkg = r.stdout.split()
+    assert Path(seg) == ROOT / "kernels" / "segment.py" and Path(pkg) == ROOT / "lasp" / "__init__.py"

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import lasp
 from lasp import comm
-from lasp.ops import reference, softmax_documents, softmax_local
+from lasp.ops import reference, softmax_documents, softmax_kernels, softmax_local
 from lasp.ops.ring import step_pieces
 from lasp.ops.softmax_allgather import rank_pieces
 from lasp.parallel import global_positions, shard_sequence, unshard_sequence
@@ -107,7 +107,7 @@ def test_single_process_documents(monkeypatch, dtype, causal, docs, kernel):
     longer than SMALL_DOCUMENT); ``reference``: the float32 blocks devices without the CPU flash
     kernel use (in row tiles of 4 queries)."""
     if kernel == "reference":
-        monkeypatch.setattr(softmax_local, "_cpu_flash", lambda q: False)
+        monkeypatch.setattr(softmax_kernels, "select_kernel", lambda q, k, v, mask: None)
         monkeypatch.setattr(softmax_local, "REFERENCE_TILE_ROWS", 4)
     t = {"random": T, "tiny": 300, "long": 160}[docs]
     full, do = softmax_inputs(1, t, 4, 2, 8, dtype, seed=seed_for("p1", str(dtype), causal, docs))

@@ -9,9 +9,11 @@ DeepSpeed start-up is slow, so all 4-rank runs of a module share one pool job.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lasp.spawn import RankError
 from lasp.testing import assert_close
@@ -92,7 +94,22 @@ def _four_rank_job(rank: int, world: int, tmp: str) -> dict:
     out["stopped"] = _train(d, stop_after=6).losses
     resumed = _train(d, resume=True, keep_weights=True)
     out["resumed"], out["resumed_weights"] = resumed.losses, resumed.weights
+    # the reference of the 4 -> 2 ranks reshard: this ZeRO-3 checkpoint continued 2 steps on 4 ranks
+    if rank == 0:
+        for copy in ("reshard-ref", "reshard"):
+            shutil.copytree(os.path.join(tmp, "resumed"), os.path.join(tmp, copy))
+    dist.barrier()
+    more = run_dict(tmp, "reshard-ref", sp, layout, zero, world)
+    more["train"]["steps"] = STEPS + 2
+    out["reshard-ref"] = _train(more, resume=True, reset_schedule=True).losses
     return out if rank == 0 else {}
+
+
+def _two_rank_reshard(rank: int, world: int, tmp: str) -> list[float]:
+    name, sp, layout, zero = next(r for r in RUNS if r[0] == RESUME_RUN)
+    d = run_dict(tmp, "reshard", sp, layout, zero, world)  # SP=2 x DP=1: twice the micro-batch, the same 4 windows per step
+    d["train"]["steps"] = STEPS + 2
+    return _train(d, resume=True, reset_schedule=True, reshard=True).losses
 
 
 def _one_rank_job(rank: int, world: int, tmp: str) -> dict:
@@ -163,6 +180,43 @@ def test_kill_and_resume_reproduces_the_curve(runs):
     assert ((got - want).abs() / want.abs()).max().item() <= RTOL
     with open(os.path.join(tmp, "resumed", "checkpoints", "latest")) as f:
         assert f.read().strip() == f"step{STEPS:08d}"
+
+
+def test_resume_on_half_the_ranks_through_a_universal_checkpoint(runs, spawn):
+    """Issue 23: a ZeRO-3 checkpoint of 4 ranks continues on 2 (`--resume --resume-reshard`:
+    DeepSpeed's universal checkpoint, optimizer state included) with the losses of the 4-rank
+    continuation; without the flag it is refused, naming it."""
+    tmp, _, results = runs
+    from lasp.train.resume import plan_start
+
+    with pytest.raises(ValueError, match="written by 4 ranks, this run has 2 .* add --resume-reshard"):
+        plan_start(RunConfig.from_dict(run_dict(tmp, "reshard", 2, "zigzag", 3, 2), source="test"), world=2, resume=True)
+    got = spawn(2).run(_two_rank_reshard, tmp, timeout=300)[0]
+    assert_close(torch.tensor(results["reshard-ref"]), torch.tensor(got), rtol=RTOL, name="losses after the reshard")
+    assert len(got) == 2 and not any(n.startswith(".universal-") for n in os.listdir(os.path.join(tmp, "reshard", "checkpoints")))
+
+
+def test_first_loss_is_the_plain_cross_entropy(runs):
+    """The trainer's fused loss (``model(..., labels=...)``, issue 21) at step 1 is ``F.cross_entropy``
+    of the initial model's logits over the step's global batch: on one process and under ZeRO-3."""
+    import torch.nn.functional as F
+
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig
+    from lasp.train.data import BatchSpec, TokenDataset, micro_batch
+
+    tmp, reference, results = runs
+    torch.manual_seed(7)  # the run's seed: the trainer's initial weights
+    model = LinearLlamaForCausalLM(ModelConfig.from_dict(MODEL))
+    data, spec = TokenDataset(os.path.join(tmp, "data")), BatchSpec(32, WINDOWS_PER_STEP, 2, 1, 7)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for micro in range(2):
+            ids, labels = micro_batch(data, spec, 0, micro, 0, 0, 1, "contiguous")
+            total += F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    plain = total / count
+    for name, loss in [("SP=1", reference[0])] + [(n, results[n][0]) for n, *_, zero in RUNS if zero == 3]:
+        assert abs(loss - plain) <= 1e-5 * plain, f"{name}: step-1 loss {loss} vs plain {plain}"
 
 
 def test_export_round_trip_same_logits(runs):

@@ -87,9 +87,9 @@ def run_point(name: str, workdir: str, timeout: float, malloc: str = "mmap") -> 
                 losses=[r["loss"] for r in recs])
 
 
-def estimate_point(name: str, loss: str | None = None):
+def estimate_point(name: str, loss: str = "fused"):
     """The estimate of a point's run on SP rank 0 (this machine's device; ``loss``: as
-    :func:`~lasp.train.memory.estimate_memory`, default what ``lasp train`` uses)."""
+    :func:`~lasp.train.memory.estimate_memory`, default the fused loss ``lasp train`` uses)."""
     from ..models import ModelConfig
     from ..train.config import RunConfig
     from ..train.memory import estimate_memory

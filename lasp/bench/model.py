@@ -26,13 +26,14 @@ from .cli import common_args, csv_arg
 from .results import fmt_bytes
 from .timing import DTYPES
 
-# model name -> (layer_pattern, linear_method, softmax_method) on the base shape, or a model YAML of its own
-MODELS: dict[str, tuple[str, str, str] | str] = {
+# model name -> (layer_pattern, linear_method, softmax_method[, more keys]) on the base shape, or a model YAML of its own
+MODELS: dict[str, tuple | str] = {
     "linear": ("L", "lasp2", "allgather"),
     "hybrid": ("LLLS", "lasp2", "allgather"),
     "llama-ring": ("S", "lasp2", "ring"),
     "llama-allgather": ("S", "lasp2", "allgather"),
     "linear-lasp1": ("L", "lasp1", "allgather"),
+    "moe-hybrid": ("LLLS", "lasp2", "allgather", dict(mlp="moe", num_experts=8, moe_intermediate_size=256, shared_expert_intermediate_size=256)),
     "qwen3_5-tiny": os.path.join(os.path.dirname(__file__), "..", "..", "configs", "models", "qwen3_5-tiny.yaml"),
 }
 
@@ -51,7 +52,7 @@ def model_config(point: dict):
     if isinstance(spec, str):
         return dataclasses.replace(ModelConfig.from_yaml(spec), linear_backend=point["backend"])
     base = dict(point["_base_config"], layer_pattern=spec[0], linear_method=spec[1], softmax_method=spec[2],
-                num_kv_heads=None, linear_backend=point["backend"])
+                num_kv_heads=None, linear_backend=point["backend"], **(spec[3] if len(spec) > 3 else {}))
     return ModelConfig.from_dict(base, source=f"bench model {point['model']}")
 
 
@@ -59,11 +60,14 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     """The driver's ``build``: the model (lasp's or transformers'), its optimizer and this rank's
     tokens; forward = loss (the first one kept), backward = backward + gradient all-reduce + AdamW step."""
     from ..models import LinearLlamaForCausalLM, to_hf
-    from ..parallel import shard_sequence
+    from ..parallel import new_expert_groups, shard_sequence
 
     cfg, hf = model_config(point), point["impl"] == "transformers"
+    if point["ep"] > 1 and cfg.mlp != "moe":  # (new_expert_groups: ep must divide the world)
+        raise ValueError(f"ep={point['ep']} needs a mixture-of-experts model (moe-hybrid)")
+    ep_group, edp_group = new_expert_groups(point["ep"]) if point["ep"] > 1 else (None, None)
     torch.manual_seed(0)
-    model = LinearLlamaForCausalLM(cfg)
+    model = LinearLlamaForCausalLM(cfg, ep_group=ep_group)
     if hf:  # transformers' implementation with the same weights
         from transformers import AutoModelForCausalLM
 
@@ -80,23 +84,26 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
     ids, labels = (shard_sequence(t, rank, world, point["layout"]).to(device) for t in (tokens[:, :-1], tokens[:, 1:]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    info = {"parameters": sum(p.numel() for p in params)}
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not (ep_group is not None and ".experts." in n)]
+    info = {"parameters": sum(p.numel() for p in model.parameters())}
 
     def forward() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
-        logits = model(ids).logits if hf else model(ids, group=group, layout=point["layout"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        if hf:  # transformers' model builds its logits: the peer as users run it
+            loss = F.cross_entropy(model(ids).logits.float().flatten(0, 1), labels.flatten())
+        else:  # the fused loss (lasp.linear_cross_entropy): no [T, vocab] logits
+            loss = model(ids, group=group, layout=point["layout"], labels=labels, loss_reduction="mean")
         if "first_loss" not in info:
             info["first_loss"] = loss.item()
         return loss
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
-        if world > 1:  # replicated weights: average the SP ranks' gradients, one collective
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            comm.all_reduce(flat, group, tag=GRAD_TAG)
-            for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
+        reduce = [(params, group)] + ([([p for n, p in model.named_parameters() if ".experts." in n], edp_group)] if world > point["ep"] > 1 else [])
+        for ps, grp in reduce if world > 1 else []:  # average the gradients (experts: over their EDP group), one collective
+            flat = torch.cat([p.grad.reshape(-1) for p in ps])
+            comm.all_reduce(flat, grp, tag=GRAD_TAG)
+            for p, g in zip(ps, (flat / world).split([p.numel() for p in ps])):
                 p.grad.copy_(g.view_as(p))
         opt.step()
 
@@ -117,8 +124,7 @@ def precheck(point: dict) -> tuple[str, str] | None:
 
 
 def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
-    """Parameters, model TFLOP/s, the first step's loss (mean over the ranks' equal shards) and the
-    attention part of the communication (without the gradients')."""
+    """Parameters, model TFLOP/s, the first step's loss (mean over the ranks' equal shards), the attention and MoE parts of the bytes."""
     from ..models.info import count_flops
 
     cfg = model_config(point)
@@ -126,8 +132,9 @@ def finish(point: dict, rec: dict, per_rank: list[dict]) -> dict:
         layer_pattern=cfg.layer_pattern, parameters=per_rank[0]["parameters"],
         first_loss=sum(r["first_loss"] for r in per_rank) / len(per_rank),
         model_tflops=count_flops(cfg, rec["seq_len"]) * rec["tokens_per_s"] / 1e12,
-        bytes_per_rank_attention=max(r["bytes"] - r["tag_bytes"].get(GRAD_TAG, 0) for r in per_rank),
-        collectives_attention=max(r["calls"] - r["tag_calls"].get(GRAD_TAG, 0) for r in per_rank),
+        bytes_per_rank_a2a=max(sum(v for k, v in r["tag_bytes"].items() if k.startswith("moe.")) for r in per_rank),
+        bytes_per_rank_attention=max(sum(v for k, v in r["tag_bytes"].items() if k != GRAD_TAG and not k.startswith("moe.")) for r in per_rank),
+        collectives_attention=max(sum(c for k, c in r["tag_calls"].items() if k != GRAD_TAG and not k.startswith("moe.")) for r in per_rank),
     )
 
 
@@ -142,23 +149,23 @@ BENCH = sweep.Bench(
                                       title="pure linear (LASP-2) speed-up"),
            "hf_speedup.png": dict(base="qwen3_5-tiny", against=("qwen3_5-tiny+hf",), title="lasp over transformers, same model")},
     columns=[("ckpt", lambda r: "offload" if r.get("activation_offload") else "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
-             ("sent/rank (attention)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])})")],
-    note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank "
-         "sends per step (attention part in brackets; the rest is the gradient all-reduce); ckpt: activation "
-         "checkpointing of every decoder layer (+ckpt), with its inputs in host memory (+offload); +hf: transformers' implementation, the same weights (--compare-hf).",
+             ("sent/rank (attention; all-to-all)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])}; "
+              f"{fmt_bytes(r['bytes_per_rank_a2a'])})")],
+    note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank sends per step "
+         "(attention and MoE all-to-all parts in brackets; the rest is the gradient all-reduce); +epN: experts over N ranks; ckpt: "
+         "activation checkpointing of every decoder layer (+ckpt), with its inputs in host memory (+offload); +hf: transformers' implementation, the same weights (--compare-hf).",
 )
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=csv_arg(str, MODELS), default=["linear", "hybrid", "llama-ring"],
-                    help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--models", type=csv_arg(str, MODELS), default=["linear", "hybrid", "llama-ring"], help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
     ap.add_argument("--activation-checkpointing", choices=("off", "on", "both", "offload"), default="off",
                     help="recompute each decoder layer in backward; both: every point with and without; offload: every "
                          "point with checkpointing alone and with the layer inputs offloaded to host memory, interleaved")
-    ap.add_argument("--compare-hf", action="store_true",
-                    help="also time transformers' implementation of each model, the same weights (SP = 1; default --sp 1)")
+    ap.add_argument("--ep", type=csv_arg(int), default=[1], help="expert-parallel sizes (MoE models), comma-separated; each divides --sp")
+    ap.add_argument("--compare-hf", action="store_true", help="also time transformers' implementation of each model, the same weights (SP = 1)")
     common_args(ap, default_budget=30.0)
     ap.set_defaults(sp=None)  # default: [1] with --compare-hf, else [2]
     args = ap.parse_args(argv)
@@ -175,9 +182,8 @@ def main(argv: list[str]) -> int:
             ap.error(f"--config: {e}")
     ckpt = {"off": [(False, False)], "on": [(True, False)], "both": [(False, False), (True, False)],
             "offload": [(True, False), (True, True)]}[args.activation_checkpointing]
-    impls = ["lasp", "transformers"] if args.compare_hf else ["lasp"]
-    points = [dict(model=m, impl=impl, label=m + "+ckpt" * c + "+offload" * o + "+hf" * (impl != "lasp"), activation_checkpointing=c,
-                   activation_offload=o, seq_len=n, sp=sp, _base_config=args.base_config)
-              for sp in args.sp for m in args.models for n in args.seq_len for c, o in ckpt
-              for impl in impls]
+    impls = ["lasp", "transformers"][:1 + args.compare_hf]
+    points = [dict(model=m, impl=impl, label=m + "+ckpt" * c + "+offload" * o + "+hf" * (impl != "lasp") + f"+ep{e}" * (e > 1),
+                   activation_checkpointing=c, activation_offload=o, seq_len=n, sp=sp, ep=e, _base_config=args.base_config)
+              for sp in args.sp for m in args.models for n in args.seq_len for c, o in ckpt for impl in impls for e in args.ep]
     return sweep.main(BENCH, args, argv, points, interleave=args.compare_hf or args.activation_checkpointing == "offload")

@@ -128,9 +128,9 @@ def layer_cost(method: str, s: Shape, hw: Hardware) -> dict:
 
 
 def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: int = 1, grad_bytes: int = 2,
-              softmax_method: str = "allgather", chunk: int = 64, layout: str = "contiguous") -> dict:
+              softmax_method: str = "allgather", chunk: int = 64, layout: str = "contiguous", ep: int = 1) -> dict:
     """One training step of ``cfg`` (a ModelConfig) on P devices with linear SP ``method`` (lasp2 |
-    lasp1 | ring | ulysses; softmax layers use ``softmax_method``): seconds by part and tokens/s."""
+    lasp1 | ring | ulysses; softmax layers use ``softmax_method``): seconds by part and tokens/s. MoE: ``docs/bench/costmodel.md``."""
     from ..models.info import count_params, flop_breakdown
 
     if method not in LINEAR_SP:
@@ -142,12 +142,14 @@ def step_cost(cfg, seq_len: int, P: int, method: str, hw: Hardware, *, batch: in
                       Shape(kv_heads=cfg.kv_heads, **shape), hw)
     n_soft = cfg.layer_types.count("softmax")
     n_lin = cfg.num_layers - n_soft
-    grads = collective_s("all_reduce", count_params(cfg) * grad_bytes, P, hw)
+    experts = sum(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.expert_intermediate_size  # routed expert weights
+    grads = sum(collective_s("all_reduce", n * grad_bytes, p, hw) for n, p in ((count_params(cfg) - experts, P), (experts // ep, P // ep)))
+    a2a = 4 * sum(cfg.moe_layers) * collective_s("all_to_all", batch * seq_len / P * cfg.num_experts_per_tok * cfg.hidden_size * grad_bytes, ep, hw)
     part = {k: n_lin * lin[k] + n_soft * soft[k] for k in ("compute_s", "exposed_comm_s", "comm_s")}
-    total = dense + part["compute_s"] + part["exposed_comm_s"] + grads
+    total = dense + part["compute_s"] + part["exposed_comm_s"] + grads + a2a
     return {
         "method": method, "seq_len": seq_len, "devices": P, "dense_s": dense, "attention_compute_s": part["compute_s"],
-        "exposed_comm_s": part["exposed_comm_s"], "attention_comm_s": part["comm_s"], "grad_allreduce_s": grads,
+        "exposed_comm_s": part["exposed_comm_s"], "attention_comm_s": part["comm_s"], "grad_allreduce_s": grads, "moe_a2a_s": a2a,
         "time_ms": total * 1e3, "tokens_per_s": batch * seq_len / total,
         "feasible": (n_lin == 0 or lin["feasible"]) and (n_soft == 0 or soft["feasible"]),
         "note": "; ".join(x for x in {lin["note"] if n_lin else "", soft["note"] if n_soft else ""} if x),
@@ -174,8 +176,7 @@ def _fit(xs, ys) -> tuple[float, float]:
 
 def _shape_of(rec: dict) -> Shape:
     return Shape(rec["seq_len"], rec["sp"], rec.get("batch", 1), rec.get("heads", 8), rec.get("kv_heads", rec.get("heads", 8)),
-                 rec.get("head_dim", 64), {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")], 64,
-                 rec.get("layout", "contiguous"))
+                 rec.get("head_dim", 64), {"fp32": 4, "bf16": 2, "fp16": 2}[rec.get("dtype", "fp32")], 64, rec.get("layout", "contiguous"))
 
 
 def calibrate(layer_doc: dict) -> dict:
@@ -206,8 +207,7 @@ def calibrate(layer_doc: dict) -> dict:
 
 
 # what one hardware knob would have to be for the model to reproduce a paper figure
-KNOBS = {"ring": ("bw_inter", "inter-node bandwidth per GPU", 1e9, "GB/s"),
-         "lasp1": ("lat_launch", "per-call / per-hop overhead", 1e-6, "us")}
+KNOBS = {"ring": ("bw_inter", "inter-node bandwidth per GPU", 1e9, "GB/s"), "lasp1": ("lat_launch", "per-call / per-hop overhead", 1e-6, "us")}
 
 
 def paper_comparison(cfg, devices: int, hw: Hardware, records: list[dict]) -> list[dict]:
@@ -241,13 +241,13 @@ def report_markdown(doc: dict) -> str:
     cfg, hw = doc["config"], doc["config"]["hardware"]
     knobs = ", ".join(f"{f.metadata['flag']} {hw[f.name] / f.metadata['unit']:g}" for f in dataclasses.fields(Hardware))
     headers = ["method", "feasible", "seq len", "step ms", "tokens/s", "dense ms", "attn compute ms", "exposed comm ms",
-               "grad all-reduce ms", "LASP-2 speed-up"]
+               "grad all-reduce ms", "MoE all-to-all ms", "LASP-2 speed-up"]
     rows = [[r["method"], "yes" if r["feasible"] else f"no ({r['note']})", f"{r['seq_len']:,}", fmt_num(r["time_ms"]),
              fmt_num(r["tokens_per_s"], 0), fmt_num(r["dense_s"] * 1e3), fmt_num(r["attention_compute_s"] * 1e3),
-             fmt_num(r["exposed_comm_s"] * 1e3), fmt_num(r["grad_allreduce_s"] * 1e3),
+             fmt_num(r["exposed_comm_s"] * 1e3), fmt_num(r["grad_allreduce_s"] * 1e3), fmt_num(r.get("moe_a2a_s", 0) * 1e3),
              "-" if r["method"] == "lasp2" else f"{r['lasp2_speedup_pct']:+.1f}%"] for r in doc["records"]]
     lines = [report("predict", cfg["command"], {}, markdown_table(headers, rows), "",
-                    f"Model {cfg['model_config']}, {cfg['devices']} devices, batch 1. Hardware: {knobs}.")]
+                    f"Model {cfg['model_config']}, {cfg['devices']} devices (EP {cfg.get('ep', 1)}), batch 1. Hardware: {knobs}.")]
     if doc.get("paper_comparison"):
         lines += [f"Against the paper ({PAPER_CITE}; its Linear-Llama3-1B on 64 A100):", ""]
         rows = [[f"LASP-2 over {c['versus']}", f"{c['seq_len']:,}", f"{c['paper_pct']:+.1f}%", f"{c['predicted_pct']:+.1f}%",
@@ -273,22 +273,21 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench predict", description="analytic cost model of a training step on a cluster")
     ap.add_argument("--config", default="configs/models/linear-llama3-1b.yaml", help="model YAML (default: the paper's Linear-Llama3-1B)")
     ap.add_argument("--devices", type=positive(), default=64, help="GPUs in the SP group")
-    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg), default="2K,8K,32K,128K,512K,2048K",
-                    help="total sequence lengths, comma-separated")
-    ap.add_argument("--methods", type=csv_arg(str, LINEAR_SP), default="lasp2,lasp1,ring,ulysses",
-                    help=f"of {', '.join(LINEAR_SP)}")
+    ap.add_argument("--seq-len", type=csv_arg(seq_len_arg), default="2K,8K,32K,128K,512K,2048K", help="total sequence lengths, comma-separated")
+    ap.add_argument("--methods", type=csv_arg(str, LINEAR_SP), default="lasp2,lasp1,ring,ulysses", help=f"of {', '.join(LINEAR_SP)}")
     for f in dataclasses.fields(Hardware):
         kind, unit = type(f.default), f.metadata["unit"]
         ap.add_argument(f.metadata["flag"], dest=f.name, metavar="N", type=kind if f.name.startswith("lat") else positive(kind),
                         default=f.default / unit if unit != 1 else f.default, help=f.metadata["help"])
+    ap.add_argument("--ep", type=positive(), default=1, help="expert-parallel devices (MoE models; divides --devices)")
     ap.add_argument("--calibrate", default=None, help="a `lasp bench layer` results.json (or its directory)")
     ap.add_argument("--use-calibration", action="store_true", help="predict with the fitted throughput and bandwidth")
     ap.add_argument("--out", default=None, help="output directory (results.json, results.md, plot)")
     args = ap.parse_args(argv)
     if "lasp2" not in args.methods:
         args.methods.insert(0, "lasp2")
-    if any(n < args.devices for n in args.seq_len):
-        ap.error("every --seq-len must be >= --devices")
+    if any(n < args.devices for n in args.seq_len) or args.devices % args.ep:
+        ap.error("every --seq-len must be >= --devices, and --ep must divide --devices")
     if args.use_calibration and not args.calibrate:
         ap.error("--use-calibration needs --calibrate")
     from ..models import ModelConfig
@@ -304,11 +303,15 @@ def main(argv: list[str]) -> int:
     if cal and args.use_calibration and "linear" in cal["fits"]:
         bw = cal["bandwidth_bytes_per_s"] or hw.bw_inter
         hw = dataclasses.replace(hw, peak_flops=cal["fits"]["linear"]["flops_per_s"], mfu=1.0, bw_intra=bw, bw_inter=bw)
-    records = [dict(step_cost(cfg, n, args.devices, m, hw), sp=args.devices, status="ok") for n in args.seq_len for m in args.methods]
+    records = [dict(step_cost(cfg, n, args.devices, m, hw, ep=args.ep), sp=args.devices) for n in args.seq_len for m in args.methods]
+    for r in records:  # an infeasible point (Ulysses with heads % P != 0) is listed in the table, never plotted
+        r["status"] = "ok" if r["feasible"] else "skipped"
+        if not r["feasible"]:
+            r["reason"] = f"infeasible: {r['note']}"
     lasp2 = {r["seq_len"]: r["tokens_per_s"] for r in records if r["method"] == "lasp2"}
     for r in records:  # LASP-2's speed-up over each
         r["lasp2_speedup_pct"] = 100 * (lasp2[r["seq_len"]] / r["tokens_per_s"] - 1)
-    config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices,
+    config = {"command": "lasp bench predict " + " ".join(argv), "model_config": args.config, "devices": args.devices, "ep": args.ep,
               "seq_lens": args.seq_len, "methods": args.methods, "hardware": dataclasses.asdict(hw), "calibrate": args.calibrate,
               "use_calibration": args.use_calibration}
     doc = results_doc("predict", {"model": "analytic (lasp.bench.predict)"}, config, records)

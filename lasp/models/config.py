@@ -11,6 +11,7 @@ multiple of the pattern's length (a full-depth pattern is allowed too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ LAYER_KINDS = {"L": "linear", "S": "softmax"}
 ARCHITECTURES = ("linear_llama", "qwen3_5")
 # per-layer names accepted in ``layer_types`` (Hugging Face's names too) -> kind
 LAYER_TYPE_NAMES = {"linear": "linear", "softmax": "softmax", "linear_attention": "linear", "full_attention": "softmax"}
+MLP_KINDS = ("dense", "moe")
+# the sparse-MoE keys (transformers' Qwen3.5-MoE / Qwen3-Next names); with mlp: dense they must keep their defaults
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+            "router_aux_loss_coef", "router_z_loss_coef", "decoder_sparse_step", "mlp_only_layers")
 
 
 @dataclass
@@ -44,6 +49,11 @@ class ModelConfig:
     ``linear_attention``/``full_attention``) may replace ``layer_pattern``; after construction
     ``layer_types`` always holds the ``linear``/``softmax`` kind of every layer and
     ``layer_pattern`` the matching letters.
+
+    ``mlp: moe`` makes the MLP of every layer a sparse mixture of experts
+    (:class:`lasp.models.moe.SparseMoeBlock`) except the layers in ``mlp_only_layers`` and those
+    ``decoder_sparse_step`` skips (transformers' rule: layer ``i`` is sparse when
+    ``(i + 1) % decoder_sparse_step == 0``); the others keep the dense SwiGLU of ``intermediate_size``.
     """
 
     vocab_size: int = 256
@@ -73,6 +83,17 @@ class ModelConfig:
     linear_backend: str = "auto"
     # softmax layers
     softmax_method: str = "allgather"
+    # mixture of experts (mlp: moe; transformers' Qwen3.5-MoE / Qwen3-Next names)
+    mlp: str = "dense"  # dense | moe
+    num_experts: int = 8
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int | None = None  # each routed expert's SwiGLU width (None -> intermediate_size)
+    shared_expert_intermediate_size: int = 0  # the sigmoid-gated shared expert's width (0 = no shared expert)
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
+    router_aux_loss_coef: float = 0.001  # load-balancing loss weight in the training objective
+    router_z_loss_coef: float = 0.0  # router z-loss weight (0 = off)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)  # layers that keep the dense MLP
     # shared
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
@@ -113,6 +134,18 @@ class ModelConfig:
         dk = self.head_dim if self.linear_key_head_dim is None else self.linear_key_head_dim
         dv = self.head_dim if self.linear_value_head_dim is None else self.linear_value_head_dim
         return nk, nv, dk, dv
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Width of one routed expert's SwiGLU (``moe_intermediate_size``, default ``intermediate_size``)."""
+        return self.intermediate_size if self.moe_intermediate_size is None else self.moe_intermediate_size
+
+    @property
+    def moe_layers(self) -> list[bool]:
+        """Per layer: whether its MLP is the sparse MoE block (transformers' ``decoder_sparse_step`` /
+        ``mlp_only_layers`` rule)."""
+        moe = self.mlp == "moe"
+        return [moe and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0 for i in range(self.num_layers)]
 
     @property
     def kv_heads(self) -> int:
@@ -172,6 +205,35 @@ class ModelConfig:
         for key in ("rope_theta", "rms_norm_eps", "initializer_range", "gate_logit_normalizer"):
             if not getattr(self, key) > 0:
                 fail(key, f"must be > 0, got {getattr(self, key)}")
+        self._validate_moe(fail)
+
+    def _validate_moe(self, fail) -> None:
+        if self.mlp not in MLP_KINDS:
+            fail("mlp", f"must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.mlp == "dense":
+            defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(self) if f.name in MOE_KEYS}
+            for key in MOE_KEYS:
+                if getattr(self, key) != defaults[key]:
+                    fail(key, f"is a mixture-of-experts key, but mlp is 'dense' (set mlp: moe), got {getattr(self, key)!r}")
+            return
+        for key in ("num_experts", "num_experts_per_tok", "decoder_sparse_step"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be a positive integer, got {getattr(self, key)}")
+        if self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", f"={self.num_experts_per_tok} must be <= num_experts={self.num_experts}")
+        if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
+            fail("moe_intermediate_size", f"must be a positive integer or null, got {self.moe_intermediate_size}")
+        if self.shared_expert_intermediate_size < 0:
+            fail("shared_expert_intermediate_size", f"must be >= 0 (0 = no shared expert), got {self.shared_expert_intermediate_size}")
+        for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                fail(key, f"must be finite and >= 0 (0 = off), got {getattr(self, key)}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            fail("mlp_only_layers", f"must list layer indices in [0, num_layers={self.num_layers}), got {bad}")
+        if not any(self.moe_layers):
+            fail("mlp_only_layers", "and decoder_sparse_step leave no MoE layer (mlp: moe needs at least one)")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -185,9 +247,13 @@ class ModelConfig:
         return cls.from_dict(read_yaml(path, "model config"), source=str(path))
 
     def to_dict(self) -> dict:
-        """Every field; ``layer_types`` is left out (``layer_pattern`` carries the same layers)."""
+        """Every field; ``layer_types`` is left out (``layer_pattern`` carries the same layers), and the
+        MoE keys when ``mlp`` is ``dense``."""
         d = dataclasses.asdict(self)
         d.pop("layer_types")
+        if self.mlp == "dense":  # a dense model's file lists no MoE keys
+            for key in MOE_KEYS + ("mlp",):
+                d.pop(key)
         return d
 
     def to_yaml(self, path: str | os.PathLike) -> None:

@@ -1,50 +1,101 @@
 """``lasp convert``: Hugging Face Qwen3.5 checkpoints <-> lasp's ``save_pretrained`` directories.
 
     lasp convert --from-hf HF_DIR --output DIR      # config.json + safetensors (sharded or not)
-                                                    #   -> model.yaml + model.safetensors
+                                                    #   -> model.yaml + safetensors
     lasp convert --from-lasp DIR --output HF_DIR    # the reverse (what transformers loads)
+        [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
-The tokenizer files of an HF directory (``tokenizer.json`` ...) are copied along, so
-``lasp data prepare --tokenizer DIR/tokenizer.json`` tokenises data for the converted model.
+One tensor at a time, file to file (no model is built): each tensor is read, renamed, cast to
+``--dtype`` (default: kept as stored) and written into shards of at most ``--max-shard-size``.
+Every tokenizer / chat-template / generation / processor file of the source
+(:data:`lasp.models.companions.COMPANION_PATTERNS`) is copied along, so ``lasp data prepare
+--tokenizer DIR/tokenizer.json`` tokenises data for the converted model. The bos/eos/pad token
+ids travel too: an HF source's config.json ids missing from its generation_config.json are added
+to the lasp directory's copy (a lasp directory has no config.json), and HF output's config.json
+gets the source's ids. Weights already in ``--output`` (old shards, an index, the
+other format's config) are replaced; other files there are kept.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
+from dataclasses import dataclass
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+import torch
+
+from .shards import DEFAULT_MAX_SHARD_SIZE, WrittenWeights, parse_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert(src: str, output: str, from_hf: bool = True) -> str:
-    """Convert directory ``src`` (HF if ``from_hf`` else lasp) into ``output``; returns ``output``."""
-    from . import from_hf as load_hf
-    from . import load_pretrained, save_pretrained, to_hf
+@dataclass
+class Converted:
+    """What :func:`convert` wrote: the weights (files, bytes, files replaced) and the companions copied."""
 
+    output: str
+    weights: WrittenWeights
+    companions: list[str]
+
+
+def convert(src: str, output: str, from_hf: bool = True, *, dtype: torch.dtype | None = None,
+            max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Converted:
+    """Convert directory ``src`` (HF if ``from_hf`` else lasp) into ``output``."""
+    from .companions import copy_companions, keep_token_ids, token_ids
+    from .config import ModelConfig
+    from .hf import read_hf_config, write_hf
+    from .io import CONFIG_FILE, write_pretrained
+    from .weights import file_sources
+
+    if os.path.realpath(src) == os.path.realpath(output):
+        raise ValueError(f"--output: {output!r} is the source directory; write the conversion elsewhere")
     if from_hf:
-        save_pretrained(load_hf(src), output)
+        cfg = read_hf_config(src)
+        written = write_pretrained(output, cfg, file_sources(src, cfg), dtype=dtype, max_shard_size=max_shard_size)
     else:
-        to_hf(load_pretrained(src), output)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(output, name))
-    return output
+        cfg_path = os.path.join(src, CONFIG_FILE)
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"--from-lasp: {src!r} is not a lasp model directory ({cfg_path} is missing)")
+        cfg = ModelConfig.from_yaml(cfg_path)
+        written = write_hf(output, cfg, file_sources(src, cfg), dtype=dtype, max_shard_size=max_shard_size,
+                           token_ids=token_ids(src))
+    copied = copy_companions(src, output)
+    if from_hf:
+        keep_token_ids(output, token_ids(src))
+    return Converted(output, written, copied)
+
+
+def describe(out: str, weights: WrittenWeights, companions: list[str]) -> str:
+    """The lines ``lasp convert`` / ``lasp export`` print about what they wrote."""
+    lines = [f"  weights: {len(weights.files)} file(s), {weights.total_size / 1e6:,.1f} MB: {', '.join(weights.files)}"]
+    if weights.removed:
+        lines.append(f"  replaced (removed) in {out}: {', '.join(weights.removed)}")
+    if companions:
+        lines.append(f"  copied: {', '.join(companions)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lasp convert", description="convert Hugging Face Qwen3.5 checkpoints to lasp and back")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Qwen3.5 directory (config.json + *.safetensors)")
-    src.add_argument("--from-lasp", metavar="DIR", help="a lasp directory (model.yaml + model.safetensors) to write in HF format")
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    src.add_argument("--from-lasp", metavar="DIR", help="a lasp directory (model.yaml + safetensors) to write in HF format")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory (its old weights are replaced)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB or bytes; more than one gets an index")
     args = p.parse_args(argv)
     try:
-        out = convert(args.from_hf or args.from_lasp, args.output, from_hf=args.from_hf is not None)
+        parse_size(args.max_shard_size, "--max-shard-size")
+        res = convert(args.from_hf or args.from_lasp, args.output, from_hf=args.from_hf is not None,
+                      dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
     except ValueError as err:
         print(f"lasp convert: error: {err}", file=sys.stderr)
         return 2
-    print(f"converted {args.from_hf or args.from_lasp} -> {out}")
+    except OSError as err:  # e.g. no space left on the output's filesystem
+        print(f"lasp convert: error: {err.filename or args.output}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    print(f"converted {args.from_hf or args.from_lasp} -> {res.output}\n{describe(res.output, res.weights, res.companions)}")
     return 0
 
 

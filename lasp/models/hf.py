@@ -5,8 +5,9 @@
   (``architecture: qwen3_5``);
 - :func:`hf_to_lasp_name` / :func:`lasp_to_hf_name`: tensor names (the only reshaped tensor is the
   GDN convolution: HF ``conv1d.weight [C, 1, W]`` <-> lasp ``conv_weight [C, W]``);
-- :func:`from_hf` / :func:`to_hf`: whole directories (``model.safetensors`` or shards listed in
-  ``model.safetensors.index.json``). The vision tower (``model.visual.*``) and the multi-token
+- :func:`from_hf` / :func:`to_hf` / :func:`write_hf`: whole directories (``model.safetensors`` or
+  shards listed in ``model.safetensors.index.json``), read and written one tensor at a time
+  (:mod:`lasp.models.shards`). The vision tower (``model.visual.*``) and the multi-token
   prediction head (``mtp.*``) are skipped; any other unknown or missing tensor is an error that
   lists them.
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .shards import DEFAULT_MAX_SHARD_SIZE, TensorSource, TensorSpec, WrittenWeights, model_sources, weight_map, write_weights
 
 SKIPPED_PREFIXES = ("model.visual.", "mtp.", "model.mtp.")
 _TEXT_PREFIXES = ("model.language_model.", "model.")
@@ -150,19 +151,6 @@ def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
     return f"layers.{i}.{tail}"
 
 
-def weight_files(path: str | os.PathLike) -> list[str]:
-    """The safetensors files of an HF directory (one file, or the shards of the index)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise ValueError(f"path: {os.fspath(path)!r} has neither model.safetensors nor model.safetensors.index.json")
-
-
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     """The :class:`ModelConfig` of HF directory ``path`` (its ``config.json``)."""
     cfg_file = os.path.join(path, "config.json")
@@ -179,16 +167,14 @@ def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tupl
     """
     expected = set(expected_names(cfg))
     index, unknown = {}, []
-    for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                name = hf_to_lasp_name(hf_name, cfg)
-                if name is None:
-                    continue  # vision tower / MTP head
-                if name in expected:
-                    index[name] = (file, hf_name)
-                else:
-                    unknown.append(hf_name)
+    for hf_name, file in weight_map(path).items():
+        name = hf_to_lasp_name(hf_name, cfg)
+        if name is None:
+            continue  # vision tower / MTP head
+        if name in expected:
+            index[name] = (file, hf_name)
+        else:
+            unknown.append(hf_name)
     missing = sorted(expected - set(index))
     if unknown or missing:
         raise ValueError(f"{os.fspath(path)}: tensors do not match config.json: unknown {sorted(unknown)}, missing {[lasp_to_hf_name(n, cfg) for n in missing]}")
@@ -210,32 +196,54 @@ def expected_names(cfg: ModelConfig) -> list[str]:
 
 
 def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5``) from HF directory ``path``."""
+    """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5``) from HF directory
+    ``path``, built on the meta device and filled one tensor at a time, each cast to ``dtype``
+    (None: the file's) and put on ``device`` as it is read (never a second copy of the model)."""
     from .model import LinearLlamaForCausalLM
     from .weights import load_tensors_
 
     cfg = read_hf_config(path)
-    model = load_tensors_(LinearLlamaForCausalLM(cfg, device="meta"), hf_tensor_index(path, cfg))
-    return model.to(device=device, dtype=dtype)
+    return load_tensors_(LinearLlamaForCausalLM(cfg, device="meta"), hf_tensor_index(path, cfg), dtype=dtype, device=device)
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{HF name: tensor}`` of a ``qwen3_5`` model (tied head left out, conv reshaped)."""
-    cfg = model.config
-    out = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        out[lasp_to_hf_name(name, cfg)] = (t[:, None, :] if name.endswith("conv_weight") else t).contiguous()
-    return out
-
-
-def to_hf(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write ``path/config.json`` + ``path/model.safetensors`` that ``transformers`` loads
-    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``)."""
-    model = getattr(model, "module", model)
-    tensors = hf_state_dict(model)
-    dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    os.makedirs(path, exist_ok=True)
+def write_hf(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    sources: Mapping[str, TensorSource],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    token_ids: dict | None = None,
+) -> WrittenWeights:
+    """Write ``path/config.json`` + safetensors (shards of at most ``max_shard_size`` with
+    ``model.safetensors.index.json`` when more than one) that ``transformers`` loads, from
+    ``{lasp name: TensorSource}``, one tensor at a time, each cast to ``dtype`` (None: its own).
+    ``token_ids`` (``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``) go into config.json.
+    Replaces the weights (and a ``model.yaml``) already in ``path``, keeps other files."""
+    main = dtype or sources["embed_tokens.weight"].dtype
+    config = config_to_hf(cfg, str(main).replace("torch.", ""))  # refuses other architectures before writing
+    config.update({k: v for k, v in (token_ids or {}).items() if v is not None})
+    specs, readers = [], {}
+    for name, src in sources.items():
+        hf_name, conv = lasp_to_hf_name(name, cfg), name.endswith("conv_weight")
+        shape = (src.shape[0], 1, *src.shape[1:]) if conv else tuple(src.shape)
+        specs.append(TensorSpec(hf_name, shape, dtype or src.dtype))
+        readers[hf_name] = (lambda src=src, conv=conv: src.read()[:, None, :] if conv else src.read())
+    written = write_weights(path, specs, lambda n: readers[n](), max_shard_size, stale=("model.yaml",))
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(model.config, dtype), f, indent=2)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        json.dump(config, f, indent=2)
+    return written
+
+
+def to_hf(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    token_ids: dict | None = None,
+) -> WrittenWeights:
+    """Write ``path/config.json`` + safetensors that ``transformers`` loads
+    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``); see :func:`write_hf`."""
+    model = getattr(model, "module", model)
+    return write_hf(path, model.config, model_sources(model), dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids)

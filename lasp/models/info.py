@@ -4,7 +4,9 @@ FLOPs are for TRAINING (forward + backward = 3 x forward), per token, counting a
 as 2 FLOPs, as used for MFU:
 
 - every weight matrix: ``6 * rows * cols`` per token (the LM head included, tied or not;
-  embedding lookups and norms excluded);
+  embedding lookups and norms excluded); in a sparse-MoE layer only the matrices a token passes
+  through: the router (``E * hidden``), its ``k`` routed experts (``3 * hidden * I_expert`` each) and
+  the shared expert with its gate (``3 * hidden * I_shared + hidden``), its ACTIVE parameters;
 - a causal softmax layer's attention (QK^T and AV over on average ``T/2`` earlier tokens):
   ``3 * 2 * 2 * H * D * T / 2 = 6 * hidden * T`` per token, growing with the sequence length T;
 - a linear layer's attention (state update ``k^T v`` and readout ``q S``, ``H`` states of
@@ -45,17 +47,29 @@ def _mixer_counts(cfg: ModelConfig, kind: str) -> tuple[int, int]:
     return 4 * h * H * D + gate, others
 
 
-def _layer_matrices(cfg: ModelConfig, kind: str) -> int:
-    """Weights in the matrices of one decoder layer (what matmuls touch per token)."""
-    return 3 * cfg.hidden_size * cfg.intermediate_size + _mixer_counts(cfg, kind)[0]
+def _mlp_matrices(cfg: ModelConfig, moe: bool, active: bool) -> int:
+    """Weights of one layer's MLP: dense SwiGLU, or the MoE block's router, routed experts (all of
+    them, or the ``k`` a token uses with ``active``), shared expert and its gate."""
+    h = cfg.hidden_size
+    if not moe:
+        return 3 * h * cfg.intermediate_size
+    experts = cfg.num_experts_per_tok if active else cfg.num_experts
+    shared = 3 * h * cfg.shared_expert_intermediate_size + h if cfg.shared_expert_intermediate_size else 0
+    return cfg.num_experts * h + experts * 3 * h * cfg.expert_intermediate_size + shared
 
 
-def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Number of parameters of ``LinearLlamaForCausalLM(cfg)`` (a tied head counts once)."""
+def _layer_matrices(cfg: ModelConfig, i: int, active: bool = False) -> int:
+    """Weights in the matrices of decoder layer ``i`` (``active``: only those one token's matmuls touch)."""
+    return _mlp_matrices(cfg, cfg.moe_layers[i], active) + _mixer_counts(cfg, cfg.layer_types[i])[0]
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True, active: bool = False) -> int:
+    """Number of parameters of ``LinearLlamaForCausalLM(cfg)`` (a tied head counts once); with
+    ``active``, those one token uses (a sparse-MoE layer's ``k`` routed experts, not all ``E``)."""
     h = cfg.hidden_size
     total = h  # final norm
-    for kind in cfg.layer_types:
-        total += 2 * h + _layer_matrices(cfg, kind) + _mixer_counts(cfg, kind)[1]
+    for i, kind in enumerate(cfg.layer_types):
+        total += 2 * h + _layer_matrices(cfg, i, active) + _mixer_counts(cfg, kind)[1]
     if include_embedding:
         total += cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
     elif not cfg.tie_embeddings:
@@ -76,7 +90,7 @@ def flop_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     h, D = cfg.hidden_size, cfg.head_dim
-    matrices = sum(_layer_matrices(cfg, kind) for kind in cfg.layer_types) + cfg.vocab_size * h
+    matrices = sum(_layer_matrices(cfg, i, active=True) for i in range(cfg.num_layers)) + cfg.vocab_size * h
     n_soft = cfg.layer_types.count("softmax")
     n_lin = cfg.num_layers - n_soft
     parts = {
@@ -114,6 +128,16 @@ def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
         if n_soft < cfg.num_layers else "linear variant    - (no linear layers)",
         f"parameters        {count_params(cfg):,} ({_human(count_params(cfg))}); "
         f"non-embedding {count_params(cfg, include_embedding=False):,}",
+    ]
+    if cfg.mlp == "moe":
+        n_moe = sum(cfg.moe_layers)
+        lines += [
+            f"experts           {n_moe} MoE layers: top-{cfg.num_experts_per_tok} of {cfg.num_experts} experts of "
+            f"{cfg.expert_intermediate_size}, shared expert {cfg.shared_expert_intermediate_size or 'none'}",
+            f"active parameters {count_params(cfg, active=True):,} ({_human(count_params(cfg, active=True))}) per token; "
+            f"non-embedding {count_params(cfg, include_embedding=False, active=True):,}",
+        ]
+    lines += [
         "training FLOPs per token (fwd+bwd):",
         f"  {'seq_len':>9}  {'total':>12}  {'matmul':>12}  {'softmax attn':>12}  {'linear attn':>12}",
     ]
@@ -145,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda: Triton kernels (default); cpu: the torch path, max RSS")
     mem.add_argument("--rank", type=int, default=None, help="SP rank to estimate (default: the one with the most memory)")
     mem.add_argument("--documents", action="store_true", help="packed documents (cu_seqlens)")
-    mem.add_argument("--loss", default=None, choices=("fused", "plain"), help="loss path (default: what lasp train uses)")
+    mem.add_argument("--loss", default="fused", choices=("fused", "plain"),
+                     help="fused: lasp.linear_cross_entropy, what lasp train uses (default); plain: [T_local, vocab] fp32 logits")
     mem.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GiB, 141GiB: say whether it fits")
     args = ap.parse_args(argv)
     try:
@@ -178,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": args.config,
             "parameters": count_params(cfg),
             "non_embedding_parameters": count_params(cfg, include_embedding=False),
+            "active_parameters": count_params(cfg, active=True),
+            "active_non_embedding_parameters": count_params(cfg, include_embedding=False, active=True),
             "flops_per_token": {str(T): flop_breakdown(cfg, T) for T in seq_lens},
         }
         print(json.dumps(out, indent=2))

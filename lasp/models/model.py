@@ -17,11 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.cross_entropy import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 from ..parallel import LAYOUTS, global_positions, group_rank_size
 from .config import DELTA_VARIANTS, ModelConfig
 from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
+from .moe import SparseMoeBlock
 from .offload import HostOffload
 from .qwen3_5 import OffsetRMSNorm, Qwen35Attention, Qwen35GatedDeltaNet
 
@@ -39,19 +41,24 @@ def _mixer_class(cfg: ModelConfig, kind: str) -> type:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``[B, T, hidden] -> same``."""
+    """Pre-norm block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``[B, T, hidden] -> (same,
+    RouterStats of a sparse-MoE MLP or None)``."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, ep_group=None):
         super().__init__()
         self.kind = kind
         self.attn_norm = _norm(cfg, cfg.hidden_size)
         self.attn = _mixer_class(cfg, kind)(cfg, layer_idx)
         self.mlp_norm = _norm(cfg, cfg.hidden_size)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        moe = cfg.moe_layers[layer_idx]
+        self.mlp = SparseMoeBlock(cfg, ep_group) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, group=None, layout: str = "contiguous", cu_seqlens=None, cache: dict | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, group=group, layout=layout, cu_seqlens=cu_seqlens, cache=cache)
-        return x + self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, SparseMoeBlock):
+            y, stats = self.mlp(self.mlp_norm(x))
+            return x + y, stats
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 class LinearLlamaForCausalLM(nn.Module):
@@ -59,14 +66,18 @@ class LinearLlamaForCausalLM(nn.Module):
 
         model = LinearLlamaForCausalLM(cfg)                  # or device="meta"
         logits = model(input_ids, group=sp_group, layout="zigzag")
+        loss_sum = model(input_ids, group=sp_group, layout="zigzag", labels=labels)  # no logits built
+
+    ``ep_group``: the expert-parallel group of an ``mlp: moe`` model (this rank then holds its
+    ``E / ep_size`` experts of every MoE layer; :mod:`lasp.models.moe`).
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, ep_group=None):
         super().__init__()
         self.config = config
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-            self.layers = nn.ModuleList(DecoderLayer(config, i, kind) for i, kind in enumerate(config.layer_types))
+            self.layers = nn.ModuleList(DecoderLayer(config, i, kind, ep_group) for i, kind in enumerate(config.layer_types))
             self.norm = _norm(config, config.hidden_size)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
@@ -89,6 +100,8 @@ class LinearLlamaForCausalLM(nn.Module):
                 nn.init.constant_(m.weight, 1.0 - m.OFFSET)
             elif isinstance(m, (GatedDeltaNet, Qwen35GatedDeltaNet)):
                 m.reset_delta_parameters()
+            elif isinstance(m, SparseMoeBlock):
+                m.reset_moe_parameters(std)
 
     def set_activation_checkpointing(self, enabled: bool = True, offload: bool = False) -> None:
         """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant);
@@ -109,8 +122,12 @@ class LinearLlamaForCausalLM(nn.Module):
         layout: str = "contiguous",
         positions: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        router_stats: list | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        loss_reduction: str = "sum",
     ) -> torch.Tensor:
-        """Logits of this rank's tokens.
+        """Logits of this rank's tokens, or with ``labels`` the training loss (no logits built).
 
         Args:
             input_ids: ``[B, T_local]`` int64, this rank's shard in ``layout`` order.
@@ -121,23 +138,50 @@ class LinearLlamaForCausalLM(nn.Module):
             cu_seqlens: ``[N+1]`` integer global document starts (``0 ... T_global``, the same on
                 every rank), B must be 1; or None (one document). Every operator gets it, and RoPE
                 uses each token's position within its document.
+            router_stats: a list to which every MoE layer appends its
+                :class:`~lasp.models.moe.RouterStats` (for :func:`lasp.models.moe.router_losses`).
+            labels: ``[B, T_local]`` integer next-token ids of this rank's tokens, ``-100`` where a
+                token has none; or None (return logits).
+            loss_reduction: with labels: ``sum`` (default: the SUM of this rank's token losses,
+                what the trainer scales to the global mean over SP x DP), ``mean`` (over this
+                rank's labelled tokens) or ``none`` (``[B, T_local]``, 0 where unlabelled).
         Returns:
-            ``[B, T_local, vocab_size]`` float32.
+            without labels: ``[B, T_local, vocab_size]`` float32 logits. With labels: the float32
+            loss from :func:`lasp.linear_cross_entropy` on the final normed hidden states, the LM
+            head used inside this forward (so ZeRO-3 has gathered it): the cross-entropy only. An
+            MoE model's router losses are the caller's to add, from ``router_stats`` through
+            :func:`lasp.models.moe.router_losses` (their batch is a group's tokens, their scale
+            the caller's: see the trainer).
         """
+        if labels is not None:  # before any collective
+            _check_labels(input_ids, labels, loss_reduction)
         cos, sin = self._rope(input_ids, group, layout, positions, cu_seqlens)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 with self.activation_offload or contextlib.nullcontext():
-                    x = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
+                    x, stats = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, group, layout, cu_seqlens)
-        return self.logits(self.norm(x))
+                x, stats = layer(x, cos, sin, group, layout, cu_seqlens)
+            if stats is not None and router_stats is not None:
+                router_stats.append(stats)
+        h = self.norm(x)
+        return self.logits(h) if labels is None else self.loss(h, labels, loss_reduction)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[vocab, hidden]``: the LM head's weight, or the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head (tied or not) on final hidden states ``[B, T, hidden]`` -> float32 logits."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return F.linear(h, self.lm_head_weight()).float()
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Cross-entropy of final hidden states ``[B, T, hidden]`` against ``labels [B, T]``
+        (``-100`` = none) through the fused :func:`lasp.linear_cross_entropy` -> float32."""
+        loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction=reduction)
+        return loss.view(labels.shape) if reduction == "none" else loss
 
     def _rope(self, input_ids, group, layout, positions, cu_seqlens=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -173,7 +217,7 @@ class LinearLlamaForCausalLM(nn.Module):
         cos, sin = self._rope(input_ids, None, "contiguous", positions)
         x = self.embed_tokens(input_ids)
         for layer, layer_cache in zip(self.layers, cache):
-            x = layer(x, cos, sin, cache=layer_cache)
+            x, _ = layer(x, cos, sin, cache=layer_cache)
         return self.logits(self.norm(x))
 
     def new_cache(self) -> list[dict]:
@@ -186,6 +230,14 @@ class LinearLlamaForCausalLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
 
+
+
+def _check_labels(input_ids: torch.Tensor, labels, loss_reduction: str) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != input_ids.shape:
+        got = f"{list(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor shaped like input_ids {list(input_ids.shape)}, got {got}")
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
 
 
 def _check_documents(input_ids: torch.Tensor, cu_seqlens) -> None:

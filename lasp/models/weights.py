@@ -1,7 +1,12 @@
 """Pretrained weights from a directory, one tensor at a time: a lasp ``save_pretrained`` /
-``lasp export`` directory (``model.yaml`` + ``model.safetensors``) or a Hugging Face Qwen3.5
-directory (``config.json`` + safetensors, sharded or not). Used by ``model.init_from`` to start
-fine-tuning without materialising more than one tensor beyond the model itself.
+``lasp export`` directory (``model.yaml`` + ``model.safetensors`` or shards with an index) or a
+Hugging Face Qwen3.5 directory (``config.json`` + safetensors, sharded or not).
+
+Loading (:func:`load_weights_`) builds nothing itself: the caller builds the model on the meta
+device, then each tensor is read (its file opened for that tensor alone, so at most one tensor's
+pages of the files are mapped at a time), cast to the wanted dtype and moved to the wanted device,
+and becomes the parameter. Peak host memory is the model in its final dtype plus one tensor: a
+bf16 checkpoint loaded for bf16 training never exists in fp32.
 """
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import os
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 
 from .config import ModelConfig
 from .hf import expected_names, hf_tensor_index, read_hf_config, read_hf_tensor
-from .io import CONFIG_FILE, WEIGHTS_FILE
+from .io import CONFIG_FILE
+from .shards import TensorSource, dtype_from_safetensors, weight_map
 
 
 def source_config(path: str | os.PathLike) -> ModelConfig:
@@ -33,14 +40,19 @@ def tensor_locations(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, tup
     ``ValueError`` listing unknown and missing names when the files do not match ``cfg``.
     """
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        file = os.path.join(path, WEIGHTS_FILE)
-        with safe_open(file, framework="pt") as f:
-            names = set(f.keys())
+        files = weight_map(path)
         expected = set(expected_names(cfg))
-        if names != expected:
-            raise ValueError(f"{file}: tensors do not match the model: unknown {sorted(names - expected)}, missing {sorted(expected - names)}")
-        return {n: (file, n) for n in sorted(names)}
+        if set(files) != expected:
+            raise ValueError(f"{os.fspath(path)}: tensors do not match the model: unknown {sorted(set(files) - expected)}, "
+                             f"missing {sorted(expected - set(files))}")
+        return {n: (files[n], n) for n in sorted(files)}
     return hf_tensor_index(path, cfg)
+
+
+def read_tensor(file: str, key: str) -> torch.Tensor:
+    """Tensor ``key`` of safetensors ``file`` in lasp's shape (the file is open only meanwhile)."""
+    with safe_open(file, framework="pt") as f:
+        return read_hf_tensor(f, key)
 
 
 def tensor_readers(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Callable[[], torch.Tensor]]:
@@ -49,33 +61,69 @@ def tensor_readers(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Calla
 
     ``ValueError`` listing unknown and missing names when the files do not match ``cfg``.
     """
+    return {n: (lambda loc=loc: read_tensor(*loc)) for n, loc in tensor_locations(path, cfg).items()}
 
-    def read(file: str, key: str) -> torch.Tensor:
+
+def file_sources(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, TensorSource]:
+    """``{lasp name: TensorSource}`` of the tensors in ``path`` (shapes and dtypes from the file
+    headers; nothing is read until a source's ``read()``): for streaming one directory into another."""
+    out = {}
+    for name, (file, key) in tensor_locations(path, cfg).items():
         with safe_open(file, framework="pt") as f:
-            return read_hf_tensor(f, key)
+            sl = f.get_slice(key)
+            shape, dtype = tuple(sl.get_shape()), dtype_from_safetensors(sl.get_dtype())
+        if key.endswith("conv1d.weight"):
+            shape = (shape[0], *shape[2:])
+        out[name] = TensorSource(shape, dtype, lambda file=file, key=key: read_tensor(file, key))
+    return out
 
-    return {n: (lambda loc=loc: read(*loc)) for n, loc in tensor_locations(path, cfg).items()}
 
-
-def load_weights_(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+def load_weights_(
+    model: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> torch.nn.Module:
     """Fill ``model`` (built on any device, ``meta`` included) from ``path``; returns it.
 
-    Meta tensors are replaced by the loaded ones (``assign``), others are copied into. Each
-    safetensors file is opened once.
+    See :func:`load_tensors_` for ``dtype`` / ``device``."""
+    return load_tensors_(model, tensor_locations(path, model.config), dtype=dtype, device=device)
+
+
+def load_tensors_(
+    model: torch.nn.Module,
+    locations: dict[str, tuple[str, str]],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.nn.Module:
+    """Fill ``model`` from ``{lasp name: (safetensors file, name in the file)}``, one tensor at a time.
+
+    A meta parameter becomes the tensor read, cast to ``dtype`` (None: the file's) on ``device``
+    (None: CPU); a materialised one is copied into (its own dtype and device, unless given). Every
+    parameter must be in ``locations`` (``ValueError`` otherwise, naming them).
     """
-    return load_tensors_(model, tensor_locations(path, model.config))
-
-
-def load_tensors_(model: torch.nn.Module, locations: dict[str, tuple[str, str]]) -> torch.nn.Module:
-    """Fill ``model`` from ``{lasp name: (safetensors file, name in the file)}`` (as :func:`load_weights_`)."""
-    by_file: dict[str, list[tuple[str, str]]] = {}
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(locations))
+    unknown = sorted(set(locations) - set(params))
+    if missing or unknown:
+        raise ValueError(f"weights do not match the model: missing {missing}, unexpected {unknown}")
     for name, (file, key) in locations.items():
-        by_file.setdefault(file, []).append((name, key))
-    state = {}
-    for file, items in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name, key in items:
-                state[name] = read_hf_tensor(f, key)
-    on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(state, strict=True, assign=on_meta)
+        put_tensor_(model, name, read_tensor(file, key), dtype=dtype, device=device)
     return model
+
+
+def put_tensor_(model: torch.nn.Module, name: str, t: torch.Tensor, *, dtype=None, device=None) -> None:
+    """Make ``t`` parameter ``name`` of ``model``: assigned (cast, moved) if the parameter is on the
+    meta device, else copied into it. ``ValueError`` on a shape mismatch."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, leaf)
+    if tuple(t.shape) != tuple(old.shape):
+        raise ValueError(f"tensor {name!r}: the model expects shape {list(old.shape)}, the checkpoint has {list(t.shape)}")
+    if old.is_meta:
+        t = t.to(device=device if device is not None else "cpu", dtype=dtype if dtype is not None else t.dtype)
+        setattr(module, leaf, nn.Parameter(t, requires_grad=old.requires_grad))
+    else:
+        if dtype is not None or device is not None:
+            old = nn.Parameter(old.detach().to(device=device, dtype=dtype), requires_grad=old.requires_grad)
+            setattr(module, leaf, old)
+        with torch.no_grad():
+            old.copy_(t)

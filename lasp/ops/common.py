@@ -89,7 +89,10 @@ def ring_neighbours(group) -> tuple[int, int]:
 
 
 def ring_shift(t: torch.Tensor, group, tag: str):
-    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``."""
+    """Post ``t`` -> next rank and a receive from the previous one; returns ``(buffer, works)``.
+
+    Every rank of the group calls it together and takes part (sends and receives), so the batch is
+    well defined under NCCL even as the group's first collective."""
     nxt, prv = ring_neighbours(group)
     buf = torch.empty_like(t)
     return buf, comm.batch_send_recv([(t, nxt)], [(buf, prv)], group, tag=tag)

@@ -17,7 +17,10 @@ Entry point: :func:`lasp1_apply`, with exactly the arguments and conventions of
 matrix transition; ``initial_state`` / ``output_final_state``). The forward keeps no segment: it
 saves its inputs and this rank's incoming states, and the backward rebuilds the segments.
 
-Communication per call (float32 states, sends; each receive matches one send):
+Communication per call (float32 states, sends; each receive matches one send). The chain's
+batches are one-sided (a rank receives alone, or sends alone), which NCCL defines only after a
+collective of the whole group: the first call on a group runs one 4-byte all-reduce first
+(:func:`lasp.comm.prepare_p2p`; once per group and process, not counted below).
 
 - causal, ``contiguous``: ``P-1`` sequential hops forward and ``P-1`` backward, each a
   ``B*H*K*V*4``-byte state (state and gradient messages are the same for scalar and matrix
@@ -53,15 +56,21 @@ _BWD_TAG = "lasp1.bwd"
 
 
 class _Chain:
-    """Who holds which global segment, and the P2P calls between consecutive segments."""
+    """Who holds which global segment, and the P2P calls between consecutive segments.
 
-    def __init__(self, group, layout: str):
+    Its sends and receives are one-sided batches (a rank posts a receive alone, or a send alone);
+    under NCCL these are defined only after a collective of the whole group, which
+    :func:`lasp.comm.prepare_p2p` runs once per group here, where every rank of the group is."""
+
+    def __init__(self, group, layout: str, device: torch.device):
         self.group = group
         self.rank, self.size = group_rank_size(group)
         order = segment_order(self.size, layout)
         self.mine = order[self.rank]  # global indices of this rank's segments, increasing
         self.n = self.size * len(self.mine)
         self.owner = [r for r, _ in chunk_owners(self.size, layout)]  # global segment -> rank
+        if self.size > 1:
+            comm.prepare_p2p(group, device)
 
     def remote(self, p: int) -> bool:
         """Whether global segment ``p`` exists and lives on another rank."""
@@ -89,7 +98,7 @@ class LASP1Causal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: SegmentCall, initial_state, *inputs):
         kind = call.kind
-        chain = _Chain(call.group, call.layout)
+        chain = _Chain(call.group, call.layout, inputs[0].device)
         segs = build_segments(call, inputs)
         zero = torch.zeros_like(segs[0].summary()[1])
         first = zero if initial_state is None else initial_state.float()
@@ -125,7 +134,7 @@ class LASP1Causal(torch.autograd.Function):
     def backward(ctx, do, dfinal=None):
         call, segs, states_in = rebuild_segments(ctx)
         kind, needs = call.kind, ctx.needs_input_grad[2:]
-        chain = _Chain(call.group, call.layout)
+        chain = _Chain(call.group, call.layout, states_in.device)
         do_parts = split_segments(do, call.layout)
         zero = torch.zeros_like(states_in[0])
         G_N = chain.all_reduce(dfinal.float().clone(), _BWD_TAG + ".final") if call.output_final_state else None

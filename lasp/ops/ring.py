@@ -36,6 +36,10 @@ by :mod:`lasp.comm` (sends; the matching receives are the same sizes):
 
 All grow linearly with the sequence length; ``P-1`` (resp. ``2P-1``) dependent steps. Memory
 per step is ``O(B * T_local * H * D)``: the kernels keep no scores.
+
+Every P2P batch here is a ring shift (:func:`~lasp.ops.common.ring_shift`) in which every rank of
+the group sends and receives, the same number of times on every rank: well defined under NCCL even
+as the group's first collective (unlike LASP-1's one-sided chain, :func:`lasp.comm.prepare_p2p`).
 """
 from __future__ import annotations
 

@@ -12,12 +12,12 @@ against keys ``[0, Tk)``) is the fully visible prefix ``[0, Tk - Tq)`` plus the 
   ``group=None``, Ulysses and the model's decoding cache.
 - :func:`attend` / :func:`attend_backward`: one block (full or square diagonal) with its
   log-sum-exp, and its gradients given the FINAL output and log-sum-exp of its rows (the
-  flash-attention recurrence; ``scaled_dot_product_attention`` does not return the LSE). On
-  the CPU these are torch's fused flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu``
-  and its backward: no scores in memory, GQA without repeating K/V); other devices use a
-  float32 reference (:func:`block_forward` / :func:`block_backward` in row tiles: scores
-  ``[B, H, REFERENCE_TILE_ROWS, Tk]`` at most; wiring the CUDA flash kernel, which also returns
-  the LSE, is the next step).
+  flash-attention recurrence; ``scaled_dot_product_attention`` does not return the LSE). They run
+  the fused kernel :func:`lasp.ops.softmax_kernels.select_kernel` picks (torch's flash kernel on
+  the CPU; on CUDA torch's flash attention, or its memory-efficient kernel for fp32 and head dims
+  flash does not take: no scores in memory), else the float32 reference (:func:`block_forward` /
+  :func:`block_backward` in row tiles: scores ``[B, H, REFERENCE_TILE_ROWS, Tk]`` at most), which
+  is also the oracle the kernels are tested against.
 - :func:`merge_partial`: the log-sum-exp merge of two partial results over disjoint keys.
 - pieces ``(rows, cols, kind)`` (:data:`Piece`): the unit of work of every method (and of packed
   documents, :mod:`lasp.ops.softmax_documents`); :func:`pieces_forward` / :func:`pieces_backward`
@@ -33,6 +33,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from . import softmax_kernels
 
 Block = tuple[int, int, bool]
 """``(k0, k1, causal)``: keys ``[k0, k1)`` of a key range, fully visible or (causal) the square diagonal."""
@@ -69,9 +71,9 @@ def attend(q, k, v, scale: float, causal: bool, mask: torch.Tensor | None = None
     Returns:
         ``o [B, H, Tq, D]`` in q's dtype (normalised within the block), ``lse [B, H, Tq]`` float32.
     """
-    if _cpu_flash(q):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=_additive(mask, q), scale=scale)
-        return o, lse
+    kernel = softmax_kernels.select_kernel(q, k, v, mask)
+    if kernel is not None:
+        return kernel.forward(q, k, v, scale, causal, mask)
     qg, kf, vf = _grouped(q, k, v)
     if mask is not None:
         o, lse = block_forward(qg, kf, vf, scale, mask.to(q.device))
@@ -89,10 +91,9 @@ def attend_backward(do, q, k, v, o, lse, scale: float, causal: bool, mask: torch
     Returns ``dq`` like q and ``dk, dv`` like k (summed over the query heads sharing each KV
     head), in the input dtype.
     """
-    if _cpu_flash(q):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, causal, attn_mask=_additive(mask, q), scale=scale
-        )
+    kernel = softmax_kernels.select_kernel(q, k, v, mask)
+    if kernel is not None:
+        return kernel.backward(do, q, k, v, o, lse, scale, causal, mask)
     qg, kf, vf = _grouped(q, k, v)
     dog, og = (_grouped(x, k, v)[0] for x in (do, o))
     lse_g, delta = lse.reshape(qg.shape[:-1]), (dog * og).sum(-1)
@@ -211,19 +212,6 @@ def _grouped(q, k, v):
 
 REFERENCE_TILE_ROWS = 256
 """Query rows per tile of the float32 reference: its scores are ``[B, H, tile, Tk]`` at most."""
-
-
-def _additive(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """A small bool mask (True = visible) as the additive ``0 / -inf`` mask in q's dtype that the
-    CPU flash kernel takes."""
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask.to(q.device), float("-inf"))
-
-
-def _cpu_flash(q: torch.Tensor) -> bool:
-    """Whether :func:`attend` runs torch's CPU flash kernel (else the float32 reference)."""
-    return q.device.type == "cpu"
 
 
 def _row_tiles(Tq: int, Tk: int, causal: bool, device):

@@ -23,15 +23,19 @@ from lasp.config_loader import build, read_yaml
 
 DTYPES = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
+EP_ZERO_STAGES = (0, 1, 2)  # the ZeRO stages DeepSpeed runs with expert (MoE) parameter groups
 
 
 @dataclass
 class ParallelConfig:
     """Sequence parallelism: ``sp_size`` ranks per SP group, the token ``layout``, ``nproc``
     (processes ``lasp train`` starts by itself when not run under a launcher; default sp_size),
-    and the collective timeout ``timeout_s`` (a lost peer ends the run with an error, not a hang)."""
+    and the collective timeout ``timeout_s`` (a lost peer ends the run with an error, not a hang).
+    ``ep_size``: expert parallelism of an ``mlp: moe`` model (ranks per EP group, carved from the
+    same ranks as SP x DP: :mod:`lasp.parallel`)."""
 
     sp_size: int = 1
+    ep_size: int = 1
     layout: str = "contiguous"
     nproc: int | None = None
     #: seconds a collective waits for a lost peer before failing (None: $LASP_COLLECTIVE_TIMEOUT, else 600)
@@ -78,10 +82,12 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     """DeepSpeed checkpoints every ``every`` steps and at the end, under ``dir``
-    (default ``<out_dir>/checkpoints``); ``every: 0`` saves only at the end."""
+    (default ``<out_dir>/checkpoints``); ``every: 0`` saves only at the end. ``keep_last``: once
+    a new checkpoint is complete, only the newest ``keep_last`` are kept (``null``: keep all)."""
 
     dir: str | None = None
     every: int = 100
+    keep_last: int | None = 3
 
 
 @dataclass
@@ -122,9 +128,11 @@ class RunConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<dict>", base_dir: str | None = None) -> "RunConfig":
+    def from_dict(cls, d: dict, source: str = "<dict>", base_dir: str | None = None, world: int | None = None) -> "RunConfig":
         """Build and validate a run config. ``model`` may be a mapping or a model-YAML path
-        (relative paths are tried against the working directory, then ``base_dir``)."""
+        (relative paths are tried against the working directory, then ``base_dir``). ``world``:
+        the world size the run will have, when known (checked against ``parallel.sp_size``
+        before anything else; default ``parallel.nproc``)."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: a run config must be a mapping, got {type(d).__name__}")
         d = dict(d)
@@ -132,13 +140,14 @@ class RunConfig:
         cfg = build(cls, d, source=source, skip=("model", "source"), what="run config")
         cfg.model = _load_model_section(model, source, base_dir)
         cfg.source = source
-        cfg.validate()
-        cfg.adopt_deepspeed_json()
+        cfg.validate(world)
+        cfg.adopt_deepspeed_json(world)
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "RunConfig":
-        """Load ``path`` and apply ``overrides`` (``dotted.key=value`` strings, values in YAML)."""
+    def from_yaml(cls, path: str, overrides: list[str] | None = None, world: int | None = None) -> "RunConfig":
+        """Load ``path`` and apply ``overrides`` (``dotted.key=value`` strings, values in YAML);
+        ``world``: as :meth:`from_dict`."""
         if not os.path.isfile(path):
             raise ValueError(f"config: no such run config file {path!r}")
         d = read_yaml(path, "run config")
@@ -147,7 +156,7 @@ class RunConfig:
             d["model"] = _load_model_section(d.get("model"), path, base_dir)
             for item in overrides:
                 apply_override(d, item)
-        return cls.from_dict(d, source=path, base_dir=base_dir)
+        return cls.from_dict(d, source=path, base_dir=base_dir, world=world)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -158,7 +167,7 @@ class RunConfig:
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
-    def adopt_deepspeed_json(self) -> None:
+    def adopt_deepspeed_json(self, world: int | None = None) -> None:
         """With ``deepspeed: FILE``, that JSON's values win: copy the ones the run config also has
         (ZeRO stage, precision, gradient clipping, optimizer lr / weight decay) into ``train`` so
         the banner, ``run.yaml`` and the checkpoints record what actually runs."""
@@ -189,24 +198,30 @@ class RunConfig:
         if "weight_decay" in params:
             t.weight_decay = float(params["weight_decay"])
         try:
-            self.validate()
+            self.validate(world)
         except ValueError as e:
             raise ValueError(f"{e} (after adopting the values of the DeepSpeed JSON {self.deepspeed})") from None
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Checks that need no data, model or processes (ValueError naming the key)."""
+    def validate(self, world: int | None = None) -> None:
+        """Checks that need no data, model or processes (ValueError naming the key). ``world``:
+        the run's world size when known (else ``parallel.nproc``, when set): ``sp_size`` must
+        divide it, checked before the shapes that depend on ``sp_size``."""
         from lasp.parallel import LAYOUTS, check_shardable
 
         p, t, src = self.parallel, self.train, self.source
         if p.sp_size < 1:
             raise ValueError(f"{src}: parallel.sp_size must be >= 1, got {p.sp_size}")
+        if p.ep_size < 1:
+            raise ValueError(f"{src}: parallel.ep_size must be >= 1, got {p.ep_size}")
+        if p.nproc is not None and p.nproc < 1:
+            raise ValueError(f"{src}: parallel.nproc must be >= 1, got {p.nproc}")
+        check_world(p.sp_size, world if world is not None else p.nproc, src)
+        check_world(p.ep_size, world if world is not None else p.nproc, src, key="ep_size")
         if p.layout not in LAYOUTS:
             raise ValueError(f"{src}: parallel.layout must be one of {LAYOUTS}, got {p.layout!r}")
         if p.timeout_s is not None and not p.timeout_s > 0:
             raise ValueError(f"{src}: parallel.timeout_s must be > 0, got {p.timeout_s}")
-        if p.nproc is not None and p.nproc < 1:  # sp_size | nproc is checked when lasp train starts them itself
-            raise ValueError(f"{src}: parallel.nproc must be >= 1, got {p.nproc}")
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"{src}: train.{name} must be >= 1, got {getattr(t, name)}")
@@ -233,11 +248,19 @@ class RunConfig:
             raise ValueError(f"{src}: sample.top_k must be >= 1 or null, got {sm.top_k}")
         if t.zero_stage not in ZERO_STAGES:
             raise ValueError(f"{src}: train.zero_stage must be one of {ZERO_STAGES}, got {t.zero_stage}")
+        if p.ep_size > 1 and t.zero_stage not in EP_ZERO_STAGES:
+            raise ValueError(
+                f"{src}: train.zero_stage={t.zero_stage} does not support expert parallelism (parallel.ep_size={p.ep_size}): "
+                f"DeepSpeed reduces and partitions expert parameters over their expert-data-parallel group only in ZeRO stages "
+                f"{EP_ZERO_STAGES} (its stage 3 refuses MoE layers); use one of those, or parallel.ep_size: 1"
+            )
         if t.dtype not in DTYPES:
             raise ValueError(f"{src}: train.dtype must be one of {DTYPES}, got {t.dtype!r}")
         check_shardable(t.seq_len, p.sp_size, p.layout, name="train.seq_len")
         if self.checkpoint.every < 0:
             raise ValueError(f"{src}: checkpoint.every must be >= 0, got {self.checkpoint.every}")
+        if self.checkpoint.keep_last is not None and self.checkpoint.keep_last < 1:
+            raise ValueError(f"{src}: checkpoint.keep_last must be >= 1 or null (keep every checkpoint), got {self.checkpoint.keep_last}")
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"{src}: deepspeed: no such DeepSpeed JSON file {self.deepspeed!r}")
         if not self.model:
@@ -245,6 +268,12 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def check_world(sp_size: int, world: int | None, source: str, key: str = "sp_size") -> None:
+    """ValueError unless ``sp_size`` (``parallel.<key>``) divides ``world`` (nothing to check when ``world`` is None)."""
+    if world is not None and world % sp_size != 0:
+        raise ValueError(f"{source}: parallel.{key}={sp_size} must divide the world size {world} ({sp_size} does not divide {world})")
 
 
 def _load_model_section(model: Any, source: str, base_dir: str | None) -> dict:

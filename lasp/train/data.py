@@ -1,19 +1,29 @@
-"""Training data: token memmaps, tokenizers, the embedded corpus, deterministic batches.
+"""Training data: token memmaps, the embedded corpus, deterministic batches (the tokenizers are
+in :mod:`lasp.train.tokenizer`).
 
-On disk a dataset is a directory with three files:
+On disk a dataset is a directory with three files (four with a tokenizers file):
 
-- ``tokens.bin``: every token id, back to back, as ``uint16`` (vocab <= 65536) or ``uint32``;
+- ``tokens.bin``: every token id, back to back, in the smallest unsigned type that holds the
+  vocab: ``uint8`` (byte tokens, vocab 256), ``uint16`` (vocab <= 65536) or ``uint32``
+  (datasets written before uint8 existed store byte tokens as ``uint16``: still read as such);
 - ``documents.bin``: the document index, the offset in ``tokens.bin`` of every document start
   (``uint64``, ``D`` of them, the first is 0). A document is one input file followed by its
   separator token, so document ``d`` is ``tokens[start_d : start_{d+1}]`` (never empty);
-- ``header.json``: ``{"format": "lasp-tokens", "version": 2, "dtype": "uint16",
-  "num_tokens": N, "vocab_size": V, "max_token_id": M, "tokenizer": "bytes" | "<path of a
-  tokenizers JSON>", "documents": D, "separator": S, "document_index": "documents.bin",
-  "document_index_dtype": "uint64"}``. Documents are separated by one
-  token ``S`` (byte tokenizer: NUL; a tokenizers file: its end-of-text token). ``max_token_id``
-  is checked against the model's vocab before training starts (older datasets without it are
-  scanned once). Datasets written before the index (version 1) have no ``document_index``: they
-  train as one token stream (``data.pack_documents`` must then be false or unset).
+- ``tokenizer.json``: a copy of the tokenizers file the data was prepared with (none for bytes),
+  so the dataset can move without losing its tokenizer;
+- ``header.json``: ``{"format": "lasp-tokens", "version": 2, "dtype": "uint8",
+  "num_tokens": N, "vocab_size": V, "max_token_id": M, "tokenizer": "bytes" | "tokenizer.json",
+  "documents": D, "separator": S, "document_index": "documents.bin",
+  "document_index_dtype": "uint64", "skipped_files": K}``. A relative ``tokenizer`` is relative
+  to the dataset directory (older datasets hold the absolute path of the original file; when it
+  is gone, the dataset's own ``tokenizer.json`` is used). Documents are separated by one token
+  ``S`` (byte tokenizer: NUL; a tokenizers file: its end-of-text token). Binary input files
+  (a NUL byte, or not UTF-8) are skipped and counted. The token ids are checked against the
+  model's vocab before training starts by a scan of ``tokens.bin`` (a vectorised max, done once
+  per file version: the result is cached in ``.scan.json`` next to it, keyed by size and mtime),
+  so a file changed after ``lasp data prepare`` cannot pass on its header's ``max_token_id``.
+  Datasets written before the index (version 1) have no ``document_index``: they train as one
+  token stream (``data.pack_documents`` must then be false or unset).
 
 Batches are sampled, not iterated: optimizer step ``s`` of a run with seed ``seed`` draws the
 start offsets of its ``grad_accum * dp_size * micro_batch_size`` windows from a generator
@@ -29,14 +39,18 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable
 
 import numpy as np
+
+from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, separator
 
 FORMAT = "lasp-tokens"
 VERSION = 2
@@ -44,88 +58,11 @@ HEADER = "header.json"
 TOKENS = "tokens.bin"
 DOCUMENTS = "documents.bin"
 INDEX_DTYPE = np.uint64
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-BYTES_VOCAB = 256
-#: separator between documents (byte tokenizer): a NUL byte never occurs in source text
-DOC_SEPARATOR = b"\x00"
-
-
-# ---------------------------------------------------------------------------- tokenizers
-
-
-class ByteTokenizer:
-    """The built-in tokenizer: a token is a UTF-8 byte (vocab 256)."""
-
-    name = "bytes"
-    vocab_size = BYTES_VOCAB
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def encode_bytes(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(int(i) & 0xFF for i in ids).decode("utf-8", errors="replace")
-
-
-#: special tokens tried, in order, as the end-of-text separator of a tokenizers file
-EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|im_end|>")
-
-
-class HFTokenizer:
-    """A ``tokenizers`` JSON file (imported lazily; ``pip install tokenizers``)."""
-
-    def __init__(self, path: str, eos_token: str | None = None):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise ValueError(
-                f"tokenizer {path!r} is a tokenizers JSON, but the 'tokenizers' package is not installed "
-                "(pip install tokenizers, or use --tokenizer bytes)"
-            ) from e
-        if not os.path.isfile(path):
-            raise ValueError(f"tokenizer: no such tokenizers JSON file {path!r}")
-        self.name = os.path.abspath(path)
-        self._tok = Tokenizer.from_file(path)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eos_token = eos_token
-        self.eos_id: int | None = None
-        for name in [eos_token] if eos_token else EOS_CANDIDATES:
-            tid = self._tok.token_to_id(name)
-            if tid is not None:
-                self.eos_token, self.eos_id = name, tid
-                break
-        if eos_token and self.eos_id is None:
-            raise ValueError(f"--eos-token: {eos_token!r} is not a token of {path}")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def encode_bytes(self, data: bytes) -> np.ndarray:
-        return np.asarray(self.encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
-
-
-def load_tokenizer(spec: str | None, eos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """``"bytes"``/``None`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`."""
-    if spec in (None, "bytes"):
-        return ByteTokenizer()
-    return HFTokenizer(spec, eos_token)
-
-
-def separator(tok: ByteTokenizer | HFTokenizer) -> np.ndarray:
-    """The token(s) written between documents: NUL for bytes, the EOS token of a tokenizers file."""
-    if isinstance(tok, ByteTokenizer):
-        return tok.encode_bytes(DOC_SEPARATOR)
-    if tok.eos_id is None:
-        raise ValueError(
-            f"tokenizer {tok.name}: no end-of-text token found to separate documents (tried {', '.join(EOS_CANDIDATES)}); "
-            "name it with --eos-token"
-        )
-    return np.asarray([tok.eos_id], dtype=np.int64)
+DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+#: the copy of a tokenizers file inside a dataset directory
+TOKENIZER_FILE = "tokenizer.json"
+#: the cached result of the token-id scan (:meth:`TokenDataset.max_token_id`)
+SCAN_CACHE = ".scan.json"
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -150,52 +87,91 @@ def _iter_files(inputs: list[str], pattern: str) -> list[Path]:
     return files
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds every id of a ``vocab_size`` vocab."""
+    return "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "uint32"
+
+
+def is_binary(data: bytes) -> bool:
+    """A file that is not text: it holds a NUL byte or is not valid UTF-8."""
+    if b"\x00" in data:
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def prepare(
     inputs: list[str], output: str, tokenizer: str | None = "bytes", *, pattern: str = "*", files: list[Path] | None = None,
-    overwrite: bool = False, eos_token: str | None = None,
+    overwrite: bool = False, eos_token: str | None = None, log: Callable[[str], None] | None = None, progress_every_s: float = 5.0,
 ) -> dict:
     """Tokenize text files (directories are walked for ``pattern``, hidden ones skipped) into a
     token memmap.
 
     Documents are separated by a separator token (byte tokenizer: NUL; a tokenizers file: its
-    EOS). A non-empty ``output`` is refused unless ``overwrite``. The directory is written to a
-    temporary sibling and renamed into place, so a crash never leaves a half dataset behind
-    and concurrent preparers do not collide. Returns the header dict.
+    EOS). Binary files (:func:`is_binary`) are skipped. A non-empty ``output`` is refused unless
+    ``overwrite``. The directory is written to a temporary sibling and renamed into place, so a
+    crash never leaves a half dataset behind and concurrent preparers do not collide. ``log``
+    gets a progress line (files, tokens) every ``progress_every_s`` seconds and one line about
+    the skipped files. Returns the header dict.
     """
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--output: {output!r} already exists and is not empty (pass --overwrite to replace it)")
     tok = load_tokenizer(tokenizer, eos_token)
     files = files if files is not None else _iter_files(inputs, pattern)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    dtype = token_dtype(tok.vocab_size)
     sep = separator(tok)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    num_tokens, max_id, starts = 0, -1, []
-    with open(tmp / TOKENS, "wb") as f:
-        for path in files:
-            starts.append(num_tokens)
-            ids = tok.encode_bytes(path.read_bytes())
-            for chunk in (ids, sep):
-                if len(chunk):
-                    max_id = max(max_id, int(np.max(chunk)))
-                f.write(np.ascontiguousarray(chunk, dtype=DTYPES[dtype]).tobytes())
-                num_tokens += len(chunk)
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype,
-        "num_tokens": num_tokens,
-        "vocab_size": tok.vocab_size,
-        "max_token_id": max_id,
-        "tokenizer": tok.name,
-        "documents": len(files),
-        "separator": int(sep[0]),
-        "document_index": DOCUMENTS,
-        "document_index_dtype": np.dtype(INDEX_DTYPE).name,
-    }
-    np.asarray(starts, dtype=INDEX_DTYPE).tofile(tmp / DOCUMENTS)
-    (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+    num_tokens, max_id, starts, skipped = 0, -1, [], []
+    start = last_report = time.monotonic()
+    try:
+        with open(tmp / TOKENS, "wb") as f:
+            for i, path in enumerate(files):
+                raw = path.read_bytes()
+                if is_binary(raw):
+                    skipped.append(path)
+                    continue
+                starts.append(num_tokens)
+                ids = tok.encode_bytes(raw)
+                for chunk in (ids, sep):
+                    if len(chunk):
+                        max_id = max(max_id, int(np.max(chunk)))
+                    f.write(np.ascontiguousarray(chunk, dtype=DTYPES[dtype]).tobytes())
+                    num_tokens += len(chunk)
+                now = time.monotonic()
+                if log is not None and now - last_report >= progress_every_s:
+                    last_report = now
+                    log(f"{i + 1:,}/{len(files):,} files, {num_tokens:,} tokens, {now - start:.0f} s")
+        if skipped and log is not None:
+            shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            log(f"warning: skipped {len(skipped):,} binary file(s) (a NUL byte or not UTF-8): {shown}")
+        if not starts:
+            raise ValueError(f"--input: every one of the {len(files):,} files is binary (a NUL byte or not UTF-8): nothing to tokenize")
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype,
+            "num_tokens": num_tokens,
+            "vocab_size": tok.vocab_size,
+            "max_token_id": max_id,
+            "tokenizer": "bytes" if isinstance(tok, ByteTokenizer) else TOKENIZER_FILE,
+            "documents": len(starts),
+            "separator": int(sep[0]),
+            "document_index": DOCUMENTS,
+            "document_index_dtype": np.dtype(INDEX_DTYPE).name,
+            "skipped_files": len(skipped),
+        }
+        if isinstance(tok, HFTokenizer):
+            shutil.copyfile(tok.name, tmp / TOKENIZER_FILE)
+        np.asarray(starts, dtype=INDEX_DTYPE).tofile(tmp / DOCUMENTS)
+        (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+    except BaseException:
+        _rmtree(tmp)
+        raise
     old = None
     if out.exists() and overwrite:  # keep the old dataset until the new one is complete
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -213,8 +189,6 @@ def prepare(
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -323,6 +297,7 @@ class TokenDataset:
         self.num_tokens: int = self.header["num_tokens"]
         self.vocab_size: int = self.header["vocab_size"]
         self.tokens = np.memmap(os.path.join(path, TOKENS), dtype=DTYPES[self.header["dtype"]], mode="r", shape=(self.num_tokens,))
+        self._max_token_id: int | None = None
         #: ``[D]`` int64 document starts (strictly increasing from 0), or None (a dataset without an index)
         self.doc_starts: np.ndarray | None = None
         if self.header.get("document_index") is not None:
@@ -338,12 +313,15 @@ class TokenDataset:
 
     @property
     def max_token_id(self) -> int:
-        """The largest token id (from the header; datasets written before it was recorded are scanned)."""
-        m = self.header.get("max_token_id")
-        if not isinstance(m, int):
-            m = int(self.tokens.max()) if self.num_tokens else -1
-            self.header["max_token_id"] = m
-        return m
+        """The largest token id IN ``tokens.bin`` (scanned, not read from the header: see the
+        module docstring; the scan is cached per file size and mtime)."""
+        if self._max_token_id is None:
+            self._max_token_id = scan_max_token_id(self.path, self.tokens)
+        return self._max_token_id
+
+    def tokenizer(self) -> "ByteTokenizer | HFTokenizer":
+        """The tokenizer the data was prepared with (see the module docstring for where it is found)."""
+        return load_tokenizer(dataset_tokenizer_path(self.path, self.header))
 
     def check_fits(self, seq_len: int, model_vocab_size: int | None = None) -> None:
         """ValueError unless a ``seq_len + 1`` window fits and token ids fit the model's vocab."""
@@ -354,10 +332,61 @@ class TokenDataset:
                 f"data.path: the dataset's vocab_size {self.vocab_size} exceeds the model's vocab_size {model_vocab_size}"
             )
         if model_vocab_size is not None and self.max_token_id >= model_vocab_size:
+            first = int(np.argmax(np.asarray(self.tokens) >= model_vocab_size))
+            claimed = self.header.get("max_token_id")
+            changed = (f"; its {HEADER} says max_token_id {claimed}: {TOKENS} was changed after `lasp data prepare`"
+                       if isinstance(claimed, int) and claimed != self.max_token_id else "")
             raise ValueError(
                 f"data.path: {self.path!r} holds token id {self.max_token_id}, but the model's vocab_size is "
-                f"{model_vocab_size} (ids must be < vocab_size)"
+                f"{model_vocab_size} (ids must be < vocab_size; the first such id is at offset {first:,} of "
+                f"{os.path.join(self.path, TOKENS)}{changed})"
             )
+
+
+def scan_max_token_id(path: str, tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest id in ``tokens`` (the memmap of ``path/tokens.bin``; -1 when empty), cached in
+    ``path/.scan.json`` by the file's size and mtime (best effort: a read-only dataset is
+    scanned every time; the max is vectorised, chunked so memory stays bounded)."""
+    tokens_path, cache_path = os.path.join(path, TOKENS), os.path.join(path, SCAN_CACHE)
+    st = os.stat(tokens_path)
+    key = {"tokens_size": st.st_size, "tokens_mtime_ns": st.st_mtime_ns}
+    try:
+        with open(cache_path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if {k: cached.get(k) for k in key} == key and isinstance(cached.get("max_token_id"), int):
+            return cached["max_token_id"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    m = -1
+    for lo in range(0, len(tokens), chunk):
+        m = max(m, int(np.max(tokens[lo : lo + chunk])))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=SCAN_CACHE + ".", dir=path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({**key, "max_token_id": m}, f)
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return m
+
+
+def dataset_tokenizer_path(path: str, header: dict) -> str:
+    """``"bytes"`` or the path of the dataset's tokenizers file: ``header["tokenizer"]`` relative to
+    the dataset directory; an absolute path that no longer exists falls back to the dataset's own
+    ``tokenizer.json`` (ValueError naming both when neither exists)."""
+    spec = header.get("tokenizer", "bytes")
+    if spec in (None, "bytes"):
+        return "bytes"
+    full = spec if os.path.isabs(spec) else os.path.join(path, spec)
+    if os.path.isfile(full):
+        return full
+    own = os.path.join(path, TOKENIZER_FILE)
+    if os.path.isfile(own):
+        return own
+    raise ValueError(
+        f"data.path: the tokenizer of {path!r} is gone: {HEADER} names {spec!r} and there is no {own!r} "
+        f"(copy the tokenizers JSON there, or prepare the data again)"
+    )
 
 
 # ---------------------------------------------------------------------------- batches

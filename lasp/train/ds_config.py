@@ -85,4 +85,15 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
                     "(set train.micro_batch_size / train.grad_accum instead)"
                 )
         ds = {**ds, **user}
+    if trainer_clips(cfg):
+        ds["gradient_clipping"] = 0.0
     return ds
+
+
+def trainer_clips(cfg: RunConfig) -> bool:
+    """Whether the trainer clips the gradients instead of DeepSpeed: expert parallelism in fp32
+    ZeRO-0, where DeepSpeed's clipping averages the per-rank norms while the expert-parallel ranks
+    hold different experts (:func:`lasp.train.expert_parallel.clip_grad_norm_` takes the whole
+    model's norm)."""
+    t = cfg.train
+    return cfg.parallel.ep_size > 1 and t.zero_stage == 0 and t.dtype == "fp32" and t.grad_clip > 0

@@ -1,27 +1,47 @@
-"""``lasp export --checkpoint DIR --output DIR``: a DeepSpeed checkpoint (any ZeRO stage) to one
-consolidated ``model.safetensors`` + ``model.yaml`` (the ``save_pretrained`` format, loadable
-with ``lasp.models.load_pretrained`` and ``lasp generate``).
+"""``lasp export --checkpoint DIR --output DIR``: a DeepSpeed checkpoint (any ZeRO stage) to a model
+directory: ``model.yaml`` + safetensors (the ``save_pretrained`` format, for
+``lasp.models.load_pretrained``, ``lasp generate`` and ``model.init_from``) or, with ``--format hf``,
+``config.json`` + safetensors that transformers loads (qwen3_5 models).
+
+    lasp export --checkpoint runs/x/checkpoints --output OUT [--format lasp|hf]
+                [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
 ``--checkpoint`` is either a checkpoint directory (its ``latest`` checkpoint is exported) or
 one checkpoint's tag directory (``.../checkpoints/step00000200``). Runs in one process, no
-launcher: ZeRO-1/2/3 shards are merged by DeepSpeed's ``zero_to_fp32`` consolidation; under
-ZeRO-0 the fp32 master copy is read from the optimizer state (a bf16/fp16 run's module holds
-rounded weights). The checkpoint is verified against its manifest first: a damaged one is one
-clear error.
+launcher. The weights are the fp32 master copy (never a bf16/fp16 module copy), written in the
+run's training dtype by default (``train.dtype`` of the checkpoint's ``run.yaml``; ``--dtype``
+chooses), each tensor rounded once, one tensor at a time (:mod:`lasp.train.consolidate` reads
+them, :mod:`lasp.models.shards` writes them) into shards of at most ``--max-shard-size`` with
+``model.safetensors.index.json`` when there is more than one.
+
+Beside the weights: the tokenizer, chat-template, generation and processor files of the run's
+``model.init_from`` directory (or, without one, the tokenizers JSON the checkpoint carries, else
+the dataset's, as ``tokenizer.json``); the HF ``config.json`` carries the bos/eos/pad token ids of the init_from
+directory (``config.json``, ``generation_config.json``), else the dataset's document separator
+as eos. Weights already in ``--output`` are replaced (see :mod:`lasp.models.shards`). The
+checkpoint is verified against its manifest first: a damaged one is one clear error.
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import errno
+import json
 import os
 import pickle
+import shutil
 import sys
+from dataclasses import dataclass, field
 
 import torch
+import yaml
+
+from lasp.models.shards import DEFAULT_MAX_SHARD_SIZE, WrittenWeights, parse_size
 
 from .checkpoint import read_latest, verify
 
 MODEL_YAML = "model.yaml"
+RUN_YAML = "run.yaml"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
@@ -37,88 +57,126 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     raise ValueError(f"--checkpoint: {path!r} is neither a checkpoint directory (with a 'latest' file) nor a checkpoint tag directory (with {MODEL_YAML})")
 
 
-def _flat_tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    return [t for item in obj for t in _flat_tensors(item)]
-
-
-def _zero0_fp32_master(saved: dict, model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """The fp32 master copy of a ZeRO-0 bf16/fp16 checkpoint (the optimizer's ``fp32_groups``, in
-    ``model.parameters()`` order), by parameter name; {} when the checkpoint has none."""
-    optim = saved.get("optimizer")
-    groups = (optim.get("fp32_groups") or optim.get("fp32_groups_flat")) if isinstance(optim, dict) else None
-    if model is None or not groups:
+def read_run(tag_dir: str) -> dict:
+    """The run config saved with the checkpoint (``run.yaml``), {} if it has none."""
+    path = os.path.join(tag_dir, RUN_YAML)
+    if not os.path.isfile(path):
         return {}
-    params = list(model.parameters())
-    tensors = _flat_tensors(groups)
-    if len(tensors) != len(params):  # one flat buffer per group: split it by the parameters' sizes
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        if flat.numel() != sum(p.numel() for p in params):
-            return {}
-        tensors = list(torch.split(flat, [p.numel() for p in params]))
-    by_id = {id(p): t.reshape(p.shape) for p, t in zip(params, tensors)}
-    return {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    with open(path, encoding="utf-8") as f:
+        run = yaml.safe_load(f)
+    return run if isinstance(run, dict) else {}
 
 
-def consolidated_state_dict(ckpt_dir: str, tag: str, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of checkpoint ``tag`` (merging ZeRO shards if any; the fp32
-    master weights, never the bf16/fp16 module copy). ``model`` (meta device is fine) gives the
-    parameter order of a ZeRO-0 checkpoint's optimizer state."""
-    tag_dir = os.path.join(ckpt_dir, tag)
-    if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def dataset_tokenizer(run: dict, tag_dir: str) -> tuple[str | None, dict]:
+    """``(tokenizers JSON path or None, {"eos_token_id": separator})`` of the run: the tokenizer
+    the checkpoint carries (``tokenizer.json`` beside its weights), else the dataset's (if its
+    header can be read); the separator ends every document: the model's end-of-text."""
+    from .data import HEADER, TOKENIZER_FILE, dataset_tokenizer_path
 
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    else:  # ZeRO-0: whole weights in the model-states file, the fp32 master copy in its optimizer state
-        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
-        if not files:
-            raise ValueError(f"--checkpoint: {tag_dir!r} holds no DeepSpeed model states")
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
-        state = dict(saved["module"])
-        state.update(_zero0_fp32_master(saved, model))
-    return {k: v.float().contiguous() for k, v in state.items()}
+    own = os.path.join(tag_dir, TOKENIZER_FILE)
+    data = (run.get("data") or {}).get("path")
+    header_path = os.path.join(data, HEADER) if isinstance(data, str) else None
+    header = {}
+    if header_path is not None and os.path.isfile(header_path):
+        try:
+            with open(header_path, encoding="utf-8") as f:
+                header = json.load(f)
+        except (OSError, ValueError):
+            header = {}
+    ids = {"eos_token_id": header["separator"]} if isinstance(header.get("separator"), int) else {}
+    if os.path.isfile(own):
+        return own, ids
+    try:
+        tok = dataset_tokenizer_path(data, header) if header else "bytes"
+    except ValueError:
+        tok = "bytes"
+    return (None if tok == "bytes" else tok), ids
 
 
-def export(checkpoint: str, output: str, fmt: str = "lasp") -> str:
-    """Write ``output/model.yaml`` + ``output/model.safetensors`` from ``checkpoint`` (``fmt="hf"``:
-    ``config.json`` + ``model.safetensors`` that transformers loads, qwen3_5 models); returns ``output``."""
-    from lasp.models import LinearLlamaForCausalLM, ModelConfig, save_pretrained, to_hf
+@dataclass
+class Exported:
+    """What :func:`export` wrote."""
+
+    output: str
+    tag: str
+    dtype: torch.dtype
+    weights: WrittenWeights
+    companions: list[str] = field(default_factory=list)
+    token_ids: dict = field(default_factory=dict)
+
+
+def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtype | None = None,
+           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Exported:
+    """Write checkpoint ``checkpoint`` into ``output`` (see the module docstring); ``dtype`` None is
+    the run's training dtype."""
+    from lasp.models import LinearLlamaForCausalLM, ModelConfig
+    from lasp.models.companions import copy_companions, token_ids
+    from lasp.models.hf import write_hf
+    from lasp.models.io import write_pretrained
+
+    from .consolidate import checkpoint_sources
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
-    cfg_path = os.path.join(ckpt_dir, tag, MODEL_YAML)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    cfg_path = os.path.join(tag_dir, MODEL_YAML)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"--checkpoint: {cfg_path!r} is missing (not a checkpoint written by lasp train)")
-    problem = verify(os.path.join(ckpt_dir, tag))
+    problem = verify(tag_dir)
     if problem is not None:
-        raise ValueError(f"--checkpoint: checkpoint {os.path.join(ckpt_dir, tag)} is damaged: {problem}; export an intact one (another stepN directory)")
-    model = LinearLlamaForCausalLM(ModelConfig.from_yaml(cfg_path), device="meta")
+        raise ValueError(f"--checkpoint: checkpoint {tag_dir} is damaged: {problem}; export an intact one (another stepN directory)")
+    cfg = ModelConfig.from_yaml(cfg_path)
+    if fmt == "hf" and cfg.architecture != "qwen3_5":
+        raise ValueError(f"--format hf: only architecture='qwen3_5' models export to Hugging Face format, this one is {cfg.architecture!r}")
+    run = read_run(tag_dir)
+    if dtype is None:
+        dtype = DTYPES.get((run.get("train") or {}).get("dtype"), torch.float32)
+    init_from = (run.get("model") or {}).get("init_from")
+    init_dir = init_from if isinstance(init_from, str) and os.path.isdir(init_from) else None
+    tokenizer, ids = dataset_tokenizer(run, tag_dir)
+    ids = {**ids, **(token_ids(init_dir) if init_dir else {})} if fmt == "hf" else {}
     try:
-        state = consolidated_state_dict(ckpt_dir, tag, model)
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise ValueError(f"--checkpoint: cannot read checkpoint {os.path.join(ckpt_dir, tag)}: {type(e).__name__}: {e}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"--checkpoint: weights of {tag!r} do not match {cfg_path}: missing {missing}, unexpected {unexpected}")
-    (to_hf if fmt == "hf" else save_pretrained)(model, output)
-    return output
+        sources = checkpoint_sources(ckpt_dir, tag, LinearLlamaForCausalLM(cfg, device="meta"))
+        if fmt == "hf":
+            written = write_hf(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size, token_ids=ids)
+        else:
+            written = write_pretrained(output, cfg, sources, dtype=dtype, max_shard_size=max_shard_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise ValueError(f"--output: cannot write {output}: {e.strerror}") from None
+        raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ValueError(f"--checkpoint: cannot read checkpoint {tag_dir}: {type(e).__name__}: {e}") from None
+    companions = copy_companions(init_dir, output) if init_dir else []
+    if "tokenizer.json" not in companions and tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.json"))
+        companions.append("tokenizer.json")
+    return Exported(output, tag, dtype, written, companions, ids)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lasp export", description="export a training checkpoint to safetensors + model YAML")
+    from lasp.models.convert_cli import describe
+
+    p = argparse.ArgumentParser(prog="lasp export", description="export a training checkpoint to safetensors + model config")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (uses 'latest') or one checkpoint's tag directory")
-    p.add_argument("--output", required=True, help="output directory (model.yaml + model.safetensors)")
+    p.add_argument("--output", required=True, help="output directory (its old weights are replaced, other files kept)")
     p.add_argument("--format", choices=("lasp", "hf"), default="lasp",
-                   help="lasp: model.yaml + model.safetensors; hf: config.json + model.safetensors for transformers (qwen3_5 models)")
+                   help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 models)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written weights (default: the run's train.dtype; the fp32 master copy is rounded once)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="largest safetensors file, e.g. 5GB (default), 500MB, 2GiB or bytes; more than one gets model.safetensors.index.json")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     try:
-        out = export(args.checkpoint, args.output, args.format)
+        parse_size(args.max_shard_size, "--max-shard-size")
+        res = export(args.checkpoint, args.output, args.format, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
     except ValueError as err:
         print(f"lasp export: error: {err}", file=sys.stderr)
         return 2
-    files = "config.json" if args.format == "hf" else "model.yaml"
-    print(f"exported {args.checkpoint} -> {out}/{files}, {out}/model.safetensors")
+    config = "config.json" if args.format == "hf" else MODEL_YAML
+    ids = "".join(f", {k}={v}" for k, v in res.token_ids.items())
+    print(f"exported {args.checkpoint} ({res.tag}) -> {res.output}/{config}, {str(res.dtype).replace('torch.', '')}{ids}\n"
+          f"{describe(res.output, res.weights, res.companions)}")
     return 0
 
 

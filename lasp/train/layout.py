@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args, _ = p.parse_known_args(argv)
     try:
-        cfg = RunConfig.from_yaml(args.config, args.overrides)
+        if args.nnodes < 1 or args.nproc < 1:
+            raise ValueError(f"NNODES and NPROC must be >= 1, got NNODES={args.nnodes}, NPROC={args.nproc}")
+        cfg = RunConfig.from_yaml(args.config, args.overrides, world=args.nnodes * args.nproc)  # sp_size | world checked first
         print(layout_line(cfg, args.nnodes, args.nproc, args.backend))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

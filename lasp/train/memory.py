@@ -32,7 +32,8 @@ group otherwise holds the same replica):
 - **the largest transient** during forward and backward, on top of the above, the biggest of: one
   layer's forward or backward working set (under checkpointing its recompute too: its saved
   tensors again), the loss (one chunk
-  of fp32 logits of the fused linear cross-entropy, ``max(1, 256 MiB // (4 V))`` tokens, and its
+  of fp32 logits of the fused linear cross-entropy, ``default_chunk_size(V)`` = ``max(1, 256 MiB //
+  (4 V))`` tokens (:mod:`lasp.ops.cross_entropy`), and its
   kept fp32 ``dweight``; the plain path: ``[T_local, V]`` logits, log-softmax and their gradient),
   and separately the optimizer step's (the fp32 gradient of the master partition and AdamW's
   temporaries), which runs after the activations are freed.
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 
 from ..models.activation_memory import LayerMemory, RankShape, layer_kinds, layer_memory
 from ..models.config import ModelConfig
+from ..ops.cross_entropy import CHUNK_BYTES, default_chunk_size
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEVICES = ("cuda", "cpu")
@@ -62,8 +64,6 @@ CUDA_RUNTIME_BYTES = 2 << 30
 CPU_RUNTIME_BYTES = 435 << 20
 """Measured on this project's CPU machine: max RSS of a ``lasp train`` rank beyond what its tensors
 need (torch, DeepSpeed, gloo, Python; ``lasp bench memory``'s ``runtime`` point)."""
-LOSS_CHUNK_BYTES = 256 << 20
-"""The fused linear cross-entropy's bound on one chunk of fp32 logits (lasp.linear_cross_entropy)."""
 PCIE_BYTES_PER_S = 25e9
 """Assumed host <-> device copy rate of the offload (pinned memory, PCIe Gen5 x16, one direction)."""
 
@@ -82,18 +82,6 @@ def parse_size(text: str | int, *, binary: bool = True) -> int:
     power = "KMGT".find(unit.upper()) + 1 if unit else 0
     base = 1024 if (i or not b) and (binary or i) else 1000
     return int(float(number) * base**power)
-
-
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of the fused linear cross-entropy: ``max(1, 256 MiB // (4 V))``."""
-    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
-
-
-def trainer_loss() -> str:
-    """The loss path ``lasp train`` takes: ``fused`` when lasp has ``linear_cross_entropy``, else ``plain``."""
-    import lasp
-
-    return "fused" if hasattr(lasp, "linear_cross_entropy") else "plain"
 
 
 @dataclass
@@ -166,18 +154,20 @@ def loss_memory(cfg: ModelConfig, tokens: int, e: int, loss: str) -> dict[str, i
     """The LM head and loss: ``kept`` (from the end of forward to the start of backward) and
     ``transient`` (on top, while the loss runs), bytes.
 
-    fused (``lasp.linear_cross_entropy``): gradients computed in forward and kept: ``dhidden``
+    fused (:func:`lasp.linear_cross_entropy`, what the model computes when given labels, and so
+    ``lasp train``): gradients computed in forward and kept: ``dhidden``
     (``e h`` per token) and the fp32 ``dweight [V, h]``; one chunk of fp32 logits (+ its bf16 source
     and gradient copy) at a time, and for 16-bit inputs one ``[V-block, h]`` product of at most 256 MiB;
-    the backward's ``dweight`` cast. plain: the fp32 logits ``[T_local, V]`` (the trainer holds them),
-    the log-softmax, in backward their two gradients."""
+    the backward's ``dweight`` cast. plain (a caller that builds the logits, as ``lasp train`` did
+    before the fused loss): the fp32 logits ``[T_local, V]`` (held by the caller), the log-softmax,
+    in backward their two gradients."""
     V, h = cfg.vocab_size, cfg.hidden_size
     if loss == "plain":
         kept = 4 * V * tokens + 4 * V * tokens
         return dict(kept=kept, transient=8 * V * tokens + (e * V * tokens if e != 4 else 0), chunk_tokens=tokens)
-    chunk = min(tokens, loss_chunk_tokens(V))
+    chunk = min(tokens, default_chunk_size(V))
     kept = e * h * tokens + 4 * V * h + 4 * tokens
-    transient = 4 * V * chunk + (2 * e * V * chunk if e != 4 else 0) + (min(LOSS_CHUNK_BYTES, e * V * h) if e != 4 else 0)
+    transient = 4 * V * chunk + (2 * e * V * chunk if e != 4 else 0) + (min(CHUNK_BYTES, e * V * h) if e != 4 else 0)
     return dict(kept=kept, transient=max(transient, e * V * h), chunk_tokens=chunk)
 
 
@@ -207,7 +197,7 @@ def estimate_memory(
     device: str = "cuda",
     rank: int | None = None,
     documents: bool = False,
-    loss: str | None = None,
+    loss: str = "fused",
     device_memory: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one training step on one rank (bytes; see the module docstring).
@@ -220,19 +210,20 @@ def estimate_memory(
             also keep the checkpointed layer inputs in host memory (implies checkpointing).
         layout: ``zigzag`` | ``contiguous``. device: ``cuda`` (Triton kernels, the allocator's
             peak) or ``cpu`` (the torch path, the process's max RSS). rank: the SP rank (default:
-            the one with the most memory). documents: packed documents. loss: ``fused`` |
-            ``plain`` (default: what ``lasp train`` uses). device_memory: bytes, for ``fits``.
+            the one with the most memory). documents: packed documents. loss: ``fused`` (what
+            ``lasp train`` uses) | ``plain``. device_memory: bytes, for ``fits``.
     """
     for name, value in (("seq_len", seq_len), ("sp", sp), ("dp", dp), ("micro_batch", micro_batch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
+    if cfg.mlp != "dense":
+        raise ValueError(f"the memory estimate models dense MLPs; mlp={cfg.mlp!r} (mixture of experts) is not modelled yet")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {dtype!r}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    loss = trainer_loss() if loss is None else loss
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     from ..parallel import check_shardable

@@ -85,8 +85,10 @@ class MetricsLogger:
             except ImportError:
                 warnings.warn("tensorboard: the 'tensorboard' package is not installed; skipping TensorBoard logging")
 
-    def log(self, step: int, loss: float, lr: float, tokens: int, tokens_per_s: float, step_time_s: float) -> dict:
-        """Record optimizer step ``step`` (1-based: the number of steps done)."""
+    def log(self, step: int, loss: float, lr: float, tokens: int, tokens_per_s: float, step_time_s: float,
+            extra: dict[str, float] | None = None) -> dict:
+        """Record optimizer step ``step`` (1-based: the number of steps done); ``extra``: more scalars
+        (e.g. an MoE model's ``aux_loss``), written to the record and TensorBoard."""
         rec = {
             "step": step,
             "loss": loss,
@@ -95,6 +97,7 @@ class MetricsLogger:
             "tokens_per_s": round(tokens_per_s, 2),
             "step_time_s": round(step_time_s, 4),
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            **(extra or {}),
         }
         if not self.active:
             return rec
@@ -107,7 +110,7 @@ class MetricsLogger:
             )
             self._bar.update(1)
         if self._tb is not None:
-            for key in ("loss", "lr", "tokens_per_s", "peak_memory_mb"):
+            for key in ("loss", "lr", "tokens_per_s", "peak_memory_mb", *(extra or {})):
                 self._tb.add_scalar(f"train/{key}", rec[key], step)
         return rec
 

@@ -10,6 +10,14 @@ The rules (decided on every rank from the same files, before any collective):
   nothing and says so (no checkpoint is touched);
 - a resume whose optimizer / schedule settings differ from the checkpoint's is refused with the
   list of differences, unless ``--resume-reset-schedule`` (then the new settings apply);
+- a resume that DeepSpeed cannot load (another world size, precision or model, a ZeRO stage
+  other than 1 <-> 2) is refused, every difference named, before DeepSpeed reads a file; another
+  world size is accepted with ``--resume-reshard`` (:mod:`lasp.train.reshard`);
+- a resume whose batches would differ from the checkpointed run's (``train.seq_len``, the
+  windows per step ``micro_batch_size x grad_accum x dp_size`` -- a changed ``sp_size`` changes
+  ``dp_size`` --, the data, ``data.pack_documents``) is refused with the list of differences,
+  unless ``--resume-allow-data-change`` (then the new batches are used from the checkpoint's
+  step on; the step count, schedule and tokens-seen carry on);
 - a torchrun elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes by itself, but only a
   checkpoint its own run wrote (the run id recorded in the checkpoint).
 """
@@ -21,8 +29,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import yaml
+
 from . import checkpoint
 from .config import RunConfig
+
+#: model config keys that say how to compute, not what is computed: they may change on resume
+COMPUTE_ONLY_MODEL_KEYS = ("linear_method", "linear_backend", "softmax_method", "description")
 
 #: the run config keys a checkpoint's optimizer state and LR schedule depend on
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "steps", "weight_decay", "grad_clip")
@@ -62,6 +75,99 @@ def schedule_differences(saved: dict | None, now: dict) -> list[str]:
     return out
 
 
+def data_fingerprint(data) -> dict:
+    """What a checkpoint records about its dataset (a :class:`lasp.train.data.TokenDataset`)."""
+    import zlib
+
+    with open(os.path.join(data.path, "header.json"), "rb") as f:
+        crc = zlib.crc32(f.read())
+    return {"path": os.path.abspath(data.path), "num_tokens": data.num_tokens, "header_crc": crc}
+
+
+def batch_settings(cfg: RunConfig, world: int, packed: bool | None = None) -> dict:
+    """What decides a run's batches (recorded in every checkpoint, compared on resume);
+    ``packed``: whether the run packs documents (None: unknown)."""
+    t, dp = cfg.train, world // cfg.parallel.sp_size
+    return {"seq_len": t.seq_len, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "sp_size": cfg.parallel.sp_size,
+            "dp_size": dp, "windows_per_step": t.micro_batch_size * t.grad_accum * dp, "pack_documents": packed}
+
+
+def _saved_run(ckpt_dir: str, tag: str, name: str) -> dict:
+    path = os.path.join(ckpt_dir, tag, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def incompatibilities(ckpt_dir: str, tag: str, cfg: RunConfig, model: dict | None) -> list[str]:
+    """What DeepSpeed cannot load into this run: ZeRO stage, precision, model (``model``: the new
+    run's model config dict); one ``"key: checkpoint X, now Y"`` item each."""
+    saved = _saved_run(ckpt_dir, tag, "run.yaml").get("train") or {}
+    out = []
+    old, new = saved.get("zero_stage"), cfg.train.zero_stage
+    if old is not None and old != new and not {old, new} <= {1, 2}:  # ZeRO-1 and -2 share one checkpoint format
+        out.append(f"train.zero_stage: checkpoint {old}, now {new} (DeepSpeed stores the optimizer state of ZeRO-0, ZeRO-1/2 "
+                   "and ZeRO-3 in different layouts)")
+    old, new = saved.get("dtype"), cfg.train.dtype
+    if old is not None and old != new:
+        out.append(f"train.dtype: checkpoint {old!r}, now {new!r} (the optimizer state and loss scaling differ per precision)")
+    old_model = _saved_run(ckpt_dir, tag, "model.yaml")
+    if model is not None and old_model:
+        keys = [k for k in sorted(set(old_model) | set(model)) if k not in COMPUTE_ONLY_MODEL_KEYS]
+        diffs = [f"{k}: checkpoint {old_model.get(k)!r}, now {model.get(k)!r}" for k in keys if old_model.get(k) != model.get(k)]
+        if diffs:
+            out.append("model: " + ", ".join(diffs))
+    return out
+
+
+def batch_differences(state: dict, ckpt_dir: str, tag: str, cfg: RunConfig, world: int, data: dict | None,
+                      packed: bool | None = None) -> tuple[list[str], list[str]]:
+    """``(differences, notes)``: how this run's batches would differ from the checkpointed run's
+    (``data``: this run's :func:`data_fingerprint`; ``packed``: whether it packs documents), and
+    changes that leave them alone."""
+    saved_run = _saved_run(ckpt_dir, tag, "run.yaml")
+    old = state.get("batch")
+    if old is None:  # a checkpoint written before the record: rebuild it from its run.yaml
+        t, p = saved_run.get("train") or {}, saved_run.get("parallel") or {}
+        old_world, old_sp = state.get("world_size", world), p.get("sp_size", state.get("sp_size", 1))
+        if "seq_len" not in t:
+            old = None
+        else:
+            dp = old_world // old_sp
+            old = {"seq_len": t["seq_len"], "micro_batch_size": t.get("micro_batch_size"), "grad_accum": t.get("grad_accum"),
+                   "sp_size": old_sp, "dp_size": dp, "windows_per_step": t.get("micro_batch_size", 0) * t.get("grad_accum", 0) * dp,
+                   "pack_documents": None}
+    new = batch_settings(cfg, world, packed)
+    diffs, notes = [], []
+    if old is not None:
+        if old["seq_len"] != new["seq_len"]:
+            diffs.append(f"train.seq_len: checkpoint {old['seq_len']}, now {new['seq_len']}")
+        if old["windows_per_step"] != new["windows_per_step"]:
+            show = lambda b: (f"{b['windows_per_step']} (micro_batch_size {b['micro_batch_size']} x grad_accum {b['grad_accum']} "  # noqa: E731
+                              f"x dp_size {b['dp_size']}, sp_size {b['sp_size']})")
+            diffs.append(f"windows per step: checkpoint {show(old)}, now {show(new)}")
+        elif (old["sp_size"], old["micro_batch_size"], old["grad_accum"]) != (new["sp_size"], new["micro_batch_size"], new["grad_accum"]):
+            notes.append(f"sp_size / micro_batch_size / grad_accum changed ({old['sp_size']}/{old['micro_batch_size']}/{old['grad_accum']} -> "
+                         f"{new['sp_size']}/{new['micro_batch_size']}/{new['grad_accum']}); the global batch is the same")
+        if None not in (old.get("pack_documents"), new["pack_documents"]) and old["pack_documents"] != new["pack_documents"]:
+            diffs.append(f"data.pack_documents: checkpoint {old.get('pack_documents')!r}, now {new['pack_documents']!r}")
+    old_data = state.get("data")
+    if old_data is not None and data is not None:
+        same_content = (old_data.get("num_tokens"), old_data.get("header_crc")) == (data["num_tokens"], data["header_crc"])
+        if not same_content:
+            diffs.append(f"data: checkpoint {old_data.get('path')} ({old_data.get('num_tokens'):,} tokens), "
+                         f"now {data['path']} ({data['num_tokens']:,} tokens{', same path, other content' if old_data.get('path') == data['path'] else ''})")
+        elif old_data.get("path") != data["path"]:
+            notes.append(f"data.path: the dataset moved ({old_data.get('path')} -> {data['path']}), same content")
+    elif old_data is None and data is not None:
+        old_path = (saved_run.get("data") or {}).get("path")
+        if old_path is not None and os.path.abspath(old_path) != data["path"]:
+            diffs.append(f"data.path: checkpoint {old_path}, now {data['path']}")
+    return diffs, notes
+
+
 @dataclass
 class StartPlan:
     """What :func:`plan_start` decided."""
@@ -70,12 +176,16 @@ class StartPlan:
     start_step: int = 0
     done: bool = False  # the checkpoint is at or past train.steps: do nothing
     move_aside: bool = False  # --overwrite: move the old run aside before starting
+    reshard: bool = False  # the checkpoint was written by another number of ranks: load it as a universal checkpoint
     messages: list[str] = field(default_factory=list)  # tell the user (rank 0)
 
 
 def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = False, reset_schedule: bool = False,
-               run_id: str | None = None, restarts: int = 0) -> StartPlan:
-    """Decide how this run starts (see the module docstring); ValueError when it must refuse."""
+               allow_data_change: bool = False, reshard: bool = False, run_id: str | None = None, restarts: int = 0,
+               model: dict | None = None, data: dict | None = None, packed: bool | None = None) -> StartPlan:
+    """Decide how this run starts (see the module docstring); ValueError when it must refuse.
+    ``model``: the run's model config dict; ``data``: its :func:`data_fingerprint`; ``packed``:
+    whether it packs documents (compared with the checkpoint's on resume when given)."""
     ckpt_dir = cfg.checkpoint_dir
     plan = StartPlan()
     if restarts > 0 and not resume:
@@ -103,7 +213,7 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
                 )
             plan.move_aside = True
         return plan
-    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed)
+    tag, state, notes = checkpoint.resume_point(ckpt_dir, world, cfg.train.seed, reshard=reshard, ep_size=cfg.parallel.ep_size)
     plan.messages += notes
     if notes:
         plan.messages.append(f"resuming from {os.path.join(ckpt_dir, tag)}, the newest intact checkpoint")
@@ -115,6 +225,23 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
             "(no checkpoint was changed; raise train.steps to train further)"
         )
         return plan
+    where = os.path.join(ckpt_dir, tag)
+    hard = incompatibilities(ckpt_dir, tag, cfg, model)
+    if hard:
+        raise ValueError(
+            f"--resume: checkpoint {where} cannot be loaded into this run: " + "; ".join(hard)
+            + " (restore the old values, or start a new run from its weights: `lasp export --checkpoint "
+            + f"{where} --output DIR`, then --set model.init_from=DIR)"
+        )
+    batch_diffs, batch_notes = batch_differences(state, ckpt_dir, tag, cfg, world, data, packed)
+    plan.messages += [f"--resume: {n}" for n in batch_notes]
+    if batch_diffs and not allow_data_change:
+        raise ValueError(
+            f"--resume: the batches would differ from checkpoint {where}'s run: " + "; ".join(batch_diffs)
+            + " (restore the old values, or pass --resume-allow-data-change to continue with the new batches)"
+        )
+    if batch_diffs:
+        plan.messages.append("--resume-allow-data-change: continuing with new batches (" + "; ".join(batch_diffs) + ")")
     diffs = schedule_differences(state.get("schedule"), schedule_settings(cfg))
     if diffs and not reset_schedule:
         raise ValueError(
@@ -124,6 +251,10 @@ def plan_start(cfg: RunConfig, *, world: int, resume: bool, overwrite: bool = Fa
     if diffs:
         plan.messages.append("--resume-reset-schedule: applying the new settings (" + "; ".join(diffs) + ")")
     plan.resume_tag, plan.start_step = tag, step
+    if state.get("world_size", world) != world:
+        plan.reshard = True
+        plan.messages.append(f"--resume-reshard: repartitioning {where} from {state['world_size']} to {world} ranks "
+                             "(DeepSpeed universal checkpoint)")
     return plan
 
 

@@ -2,33 +2,36 @@
 
 Call :func:`train` on every rank (under torchrun / the deepspeed launcher / a spawned gloo
 group). Everything that can be wrong with the input (config, data, world size) is checked on
-every rank before the first collective.
+every rank before the first collective (:mod:`lasp.train.preflight`). Rank 0 holds the lock
+of the run's directories while it runs (:mod:`lasp.train.run_lock`); SIGINT / SIGTERM stop
+the run after the current step with a checkpoint (:mod:`lasp.train.preemption`).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
 import os
-import random
-import tempfile
+import sys
 import time
-import zlib
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, expert_parallel, reshard
 from .config import RunConfig
-from .data import HEADER, BatchSpec, TokenDataset, embedded_corpus, load_tokenizer, micro_batch
+from .data import TOKENIZER_FILE, BatchSpec, TokenDataset, dataset_tokenizer_path, micro_batch
 from .packing import IGNORE_INDEX, packed_micro_batch
-from .ds_config import build_deepspeed_config, make_scheduler
+from .ds_config import build_deepspeed_config, make_scheduler, trainer_clips
 from .init_from import build_initial_model
 from .metrics import MetricsLogger
-from .resume import env_run_id, move_aside, plan_start, restart_count, schedule_settings
+from .preemption import Preempted, StopSignals
+from .preflight import build_model_config, check_same_inputs, pack_documents, preflight, world_size_from_env  # noqa: F401 - tests import the first and third from here
+from .resume import batch_settings, data_fingerprint, env_run_id, move_aside, plan_start, restart_count, schedule_settings
+from .run_lock import RunLock, lock_dirs
 
 
 @dataclass
@@ -47,105 +50,6 @@ class TrainResult:
     weights: dict | None = field(default=None, repr=False)
 
 
-def world_size_from_env() -> int:
-    """The world size this process runs in (initialised group, else launcher env, else 1)."""
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_world(cfg: RunConfig, world: int) -> None:
-    """ValueError unless ``parallel.sp_size`` divides ``world``."""
-    sp = cfg.parallel.sp_size
-    if world % sp != 0:
-        raise ValueError(f"{cfg.source}: parallel.sp_size={sp} must divide the world size {world}")
-
-
-def resolve_data(cfg: RunConfig) -> str:
-    """The dataset directory of the run (preparing the embedded corpus on first use)."""
-    if cfg.data.path is not None:
-        return cfg.data.path
-    return embedded_corpus(cfg.data.cache_dir)
-
-
-def build_model_config(cfg: RunConfig):
-    """``(ModelConfig, model.init_from path or None)`` of the run (:mod:`lasp.train.init_from`)."""
-    from .init_from import split_model_section
-
-    return split_model_section(cfg.model, cfg.source)
-
-
-def check_writable(path: str, key: str) -> None:
-    """ValueError naming ``key`` unless ``path`` is (or can be created as) a writable directory."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not a directory)")
-    try:  # os.access says yes to root everywhere, also on /proc: try it
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ValueError(f"{key}: cannot write {path!r} ({probe!r} is not writable: {e.strerror})") from None
-
-
-def preflight(cfg: RunConfig, world: int) -> tuple[object, str | None, TokenDataset, bool]:
-    """Every check that needs no collective: world size, model config, writable output
-    directories, data (header, size, token ids against the model's vocab, document packing).
-    Returns ``(model_config, init_from path or None, dataset, whether documents are packed)``."""
-    check_world(cfg, world)
-    mcfg, init_from = build_model_config(cfg)
-    check_writable(cfg.out_dir, "out_dir")
-    check_writable(cfg.checkpoint_dir, "checkpoint.dir")
-    data = TokenDataset(resolve_data(cfg))
-    data.check_fits(cfg.train.seq_len, mcfg.vocab_size)
-    return mcfg, init_from, data, pack_documents(cfg, data)
-
-
-def pack_documents(cfg: RunConfig, data: TokenDataset) -> bool:
-    """Whether the run packs documents: ``data.pack_documents``, default (null) = the dataset has
-    a document index. ValueError when it is true and the dataset has no index."""
-    want = cfg.data.pack_documents
-    if want and not data.has_documents:
-        raise ValueError(
-            f"{cfg.source}: data.pack_documents is true, but the dataset {data.path!r} has no document index "
-            f"(documents.bin; it was prepared before lasp recorded documents): prepare it again with `lasp data prepare`, "
-            "or set data.pack_documents: false to train on it as one token stream"
-        )
-    return data.has_documents if want is None else bool(want)
-
-
-def check_same_inputs(data: TokenDataset, ckpt_dir: str, resume_tag: str | None, run_id: str | None) -> str:
-    """One small all-gather: every rank must see the same dataset (size and header checksum) and
-    the same checkpoint (tag and manifest checksum); ValueError on every rank otherwise. Returns
-    the run id (``run_id``, else rank 0's random one)."""
-    from lasp import comm
-
-    def crc(path: str) -> int:
-        with open(path, "rb") as f:
-            return zlib.crc32(f.read())
-
-    step = -1 if resume_tag is None else int(resume_tag.removeprefix("step"))
-    manifest = 0 if resume_tag is None else crc(os.path.join(ckpt_dir, resume_tag, checkpoint.MANIFEST))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor([data.num_tokens, crc(os.path.join(data.path, HEADER)), step, manifest, random.getrandbits(62)],
-                        dtype=torch.int64, device=device)
-    every, _ = comm.all_gather(mine, None, tag="train-preflight")
-    rows = every.tolist()
-    for r, row in enumerate(rows):
-        if row[:2] != rows[0][:2]:
-            raise ValueError(
-                f"data.path: rank {r} sees a different dataset than rank 0 ({row[0]:,} vs {rows[0][0]:,} tokens, header "
-                f"checksum {row[1]:08x} vs {rows[0][1]:08x}); every rank must read the same data ({data.path})"
-            )
-        if row[2:4] != rows[0][2:4]:
-            raise ValueError(
-                f"checkpoint.dir: rank {r} sees a different checkpoint than rank 0 (step {row[2]} vs {rows[0][2]}, manifest "
-                f"checksum {row[3]:08x} vs {rows[0][3]:08x}); every rank must read the same checkpoint directory ({ckpt_dir})"
-            )
-    return run_id or f"{rows[0][4]:016x}"
-
-
 def _single_process_env() -> None:
     from lasp.spawn import free_port
 
@@ -158,16 +62,18 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def full_state_dict(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, zero_stage: int, rank: int, ep_group=None) -> dict[str, torch.Tensor] | None:
     """The model's full fp32 state dict on rank 0's CPU (None on the other ranks). Collective
-    under ZeRO-3 (call on every rank): parameters are gathered ONE AT A TIME, so no rank ever
-    holds the whole model twice."""
+    under ZeRO-3 and expert parallelism (call on every rank): parameters are gathered ONE AT A
+    TIME, so no rank ever holds the whole model twice."""
     module = engine.module
+    experts = {id(p) for _, p in expert_parallel.expert_parameters(module)} if ep_group is not None else set()
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     for name, p in module.named_parameters(remove_duplicate=False):
         with _gathered_one(p, zero_stage):
+            value = expert_parallel.gather_expert(p, ep_group) if id(p) in experts else p
             if out is not None:
-                out[name] = p.detach().float().cpu().clone()
+                out[name] = value.detach().float().cpu().clone()
     if out is not None:
         for name, b in module.named_buffers():
             out[name] = b.detach().float().cpu().clone()
@@ -207,6 +113,8 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     reset_schedule: bool = False,
+    allow_data_change: bool = False,
+    reshard: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
     sample: bool = True,
@@ -217,24 +125,25 @@ def train(
 
     ``stop_after``: end right after that optimizer step without a final checkpoint, as if the
     job were killed there (the resume tests use it). ``keep_weights``: return the final fp32
-    weights (rank 0) in ``result.weights``. ``resume`` / ``overwrite`` / ``reset_schedule``:
-    ``--resume``, ``--overwrite``, ``--resume-reset-schedule`` (rules in :mod:`lasp.train.resume`);
-    a torchrun elastic restart resumes its own run's checkpoint by itself.
+    weights (rank 0) in ``result.weights``. ``resume`` / ``overwrite`` / ``reset_schedule`` /
+    ``allow_data_change`` / ``reshard``: ``--resume``, ``--overwrite``, ``--resume-reset-schedule``,
+    ``--resume-allow-data-change``, ``--resume-reshard`` (rules in :mod:`lasp.train.resume`); a torchrun elastic
+    restart resumes its own run's checkpoint by itself. Raises :class:`Preempted` (on every
+    rank) when a SIGINT / SIGTERM stopped the run after a step, with that step saved.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's detection warning
     import deepspeed
 
-    from lasp.models.info import count_params
     from lasp.parallel import DEFAULT_TIMEOUT_S, init_parallel
 
-    t, layout = cfg.train, cfg.parallel.layout
     world = world_size_from_env()
     mcfg, init_from, data, packed = preflight(cfg, world)  # init_from: fine-tuning (lasp.train.init_from)
-    ckpt_dir = cfg.checkpoint_dir
     run_id = env_run_id()
+    fingerprint = data_fingerprint(data)
     plan = plan_start(cfg, world=world, resume=resume, overwrite=overwrite, reset_schedule=reset_schedule,
-                      run_id=run_id, restarts=restart_count())
+                      allow_data_change=allow_data_change, reshard=reshard, run_id=run_id, restarts=restart_count(),
+                      model=mcfg.to_dict(), data=fingerprint, packed=packed)
     rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
     if rank == 0 and plan.messages:
         print("\n".join(f"lasp train: {m}" for m in plan.messages), flush=True)
@@ -245,12 +154,44 @@ def train(
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _single_process_env()  # DeepSpeed needs a process group, even for one process
-    state = init_parallel(cfg.parallel.sp_size, timeout_s=cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S)
+    timeout_s = cfg.parallel.timeout_s or DEFAULT_TIMEOUT_S
+    with StopSignals(announce=rank == 0) as stop:
+        state = init_parallel(cfg.parallel.sp_size, ep_size=cfg.parallel.ep_size, timeout_s=timeout_s)  # the timeout of every group, DeepSpeed's too
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+        rank = dist.get_rank()
+        lock = RunLock(lock_dirs(cfg.out_dir, cfg.checkpoint_dir))
+        refusal = None
+        if rank == 0:
+            try:
+                lock.acquire()
+            except ValueError as e:
+                refusal = str(e)
+        try:
+            # a collective: past it, every rank has decided its plan from the files as they were
+            run_id = check_same_inputs(data, cfg.checkpoint_dir, plan.resume_tag, run_id, refusal, lock.dirs)
+            if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
+                print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
+                lock.reacquire()
+            return _train_locked(cfg, mcfg, init_from, data, packed, plan, state, run_id, fingerprint, stop,
+                                 reset_schedule=reset_schedule, stop_after=stop_after, progress=progress, sample=sample,
+                                 verbose=verbose, keep_weights=keep_weights)
+        finally:
+            lock.release()
+
+
+def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: bool, plan, state, run_id: str, fingerprint: dict,
+                  stop: StopSignals, *, reset_schedule: bool, stop_after: int | None, progress: bool, sample: bool, verbose: bool,
+                  keep_weights: bool) -> TrainResult:
+    """:func:`train` once the ranks agree and rank 0 holds the run's lock."""
+    import deepspeed
+
+    from lasp.models.info import count_params
+    from lasp.models.moe import router_losses
+
+    t, layout = cfg.train, cfg.parallel.layout
+    ckpt_dir = cfg.checkpoint_dir
     rank, world = dist.get_rank(), dist.get_world_size()
-    # a collective: past it, every rank has decided its plan from the files as they were
-    run_id = check_same_inputs(data, ckpt_dir, plan.resume_tag, run_id)
-    if plan.move_aside and rank == 0:  # the others touch out_dir only after deepspeed.initialize's collectives
-        print("\n".join(f"lasp train: {m}" for m in move_aside(cfg)), flush=True)
     spec = BatchSpec(t.seq_len, t.micro_batch_size, t.grad_accum, state.dp_size, t.seed)
 
     def batch(step: int, micro: int):
@@ -261,21 +202,36 @@ def train(
         ids, labels = micro_batch(data, spec, step, micro, state.dp_rank, state.sp_rank, state.sp_size, layout)
         return ids.to(device), labels.to(device), None
 
+    load_tag = plan.resume_tag
+    if plan.reshard:  # rank 0 converts, every rank loads the universal checkpoint
+        load_tag = _converted(ckpt_dir, plan.resume_tag, rank)
     torch.manual_seed(t.seed)  # same initial replica on every rank
     ds_config = build_deepspeed_config(cfg, world)
-    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None)
+    if plan.reshard:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None, ep_group=state.ep_group)
     if t.activation_checkpointing or t.activation_offload:
         model.set_activation_checkpointing(True, offload=t.activation_offload)
+    if state.ep_size > 1:  # experts as DeepSpeed expert parameters (reduced over their EDP group)
+        expert_parallel.prepare(model, state, mcfg.num_experts)
+    moe, clip_experts = mcfg.mlp == "moe", trainer_clips(cfg)
     n_params = count_params(mcfg)  # the meta-built model's count (tests/test_configs.py)
     scheduler = None if "scheduler" in ds_config else make_scheduler(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints a line per rank about its shm op
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=scheduler)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
+                                               lr_scheduler=scheduler)
     device = engine.device
 
     start_step, tokens_done = 0, 0
     if plan.resume_tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, plan.resume_tag)
+        client = checkpoint.load(engine, ckpt_dir, load_tag)
+        if state.ep_size > 1:
+            expert_parallel.load_experts(engine.module, os.path.join(ckpt_dir, load_tag), state)
         start_step, tokens_done = int(client["step"]), int(client.get("tokens", 0))
+        if plan.reshard:
+            dist.barrier()
+            if rank == 0:
+                reshard.remove(ckpt_dir, plan.resume_tag)
         if reset_schedule:
             apply_schedule(engine, cfg, scheduler is not None)
     last_step = min(t.steps, stop_after) if stop_after is not None else t.steps
@@ -286,25 +242,31 @@ def train(
     if rank == 0 and verbose:
         print(
             f"training {mcfg.num_layers}-layer '{mcfg.layer_pattern}' model ({n_params / 1e6:.2f}M params) "
-            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}, {layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
+            f"on {world} ranks: SP={state.sp_size} x DP={state.dp_size}{f' (EP={state.ep_size})' if state.ep_size > 1 else ''}, "
+            f"{layout} layout, ZeRO-{t.zero_stage}, {t.dtype}; "
             f"steps {start_step}->{t.steps}, {spec.tokens_per_step:,} tokens/step; data {data.path} ({data.num_tokens:,} tokens"
             f"{', packed documents' if packed else ''})",
             flush=True,
         )
     logger = MetricsLogger(cfg.out_dir, rank, t.steps, start_step, tensorboard=cfg.tensorboard, progress=progress)
     extra_files = {"model.yaml": _yaml(mcfg.to_dict()), "run.yaml": _yaml(cfg.to_dict())}
+    if rank == 0:  # the model's tokenizer travels with its checkpoints
+        extra_files.update(_tokenizer_file(data))
     result = TrainResult(start_step=start_step, checkpoint_dir=None, metrics_path=logger.metrics_path)
 
     def save(step: int) -> str:
         client = {
             "step": step, "tokens": tokens_done, "seed": t.seed, "world_size": world, "sp_size": state.sp_size,
-            "dp_size": state.dp_size, "run_id": run_id, "schedule": schedule_settings(cfg),
+            "dp_size": state.dp_size, "ep_size": state.ep_size, "run_id": run_id, "schedule": schedule_settings(cfg),
+            "batch": batch_settings(cfg, world, packed), "data": fingerprint,
         }
-        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank)
+        more = (lambda tag_dir: expert_parallel.save_experts(engine.module, tag_dir, state)) if state.ep_size > 1 else None
+        return checkpoint.save(engine, ckpt_dir, step, client, extra_files, rank, keep_last=cfg.checkpoint.keep_last, write_more=more)
 
     engine.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces device tensors
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, z; on the device: NCCL reduces device tensors
     run_start = time.perf_counter()
+    signum = 0
     for step in range(start_step, last_step):
         step_start = time.perf_counter()
         lr = float(engine.get_lr()[0])  # what the optimizer uses for this step (not recomputed from the config)
@@ -312,24 +274,40 @@ def train(
         # the loss is the mean over the counted tokens of the GLOBAL batch (every rank, every micro-step)
         scale = backward_scale([labels for _, labels, _ in batches], world, t.grad_accum)
         loss_sum.zero_()
-        for input_ids, labels, cu_seqlens in batches:
-            logits = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            engine.backward(loss * scale.to(loss.dtype))
+        for micro, (input_ids, labels, cu_seqlens) in enumerate(batches):
+            stats = [] if moe else None
+            # the sum of this rank's token losses (labels IGNORE_INDEX = none), fused: no logits
+            loss = engine(input_ids, group=state.sp_group, layout=layout, cu_seqlens=cu_seqlens, labels=labels, router_stats=stats)
+            objective = loss * scale.to(loss.dtype)
+            if moe:  # the router losses of the micro-step's global batch: this rank's share (lasp.models.moe)
+                router = router_losses(stats, dist.group.WORLD)
+                objective = objective + world * (mcfg.router_aux_loss_coef * router.aux_share + mcfg.router_z_loss_coef * router.z_share)
+                loss_sum[1:] += torch.stack([router.aux, router.z]) / world  # every rank holds the global values
+            engine.backward(objective)
+            if clip_experts and micro == t.grad_accum - 1:  # the gradients are reduced at the last micro-step
+                expert_parallel.clip_grad_norm_(engine.module, t.grad_clip, state.ep_group)
             engine.step()
-            loss_sum += loss.detach().double()
+            loss_sum[0] += loss.detach().double()
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        step_loss = (loss_sum * scale).item() / (world * t.grad_accum)
+        step_loss = (loss_sum[0] * scale).item() / (world * t.grad_accum)
+        router_logs = {"aux_loss": loss_sum[1].item() / t.grad_accum, "z_loss": loss_sum[2].item() / t.grad_accum} if moe else None
         tokens_done += spec.tokens_per_step
         dt = time.perf_counter() - step_start
         result.losses.append(step_loss)
         if (step + 1) % t.log_every == 0 or step + 1 == last_step:
-            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt)
+            logger.log(step + 1, step_loss, lr, tokens_done, spec.tokens_per_step / dt, dt, extra=router_logs)
         if not torch.isfinite(torch.tensor(step_loss)):
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
         done = step + 1
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
+        saved = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps
+        if saved:
             result.checkpoint_dir = save(done)
+        signum = stop.agreed()  # one tiny all-reduce: every rank stops after the same step
+        if signum and done < last_step:
+            if not saved:
+                result.checkpoint_dir = save(done)
+            logger.close()
+            raise Preempted(signum, done, result.checkpoint_dir)
     elapsed = time.perf_counter() - run_start
     steps_run = last_step - start_step
     result.last_step = last_step
@@ -338,11 +316,11 @@ def train(
         result.checkpoint_dir = save(last_step)
     result.plot_path = logger.close()
 
-    want_sample = sample and cfg.sample.max_new_tokens > 0
+    want_sample = sample and cfg.sample.max_new_tokens > 0 and not signum  # asked to stop in the last step: no sample
     if want_sample or keep_weights:
-        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank)  # collective under ZeRO-3: every rank
+        weights = full_state_dict(engine, engine.zero_optimization_stage(), rank, state.ep_group)  # collective under ZeRO-3 / EP
         if rank == 0:
-            result.sample = generate_sample(mcfg, weights, data, cfg) if want_sample else None
+            result.sample = sample_or_warn(mcfg, weights, data, cfg) if want_sample else None
             result.weights = weights if keep_weights else None
     if rank == 0 and verbose:
         print_summary(cfg, result)
@@ -363,17 +341,55 @@ def backward_scale(labels: list[torch.Tensor], world: int, grad_accum: int) -> t
     return world * grad_accum / count.clamp(min=1.0)
 
 
+def _converted(ckpt_dir: str, tag: str, rank: int) -> str:
+    """The universal checkpoint of ``tag`` (rank 0 converts it; ValueError on every rank when it could not)."""
+    error = None
+    if rank == 0:
+        try:
+            reshard.convert(ckpt_dir, tag)
+        except ValueError as e:
+            error = str(e)
+    if checkpoint.any_rank(error is not None):
+        raise ValueError(error or "--resume-reshard: rank 0 could not convert the checkpoint (see its error)")
+    return reshard.universal_tag(tag)
+
+
+def _tokenizer_file(data: TokenDataset) -> dict[str, str]:
+    """``{"tokenizer.json": text}`` of the dataset's tokenizers file ({} for bytes, or with a
+    warning when the file is gone: the checkpoints then carry none)."""
+    if data.header.get("tokenizer", "bytes") == "bytes":
+        return {}
+    try:
+        with open(dataset_tokenizer_path(data.path, data.header), encoding="utf-8") as f:
+            return {TOKENIZER_FILE: f.read()}
+    except (OSError, ValueError) as e:
+        print(f"lasp train: warning: the checkpoints will carry no tokenizer: {e}", file=sys.stderr, flush=True)
+        return {}
+
+
 def _yaml(d: dict) -> str:
     import yaml
 
     return yaml.safe_dump(d, sort_keys=False)
 
 
+def sample_or_warn(mcfg, weights: dict, data: TokenDataset, cfg: RunConfig) -> str | None:
+    """:func:`generate_sample`, or None with a warning on stderr: the sample is a courtesy, it
+    never fails a finished run (e.g. a dataset whose tokenizer file is gone)."""
+    try:
+        return generate_sample(mcfg, weights, data, cfg)
+    except Exception as e:  # noqa: BLE001 - whatever it is, the run itself is complete
+        print(f"lasp train: warning: no end-of-run sample ({type(e).__name__}: {e}); the run itself is complete",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def generate_sample(mcfg, weights: dict, data: TokenDataset, cfg: RunConfig) -> str:
-    """A short continuation of ``cfg.sample.prompt`` by a single-process copy of the model."""
+    """A short continuation of ``cfg.sample.prompt`` by a single-process copy of the model, in
+    the dataset's tokenizer."""
     from lasp.models import LinearLlamaForCausalLM
 
-    tok = load_tokenizer(data.header.get("tokenizer", "bytes"))
+    tok = data.tokenizer()
     model = LinearLlamaForCausalLM(mcfg)
     model.load_state_dict(weights)
     model.eval()
