@@ -50,7 +50,7 @@ POINTS: dict[str, tuple[dict, int, int, int, str, bool, bool]] = {
 def point_overrides(name: str, out_dir: str) -> list[str]:
     """The ``--set`` overrides of a point's run."""
     model, seq_len, sp, zero, dtype, ckpt, offload = POINTS[name]
-    sets = {**model, "parallel.sp_size": sp, "parallel.nproc": sp, "parallel.layout": "zigzag", "train.seq_len": seq_len,
+    sets = {**model, "model.max_seq_len": max(seq_len, 512), "parallel.sp_size": sp, "parallel.nproc": sp, "parallel.layout": "zigzag", "train.seq_len": seq_len,
             "train.micro_batch_size": 1, "train.grad_accum": 1, "train.steps": 2, "train.warmup": 1, "train.zero_stage": zero,
             "train.dtype": dtype, "train.activation_checkpointing": ckpt, "train.activation_offload": offload,
             "sample.max_new_tokens": 0, "checkpoint.every": 0, "out_dir": out_dir}
