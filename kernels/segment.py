@@ -105,7 +105,7 @@ class TritonSegment:
         self.dq, self.dk, self.dv = (torch.zeros_like(x) for x in (self.q, self.k, self.v))
         B, T, H, K = self.q.shape
         if self.gates is not None:
-            self.dgp = torch.zeros(K // block(K), B * H, T, dtype=torch.float32, device=self.q.device)
+            self.dgp = torch.zeros(K // block(K, self.q.dtype), B * H, T, dtype=torch.float32, device=self.q.device)
 
     def backward_summary(self, dM: torch.Tensor, dlogA: torch.Tensor) -> None:
         """Add the gradients due to the summary's own gradient ``dM [B, H, K, V]``, ``dlogA [B, H]``

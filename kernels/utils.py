@@ -52,9 +52,15 @@ def low_precision_dots(dtype: torch.dtype) -> bool:
     return (not INTERPRET) and dtype in (torch.float16, torch.bfloat16)
 
 
-def block(d: int, cap: int = 64) -> int:
-    """Tile size along a head dim (d is a power of two >= 16)."""
-    return min(d, cap)
+def tile_cap(dtype: torch.dtype) -> int:
+    """Largest tile along a head dim: 64 for 16-bit inputs, 32 for fp32 (fp32 operands take twice the
+    registers: at 64 the fp32 kernels spill on sm_80, see ``python -m lasp.kernels.compile_check``)."""
+    return 32 if dtype == torch.float32 else 64
+
+
+def block(d: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Tile size along a head dim (d is a power of two >= 16) for inputs of ``dtype``."""
+    return min(d, tile_cap(dtype))
 
 
 #: Launch configs tried on a GPU: warps x pipeline stages (tile sizes are fixed by the launcher).

@@ -55,6 +55,9 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
     ("g-bf16", 20, 16, 32, "g", False, torch.bfloat16),
     ("g-fp16", 20, 16, 32, "g", False, torch.float16),
     ("deltanet-l2-bf16", 20, 32, 16, "none", True, torch.bfloat16),
+    # log gates x 200 (-82..-2 per token): cumulative gates far below -88 inside a chunk, last chunk partly filled
+    ("strong-g-fp32", 37, 16, 32, "strong", False, torch.float32),
+    ("strong-g-l2-bf16", 21, 32, 16, "strong", True, torch.bfloat16),
 ]
 
 
@@ -62,7 +65,9 @@ SEG_CASES = [  # id, T, K, V, gates, l2, dtype
 def test_segment_matches_float64_oracle(case):
     _, T, K, V, gates, l2, dtype = case
     B, H = 1, 2
-    xs = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, seed=T + K)[:5]
+    xs = delta_inputs(B, T, H, K, V, gates="g" if gates == "strong" else gates, dtype=dtype, l2norm=l2, seed=T + K)[:5]
+    if gates == "strong":
+        xs[4] = xs[4] * 200
     S_in, do = rnd(B, H, K, V, seed=1) * 0.5, rnd(B, T, H, V, seed=2).to(dtype)
     dM, dA = rnd(B, H, K, V, seed=3) * 0.1, rnd(B, H, K, K, seed=4) * 0.1
     scale = K**-0.5
@@ -118,6 +123,28 @@ def test_driver_backward_launches_no_output_kernel(monkeypatch, api):
     o.backward(rnd(B, T, H, V, seed=14))
     assert len(calls) == 2, "backward ran the output kernel"
     assert all(x.grad is not None for x in xs)
+
+
+@pytest.mark.parametrize("final", [False, True], ids=["o", "o+final"])
+def test_one_segment_runs_no_transition_and_three_passes(monkeypatch, final):
+    """P = 1, no initial state: the transition A (the trajectory from I) is never computed, forward
+    runs one chunk-state pass, backward two (the state pass again and the reverse pass from dO),
+    plus one reverse pass from the final state's gradient when it is returned."""
+    import lasp.kernels.gated_delta as gd
+
+    calls = []
+    for name in ("transition_and_summary", "state_pass", "identity_trajectory", "state_grad_pass"):
+        fn = getattr(gd, name)
+        monkeypatch.setattr(gd, name, lambda *a, _n=name, _f=fn, **kw: calls.append((_n, kw.get("transition"))) or _f(*a, **kw))
+    B, T, H, K, V = 1, 40, 1, 16, 16
+    xs = [x.clone().requires_grad_() for x in delta_inputs(B, T, H, K, V, gates="g", seed=21)[:5]]
+    out = lasp.gated_delta_rule(*xs, output_final_state=final, backend="triton")
+    assert calls == [("transition_and_summary", False)]
+    calls.clear()
+    loss = (out[0].sum() + out[1].sum()) if final else out.sum()
+    loss.backward()
+    assert calls == [("transition_and_summary", False), ("state_grad_pass", None)] + [("state_grad_pass", None)] * final
+    assert all(torch.isfinite(x.grad).all() for x in xs)
 
 
 def lasp2_worker(rank, world, xs, do, layout, l2, method="lasp2"):

@@ -234,19 +234,52 @@ def test_unsupported_head_dims_are_a_clear_error(K, V, what):
         lasp.linear_attention(q, k, v, backend="triton")
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter never compiles: build one variant of every kernel for sm_90 (ptxas
-    included) in a process without TRITON_INTERPRET, so GPU-only compile errors show here."""
+def _no_interpreter_env():
     import os
+
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_compile_check_quick_passes_and_reports_per_arch():
+    """The interpreter never compiles: ``compile_check`` builds the launches the launchers really
+    make (captured from the segments, with the runtime's specialisation) for sm_80 and sm_90 with the
+    wheel's ptxas, in a process without TRITON_INTERPRET. Here a representative subset (the
+    sequential state-gradient kernel at its launch configs, K = V = 128 bf16); the whole set is
+    ``python -m lasp.kernels.compile_check``."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "lasp.kernels.compile_check", "--quick"], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "lasp.kernels.compile_check", "--quick", "--op", "gated_delta", "--kernels", "state_bwd_kernel"],
+        env=_no_interpreter_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 failing variant(s)" in proc.stdout
+    for arch in (80, 90):
+        assert f"0 failing variant(s) for sm_{arch}" in proc.stdout, proc.stdout
+    assert "state_bwd_kernel[bf16 K=128" in proc.stdout and "smem KiB" in proc.stdout
+
+
+def test_compile_check_flags_an_over_limit_config():
+    """``check_config`` on the state-gradient kernel at the config it was launched with before
+    (Triton's defaults: 4 warps, 3 stages; 64-column tiles): over an H100's 227 KiB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from lasp.kernels.compile_check import check_config\n"
+        "from lasp.kernels.gated_delta.bwd import state_bwd_kernel\n"
+        "B, H, T, K, V, N = 1, 16, 1024, 128, 128, 16\n"
+        "f = lambda *s, dt=torch.float32: torch.empty(*s, dtype=dt)\n"
+        "args = (f(B, H, T, K), f(B, H, T, K), f(B, H, T, K), f(B, H, T), f(B, H, T), f(B, H, T),\n"
+        "        f(B, T, H, V, dt=torch.bfloat16), f(B, H, T, V), f(B, H, K, V), f(B, H, N, K, V, dt=torch.bfloat16),\n"
+        "        f(B, H, T, V), f(B, H, K, V), 0.1, T, V)\n"
+        "c = dict(H=H, K=K, BT=64, BV=64, HAS_DO=True, HAS_T=False, STORE_DU=True, ACC_DU=False, LOWP=True)\n"
+        "print(check_config(state_bwd_kernel, args, c, num_warps=4, num_stages=3, arch=90))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "shared memory" in proc.stdout and "> 227 KiB (sm_90)" in proc.stdout, proc.stdout
 
 
 # ----------------------------------------------------------------------------- hard resets (g = -inf)

@@ -25,6 +25,12 @@ from .common import Gates, load_gates, masked_exp, mm, mm_state, n_chunks, to_ch
 from .fwd import gate_args, snapshot_dtype
 
 
+#: Launch settings of the kernels that are not autotuned (they accumulate into existing buffers);
+#: compile_check verifies every one fits sm_80 and sm_90 without spills.
+SUMMARY_BWD = dict(num_warps=4, num_stages=1)
+CHUNK_BWD_DG = dict(num_warps=1, num_stages=1)  # [BT] vectors, one program per head
+
+
 @maybe_autotune(key=["K", "V", "BT", "USE_G", "LOWP"])
 @triton.jit
 def chunk_bwd_dh_kernel(
@@ -255,7 +261,7 @@ def chunk_bwd_dh(q, do, gates: Gates | None, scale: float, BT: int):
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, q.dtype), block(V, q.dtype)
     dh = torch.empty(B, H, N, K, V, dtype=snapshot_dtype(q.dtype), device=q.device)
     ds = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     chunk_bwd_dh_kernel[(B * H, K // BK, V // BV)](
@@ -281,7 +287,7 @@ def chunk_bwd_dqk(q, k, v, do, gates: Gates | None, h, state: torch.Tensor | Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, q.dtype), block(V, q.dtype)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dgp = torch.empty(K // BK, B * H, T, dtype=torch.float32, device=q.device) if gates is not None else None
@@ -299,7 +305,7 @@ def chunk_bwd_dv(q, k, do, gates: Gates | None, dh, scale: float, BT: int):
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, q.dtype), block(V, q.dtype)
     dv = torch.empty_like(do)
     chunk_bwd_dv_kernel[(B * H * N, V // BV)](
         q, k, do, *gate_args(gates, dv, "b", "r"), dh, dv, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
@@ -319,10 +325,10 @@ def summary_bwd(k, v, h, gates: Gates | None, dM: torch.Tensor, dk, dv, dgp, BT:
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, k.dtype), block(V, k.dtype)
     summary_bwd_kernel[(B * H * N, K // BK + V // BV)](
         k, v, h, *gate_args(gates, dM, "b", "r", "bt", "ge"), dM, dk, dv, dgp if dgp is not None else dM, T, N, B * H,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gates is not None, LOWP=low_precision_dots(k.dtype),
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gates is not None, LOWP=low_precision_dots(k.dtype), **SUMMARY_BWD,
     )
 
 
@@ -336,5 +342,5 @@ def chunk_bwd_dg(dgp: torch.Tensor, gates: Gates, c: torch.Tensor, B: int, T: in
     N = n_chunks(T, BT)
     da = torch.empty(B, T, H, dtype=torch.float32, device=dgp.device)
     dsum = torch.empty(B, H, dtype=torch.float32, device=dgp.device)
-    chunk_bwd_dg_kernel[(B * H,)](dgp, gates.r, c, da, dsum, T, N, B * H, H=H, NK=dgp.shape[0], BT=BT)
+    chunk_bwd_dg_kernel[(B * H,)](dgp, gates.r, c, da, dsum, T, N, B * H, H=H, NK=dgp.shape[0], BT=BT, **CHUNK_BWD_DG)
     return da, dsum

@@ -23,6 +23,12 @@ from ..utils import block, low_precision_dots, maybe_autotune
 from .common import RESET, Gates, load_gates, masked_exp, mm, mm_state, n_chunks, to_chunk_end
 
 
+#: Launch settings of the kernels that are not autotuned (the others: ``utils.GPU_CONFIGS``);
+#: compile_check verifies every one fits sm_80 and sm_90 without spills.
+CHUNK_GATES = dict(num_warps=1, num_stages=1)  # [BT] vectors, one program per head
+CHUNK_FWD_INTER = dict(num_warps=4, num_stages=1)
+
+
 @triton.jit
 def load_a(g_ptr, gg_ptr, i_b, i_h, t, m, T, H: tl.constexpr, BT: tl.constexpr, HAS_G: tl.constexpr, HAS_GG: tl.constexpr):
     """``a = g + g_gamma`` at tokens ``t`` (0 where ``m`` is False)."""
@@ -188,7 +194,7 @@ def chunk_gates(g: torch.Tensor | None, g_gamma: torch.Tensor | None, B: int, T:
     logA = torch.empty(B, H, **f32)
     chunk_gates_kernel[(B * H,)](
         g if g is not None else b, g_gamma if g_gamma is not None else b, b, r, bt, gs, ge, logA, T, N,
-        H=H, BT=BT, HAS_G=g is not None, HAS_GG=g_gamma is not None,
+        H=H, BT=BT, HAS_G=g is not None, HAS_GG=g_gamma is not None, **CHUNK_GATES,
     )
     return Gates(b, r, bt, gs, ge, logA)
 
@@ -214,7 +220,7 @@ def chunk_fwd_h(k: torch.Tensor, v: torch.Tensor, gates: Gates | None, BT: int):
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, k.dtype), block(V, k.dtype)
     h = torch.empty(B, H, N, K, V, dtype=snapshot_dtype(k.dtype), device=k.device)
     M = torch.empty(B, H, K, V, dtype=torch.float32, device=k.device)
     chunk_fwd_h_kernel[(B * H, K // BK, V // BV)](
@@ -229,7 +235,7 @@ def chunk_fwd_o(q, k, v, gates: Gates | None, h: torch.Tensor, scale: float, BT:
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, q.dtype), block(V, q.dtype)
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     chunk_fwd_o_kernel[(B * H * N, V // BV)](
         q, k, v, *gate_args(gates, o, "b", "r"), h, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
@@ -247,9 +253,9 @@ def chunk_fwd_inter(q, gates: Gates | None, state: torch.Tensor, o: torch.Tensor
     B, T, H, K = q.shape
     V = o.shape[-1]
     N = n_chunks(T, BT)
-    BK, BV = block(K), block(V)
+    BK, BV = block(K, q.dtype), block(V, q.dtype)
     chunk_fwd_inter_kernel[(B * H * N, V // BV)](
         q, *gate_args(gates, o, "b", "r", "gs"), state, o, scale, T, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype), num_warps=4,
+        USE_G=gates is not None, LOWP=low_precision_dots(q.dtype), **CHUNK_FWD_INTER,
     )
     return o

@@ -91,6 +91,20 @@ def to_global_order(gathered: torch.Tensor, layout: str) -> torch.Tensor:
     return flat if idx is None else flat.index_select(0, idx)
 
 
+def own_summary(seg, n_segments: int, zero_start: bool):
+    """``seg.summary()``; a lone segment with no incoming state applies its transition to zeros
+    only, so a segment that can skip it (``lazy_transition``) is asked not to compute it."""
+    if n_segments == 1 and zero_start and getattr(seg, "lazy_transition", False):
+        return seg.summary(transition=False)
+    return seg.summary()
+
+
+def summary_grad_A(seg, kind: str, A, G, S_in):
+    """The ``dA`` argument of ``backward_summary``: None for a segment that derives it from its
+    incoming state itself (``dA_from_state``: ``dA = G S_in^T``), else :func:`affine.grad_A`."""
+    return None if getattr(seg, "dA_from_state", False) else affine.grad_A(kind, A, G, S_in)
+
+
 class LASP2Causal(torch.autograd.Function):
     """Causal LASP-2 over ``call.group``: ``apply(call, initial_state, *inputs)``."""
 
@@ -100,7 +114,7 @@ class LASP2Causal(torch.autograd.Function):
         kind = call.kind
         segs = build_segments(call, inputs)
         n_seg = len(segs)
-        summaries = [s.summary() for s in segs]
+        summaries = [own_summary(s, size * n_seg, initial_state is None) for s in segs]
         K, V = summaries[0][1].shape[-2:]
         packed = torch.stack([affine.pack(kind, A, M) for A, M in summaries])
         gathered, work = all_gather_async(packed, call.group, _FWD_TAG)
@@ -131,7 +145,7 @@ class LASP2Causal(torch.autograd.Function):
         mine = segment_order(size, call.layout)[rank]
         do_parts = split_segments(do, call.layout)
 
-        own_A = [s.summary()[0] for s in segs]
+        own_A = [own_summary(s, size * n_seg, ctx.s0_dtype is None)[0] for s in segs]
         dS_local = [s.state_grad(d) for s, d in zip(segs, do_parts)]
         B, H, K, V = dS_local[0].shape
         packed = torch.stack([affine.pack(kind, A, dS) for A, dS in zip(own_A, dS_local)]).reshape(-1)
@@ -154,7 +168,7 @@ class LASP2Causal(torch.autograd.Function):
         for j, (s, p) in enumerate(zip(segs, mine)):
             if p == N - 1 and G_N is None:
                 continue  # the last segment's summary feeds nothing
-            s.backward_summary(G[j], affine.grad_A(kind, own_A[j], G[j], own_states[j]))
+            s.backward_summary(G[j], summary_grad_A(s, kind, own_A[j], G[j], own_states[j]))
 
         d_s0 = initial_state_grad(ctx, G[-1] if want_s0 else None, own_states[0])
         return (None, d_s0, *segment_input_grads(call, segs, needs))

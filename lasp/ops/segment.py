@@ -29,6 +29,13 @@ state_is_zero)``                   ``backward_output`` needs of ``compute_local`
                                    unused)
 =================================  =============================================================
 
+Optional (a segment that has them gets them from :mod:`lasp.ops.lasp2`): ``lazy_transition =
+True`` (class attr) and ``summary(transition=False)``: the caller applies ``A`` to zero states only
+(one segment, no incoming state), the segment may skip computing it (and return zeros) and treat
+``dA`` as zero; ``dA_from_state = True``: ``backward_summary(dM, None)`` means ``dA = dM S_in^T``
+(the gradient of ``S_out = A S_in + M`` with the ``S_in`` given to ``prepare_backward``), which the
+segment derives itself.
+
 Constructors: diagonal ``Seg(q, k, v, g, g_gamma, scale)`` (grads ``(dq, dk, dv, dg, dg_gamma)``);
 delta ``Seg(q, k, v, beta, g, scale, use_qk_l2norm=False)``. A segment object lives for ONE
 direction: the drivers build segments in forward and REBUILD them from the saved inputs in
