@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import comm
+from ..models.config import QWEN_ARCHITECTURES
 from . import sweep
 from .cli import common_args, csv_arg
 from .results import fmt_bytes
@@ -116,8 +117,8 @@ def precheck(point: dict) -> tuple[str, str] | None:
         return None
     if point["sp"] != 1:
         return "skipped", "transformers' model runs on one process (sp=1)"
-    if model_config(point).architecture != "qwen3_5":
-        return "unavailable", f"{point['model']} has no transformers implementation (only architecture: qwen3_5 has)"
+    if model_config(point).architecture not in QWEN_ARCHITECTURES:
+        return "unavailable", f"{point['model']} has no transformers implementation (only architecture: qwen3_5 / qwen3_next have)"
     if importlib.util.find_spec("transformers") is None:
         return "unavailable", "--compare-hf needs transformers (pip install 'lasp[hf]')"
     return None

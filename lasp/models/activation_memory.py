@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DELTA_VARIANTS, ModelConfig
+from .config import DELTA_VARIANTS, QWEN_ARCHITECTURES, ModelConfig
 
 TORCH_CHUNK = 64
 """Tokens per chunk of the torch paths (:data:`lasp.ops.chunk.DEFAULT_CHUNK_SIZE`, the delta rule's too)."""
@@ -122,7 +122,7 @@ def layer_kind(cfg: ModelConfig, layer_type: str) -> str:
     """``linear`` | ``gdn`` | ``softmax`` of a layer of ``cfg.layer_types``."""
     if layer_type == "softmax":
         return "softmax"
-    return "gdn" if cfg.architecture == "qwen3_5" or cfg.linear_variant in DELTA_VARIANTS else "linear"
+    return "gdn" if cfg.architecture in QWEN_ARCHITECTURES or cfg.linear_variant in DELTA_VARIANTS else "linear"
 
 
 def layer_kinds(cfg: ModelConfig) -> dict[str, int]:
@@ -242,7 +242,7 @@ def _linear(cfg: ModelConfig, s: RankShape):
 
 def _gdn_dims(cfg: ModelConfig) -> tuple[int, int, int, int, bool]:
     """``(q/k heads as computed, value heads, key dim, value dim, q/k repeated)`` of a delta-rule layer."""
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         nk, nv, dk, dv = cfg.linear_dims
         return nk, nv, dk, dv, True
     return cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.head_dim, False
@@ -283,7 +283,7 @@ def _softmax(cfg: ModelConfig, s: RankShape):
     """The softmax mixer (:class:`lasp.models.mixers.SoftmaxAttention`, :class:`lasp.models.qwen3_5.Qwen35Attention`)."""
     e, H, Hkv, D = s.dtype_bytes, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     HD, KD = H * D, Hkv * D
-    qwen = cfg.architecture == "qwen3_5"
+    qwen = cfg.architecture in QWEN_ARCHITECTURES
     # one process without documents: SDPA's output is laid out [B, T, H, D], so the reshape that
     # o_proj (or the output gate) takes is a view of it; the other paths return a transposed view
     # of a [B, H, T, D] tensor and the reshape copies

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from .config import DELTA_VARIANTS, ModelConfig
+from .config import DELTA_VARIANTS, QWEN_ARCHITECTURES, ModelConfig
 from .delta_mixer import delta_param_counts
 from .qwen3_5 import qwen35_param_counts
 
@@ -35,7 +35,7 @@ from .qwen3_5 import qwen35_param_counts
 def _mixer_counts(cfg: ModelConfig, kind: str) -> tuple[int, int]:
     """``(matrix weights, other weights)`` of one token mixer of kind ``kind``."""
     h, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         return qwen35_param_counts(cfg, kind)
     if kind == "softmax":
         return 2 * h * H * D + 2 * h * cfg.kv_heads * D, 0
@@ -79,7 +79,7 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True, active: bool 
 
 def _linear_state_size(cfg: ModelConfig) -> int:
     """Elements of one linear layer's recurrent states (all heads)."""
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         _, nv, dk, dv = cfg.linear_dims
         return nv * dk * dv
     return cfg.num_heads * cfg.head_dim * cfg.head_dim
@@ -123,8 +123,8 @@ def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
         f"hidden / heads    {cfg.hidden_size} / {cfg.num_heads} heads of {cfg.head_dim} (softmax kv heads {cfg.kv_heads})",
         f"mlp / vocab       {cfg.intermediate_size} / {cfg.vocab_size} ({'tied' if cfg.tie_embeddings else 'untied'} embeddings)",
         (f"linear variant    {cfg.linear_variant} (feature map {cfg.feature_map}, output norm {cfg.output_norm})"
-         if cfg.architecture != "qwen3_5" else
-         "linear layers     qwen3_5 Gated DeltaNet: {} key heads / {} value heads, key dim {}, value dim {}".format(*cfg.linear_dims))
+         if cfg.architecture not in QWEN_ARCHITECTURES else
+         f"linear layers     {cfg.architecture} Gated DeltaNet: " + "{} key heads / {} value heads, key dim {}, value dim {}".format(*cfg.linear_dims))
         if n_soft < cfg.num_layers else "linear variant    - (no linear layers)",
         f"parameters        {count_params(cfg):,} ({_human(count_params(cfg))}); "
         f"non-embedding {count_params(cfg, include_embedding=False):,}",

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.cross_entropy import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 from ..parallel import LAYOUTS, global_positions, group_rank_size
-from .config import DELTA_VARIANTS, ModelConfig
+from .config import DELTA_VARIANTS, QWEN_ARCHITECTURES, ModelConfig
 from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
@@ -29,11 +29,11 @@ from .qwen3_5 import OffsetRMSNorm, Qwen35Attention, Qwen35GatedDeltaNet
 
 
 def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return OffsetRMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture == "qwen3_5" else RMSNorm(dim, cfg.rms_norm_eps)
+    return OffsetRMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture in QWEN_ARCHITECTURES else RMSNorm(dim, cfg.rms_norm_eps)
 
 
 def _mixer_class(cfg: ModelConfig, kind: str) -> type:
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         return Qwen35GatedDeltaNet if kind == "linear" else Qwen35Attention
     if kind == "softmax":
         return SoftmaxAttention
