@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lasp.train.main", "train a model (DeepSpeed ZeRO, SP x DP) from a run config"),
     "data": ("lasp.train.data_cli", "prepare a token memmap: lasp data prepare --input ... --output DIR"),
     "export": ("lasp.train.export", "export a checkpoint to safetensors shards plus the model config (lasp or Hugging Face)"),
-    "convert": ("lasp.models.convert_cli", "Hugging Face Qwen3.5 checkpoints to lasp and back: lasp convert --from-hf DIR --output DIR"),
+    "convert": ("lasp.models.convert_cli", "Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints to lasp and back: lasp convert --from-hf DIR --output DIR"),
     "generate": ("lasp.models.generate_cli", "generate text from a checkpoint"),
     "model-info": ("lasp.models.info", "parameter and FLOP counts of a model config"),
     "bench": ("lasp.bench.cli", "benchmarks: lasp bench kernels | layer | model | predict"),

@@ -203,3 +203,85 @@ def drive_segment(make, state: torch.Tensor, do: torch.Tensor, dM: torch.Tensor,
     seg.backward_output(do)
     seg.backward_summary(dM, dA)
     return dict(A=A, M=M, o=o, dS_in=ds), list(seg.grads())
+
+
+# ----------------------------------------------------------------------------- activation memory census
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    st = t.untyped_storage()
+    return (str(t.device), st.data_ptr())
+
+
+def saved_storage_bytes(root: torch.Tensor, exclude=()) -> int:
+    """Bytes of the distinct storages the autograd graph of ``root`` keeps for backward (tensors
+    saved by its nodes, custom Functions' ``save_for_backward`` included), except those of the
+    tensors in ``exclude`` (parameters, the inputs): the census the memory estimate is checked on."""
+    skip = {_storage_key(t) for t in exclude}
+    seen: set = set()
+    total, stack, visited = 0, [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        tensors = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    v = getattr(node, name)
+                except RuntimeError:  # freed already
+                    continue
+                tensors += [v] if isinstance(v, torch.Tensor) else [x for x in v if isinstance(x, torch.Tensor)] if isinstance(v, (tuple, list)) else []
+        if not tensors and hasattr(node, "saved_tensors"):
+            tensors = [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            key = _storage_key(t)
+            if key not in skip and key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        stack.extend(n for n, _ in node.next_functions)
+    return total
+
+
+class SavedTensorCensus(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct storages saved for backward while active, by device
+    (``census.bytes["cpu"]``). Saved-tensor hooks do not nest: tensors saved under inner hooks
+    (activation checkpointing's, :class:`lasp.models.offload.HostOffload`) are theirs, not counted."""
+
+    def __init__(self, exclude=()):
+        self.bytes: dict[str, int] = {}
+        skip = {_storage_key(t) for t in exclude}
+        seen: set = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key not in skip and key not in seen:
+                seen.add(key)
+                self.bytes[str(t.device)] = self.bytes.get(str(t.device), 0) + t.untyped_storage().nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def live_peak_bytes(fn) -> int:
+    """Peak bytes of the CPU tensors allocated while ``fn()`` runs, above what was allocated before
+    (the profiler's memory events; frees of earlier tensors are not seen, so this is an upper bound
+    when ``fn`` frees tensors it did not allocate)."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    base = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - base

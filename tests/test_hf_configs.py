@@ -1,7 +1,7 @@
 """Hugging Face configs never misread (issue 24): RoPE settings read as transformers reads them
 and YaRN implemented (logits equal transformers' models built from its own config objects, both
 legacy spellings), the ``rope_scaling`` config key, one-line refusals (other rope types,
-quantized checkpoints, missing shards, MoE configs), a tied checkpoint shipping ``lm_head.weight``,
+quantized checkpoints, missing shards, MoE settings lasp cannot hold), a tied checkpoint shipping ``lm_head.weight``,
 and ``--like`` exports in a ``Qwen3_5ForConditionalGeneration``'s layout.
 """
 from __future__ import annotations
@@ -177,8 +177,9 @@ def write_config(path, **changes) -> dict:
 
 
 def test_refusals_are_one_line(tmp_path, capsys):
-    """Other rope types, quantized checkpoints (config or tensors), a missing shard, MoE configs
-    and a missing key: one ValueError line each (the CLI prints it and exits 2)."""
+    """Other rope types, quantized checkpoints (config or tensors), a missing shard, MoE settings
+    lasp cannot hold, other model types and a missing key: one ValueError line each (the CLI prints
+    it and exits 2)."""
     from safetensors.torch import load_file, save_file
     from transformers import Qwen3_5MoeConfig, Qwen3NextConfig
 
@@ -204,18 +205,24 @@ def test_refusals_are_one_line(tmp_path, capsys):
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     refused({**base, "quantization_config": fp8},
             r"^config.json: quantized checkpoints are not supported \(quantization_config: fp8 e4m3 \[128, 128\]\); use the unquantized \(bf16\) release$")
-    moe = Qwen3_5MoeConfig(text_config={"num_hidden_layers": 2, "num_experts": 4}).to_dict()
-    refused(moe, r"^config.json: Mixture-of-Experts models \(model_type 'qwen3_5_moe', num_experts=4\) are not supported yet")
-    del moe["text_config"]["model_type"]  # the nested type missing: the parent's
-    refused(moe, r"^config.json: Mixture-of-Experts models \(model_type 'qwen3_5_moe'")
-    refused(Qwen3NextConfig(num_hidden_layers=2).to_dict(), r"^config.json: Mixture-of-Experts models \(model_type 'qwen3_next'")
+    # MoE configs lasp cannot represent: one line naming the field (the supported ones: tests/test_hf_moe.py)
+    moe = Qwen3_5MoeConfig(text_config={"num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2}).to_dict()
+    assert config_from_hf(copy.deepcopy(moe)).mlp == "moe"
+    del moe["text_config"]["model_type"]  # the nested type missing: the parent's (qwen3_5_moe -> qwen3_5_moe_text)
+    assert config_from_hf(copy.deepcopy(moe)).num_experts == 4
+    refused({**moe, "text_config": {**moe["text_config"], "hidden_act": "gelu"}}, r"^config.json: hidden_act='gelu' is not supported")
+    refused(Qwen3NextConfig(num_hidden_layers=2, shared_expert_intermediate_size=0).to_dict(),
+            r"^config.json: shared_expert_intermediate_size=0 is not supported")
+    refused({**base, "model_type": "qwen3_moe"}, r"^config.json: model_type must be one of qwen3_5 / .* got 'qwen3_moe'$")
     refused({k: v for k, v in base.items() if k != "intermediate_size"}, r"^config.json: the text config has no 'intermediate_size'$")
     from lasp.models import ModelConfig
     from lasp.models.hf_config import config_to_hf
 
-    moe_cfg = ModelConfig.from_dict({**config_from_hf(copy.deepcopy(base)).to_dict(), "mlp": "moe", "num_experts": 4})
-    with pytest.raises(ValueError, match=r"^model: Mixture-of-Experts models \(mlp: moe\) do not export to Hugging Face format yet"):
+    moe_cfg = ModelConfig.from_dict({**config_from_hf(copy.deepcopy(base)).to_dict(), "mlp": "moe", "num_experts": 4,
+                                     "shared_expert_intermediate_size": 8, "mlp_only_layers": [0]})
+    with pytest.raises(ValueError, match=r"^model: mlp_only_layers=\[0\] has no place in a Qwen3_5MoeForCausalLM .*architecture: qwen3_next"):
         config_to_hf(moe_cfg)
+    assert config_to_hf(dataclasses.replace(moe_cfg, architecture="qwen3_next"))["mlp_only_layers"] == [0]
 
     # quantized tensors without a quantization_config: names or dtypes, before any tensor is read
     tensors = load_file(src / "model.safetensors")

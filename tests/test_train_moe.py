@@ -1,7 +1,7 @@
 """Training an MoE hybrid with expert parallelism on 4 gloo ranks: EP = 2 and 4 under ZeRO 0, 1
 and 2 (SP = 2 x DP = 2, and SP = 1 x DP = 4), and EP = 1 under ZeRO-3, follow the EP = 1 ZeRO-1 run
 (losses, the logged router losses, final weights), kill-and-resume under EP reproduces it, the export of an EP checkpoint
-holds the same weights; ZeRO-3 with EP, and EP on a dense model, are refused by name."""
+holds the same weights (a bf16 run's export holds its fp32 masters); ZeRO-3 with EP, and EP on a dense model, are refused by name (init_from with EP is not)."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,10 @@ def _job(rank: int, world: int, tmp: str) -> dict:
     for name, sp, ep, zero in RUNS:
         r = _train(run_dict(tmp, name, sp, ep, zero), keep_weights=True)
         out[name] = (r.losses, r.weights)
+    d = run_dict(tmp, "bf16", 2, 2, 2)
+    d["train"].update(dtype="bf16", steps=2)
+    d["checkpoint"]["every"] = 2
+    out["bf16"] = _train(d, keep_weights=True).weights
     d = run_dict(tmp, "resumed", 2, 2, 1)
     out["stopped"] = _train(d, stop_after=3).losses
     r = _train(d, resume=True, keep_weights=True)
@@ -93,6 +97,30 @@ def test_resume_and_export_under_expert_parallelism(runs, tmp_path):
         assert_close(out["resumed"][1][k], w, rtol=1e-6, name=k)
 
 
+def test_bf16_expert_parallel_export_is_the_fp32_master(runs, tmp_path):
+    """A bf16 run with EP = 2 under ZeRO-2 over 4 ranks (each EP rank's experts partitioned over its 2
+    expert-data-parallel ranks): ``lasp export`` reads the fp32 masters, so the default (bf16) export
+    equals the module's bf16 weights and the fp32 one rounds to them without being them; an expert
+    tensor's rows, read alone, are those of the whole."""
+    from lasp.models import LinearLlamaForCausalLM, load_pretrained
+    from lasp.train.consolidate import checkpoint_sources
+    from lasp.train.export import export
+
+    tmp, out = runs
+    module = out["bf16"]
+    for dtype in (None, torch.float32):
+        got = load_pretrained(export(os.path.join(tmp, "bf16", "checkpoints"), str(tmp_path / str(dtype)), dtype=dtype).output).state_dict()
+        for k, w in module.items():
+            assert torch.equal(got[k].to(torch.bfloat16).float(), w), k
+        assert (dtype is None) == all(torch.equal(got[k].float(), w) for k, w in module.items())
+    sources = checkpoint_sources(os.path.join(tmp, "bf16", "checkpoints"), "step00000002",
+                                 LinearLlamaForCausalLM(ModelConfig(**MODEL), device="meta"))
+    src = sources["layers.1.mlp.experts.gate_up_proj"]
+    assert src.rows is not None
+    for first, count in ((0, 1), (1, 2), (3, 1)):
+        assert torch.equal(src.read_rows(first, count), src.read()[first:first + count])
+
+
 def test_unsupported_combinations_are_refused_by_name(tmp_path):
     from lasp.train.preflight import check_experts
 
@@ -108,5 +136,4 @@ def test_unsupported_combinations_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=why):
             check_experts(cfg, ModelConfig.from_dict(cfg.model), None)
     cfg = RunConfig.from_dict(run_dict(str(tmp_path), "x", 2, 4, 1), source="test")
-    with pytest.raises(ValueError, match="model.init_from with parallel.ep_size=4 is not supported"):
-        check_experts(cfg, ModelConfig.from_dict(cfg.model), str(tmp_path))
+    check_experts(cfg, ModelConfig.from_dict(cfg.model), str(tmp_path))  # init_from with EP: each rank reads its experts (test_hf_moe)

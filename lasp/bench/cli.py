@@ -9,6 +9,7 @@ KINDS = {
     "layer": ("lasp.bench.layer", "one attention layer fwd+bwd across methods, sequence lengths, SP sizes"),
     "model": ("lasp.bench.model", "tokens/s of a training step: pure linear, 1/4 hybrid, Llama + ring"),
     "predict": ("lasp.bench.predict", "analytic cost model, calibrated from a layer run"),
+    "memory": ("lasp.bench.memory", "the memory estimate against peaks measured by lasp train runs"),
 }
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import comm
+from ..models.config import QWEN_ARCHITECTURES
 from . import sweep
 from .cli import common_args, csv_arg
 from .results import fmt_bytes
@@ -76,7 +77,10 @@ def build_step(point: dict, rank: int, world: int, device: torch.device):
             model = AutoModelForCausalLM.from_pretrained(d)
     model = model.to(device=device, dtype=DTYPES[point["dtype"]]).train()
     if point["activation_checkpointing"]:
-        (model.gradient_checkpointing_enable if hf else model.set_activation_checkpointing)()
+        if hf:
+            model.gradient_checkpointing_enable()
+        else:
+            model.set_activation_checkpointing(True, offload=point.get("activation_offload", False))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     group = dist.group.WORLD if world > 1 else None
     tokens = torch.randint(0, cfg.vocab_size, (point["batch"], point["seq_len"] + 1), generator=torch.Generator().manual_seed(42))
@@ -113,8 +117,8 @@ def precheck(point: dict) -> tuple[str, str] | None:
         return None
     if point["sp"] != 1:
         return "skipped", "transformers' model runs on one process (sp=1)"
-    if model_config(point).architecture != "qwen3_5":
-        return "unavailable", f"{point['model']} has no transformers implementation (only architecture: qwen3_5 has)"
+    if model_config(point).architecture not in QWEN_ARCHITECTURES:
+        return "unavailable", f"{point['model']} has no transformers implementation (only architecture: qwen3_5 / qwen3_next have)"
     if importlib.util.find_spec("transformers") is None:
         return "unavailable", "--compare-hf needs transformers (pip install 'lasp[hf]')"
     return None
@@ -145,12 +149,12 @@ BENCH = sweep.Bench(
            "linear_speedup.png": dict(base="linear", against=("llama-ring", "hybrid", "llama-allgather", "linear-lasp1"),
                                       title="pure linear (LASP-2) speed-up"),
            "hf_speedup.png": dict(base="qwen3_5-tiny", against=("qwen3_5-tiny+hf",), title="lasp over transformers, same model")},
-    columns=[("ckpt", lambda r: "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
+    columns=[("ckpt", lambda r: "offload" if r.get("activation_offload") else "on" if r["activation_checkpointing"] else "off"), ("model TFLOP/s", lambda r: f"{r['model_tflops']:.4f}"),
              ("sent/rank (attention; all-to-all)", lambda r: f"{fmt_bytes(r['bytes_per_rank'])} ({fmt_bytes(r['bytes_per_rank_attention'])}; "
               f"{fmt_bytes(r['bytes_per_rank_a2a'])})")],
     note="step: forward + backward + gradient all-reduce + AdamW, slowest rank, median; sent/rank: bytes one rank sends per step "
          "(attention and MoE all-to-all parts in brackets; the rest is the gradient all-reduce); +epN: experts over N ranks; ckpt: "
-         "activation checkpointing of every decoder layer (+ckpt); +hf: transformers' implementation, the same weights (--compare-hf).",
+         "activation checkpointing of every decoder layer (+ckpt), with its inputs in host memory (+offload); +hf: transformers' implementation, the same weights (--compare-hf).",
 )
 
 
@@ -158,8 +162,9 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lasp bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=csv_arg(str, MODELS), default=["linear", "hybrid", "llama-ring"], help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--config", default=None, help="base model YAML (configs/models/*.yaml); default: a built-in small shape")
-    ap.add_argument("--activation-checkpointing", choices=("off", "on", "both"), default="off",
-                    help="recompute each decoder layer in backward; both: every point with and without")
+    ap.add_argument("--activation-checkpointing", choices=("off", "on", "both", "offload"), default="off",
+                    help="recompute each decoder layer in backward; both: every point with and without; offload: every "
+                         "point with checkpointing alone and with the layer inputs offloaded to host memory, interleaved")
     ap.add_argument("--ep", type=csv_arg(int), default=[1], help="expert-parallel sizes (MoE models), comma-separated; each divides --sp")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' implementation of each model, the same weights (SP = 1)")
     common_args(ap, default_budget=30.0)
@@ -176,8 +181,10 @@ def main(argv: list[str]) -> int:
             args.base_config = ModelConfig.from_yaml(args.config).to_dict()
         except (ValueError, OSError) as e:
             ap.error(f"--config: {e}")
-    ckpt, impls = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing], ["lasp", "transformers"][:1 + args.compare_hf]
-    points = [dict(model=m, impl=impl, label=m + "+ckpt" * c + "+hf" * (impl != "lasp") + f"+ep{e}" * (e > 1), activation_checkpointing=c,
-                   seq_len=n, sp=sp, ep=e, _base_config=args.base_config) for sp in args.sp for m in args.models for n in args.seq_len
-              for c in ckpt for impl in impls for e in args.ep]
-    return sweep.main(BENCH, args, argv, points, interleave=args.compare_hf)
+    ckpt = {"off": [(False, False)], "on": [(True, False)], "both": [(False, False), (True, False)],
+            "offload": [(True, False), (True, True)]}[args.activation_checkpointing]
+    impls = ["lasp", "transformers"][:1 + args.compare_hf]
+    points = [dict(model=m, impl=impl, label=m + "+ckpt" * c + "+offload" * o + "+hf" * (impl != "lasp") + f"+ep{e}" * (e > 1),
+                   activation_checkpointing=c, activation_offload=o, seq_len=n, sp=sp, ep=e, _base_config=args.base_config)
+              for sp in args.sp for m in args.models for n in args.seq_len for c, o in ckpt for impl in impls for e in args.ep]
+    return sweep.main(BENCH, args, argv, points, interleave=args.compare_hf or args.activation_checkpointing == "offload")

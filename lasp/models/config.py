@@ -25,7 +25,10 @@ LINEAR_VARIANTS = ("basic", "lightning", "retention", "simple_gla")
 DELTA_VARIANTS = ("gated_deltanet", "deltanet")  # delta-rule linear layers (lasp.models.delta_mixer)
 FEATURE_MAPS = ("identity", "elu+1", "silu", "relu")
 LAYER_KINDS = {"L": "linear", "S": "softmax"}
-ARCHITECTURES = ("linear_llama", "qwen3_5")
+ARCHITECTURES = ("linear_llama", "qwen3_5", "qwen3_next")
+#: the Qwen decoders built from :mod:`lasp.models.qwen3_5`'s layers (Qwen3-Next's are the same math;
+#: its Hugging Face checkpoints fuse the GDN input projections: :mod:`lasp.models.hf_tensors`)
+QWEN_ARCHITECTURES = ("qwen3_5", "qwen3_next")
 # per-layer names accepted in ``layer_types`` (Hugging Face's names too) -> kind
 LAYER_TYPE_NAMES = {"linear": "linear", "softmax": "softmax", "linear_attention": "linear", "full_attention": "softmax"}
 MLP_KINDS = ("dense", "moe")
@@ -49,7 +52,9 @@ class ModelConfig:
     offsets from 1. ``layer_types`` (per layer ``linear``/``softmax``, or Hugging Face's
     ``linear_attention``/``full_attention``) may replace ``layer_pattern``; after construction
     ``layer_types`` always holds the ``linear``/``softmax`` kind of every layer and
-    ``layer_pattern`` the matching letters.
+    ``layer_pattern`` the matching letters. ``architecture: qwen3_next`` is Qwen3-Next's decoder:
+    the same layers and parameters (its Hugging Face checkpoints store the GDN input projections
+    fused, ``in_proj_qkvz`` / ``in_proj_ba``, which :mod:`lasp.models.hf_tensors` splits and re-fuses).
 
     ``rope_scaling`` (None: plain RoPE of base ``rope_theta``) takes Hugging Face's keys:
     ``{rope_type: yarn, factor, original_max_position_embeddings, ...}`` or ``{rope_type: linear,
@@ -69,7 +74,7 @@ class ModelConfig:
     num_kv_heads: int | None = None  # None -> num_heads (softmax layers only)
     layer_pattern: str = "L"
     layer_types: list[str] | None = None  # per-layer kinds; overrides layer_pattern when given
-    architecture: str = "linear_llama"  # linear_llama | qwen3_5
+    architecture: str = "linear_llama"  # linear_llama | qwen3_5 | qwen3_next
     attention_head_dim: int | None = None  # None -> hidden_size // num_heads
     partial_rotary_factor: float = 1.0  # fraction of head_dim rotated by RoPE (softmax layers)
     linear_num_key_heads: int | None = None  # qwen3_5: q/k heads of the GDN layers (None -> num_heads)
@@ -192,8 +197,8 @@ class ModelConfig:
         nk, nv, _, _ = self.linear_dims
         if nv % nk != 0:
             fail("linear_num_value_heads", f"={nv} must be a multiple of linear_num_key_heads={nk}")
-        if self.architecture == "qwen3_5" and self.linear_variant != "gated_deltanet":
-            fail("linear_variant", f"must be 'gated_deltanet' for architecture='qwen3_5', got {self.linear_variant!r}")
+        if self.architecture in QWEN_ARCHITECTURES and self.linear_variant != "gated_deltanet":
+            fail("linear_variant", f"must be 'gated_deltanet' for architecture={self.architecture!r}, got {self.linear_variant!r}")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads != 0):
             fail("num_kv_heads", f"={self.num_kv_heads} must be a positive divisor of num_heads={self.num_heads}")
         if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):

@@ -1,4 +1,4 @@
-"""``lasp convert``: Hugging Face Qwen3.5 checkpoints <-> lasp's ``save_pretrained`` directories.
+"""``lasp convert``: Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints <-> lasp's ``save_pretrained`` directories.
 
     lasp convert --from-hf HF_DIR --output DIR      # config.json + safetensors (sharded or not)
                                                     #   -> model.yaml + safetensors
@@ -17,7 +17,9 @@ gets the source's ids. Weights already in ``--output`` (old shards, an index, th
 other format's config) are replaced; other files there are kept.
 
 ``--like ORIGINAL_HF_DIR`` (with ``--from-lasp``): write the model in the layout of the Hugging
-Face checkpoint it came from, e.g. a ``Qwen3_5ForConditionalGeneration``: the text weights as
+Face checkpoint it came from (its routed experts' layout: per expert or fused 3-D; without
+``--like``: per expert, as transformers' ``save_pretrained`` writes them), e.g. a
+``Qwen3_5ForConditionalGeneration``: the text weights as
 ``model.language_model.*``, ``config.json`` that checkpoint's own (``text_config`` nesting,
 ``vision_config``, multimodal RoPE keys) with the text settings replaced, and the tensors lasp
 does not hold (the vision tower ``model.visual.*``, the MTP head ``mtp.*``) copied through
@@ -96,9 +98,9 @@ def describe(out: str, weights: WrittenWeights, companions: list[str], like: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lasp convert", description="convert Hugging Face Qwen3.5 checkpoints to lasp and back")
+    p = argparse.ArgumentParser(prog="lasp convert", description="convert Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next checkpoints to lasp and back")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Qwen3.5 directory (config.json + *.safetensors)")
+    src.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next directory (config.json + *.safetensors)")
     src.add_argument("--from-lasp", metavar="DIR", help="a lasp directory (model.yaml + safetensors) to write in HF format")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (its old weights are replaced)")
     p.add_argument("--like", metavar="HF_DIR", default=None,

@@ -1,16 +1,19 @@
-"""Hugging Face Qwen3.5 checkpoints in and out (no ``transformers`` import needed).
+"""Hugging Face Qwen3.5, Qwen3.5-MoE and Qwen3-Next checkpoints in and out (no ``transformers`` import needed).
 
 - ``config.json`` <-> :class:`ModelConfig`: :mod:`lasp.models.hf_config` (:func:`read_hf_config`
   reads a directory's, and settles a tied checkpoint that still ships ``lm_head.weight``);
 - :func:`hf_to_lasp_name` / :func:`lasp_to_hf_name`: tensor names (the only reshaped tensor is the
-  GDN convolution: HF ``conv1d.weight [C, 1, W]`` <-> lasp ``conv_weight [C, W]``);
+  GDN convolution: HF ``conv1d.weight [C, 1, W]`` <-> lasp ``conv_weight [C, W]``); routed experts
+  in either layout (per expert or fused 3-D) and Qwen3-Next's fused GDN projections are assembled
+  and split by :mod:`lasp.models.hf_tensors`;
 - :func:`from_hf` / :func:`to_hf` / :func:`write_hf`: whole directories (``model.safetensors`` or
   shards listed in ``model.safetensors.index.json``), read and written one tensor at a time
   (:mod:`lasp.models.shards`). The vision tower (``model.visual.*``) and the multi-token
   prediction head (``mtp.*``) are skipped on reading; any other unknown or missing tensor is an
   error that lists them, quantized weights one error line. ``like=HF_DIR`` writes in the layout
   of the checkpoint the model came from (e.g. ``model.language_model.*`` and the nested config of
-  a ``Qwen3_5ForConditionalGeneration``), its vision tower and MTP head copied through unchanged.
+  a ``Qwen3_5ForConditionalGeneration``, its expert layout), its vision tower and MTP head copied
+  through unchanged; without it, what transformers' ``save_pretrained`` writes.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .hf_config import check_same_layout, config_from_hf, config_like, config_to_hf
+from .hf_tensors import (DEFAULT_EXPERT_LAYOUT, EXPERT_PIECE, GDN_FUSED, conv_source, expert_layout, fused_gdn_rows, gdn_rows_source,
+                         hf_write_entries, per_expert_source, read_stored, stored_source)
 from .shards import (DEFAULT_MAX_SHARD_SIZE, StoredTensor, TensorSource, TensorSpec, WrittenWeights, dtype_from_safetensors,
                      has_weights, model_sources, weight_entries, write_weights)
 
@@ -50,7 +55,8 @@ def _mixer_hf(kind: str) -> str:
 
 def lasp_to_hf_name(name: str, cfg: ModelConfig, prefix: str = "model.") -> str:
     """HF name of lasp parameter ``name``: ``Qwen3_5ForCausalLM``'s, or with the text decoder under
-    ``prefix`` (``model.language_model.`` in a ``Qwen3_5ForConditionalGeneration``)."""
+    ``prefix`` (``model.language_model.`` in a ``Qwen3_5ForConditionalGeneration``). The fused
+    layout's name for routed experts; for Qwen3-Next's GDN projections, the fused tensor holding them."""
     if name in ("embed_tokens.weight", "norm.weight"):
         return prefix + name
     if name == "lm_head.weight":
@@ -62,12 +68,17 @@ def lasp_to_hf_name(name: str, cfg: ModelConfig, prefix: str = "model.") -> str:
     if rest in _LAYER_NAMES:
         rest = _LAYER_NAMES[rest]
     elif rest.startswith("attn."):
-        rest = _mixer_hf(cfg.layer_types[i]) + "." + rest[len("attn."):].replace("conv_weight", "conv1d.weight")
+        tail = rest[len("attn."):]
+        if cfg.architecture == "qwen3_next":
+            tail = GDN_FUSED.get(tail, tail)
+        rest = _mixer_hf(cfg.layer_types[i]) + "." + tail.replace("conv_weight", "conv1d.weight")
     return f"{prefix}layers.{i}.{rest}"
 
 
 def hf_to_lasp_name(name: str, cfg: ModelConfig) -> str | None:
-    """lasp name of HF tensor ``name``; None for skipped tensors (vision tower, MTP head)."""
+    """lasp name of HF tensor ``name``; None for skipped tensors (vision tower, MTP head). A per-expert
+    piece keeps its expert number (``layers.N.mlp.experts.K.gate_proj.weight``) and a Qwen3-Next fused
+    GDN projection its name (``layers.N.attn.in_proj_qkvz.weight``): :func:`hf_tensor_index` assembles them."""
     if name.startswith(SKIPPED_PREFIXES):
         return None
     if name == "lm_head.weight":
@@ -131,9 +142,11 @@ def same_values(a: StoredTensor, b: StoredTensor, name_a: str, name_b: str, rows
     return True
 
 
-def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig, entries: dict[str, StoredTensor] | None = None) -> dict[str, tuple[str, str]]:
-    """``{lasp name: (safetensors file, HF name)}`` of HF directory ``path`` for a ``cfg`` model
-    (``entries``: its :func:`~lasp.models.shards.weight_entries`, if already read).
+def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig, entries: dict[str, StoredTensor] | None = None) -> dict[str, TensorSource]:
+    """``{lasp name: TensorSource}`` of HF directory ``path`` for a ``cfg`` model (``entries``: its
+    :func:`~lasp.models.shards.weight_entries`, if already read): plain tensors as stored, the GDN
+    conv reshaped, routed experts from either layout and Qwen3-Next's GDN projections from their
+    fused tensors (:mod:`lasp.models.hf_tensors`). Nothing is read until a source is.
 
     ``ValueError`` listing the unknown and the missing tensor names when they do not match; one
     line for quantized weights. A tied ``cfg`` ignores an ``lm_head.weight`` copy
@@ -145,26 +158,41 @@ def hf_tensor_index(path: str | os.PathLike, cfg: ModelConfig, entries: dict[str
         raise ValueError(f"{os.fspath(path)}: quantized weights are not supported ({len(quantized)} tensors such as "
                          f"{quantized[0]!r}, dtype {t.dtype}); use the unquantized (bf16) release")
     expected = set(expected_names(cfg))
-    index, unknown = {}, []
+    gdn_rows = fused_gdn_rows(cfg) if cfg.architecture == "qwen3_next" else {}
+    index: dict[str, TensorSource] = {}
+    pieces: dict[str, dict[tuple[int, str], tuple[StoredTensor, str]]] = {}  # lasp experts name -> {(expert, part): stored}
+    unknown = []
     for hf_name, t in entries.items():
         name = hf_to_lasp_name(hf_name, cfg)
         if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue  # vision tower / MTP head / the tied head's copy
+        piece = EXPERT_PIECE.fullmatch(name)
         if name in expected:
-            index[name] = (t.file, hf_name)
+            index[name] = conv_source(t, hf_name) if hf_name.endswith("conv1d.weight") else stored_source(t, hf_name)
+        elif piece is not None and f"layers.{piece.group(1)}.mlp.experts.gate_up_proj" in expected:
+            target = "down_proj" if piece.group(3) == "down_proj" else "gate_up_proj"
+            pieces.setdefault(f"layers.{piece.group(1)}.mlp.experts.{target}", {})[int(piece.group(2)), piece.group(3)] = (t, hf_name)
+        elif gdn_rows and name.endswith(tuple(f".attn.{f}" for f in set(GDN_FUSED.values()))):
+            base = name.rsplit(".", 2)[0]  # layers.N.attn
+            for tail, fused in GDN_FUSED.items():
+                if name.endswith(fused) and f"{base}.{tail}" in expected:
+                    index[f"{base}.{tail}"] = gdn_rows_source(t, hf_name, gdn_rows[tail])
         else:
             unknown.append(hf_name)
+    for name, got in pieces.items():
+        parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+        n_experts = cfg.num_experts
+        prefix = next(iter(got.values()))[1].split("mlp.experts.")[0] + "mlp.experts."
+        lacking = [f"{prefix}{e}.{p}.weight" for e in range(n_experts) for p in parts if (e, p) not in got]
+        unknown += [h for (e, _), (_, h) in got.items() if e >= n_experts]
+        if lacking:
+            raise ValueError(f"{os.fspath(path)}: tensors do not match config.json (num_experts={n_experts}): missing {lacking[:8]}"
+                             f"{f' and {len(lacking) - 8} more' if len(lacking) > 8 else ''}")
+        index[name] = per_expert_source([[got[e, p] for p in parts] for e in range(n_experts)])
     missing = sorted(expected - set(index))
     if unknown or missing:
         raise ValueError(f"{os.fspath(path)}: tensors do not match config.json: unknown {sorted(unknown)}, missing {[lasp_to_hf_name(n, cfg) for n in missing]}")
     return index
-
-
-def read_hf_tensor(f, hf_name: str) -> torch.Tensor:
-    """Tensor ``hf_name`` of the open safetensors file ``f`` in lasp's shape (the GDN conv loses
-    its middle dim)."""
-    t = f.get_tensor(hf_name)
-    return t[:, 0].contiguous() if hf_name.endswith("conv1d.weight") else t
 
 
 def expected_names(cfg: ModelConfig) -> list[str]:
@@ -175,7 +203,7 @@ def expected_names(cfg: ModelConfig) -> list[str]:
 
 
 def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5``) from HF directory
+    """A :class:`~lasp.models.LinearLlamaForCausalLM` (``architecture: qwen3_5`` / ``qwen3_next``) from HF directory
     ``path``, built on the meta device and filled one tensor at a time, each cast to ``dtype``
     (None: the file's) and put on ``device`` as it is read (never a second copy of the model)."""
     from .model import LinearLlamaForCausalLM
@@ -188,40 +216,35 @@ def from_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: 
 @dataclass
 class LikeLayout:
     """The layout of the checkpoint a model came from (``like=HF_DIR``): its ``config.json``
-    mapping, the prefix of its text decoder's tensors, and the tensors lasp does not hold (vision
-    tower, MTP head), copied through unchanged."""
+    mapping, the prefix of its text decoder's tensors, its routed experts' layout (``per_expert``
+    or ``fused``), and the tensors lasp does not hold (vision tower, MTP head), copied through unchanged."""
 
     path: str
     config: dict
     prefix: str
     others: dict[str, StoredTensor]
+    experts: str = DEFAULT_EXPERT_LAYOUT
 
 
 def like_layout(like: str | os.PathLike, cfg: ModelConfig) -> LikeLayout:
-    """:class:`LikeLayout` of HF directory ``like``, which must be a readable Qwen3.5 checkpoint
-    of ``cfg``'s shapes (``ValueError`` naming ``--like`` otherwise)."""
+    """:class:`LikeLayout` of HF directory ``like``, which must be a readable Qwen3.5 / Qwen3.5-MoE /
+    Qwen3-Next checkpoint of ``cfg``'s shapes (``ValueError`` naming ``--like`` otherwise)."""
     like = os.fspath(like)
     if not os.path.isdir(like):
         raise ValueError(f"--like: no such directory {like!r}")
     try:
         like_cfg = read_hf_config(like)
         entries = weight_entries(like)
-        index = hf_tensor_index(like, like_cfg, entries)
+        hf_tensor_index(like, like_cfg, entries)
     except ValueError as e:
         raise ValueError(f"--like: {e}") from None
     check_same_layout(cfg, like_cfg, like)
     with open(os.path.join(like, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    embed = index["embed_tokens.weight"][1]
+    embed = next(n for n in entries if hf_to_lasp_name(n, like_cfg) == "embed_tokens.weight")
     prefix = embed[: -len("embed_tokens.weight")]
     others = {n: t for n, t in entries.items() if hf_to_lasp_name(n, like_cfg) is None}
-    return LikeLayout(like, config, prefix, others)
-
-
-def read_stored(t: StoredTensor, name: str) -> torch.Tensor:
-    """Tensor ``name`` of stored file ``t.file`` exactly as stored (no reshape)."""
-    with safe_open(t.file, framework="pt") as f:
-        return f.get_tensor(name)
+    return LikeLayout(like, config, prefix, others, expert_layout(entries))
 
 
 def write_hf(
@@ -244,8 +267,10 @@ def write_hf(
     (:func:`like_layout`): its config.json with the text settings replaced
     (:func:`~lasp.models.hf_config.config_like`), the text tensors under its prefix, and its
     other tensors (vision tower, MTP head) streamed through unchanged, in their stored dtype, so
-    the output replaces that repository's weights. ``path`` may be ``like`` itself (the old
-    files are read before they are replaced)."""
+    the output replaces that repository's weights, its routed experts in its layout (per expert or
+    fused). Without ``like``: what transformers 5.24's ``save_pretrained`` writes (experts per
+    expert, Qwen3-Next's GDN projections fused). ``path`` may be ``like`` itself (the old files are
+    read before they are replaced)."""
     main = str(dtype or sources["embed_tokens.weight"].dtype).replace("torch.", "")
     config_to_hf(cfg, main)  # refuses other architectures before anything is read or written
     layout = like_layout(like, cfg) if like is not None else None
@@ -255,16 +280,12 @@ def write_hf(
     else:
         config = config_like(layout.config, cfg, main, token_ids)
     prefix = layout.prefix if layout else "model."
-    specs, readers = [], {}
-    for name, src in sources.items():
-        hf_name, conv = lasp_to_hf_name(name, cfg, prefix), name.endswith("conv_weight")
-        shape = (src.shape[0], 1, *src.shape[1:]) if conv else tuple(src.shape)
-        specs.append(TensorSpec(hf_name, shape, dtype or src.dtype))
-        readers[hf_name] = (lambda src=src, conv=conv: src.read()[:, None, :] if conv else src.read())
+    specs, readers = hf_write_entries(cfg, sources, lambda n: lasp_to_hf_name(n, cfg, prefix),
+                                      layout.experts if layout else DEFAULT_EXPERT_LAYOUT, dtype)
     others = layout.others if layout else {}
     for name, t in others.items():
         specs.append(TensorSpec(name, t.shape, dtype_from_safetensors(t.dtype)))
-        readers[name] = (lambda t=t, name=name: read_stored(t, name))
+        readers[name] = (lambda t=t, name=name: read_stored(t.file, name))
     written = write_weights(path, specs, lambda n: readers[n](), max_shard_size, stale=("model.yaml",))
     written.copied_through = sorted(others)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
@@ -282,7 +303,8 @@ def to_hf(
     like: str | os.PathLike | None = None,
 ) -> WrittenWeights:
     """Write ``path/config.json`` + safetensors that ``transformers`` loads
-    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``; with ``like``, the
+    (``AutoModelForCausalLM.from_pretrained(path)`` -> ``Qwen3_5ForCausalLM``, ``Qwen3_5MoeForCausalLM``
+    or ``Qwen3NextForCausalLM``; with ``like``, the
     class and layout of that checkpoint, e.g. ``Qwen3_5ForConditionalGeneration``); see :func:`write_hf`."""
     model = getattr(model, "module", model)
     return write_hf(path, model.config, model_sources(model), dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids,

@@ -1,18 +1,27 @@
-"""Hugging Face Qwen3.5 ``config.json`` <-> :class:`ModelConfig`, read the way transformers reads it.
+"""Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next ``config.json`` <-> :class:`ModelConfig`, read the way transformers reads it.
 
 - :func:`config_from_hf`: the text decoder of a ``Qwen3_5ForCausalLM`` config (``model_type:
   qwen3_5_text``) or of a ``Qwen3_5ForConditionalGeneration`` one (``qwen3_5``, its
-  ``text_config``). RoPE as ``transformers.modeling_rope_utils`` standardises it: a legacy
+  ``text_config``); the same for the sparse-MoE ``Qwen3_5MoeForCausalLM`` (``qwen3_5_moe_text``) and
+  ``Qwen3_5MoeForConditionalGeneration`` (``qwen3_5_moe``); and ``Qwen3NextForCausalLM``
+  (``qwen3_next``: architecture ``qwen3_next``). RoPE as ``transformers.modeling_rope_utils``
+  standardises it: a legacy
   ``rope_scaling`` mapping *replaces* ``rope_parameters`` when both are there (transformers does
   not merge them), ``type`` is an alias of ``rope_type``, ``rope_theta`` and
   ``partial_rotary_factor`` at the top of the text config fill in what the mapping lacks
   (defaults 10000 and 0.25), and YaRN's ``original_max_position_embeddings`` is the text
   config's own top-level key if it has one, else the mapping's, else ``max_position_embeddings``.
   ``default``, ``linear`` and ``yarn`` are implemented (:mod:`lasp.models.rope`); any other rope
-  type, a quantized checkpoint and a Mixture-of-Experts model are one-line ``ValueError`` s.
-- :func:`config_to_hf`: a ``Qwen3_5ForCausalLM`` config; :func:`config_like`: lasp's text settings
-  written into another checkpoint's ``config.json`` (its nesting, vision config and multimodal
-  RoPE keys kept), for ``--like`` exports.
+  type, a quantized checkpoint and any other model type are one-line ``ValueError`` s.
+- The experts as transformers builds them (:func:`moe_fields`): Qwen3.5-MoE makes every layer's
+  MLP the sparse block with a shared expert and always renormalises the top-k weights (its config
+  has no ``norm_topk_prob``, ``decoder_sparse_step`` or ``mlp_only_layers``); Qwen3-Next reads
+  ``norm_topk_prob``, ``decoder_sparse_step`` and ``mlp_only_layers`` (dense layers of
+  ``intermediate_size``), and ``num_experts: 0`` is a dense model.
+- :func:`config_to_hf`: the config transformers' ``save_pretrained`` writes for the model's class
+  (``Qwen3_5ForCausalLM``, ``Qwen3_5MoeForCausalLM`` or ``Qwen3NextForCausalLM``);
+  :func:`config_like`: lasp's text settings written into another checkpoint's ``config.json`` (its
+  nesting, vision config and multimodal RoPE keys kept), for ``--like`` exports.
 """
 from __future__ import annotations
 
@@ -22,10 +31,15 @@ from .config import ModelConfig
 from .rope import HF_ROPE_KEYS, ROPE_SCALING_KEYS, ROPE_TYPES
 
 SOURCE = "config.json"
-DENSE_TEXT_TYPES = ("qwen3_5_text", "qwen3_5")
-#: model types whose text decoder is a Mixture-of-Experts (refused by :func:`check_dense`)
-MOE_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text")
-MOE_KEYS = ("num_experts", "moe_intermediate_size", "num_experts_per_tok")
+#: text model_type -> (lasp architecture, sparse MoE)
+TEXT_TYPES = {"qwen3_5_text": ("qwen3_5", False), "qwen3_5_moe_text": ("qwen3_5", True), "qwen3_next": ("qwen3_next", True)}
+#: the top-level model_type of a ConditionalGeneration config whose text_config has no model_type
+NESTED_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+#: (architecture, mlp) -> (the class transformers builds, its model_type)
+HF_CLASSES = {("qwen3_5", "dense"): ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+              ("qwen3_5", "moe"): ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
+              ("qwen3_next", "moe"): ("Qwen3NextForCausalLM", "qwen3_next"),
+              ("qwen3_next", "dense"): ("Qwen3NextForCausalLM", "qwen3_next")}
 #: config.json keys of the text decoder lasp reads from rope_parameters instead (removed by config_like)
 LEGACY_ROPE_KEYS = ("rope_scaling", "rope_theta", "partial_rotary_factor", "original_max_position_embeddings")
 
@@ -40,23 +54,21 @@ def text_config(hf: dict) -> tuple[dict, str]:
         text = hf["text_config"]
         if not isinstance(text, dict):
             raise ValueError(f"{SOURCE}: text_config must be an object, got {type(text).__name__}")
-        kind = text.get("model_type") or (f"{top}_text" if isinstance(top, str) and not top.endswith("_text") else top)
+        kind = text.get("model_type") or NESTED_TYPES.get(top) or (f"{top}_text" if isinstance(top, str) and not top.endswith("_text") else top)
     else:
         text, kind = hf, top
     return text, kind or "qwen3_5_text"
 
 
-def check_dense(hf: dict, text: dict, kind: str) -> None:
-    """Refuse what is not the dense Qwen3.5 decoder: a Mixture-of-Experts model (its type or its
-    expert keys) and any other model type. The one place MoE configs are turned away: support for
-    them replaces this check."""
-    moe_keys = [k for k in MOE_KEYS if text.get(k)]
-    if kind in MOE_TYPES or hf.get("model_type") in MOE_TYPES or moe_keys:
-        what = f"model_type {hf.get('model_type') or kind!r}" + (f", {moe_keys[0]}={text[moe_keys[0]]}" if moe_keys else "")
-        raise ValueError(f"{SOURCE}: Mixture-of-Experts models ({what}) are not supported yet; lasp reads the dense Qwen3.5 "
-                         f"text models (model_type qwen3_5 / qwen3_5_text)")
-    if kind not in DENSE_TEXT_TYPES:
-        raise ValueError(f"{SOURCE}: model_type must be qwen3_5 / qwen3_5_text (a dense Qwen3.5 model), got {kind!r}")
+def check_model_type(hf: dict, kind: str) -> tuple[str, bool]:
+    """``(lasp architecture, whether the text decoder is a sparse MoE)`` of text model_type ``kind``;
+    ``ValueError`` naming it for any other model."""
+    if kind not in TEXT_TYPES:
+        top = hf.get("model_type")
+        what = repr(kind) + (f" (model_type {top!r})" if top not in (None, kind) else "")
+        raise ValueError(f"{SOURCE}: model_type must be one of qwen3_5 / qwen3_5_text / qwen3_5_moe / qwen3_5_moe_text / qwen3_next "
+                         f"(Qwen3.5, Qwen3.5-MoE, Qwen3-Next), got {what}")
+    return TEXT_TYPES[kind]
 
 
 def check_not_quantized(hf: dict, text: dict) -> None:
@@ -105,13 +117,39 @@ def _need(text: dict, key: str):
     return text[key]
 
 
+def moe_fields(text: dict, kind: str) -> dict:
+    """The :class:`ModelConfig` MLP keys of a text config of model_type ``kind``, as transformers
+    builds the layers (see the module docstring); ``{}`` for a dense model."""
+    if kind == "qwen3_5_text":
+        return {}
+    if kind == "qwen3_next":
+        sparse_step = text.get("decoder_sparse_step", 1)
+        dense_layers = text.get("mlp_only_layers") or []
+        n, experts = _need(text, "num_hidden_layers"), text.get("num_experts", 512)
+        if not experts or not any(i not in dense_layers and (i + 1) % sparse_step == 0 for i in range(n)):
+            return {}  # transformers builds the dense MLP in every layer
+        extra = dict(norm_topk_prob=bool(text.get("norm_topk_prob", True)), decoder_sparse_step=sparse_step,
+                     mlp_only_layers=list(dense_layers))
+    else:  # qwen3_5_moe_text: every layer sparse, the top-k weights always renormalised
+        extra = {}
+    shared = _need(text, "shared_expert_intermediate_size")
+    if shared < 1:
+        raise ValueError(f"{SOURCE}: shared_expert_intermediate_size={shared} is not supported (transformers builds a shared expert of "
+                         f"that width in every MoE layer; lasp needs a positive width)")
+    return dict(mlp="moe", num_experts=_need(text, "num_experts"), num_experts_per_tok=_need(text, "num_experts_per_tok"),
+                moe_intermediate_size=_need(text, "moe_intermediate_size"), shared_expert_intermediate_size=shared,
+                router_aux_loss_coef=float(text.get("router_aux_loss_coef", 0.001)), **extra)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """``ModelConfig`` (architecture ``qwen3_5``) from a Qwen3.5 ``config.json`` mapping."""
+    """``ModelConfig`` (architecture ``qwen3_5`` or ``qwen3_next``) from a Qwen3.5, Qwen3.5-MoE or
+    Qwen3-Next ``config.json`` mapping."""
     text, kind = text_config(hf)
-    check_dense(hf, text, kind)
+    architecture, _ = check_model_type(hf, kind)
     check_not_quantized(hf, text)
-    if text.get("hidden_act", "silu") != "silu" or text.get("attention_bias", False):
-        raise ValueError(f"{SOURCE}: only hidden_act='silu' and attention_bias=false are supported")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False)):
+        if text.get(key, want) != want:
+            raise ValueError(f"{SOURCE}: {key}={text[key]!r} is not supported (lasp implements {key}={want!r})")
     theta, prf, scaling = hf_rope(text)
     # a Qwen3_5ForConditionalGeneration ties (or not) by its top-level flag, whatever text_config says
     tie = hf.get("tie_word_embeddings", False) if "text_config" in hf else text.get("tie_word_embeddings", False)
@@ -119,11 +157,18 @@ def config_from_hf(hf: dict) -> ModelConfig:
     types = text.get("layer_types") or [
         "full_attention" if (i + 1) % text.get("full_attention_interval", 4) == 0 else "linear_attention" for i in range(n)
     ]
+    moe = moe_fields(text, kind)
+    if kind == "qwen3_5_moe_text":  # no dense MLP anywhere: the unused intermediate_size mirrors the experts'
+        intermediate = text.get("intermediate_size") or moe["moe_intermediate_size"]
+    elif kind == "qwen3_next":
+        intermediate = text.get("intermediate_size", 5632)  # transformers' default
+    else:
+        intermediate = _need(text, "intermediate_size")
     fields = dict(
-        architecture="qwen3_5",
+        architecture=architecture,
         vocab_size=_need(text, "vocab_size"),
         hidden_size=_need(text, "hidden_size"),
-        intermediate_size=_need(text, "intermediate_size"),
+        intermediate_size=intermediate,
         num_layers=n,
         num_heads=_need(text, "num_attention_heads"),
         num_kv_heads=_need(text, "num_key_value_heads"),
@@ -142,6 +187,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         tie_embeddings=bool(tie),
         initializer_range=text.get("initializer_range", 0.02),
         max_seq_len=text.get("max_position_embeddings", 32768),
+        **moe,
     )
     try:
         return ModelConfig(**fields)
@@ -155,16 +201,30 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return {"rope_type": scaling.pop("rope_type"), "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.partial_rotary_factor, **scaling}
 
 
+def hf_class(cfg: ModelConfig) -> tuple[str, str]:
+    """``(transformers class, model_type)`` a ``cfg`` model exports as; ``ValueError`` naming the
+    first setting that class cannot hold."""
+    if (cfg.architecture, cfg.mlp) not in HF_CLASSES:
+        raise ValueError(f"model: only architecture qwen3_5 / qwen3_next models export to Hugging Face format, got {cfg.architecture!r}")
+    if cfg.architecture == "qwen3_5" and cfg.mlp == "moe":  # Qwen3_5MoeForCausalLM: fixed MoE shape
+        fixed = (("decoder_sparse_step", 1), ("mlp_only_layers", []), ("norm_topk_prob", True))
+        bad = [(k, v) for k, v in fixed if getattr(cfg, k) != v]
+        if bad:
+            raise ValueError(f"model: {bad[0][0]}={getattr(cfg, bad[0][0])!r} has no place in a Qwen3_5MoeForCausalLM (it has "
+                             f"{bad[0][0]}={bad[0][1]!r}); use architecture: qwen3_next for that MoE layout")
+    if cfg.mlp == "moe" and cfg.shared_expert_intermediate_size < 1:
+        raise ValueError(f"model: shared_expert_intermediate_size=0 (no shared expert) has no place in a "
+                         f"{HF_CLASSES[cfg.architecture, cfg.mlp][0]} (every MoE layer has one)")
+    return HF_CLASSES[cfg.architecture, cfg.mlp]
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """A ``Qwen3_5ForCausalLM`` ``config.json`` mapping for a ``qwen3_5`` :class:`ModelConfig`."""
-    if cfg.architecture != "qwen3_5":
-        raise ValueError(f"model: only architecture='qwen3_5' exports to Hugging Face format, got {cfg.architecture!r}")
-    if cfg.mlp != "dense":  # with check_dense: the place Mixture-of-Experts export support goes
-        raise ValueError(f"model: Mixture-of-Experts models (mlp: {cfg.mlp}) do not export to Hugging Face format yet; only dense Qwen3.5 models do")
+    """The ``config.json`` mapping transformers writes for ``cfg``'s class (:func:`hf_class`)."""
+    cls, model_type = hf_class(cfg)
     nk, nv, dk, dv = cfg.linear_dims
-    return {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": "qwen3_5_text",
+    out = {
+        "architectures": [cls],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -187,11 +247,22 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "layer_types": ["linear_attention" if k == "linear" else "full_attention" for k in cfg.layer_types],
         "dtype": dtype,
     }
+    if model_type == "qwen3_5_moe_text":
+        del out["intermediate_size"]  # Qwen3_5MoeTextConfig has none
+    if cfg.mlp == "moe":
+        out.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.expert_intermediate_size, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
+    if model_type == "qwen3_next":
+        out.update(num_experts=cfg.num_experts if cfg.mlp == "moe" else 0, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+    return out
 
 
 #: what decides the tensors' names and shapes: two configs that agree on these share a layout
-LAYOUT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "kv_heads", "head_dim",
-                 "layer_types", "linear_dims", "conv_size", "tie_embeddings")
+LAYOUT_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "kv_heads", "head_dim",
+                 "layer_types", "linear_dims", "conv_size", "tie_embeddings", "mlp", "moe_layers", "num_experts",
+                 "expert_intermediate_size", "shared_expert_intermediate_size")
 
 
 def check_same_layout(cfg: ModelConfig, like: ModelConfig, where: str) -> None:

@@ -14,6 +14,11 @@ as 2 FLOPs, as used for MFU:
   (qwen3_5: ``12 * value_heads * key_dim * value_dim``).
 
 ``CONFIG`` is a model YAML, or a lasp / Hugging Face model directory (``model.yaml`` / ``config.json``).
+
+``--memory`` prints the per-rank memory of a training step instead (:mod:`lasp.train.memory`)::
+
+    lasp model-info CONFIG --memory --seq-len 1M --sp 8 --dp 1 --zero 3 --dtype bf16 \
+        [--activation-checkpointing] [--activation-offload] [--micro-batch N] [--device-memory 141GiB] [--json]
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import json
 import os
 import sys
 
-from .config import DELTA_VARIANTS, ModelConfig
+from .config import DELTA_VARIANTS, QWEN_ARCHITECTURES, ModelConfig
 from .delta_mixer import delta_param_counts
 from .qwen3_5 import qwen35_param_counts
 
@@ -30,7 +35,7 @@ from .qwen3_5 import qwen35_param_counts
 def _mixer_counts(cfg: ModelConfig, kind: str) -> tuple[int, int]:
     """``(matrix weights, other weights)`` of one token mixer of kind ``kind``."""
     h, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         return qwen35_param_counts(cfg, kind)
     if kind == "softmax":
         return 2 * h * H * D + 2 * h * cfg.kv_heads * D, 0
@@ -74,7 +79,7 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True, active: bool 
 
 def _linear_state_size(cfg: ModelConfig) -> int:
     """Elements of one linear layer's recurrent states (all heads)."""
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         _, nv, dk, dv = cfg.linear_dims
         return nv * dk * dv
     return cfg.num_heads * cfg.head_dim * cfg.head_dim
@@ -118,8 +123,8 @@ def describe(cfg: ModelConfig, seq_lens: list[int]) -> str:
         f"hidden / heads    {cfg.hidden_size} / {cfg.num_heads} heads of {cfg.head_dim} (softmax kv heads {cfg.kv_heads})",
         f"mlp / vocab       {cfg.intermediate_size} / {cfg.vocab_size} ({'tied' if cfg.tie_embeddings else 'untied'} embeddings)",
         (f"linear variant    {cfg.linear_variant} (feature map {cfg.feature_map}, output norm {cfg.output_norm})"
-         if cfg.architecture != "qwen3_5" else
-         "linear layers     qwen3_5 Gated DeltaNet: {} key heads / {} value heads, key dim {}, value dim {}".format(*cfg.linear_dims))
+         if cfg.architecture not in QWEN_ARCHITECTURES else
+         f"linear layers     {cfg.architecture} Gated DeltaNet: " + "{} key heads / {} value heads, key dim {}, value dim {}".format(*cfg.linear_dims))
         if n_soft < cfg.num_layers else "linear variant    - (no linear layers)",
         f"parameters        {count_params(cfg):,} ({_human(count_params(cfg))}); "
         f"non-embedding {count_params(cfg, include_embedding=False):,}",
@@ -151,6 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", default=None, help="comma-separated sequence lengths (default: 2048,8192,32768 and max_seq_len)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--check", action="store_true", help="also build the model on the meta device and compare the parameter count")
+    mem = ap.add_argument_group("memory estimate (--memory)")
+    mem.add_argument("--memory", action="store_true", help="print the per-rank memory of a training step (lasp.train.memory)")
+    mem.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks (default 1)")
+    mem.add_argument("--dp", type=int, default=1, help="data-parallel groups (default 1)")
+    mem.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage (default 1)")
+    mem.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="training dtype (default bf16)")
+    mem.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step (default 1)")
+    mem.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
+    mem.add_argument("--activation-offload", action="store_true", help="keep the checkpointed layer inputs in host memory (implies checkpointing)")
+    mem.add_argument("--layout", default="zigzag", choices=("zigzag", "contiguous"), help="token layout (default zigzag)")
+    mem.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda: Triton kernels (default); cpu: the torch path, max RSS")
+    mem.add_argument("--rank", type=int, default=None, help="SP rank to estimate (default: the one with the most memory)")
+    mem.add_argument("--documents", action="store_true", help="packed documents (cu_seqlens)")
+    mem.add_argument("--loss", default="fused", choices=("fused", "plain"),
+                     help="fused: lasp.linear_cross_entropy, what lasp train uses (default); plain: [T_local, vocab] fp32 logits")
+    mem.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GiB, 141GiB: say whether it fits")
     args = ap.parse_args(argv)
     try:
         if os.path.isdir(args.config):
@@ -159,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = source_config(args.config)
         else:
             cfg = ModelConfig.from_yaml(args.config)
-        seq_lens = sorted({2048, 8192, 32768, cfg.max_seq_len}) if args.seq_len is None else [int(s) for s in args.seq_len.split(",")]
+        from ..train.memory import parse_size
+
+        seq_lens = sorted({2048, 8192, 32768, cfg.max_seq_len}) if args.seq_len is None else [parse_size(s) for s in args.seq_len.split(",")]
         for T in seq_lens:
             if T < 1:
                 raise ValueError(f"--seq-len values must be positive, got {T}")
+        if args.memory:
+            return _memory(args, cfg, seq_lens)
     except (ValueError, OSError) as e:
         print(f"lasp model-info: {e}", file=sys.stderr)
         return 2
@@ -186,6 +211,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.config}")
         print(describe(cfg, seq_lens))
+    return 0
+
+
+def _memory(args, cfg: ModelConfig, seq_lens: list[int]) -> int:
+    """``--memory``: the estimate for each sequence length (text or ``--json``)."""
+    from ..train.memory import describe_estimate, estimate_memory, parse_size
+
+    device_memory = None if args.device_memory is None else parse_size(args.device_memory)
+    ests = [
+        estimate_memory(cfg, seq_len=T, sp=args.sp, dp=args.dp, zero=args.zero, dtype=args.dtype, micro_batch=args.micro_batch,
+                        activation_checkpointing=args.activation_checkpointing, activation_offload=args.activation_offload,
+                        layout=args.layout, device=args.device, rank=args.rank, documents=args.documents, loss=args.loss,
+                        device_memory=device_memory)
+        for T in seq_lens
+    ]
+    if args.json:
+        print(json.dumps({"config": args.config, "estimates": [e.as_dict() for e in ests]}, indent=2))
+    else:
+        print(args.config)
+        print("\n\n".join(describe_estimate(e) for e in ests))
     return 0
 
 

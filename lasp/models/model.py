@@ -19,20 +19,21 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.cross_entropy import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 from ..parallel import LAYOUTS, global_positions, group_rank_size
-from .config import DELTA_VARIANTS, ModelConfig
+from .config import DELTA_VARIANTS, QWEN_ARCHITECTURES, ModelConfig
 from .delta_mixer import GatedDeltaNet
 from .layers import RMSNorm, SwiGLU, positions_in_documents, rope_cos_sin
 from .mixers import LinearAttention, SoftmaxAttention
 from .moe import SparseMoeBlock
+from .offload import HostOffload
 from .qwen3_5 import OffsetRMSNorm, Qwen35Attention, Qwen35GatedDeltaNet
 
 
 def _norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return OffsetRMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture == "qwen3_5" else RMSNorm(dim, cfg.rms_norm_eps)
+    return OffsetRMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture in QWEN_ARCHITECTURES else RMSNorm(dim, cfg.rms_norm_eps)
 
 
 def _mixer_class(cfg: ModelConfig, kind: str) -> type:
-    if cfg.architecture == "qwen3_5":
+    if cfg.architecture in QWEN_ARCHITECTURES:
         return Qwen35GatedDeltaNet if kind == "linear" else Qwen35Attention
     if kind == "softmax":
         return SoftmaxAttention
@@ -80,6 +81,7 @@ class LinearLlamaForCausalLM(nn.Module):
             self.norm = _norm(config, config.hidden_size)
             self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.activation_offload: HostOffload | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -101,9 +103,12 @@ class LinearLlamaForCausalLM(nn.Module):
             elif isinstance(m, SparseMoeBlock):
                 m.reset_moe_parameters(std)
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
-        self.activation_checkpointing = bool(enabled)
+    def set_activation_checkpointing(self, enabled: bool = True, offload: bool = False) -> None:
+        """Recompute each decoder layer in backward (``torch.utils.checkpoint``, non-reentrant);
+        ``offload``: also keep the layers' inputs in host memory until backward
+        (:class:`lasp.models.offload.HostOffload`; implies checkpointing)."""
+        self.activation_checkpointing = bool(enabled or offload)
+        self.activation_offload = HostOffload() if offload else None
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied LM head counts once); works on the meta device."""
@@ -154,7 +159,8 @@ class LinearLlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, stats = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
+                with self.activation_offload or contextlib.nullcontext():
+                    x, stats = checkpoint(layer, x, cos, sin, group, layout, cu_seqlens, use_reentrant=False)
             else:
                 x, stats = layer(x, cos, sin, group, layout, cu_seqlens)
             if stats is not None and router_stats is not None:

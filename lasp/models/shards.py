@@ -103,11 +103,18 @@ def shard_names(n: int) -> list[str]:
 
 @dataclass(frozen=True)
 class TensorSource:
-    """A tensor to write, read only when its turn comes: ``shape``, ``dtype`` (before any cast), ``read()``."""
+    """A tensor to write, read only when its turn comes: ``shape``, ``dtype`` (before any cast), ``read()``;
+    ``rows(first, count)``, when given, reads only ``[first:first + count]`` of the first dim (one
+    rank's experts, one expert), else :meth:`read_rows` slices ``read()``."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
+    rows: Callable[[int, int], torch.Tensor] | None = None
+
+    def read_rows(self, first: int, count: int) -> torch.Tensor:
+        """``[first:first + count]`` of the first dim."""
+        return self.rows(first, count) if self.rows is not None else self.read()[first:first + count]
 
 
 def model_sources(model: torch.nn.Module) -> dict[str, TensorSource]:

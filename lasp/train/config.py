@@ -60,6 +60,8 @@ class TrainConfig:
     zero_stage: int = 1
     dtype: str = "fp32"
     activation_checkpointing: bool = False
+    #: keep the checkpointed layer inputs in host memory until backward (implies activation_checkpointing)
+    activation_offload: bool = False
     log_every: int = 1
 
 

@@ -13,9 +13,13 @@ for, and then only that tensor's bytes (Adam moments and the other ranks' states
   straddles two partitions is copied, one at a time).
 - ZeRO-3: DeepSpeed's ``zero_to_fp32`` in ``lazy_mode`` (its ``GatheredTensor``: each
   parameter gathered from the ranks' flat partitions when read).
-- expert parallelism (fp32 runs): the module of the model-states file (there the fp32 master),
+- expert parallelism: fp32 runs: the module of the model-states file (there the fp32 master),
   each routed expert tensor the concatenation of the EP ranks' ``experts-ep{r}.pt``
-  (:mod:`lasp.train.expert_parallel`).
+  (:mod:`lasp.train.expert_parallel`); bf16 / fp16 runs: the fp32 masters from the optimizer
+  files: ZeRO-0's per-EP-rank ``expp_rank_{r}`` files (the replicated parameters, then that EP
+  rank's experts), ZeRO-1/2's per-rank partitions located by their ``param_slice_mappings``. An
+  expert tensor's experts are read EP rank by EP rank (one expert at a time for a per-expert
+  Hugging Face export).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 
 from lasp.models.shards import TensorSource
 
+from ..models.moe import expert_parameters
 from .expert_parallel import expert_files
 
 
@@ -40,7 +45,7 @@ def checkpoint_sources(ckpt_dir: str, tag: str, model: torch.nn.Module) -> dict[
     tag_dir = os.path.join(ckpt_dir, tag)
     optim_files = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
     if expert_files(tag_dir):
-        readers = _expert_parallel_readers(tag_dir, expert_files(tag_dir))
+        readers = _expert_parallel_readers(tag_dir, expert_files(tag_dir), model)
     elif optim_files:
         stage = _load(optim_files[0])["optimizer_state_dict"]["zero_stage"]
         readers = _zero3_readers(ckpt_dir, tag) if stage == 3 else _zero12_readers(tag_dir, optim_files)
@@ -50,7 +55,8 @@ def checkpoint_sources(ckpt_dir: str, tag: str, model: torch.nn.Module) -> dict[
     missing, unexpected = sorted(set(expected) - set(readers)), sorted(set(readers) - set(expected))
     if missing or unexpected:
         raise ValueError(f"weights of {tag!r} do not match the model: missing {missing}, unexpected {unexpected}")
-    return {n: TensorSource(tuple(t.shape), torch.float32, lambda r=readers[n], s=tuple(t.shape): _check(r(), s, n))
+    return {n: TensorSource(tuple(t.shape), torch.float32, lambda r=readers[n], s=tuple(t.shape), n=n: _check(r(), s, n),
+                            readers[n].rows if isinstance(readers[n], ExpertRows) else None)
             for n, t in expected.items()}
 
 
@@ -134,15 +140,90 @@ def _zero12_readers(tag_dir: str, optim_files: list[str]) -> dict:
     return readers
 
 
-def _expert_parallel_readers(tag_dir: str, files: list[str]) -> dict:
-    """An expert-parallel checkpoint: the module copy, the experts from every EP rank's file."""
+def _expert_parallel_readers(tag_dir: str, files: list[str], model: torch.nn.Module) -> dict:
+    """An expert-parallel checkpoint (see the module docstring): every tensor's fp32 master, a
+    routed-expert tensor the concatenation of the EP ranks' experts (:class:`ExpertRows`: read EP
+    rank by EP rank, only the ranks a ``rows`` read spans)."""
+    ep = len(files)
+    shapes = {n: tuple(p.shape) for n, p in expert_parameters(model)}
     saved = _load(sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))[0])
-    if any(t.dtype != torch.float32 for t in saved["module"].values()):
-        raise ValueError(f"--checkpoint: {tag_dir!r} is an expert-parallel checkpoint of a bf16 / fp16 run; lasp export "
-                         "reads expert-parallel checkpoints of fp32 runs only (their module copy is the master) for now")
-    shards = [_load(f) for f in files]
-    readers = {n: (lambda t=t: t) for n, t in saved["module"].items()}
-    readers.update({n: (lambda n=n: torch.cat([s[n] for s in shards])) for n in shards[0]})
+    if all(t.dtype == torch.float32 for t in saved["module"].values()):  # fp32 run: the module copy is the master
+        shards = [_load(f) for f in files]
+        readers = {n: (lambda t=t: t) for n, t in saved["module"].items()}
+        readers.update({n: ExpertRows(lambda r, n=n: shards[r][n], ep, shapes[n]) for n in shards[0]})
+        return readers
+    optim_files = _by_rank(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*optim_states.pt")))
+    if optim_files:
+        return _sliced_master_readers(optim_files, ep, shapes, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    return _zero0_expert_readers(_by_rank(glob.glob(os.path.join(tag_dir, "expp_rank_*_optim_states.pt")), "expp_rank_"), model, shapes)
+
+
+class ExpertRows:
+    """A routed-expert tensor of shape ``shape`` held by ``ep`` EP ranks: ``read_ep(r)`` gives EP rank
+    r's experts (any shape of ``shape[0] / ep`` experts' elements). Called: the whole tensor;
+    ``rows(first, count)``: those experts, reading only the EP ranks they lie on."""
+
+    def __init__(self, read_ep, ep: int, shape: tuple):
+        self.read_ep, self.ep, self.shape = read_ep, ep, shape
+        self.local = shape[0] // ep
+
+    def _rank(self, r: int) -> torch.Tensor:
+        return self.read_ep(r).reshape(self.local, *self.shape[1:])
+
+    def __call__(self) -> torch.Tensor:
+        return torch.cat([self._rank(r) for r in range(self.ep)])
+
+    def rows(self, first: int, count: int) -> torch.Tensor:
+        ranks = range(first // self.local, (first + count - 1) // self.local + 1)
+        part = torch.cat([self._rank(r) for r in ranks]) if len(ranks) > 1 else self._rank(ranks[0])
+        return part[first - ranks[0] * self.local:][:count]
+
+
+def _by_rank(paths: list[str], marker: str = "zero_pp_rank_") -> list[str]:
+    """``paths`` in the numeric order of the rank after ``marker`` (``..._rank_10_...`` after ``_rank_9_``)."""
+    return sorted(paths, key=lambda p: int(os.path.basename(p).split(marker)[1].split("_")[0]))
+
+
+def _sliced_master_readers(optim_files: list[str], ep: int, expert_shapes: dict, shapes: dict) -> dict:
+    """ZeRO-1/2 with expert parallelism (bf16 / fp16 runs): each rank's optimizer file holds its
+    partition of every fp32 group and, per group, where each parameter's fragment lies in it
+    (``param_slice_mappings``). A parameter is its fragments in rank order: over all ranks for a
+    replicated parameter, over EP rank r's expert-data-parallel ranks (``r, r + P, ...``) for its experts."""
+    states = [_load(f)["optimizer_state_dict"] for f in optim_files]
+    where: dict[str, list[tuple[int, int, int, int]]] = {}
+    for rank, st in enumerate(states):
+        for g, mapping in enumerate(st["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                where.setdefault(name, []).append((rank, g, frag.start, frag.numel))
+
+    def read(name: str, ep_rank: int | None = None) -> torch.Tensor:
+        pieces = [states[r]["single_partition_of_fp32_groups"][g][a:a + n] for r, g, a, n in where[name]
+                  if ep_rank is None or r % ep == ep_rank]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    return {name: ExpertRows(lambda r, name=name: read(name, r), ep, expert_shapes[name]) if name in expert_shapes
+            else (lambda name=name: read(name).view(shapes[name])) for name in where}
+
+
+def _zero0_expert_readers(files: list[str], model: torch.nn.Module, expert_shapes: dict) -> dict:
+    """ZeRO-0 with expert parallelism (bf16 / fp16 runs): EP rank r's ``expp_rank_{r}`` optimizer file
+    holds the fp32 masters as one list per parameter group, in the module's parameter order: the
+    replicated parameters in the first groups, this EP rank's experts in DeepSpeed's MoE group (``moe: True``)."""
+    states = [_load(f)["optimizer"] for f in files]
+    moe = [bool(g.get("moe")) for g in states[0]["optimizer_state_dict"]["param_groups"]]
+
+    def masters(r: int, is_moe: bool) -> list[torch.Tensor]:
+        return [t for g, ts in enumerate(states[r]["fp32_groups"]) if moe[g] == is_moe for t in ts]
+
+    readers = {}
+    for is_moe in (False, True):
+        names = [n for n, _ in model.named_parameters() if (n in expert_shapes) == is_moe]
+        if len(masters(0, is_moe)) != len(names):
+            raise ValueError(f"--checkpoint: {files[0]!r} holds {len(masters(0, is_moe))} fp32 {'expert' if is_moe else 'replicated'} "
+                             f"tensors, the model has {len(names)}")
+        for i, name in enumerate(names):
+            readers[name] = (ExpertRows(lambda r, i=i: masters(r, True)[i], len(files), expert_shapes[name]) if is_moe
+                             else (lambda t=masters(0, False)[i], shape=tuple(model.get_parameter(name).shape): t.view(shape)))
     return readers
 
 

@@ -1,7 +1,7 @@
 """``lasp export --checkpoint DIR --output DIR``: a DeepSpeed checkpoint (any ZeRO stage) to a model
 directory: ``model.yaml`` + safetensors (the ``save_pretrained`` format, for
 ``lasp.models.load_pretrained``, ``lasp generate`` and ``model.init_from``) or, with ``--format hf``,
-``config.json`` + safetensors that transformers loads (qwen3_5 models).
+``config.json`` + safetensors that transformers loads (qwen3_5 / qwen3_next models, dense or MoE).
 
     lasp export --checkpoint runs/x/checkpoints --output OUT [--format lasp|hf [--like HF_DIR]]
                 [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
@@ -116,6 +116,7 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
     """Write checkpoint ``checkpoint`` into ``output`` (see the module docstring); ``dtype`` None is
     the run's training dtype; ``like``: an HF directory whose layout the ``hf`` format takes."""
     from lasp.models import LinearLlamaForCausalLM, ModelConfig
+    from lasp.models.config import QWEN_ARCHITECTURES
     from lasp.models.companions import copy_companions, token_ids
     from lasp.models.hf import write_hf
     from lasp.models.io import write_pretrained
@@ -133,8 +134,8 @@ def export(checkpoint: str, output: str, fmt: str = "lasp", *, dtype: torch.dtyp
     if problem is not None:
         raise ValueError(f"--checkpoint: checkpoint {tag_dir} is damaged: {problem}; export an intact one (another stepN directory)")
     cfg = ModelConfig.from_yaml(cfg_path)
-    if fmt == "hf" and cfg.architecture != "qwen3_5":
-        raise ValueError(f"--format hf: only architecture='qwen3_5' models export to Hugging Face format, this one is {cfg.architecture!r}")
+    if fmt == "hf" and cfg.architecture not in QWEN_ARCHITECTURES:
+        raise ValueError(f"--format hf: only architecture qwen3_5 / qwen3_next models export to Hugging Face format, this one is {cfg.architecture!r}")
     run = read_run(tag_dir)
     if dtype is None:
         dtype = DTYPES.get((run.get("train") or {}).get("dtype"), torch.float32)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (uses 'latest') or one checkpoint's tag directory")
     p.add_argument("--output", required=True, help="output directory (its old weights are replaced, other files kept)")
     p.add_argument("--format", choices=("lasp", "hf"), default="lasp",
-                   help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 models)")
+                   help="lasp: model.yaml + safetensors; hf: config.json + safetensors for transformers (qwen3_5 / qwen3_next models)")
     p.add_argument("--like", metavar="HF_DIR", default=None,
                    help="with --format hf: write in the layout of the Hugging Face checkpoint the run started from (e.g. a "
                         "Qwen3_5ForConditionalGeneration: model.language_model.*, its config.json nesting), its vision tower "

@@ -1,7 +1,8 @@
 """``model.init_from: PATH``: start training from pretrained weights (fine-tuning).
 
 ``PATH`` is a lasp directory (``lasp export`` / ``lasp convert`` output: ``model.yaml`` +
-``model.safetensors``) or a Hugging Face Qwen3.5 directory (``config.json`` + safetensors). The
+``model.safetensors``) or a Hugging Face Qwen3.5 / Qwen3.5-MoE / Qwen3-Next directory
+(``config.json`` + safetensors, routed experts in either layout). The
 model config comes from ``PATH``; other keys of the run config's ``model`` section override it
 (e.g. ``linear_method``, ``softmax_method``; changing a shape makes the load fail by name).
 
@@ -10,7 +11,8 @@ No rank materialises more than its share plus one tensor:
 - ZeRO 0/1/2 (every rank holds the whole model anyway): the model is built on the meta device in
   the training dtype (``train.dtype``) and each tensor, read one at a time and cast, becomes its
   parameter (no random init first, never an fp32 copy of a bf16 run's model; DeepSpeed then makes
-  its own fp32 master copy for bf16/fp16, partitioned under ZeRO 1/2);
+  its own fp32 master copy for bf16/fp16, partitioned under ZeRO 1/2); with expert parallelism
+  (``parallel.ep_size > 1``) each rank reads only its own experts' rows;
 - ZeRO-3: the model is built under ``deepspeed.zero.Init`` (each rank allocates only its
   partition), then each parameter in turn is gathered, filled on rank 0 from the file, and
   re-partitioned (``GatheredParameters(modifier_rank=0)``). ``deepspeed.comm`` is initialised
@@ -65,14 +67,14 @@ def init_deepspeed_comm() -> None:
 def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict, load: bool = True, ep_group=None):
     """The model to hand to ``deepspeed.initialize``: random init (``path`` None, as before), or
     ``path``'s weights (``load=False``: only the structure, e.g. when a checkpoint is resumed).
-    ``ep_group``: an MoE model's expert-parallel group (random init or resume only)."""
+    ``ep_group``: an MoE model's expert-parallel group (each rank reads only its own experts)."""
     from lasp.models import LinearLlamaForCausalLM
-    from lasp.models.weights import load_weights_, tensor_readers
+    from lasp.models.weights import file_sources, load_weights_
 
     if path is None or (zero_stage < 3 and not load):
         return LinearLlamaForCausalLM(mcfg, ep_group=ep_group)
     if zero_stage < 3:
-        return load_weights_(LinearLlamaForCausalLM(mcfg, device="meta"), path, dtype=training_dtype(ds_config))
+        return load_weights_(LinearLlamaForCausalLM(mcfg, device="meta", ep_group=ep_group), path, dtype=training_dtype(ds_config))
     import deepspeed
     import torch.distributed as dist
 
@@ -80,10 +82,10 @@ def build_initial_model(mcfg, path: str | None, zero_stage: int, ds_config: dict
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = LinearLlamaForCausalLM(mcfg)
     if load:
-        readers = tensor_readers(path, mcfg)  # every rank checks the names (same error everywhere)
+        sources = file_sources(path, mcfg)  # every rank checks the names (same error everywhere)
         rank = dist.get_rank() if dist.is_initialized() else 0
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 if rank == 0:
-                    p.copy_(readers[name]())
+                    p.copy_(sources[name].read())
     return model

@@ -43,8 +43,6 @@ def check_experts(cfg: RunConfig, mcfg, init_from: str | None) -> None:
         raise ValueError(f"{cfg.source}: parallel.ep_size={ep} needs a mixture-of-experts model (model.mlp: moe), got mlp: {mcfg.mlp}")
     if mcfg.num_experts % ep:
         raise ValueError(f"{cfg.source}: parallel.ep_size={ep} must divide model.num_experts={mcfg.num_experts}")
-    if init_from is not None:
-        raise ValueError(f"{cfg.source}: model.init_from with parallel.ep_size={ep} is not supported yet (start from it with ep_size: 1)")
 
 
 def resolve_data(cfg: RunConfig) -> str:

@@ -210,8 +210,8 @@ def _train_locked(cfg: RunConfig, mcfg, init_from, data: TokenDataset, packed: b
     if plan.reshard:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     model = build_initial_model(mcfg, init_from, t.zero_stage, ds_config, load=plan.resume_tag is None, ep_group=state.ep_group)
-    if t.activation_checkpointing:
-        model.set_activation_checkpointing(True)
+    if t.activation_checkpointing or t.activation_offload:
+        model.set_activation_checkpointing(True, offload=t.activation_offload)
     if state.ep_size > 1:  # experts as DeepSpeed expert parameters (reduced over their EDP group)
         expert_parallel.prepare(model, state, mcfg.num_experts)
     moe, clip_experts = mcfg.mlp == "moe", trainer_clips(cfg)
