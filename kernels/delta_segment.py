@@ -27,7 +27,7 @@ constructor                 WY factors (gates, L2 norm, the blocked inverse, W, 
 ``state_grad(dO)``          ``dL/dS_in`` (the reverse pass with ``dO``)
 ``backward_output(dO)``     records ``dO`` (its reverse pass ran in ``state_grad``)
 ``backward_summary(dM, dA)``  the reverse pass from ``dM`` (``dA`` None: ``dM S_in^T``)
-``grads()``                 ``(dq, dk, dv, dbeta, dg)`` in the inputs' dtypes
+``grads()``                 ``(dq, dk, dv, dg, dbeta)`` in the inputs' dtypes
 ==========================  ====================================================================
 """
 from __future__ import annotations
@@ -51,8 +51,10 @@ def unsupported_head_dims(K: int, V: int, dtype: torch.dtype = torch.bfloat16) -
 
 
 class TritonDeltaSegment:
-    """Gated delta rule segment on Triton kernels. q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta
-    ``[B, T, H]``, g ``[B, T, H]`` (finite log gates) or None; K, V powers of two 16..256."""
+    """Gated delta rule segment on Triton kernels, in fla's order: q, k ``[B, T, H, K]``, v ``[B, T,
+    HV, V]``, g ``[B, T, HV]`` (log gates; -inf a hard reset) or None, beta ``[B, T, HV]``; K, V powers
+    of two 16..256; ``HV`` a multiple of ``H`` (GVA: the kernels index q/k head ``v_head // (HV // H)``,
+    nothing is repeated; dq, dk are summed over each group)."""
 
     transition = "matrix"
     #: Protocol extensions (:mod:`lasp.ops.segment`): ``summary(transition=False)`` and
@@ -60,7 +62,7 @@ class TritonDeltaSegment:
     lazy_transition = True
     dA_from_state = True
 
-    def __init__(self, q, k, v, beta, g, scale: float, use_qk_l2norm: bool = False, chunk_size: int | None = None):
+    def __init__(self, q, k, v, g, beta, scale: float, use_qk_l2norm: bool = False, chunk_size: int | None = None):
         check_device(q)
         check_head_dim(q.shape[-1], "K (q/k head dim)")
         check_head_dim(v.shape[-1], "V (v head dim)")
@@ -70,13 +72,13 @@ class TritonDeltaSegment:
         why = unsupported_head_dims(q.shape[-1], v.shape[-1], q.dtype)
         if why:
             raise ValueError(f"{why}; use backend='torch'")
-        self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, beta, g)]
+        self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, beta)]
         self.scale, self.l2, self.BT = float(scale), use_qk_l2norm, chunk_size
         with torch.no_grad():
             c = [None if x is None else x.detach().contiguous() for x in self.inputs]
             self.f = gd.wy_factors(*c, chunk_size, use_qk_l2norm)
-        B, T, H, K = q.shape
-        self.shape = (B, H, K, v.shape[-1])
+        B, T, _, K = q.shape
+        self.shape = (B, v.shape[2], K, v.shape[-1])  # states per value head (GVA: v may have more heads)
         self.A = self.M = None
         self._zero_traj = None  # (h, vn) of the trajectory from zeros, when the summary's pass kept it
         self._no_transition = False
@@ -162,7 +164,7 @@ class TritonDeltaSegment:
         self.D = D if self.D is None else self.D + D
 
     def grads(self) -> tuple:
-        """``(dq, dk, dv, dbeta, dg)`` (None where the input has no gradient or is None)."""
+        """``(dq, dk, dv, dg, dbeta)`` (None where the input has no gradient or is None)."""
         out: list[torch.Tensor | None] = [None] * 5
         if not any(x is not None and x.requires_grad for x in self.inputs):
             return tuple(out)

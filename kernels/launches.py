@@ -55,18 +55,19 @@ def drive_simple_gla(dtype, K: int, V: int, gates: str) -> None:
     o.backward(torch.empty_like(o))
 
 
-def drive_gated_delta(dtype, K: int, V: int, gated: bool, l2: bool) -> None:
+def drive_gated_delta(dtype, K: int, V: int, gated: bool, l2: bool, group: int = 1) -> None:
+    """``group``: value heads per q/k head (GVA: q, k on H // group heads, the kernels' G)."""
     from ..ops.lasp2 import lasp2_apply
     from ..testing import drive_segment
     from .delta_segment import TritonDeltaSegment
 
-    q, k = _rand(B, T, H, K, dtype=dtype), _rand(B, T, H, K, dtype=dtype)
+    q, k = _rand(B, T, H // group, K, dtype=dtype), _rand(B, T, H // group, K, dtype=dtype)
     v, beta = _rand(B, T, H, V, dtype=dtype), _rand(B, T, H, dtype=dtype)
     g = _rand(B, T, H) if gated else None
     scale = K**-0.5
-    drive_segment(lambda: TritonDeltaSegment(q, k, v, beta, g, scale, use_qk_l2norm=l2), _rand(B, H, K, V),
+    drive_segment(lambda: TritonDeltaSegment(q, k, v, g, beta, scale, use_qk_l2norm=l2), _rand(B, H, K, V),
                   _rand(B, T, H, V, dtype=dtype), _rand(B, H, K, V), _rand(B, H, K, K))
-    ins = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, beta, g)]
+    ins = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, beta)]
     o = lasp2_apply(TritonDeltaSegment, ins, [], scale=scale, group=None, use_qk_l2norm=l2)
     o.backward(torch.empty_like(o))
 
@@ -95,6 +96,8 @@ def gated_delta_variants(quick: bool):
     for dt, K, V, gated, l2 in cases:
         yield (f"gated_delta {dt} K{K} V{V} g={gated} l2={l2}",
                lambda dt=dt, K=K, V=V, gated=gated, l2=l2: drive_gated_delta(DTYPES[dt], K, V, gated, l2))
+    if not quick:  # GVA: two value heads per q/k head (the kernels' G = 2 variants)
+        yield "gated_delta bf16 K128 V128 g=True l2=True GVA2", lambda: drive_gated_delta(DTYPES["bf16"], 128, 128, True, True, 2)
 
 
 def capture(op: str = "all", quick: bool = False):

@@ -11,13 +11,16 @@ import torch
 
 from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, check_states, resolve_backend
 from .ops.documents import document_bounds, document_gate
-from .ops.lasp1 import lasp1_linear_attention
-from .ops.lasp2 import lasp2_linear_attention
+from .ops.document_states import documents_apply, per_document_states
+from .ops.lasp1 import lasp1_apply, lasp1_linear_attention
+from .ops.lasp2 import lasp2_apply, lasp2_linear_attention
+from .ops.rank_check import check_same_on_ranks, token_field_ignored
+from .ops.segment import segment_class
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
 from .ops.softmax_documents import single_process_softmax
-from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
+from .ops.ulysses import check_heads_divisible, ulysses_apply, ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
 #: Linear-attention methods: name -> ``f(q, k, v, g, g_gamma, *, scale, causal, group, layout, backend)``
@@ -68,31 +71,65 @@ def linear_attention(
             else torch with a warning).
         initial_state: ``[B, H, K, V]`` state before the first token of the whole sequence (the
             same on every rank; float32 or q's dtype) or None (zeros). Causal only. Its gradient
-            on each rank is that rank's contribution (sum over the SP group = the total).
+            on each rank is that rank's contribution (sum over the SP group = the total). With
+            ``cu_seqlens``: ``[N, H, K, V]``, one per document (fla's varlen form), or ``[1, H, K, V]``
+            (the first document's; the others start from zeros).
         output_final_state: also return the float32 state after the last token of the whole
             sequence, on every rank (differentiable; its gradient is summed over the ranks).
         cu_seqlens: packed documents (causal only, B = 1): ``[N+1]`` integer global document
             starts ``0 = c_0 < ... < c_N = T_local * P``, the same on every rank; each document runs
-            as if alone (``initial_state`` feeds the first, ``final_state`` is the last one's). A
-            document start is a hard reset (log-decay ``-inf``), so LASP-2's bytes are unchanged;
-            validation adds one 24-byte all-gather per call (:mod:`lasp.ops.documents`).
+            as if alone. Without states a document start is a hard reset (log-decay ``-inf``), so
+            LASP-2's bytes are unchanged; validation adds one 24-byte all-gather per call
+            (:mod:`lasp.ops.documents`). With states (fla's varlen): one initial and one final state
+            per document, the final ones ``[N, H, K, V]`` on every rank (:mod:`lasp.ops.document_states`).
     Returns:
         ``o [B, T_local, H, V]`` in q's dtype (states are float32 internally), or
-        ``(o, final_state [B, H, K, V])`` with ``output_final_state``.
+        ``(o, final_state [B, H, K, V])`` with ``output_final_state`` (``[N, H, K, V]`` with ``cu_seqlens``).
     """
     check_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, method=method, backend=backend)
-    check_states(q, v, initial_state, output_final_state, causal=causal)
-    if cu_seqlens is not None:
-        if not causal:
-            raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
-        g = document_gate(g, cu_seqlens, q, group, layout)
-    states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
+    check_states(q, v, initial_state, output_final_state, causal=causal, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None and not causal:
+        raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
+    check_same_on_ranks("linear_attention", dict(
+        B=q.shape[0], T_local=q.shape[1], H=q.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype, g=g is not None,
+        g_gamma=g_gamma is not None, causal=causal, initial_state=-1 if initial_state is None else initial_state.shape[0],
+        output_final_state=output_final_state, method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+    ), group, q.device, ignore=token_field_ignored(method, layout))
     backend = resolve_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if cu_seqlens is not None and (initial_state is not None or output_final_state):
+        bounds = document_bounds(cu_seqlens, q.shape[1] * group_rank_size(group)[1], q.shape[0], group, device=q.device)
+        return _with_document_states(q, k, v, g, g_gamma, bounds, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state, group=group, method=method, layout=layout,
+                                     backend=backend)
+    if cu_seqlens is not None:
+        g = document_gate(g, cu_seqlens, q, group, layout)
+    states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
     if group_rank_size(group)[1] == 1:
         return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend, **states)
     impl = LINEAR_METHODS[method]
     return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend, **states)
+
+
+def _with_document_states(q, k, v, g, g_gamma, bounds, *, scale, initial_state, output_final_state, group, method, layout,
+                          backend):
+    """Packed documents with per-document states (:mod:`lasp.ops.document_states`): every method."""
+    seg = segment_class(backend)
+    like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+    doc_states = per_document_states(initial_state, len(bounds) - 1, like)
+    kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state)
+    if group_rank_size(group)[1] == 1:
+        return documents_apply(lasp2_apply, seg, [q, k, v, g], [g_gamma], doc_states=doc_states, group=None, **kw)
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2])
+
+        def local_op(toks, heads, s0, ofs):
+            return documents_apply(lasp2_apply, seg, toks, heads, doc_states=s0, group=None, **kw)
+
+        return ulysses_apply(local_op, [q, k, v, g], [g_gamma], group=group, layout=layout, initial_state=doc_states,
+                             output_final_state=output_final_state)
+    apply = lasp1_apply if method == "lasp1" else lasp2_apply
+    return documents_apply(apply, seg, [q, k, v, g], [g_gamma], doc_states=doc_states, group=group, layout=layout, **kw)
 
 
 def softmax_attention(
@@ -127,6 +164,10 @@ def softmax_attention(
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
+    check_same_on_ranks("softmax_attention", dict(
+        B=q.shape[0], T_local=q.shape[1], H=q.shape[2], H_kv=k.shape[2], D=q.shape[3], dtype=q.dtype, causal=causal,
+        method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+    ), group, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     size = group_rank_size(group)[1]
     bounds = document_bounds(cu_seqlens, q.shape[1] * size, q.shape[0], group, device=q.device)

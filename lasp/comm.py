@@ -45,9 +45,13 @@ class CommEvent:
 
 @dataclass
 class CommLog:
-    """Events recorded inside a :func:`record` block."""
+    """Events recorded inside a :func:`record` block: ``events`` the operators' communication,
+    ``checks`` the shape handshakes that only a rank's first call with new shapes makes
+    (:data:`CHECK_TAGS`), kept apart so that the accounting of a call does not depend on what ran
+    before it in the process."""
 
     events: list[CommEvent] = field(default_factory=list)
+    checks: list[CommEvent] = field(default_factory=list)
 
     def of(self, tag_prefix: str = "", kinds: tuple[str, ...] | None = None) -> list[CommEvent]:
         return [e for e in self.events if e.tag.startswith(tag_prefix) and (kinds is None or e.kind in kinds)]
@@ -65,9 +69,12 @@ class CommLog:
 
     def clear(self) -> None:
         self.events.clear()
+        self.checks.clear()
 
 
 _active: list[CommLog] = []
+#: Tags of the once-per-shape handshakes (:mod:`lasp.ops.rank_check`), recorded in ``CommLog.checks``.
+CHECK_TAGS = ("rank_check",)
 
 
 @contextlib.contextmanager
@@ -85,7 +92,7 @@ def _note(kind: str, t: torch.Tensor, group, tag: str) -> None:
     if _active:
         ev = CommEvent(kind, t.numel() * t.element_size(), dist.get_world_size(group), tag)
         for log in _active:
-            log.events.append(ev)
+            (log.checks if tag in CHECK_TAGS else log.events).append(ev)
 
 
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -86,26 +86,29 @@ def linear_inputs(B, T, H, K, V, *, gates: str = "none", dtype=torch.float32, se
     return cast(q), cast(k), cast(v), (None if g is None else g.to(device)), (None if g_gamma is None else g_gamma.to(device))
 
 
-def delta_inputs(B, T, H, K, V, *, gates="g", dtype=torch.float32, l2norm=False, init=False, seed=0, device="cpu"):
-    """Random q, k, v, beta, g, initial_state for the gated delta rule (never zeros): beta in
+def delta_inputs(B, T, H, K, V, *, gates="g", dtype=torch.float32, l2norm=False, init=False, seed=0, device="cpu", hv=None):
+    """Random ``[q, k, v, g, beta, initial_state]`` for the gated delta rule, in the order of
+    :func:`lasp.gated_delta_rule` (fla's; never zeros): beta in
     (0.05, 0.95), g (fp32, ``gates="g"``; ``"reset"`` adds hard resets, ``"none"``: None) in
     (-0.41, -0.01). Without in-op L2 norm (``l2norm=False``) the keys are unit vectors (as a GDN
-    layer makes them), so the recurrence stays bounded."""
+    layer makes them), so the recurrence stays bounded. ``hv``: value heads (GVA; default H) of v,
+    g, beta and the state."""
     gen = torch.Generator().manual_seed(seed)
+    HV = H if hv is None else hv
     q = torch.randn(B, T, H, K, generator=gen)
     k = torch.randn(B, T, H, K, generator=gen)
     if not l2norm:
         k = torch.nn.functional.normalize(k, dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    beta = torch.rand(B, T, H, generator=gen) * 0.9 + 0.05
+    v = torch.randn(B, T, HV, V, generator=gen)
+    beta = torch.rand(B, T, HV, generator=gen) * 0.9 + 0.05
     g = None
     if gates in ("g", "reset"):
-        g = -(torch.rand(B, T, H, generator=gen) * 0.4 + 0.01)
+        g = -(torch.rand(B, T, HV, generator=gen) * 0.4 + 0.01)
         if gates == "reset":  # hard resets (exp(g) = 0), inside and at the edge of chunks
             g[0, T // 3, 0] = g[-1, T - 1, -1] = g[0, 0, -1] = float("-inf")
-    s0 = torch.randn(B, H, K, V, generator=gen) if init else None
+    s0 = torch.randn(B, HV, K, V, generator=gen) if init else None
     cast = lambda x, dt=dtype: None if x is None else x.to(device=device, dtype=dt)  # noqa: E731
-    return [cast(q), cast(k), cast(v), cast(beta), cast(g, torch.float32), cast(s0, torch.float32)]
+    return [cast(q), cast(k), cast(v), cast(g, torch.float32), cast(beta), cast(s0, torch.float32)]
 
 
 def softmax_inputs(B, T, H, H_kv, D, dtype=torch.float32, seed=0):

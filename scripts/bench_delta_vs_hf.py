@@ -53,7 +53,7 @@ def main() -> None:
 
     from lasp.ops.delta_chunk import chunk_gated_delta_rule
 
-    ours = lambda q, k, v, b, g: chunk_gated_delta_rule(q, k, v, b, g, use_qk_l2norm=True)  # noqa: E731
+    ours = lambda q, k, v, b, g: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)  # noqa: E731
     theirs = lambda q, k, v, b, g: torch_chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
     rows = []
     for T in args.T:

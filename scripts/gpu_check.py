@@ -151,29 +151,34 @@ def check_linear(r: Report, dname, B, T, H, K, V, gates, resets=(), docs=0):
     r.guarded(tag, lambda: compare(r, tag + " +states", run, [q, k, v, g, gg, s0], ("q", "k", "v", "g", "g_gamma", "s0"), dtype))
 
 
-def check_delta(r: Report, dname, B, T, H, K, V, gates, l2, docs=0, gate_scale=None):
+def check_delta(r: Report, dname, B, T, H, K, V, gates, l2, docs=0, gate_scale=None, hv=None):
     import lasp
     from lasp.testing import delta_inputs, document_starts
 
     dtype = DT[dname]
-    q, k, v, beta, g, s0 = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=True, seed=K + V + T, device=r.dev)
+    q, k, v, g, beta, s0 = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=True, seed=K + V + T,
+                                        device=r.dev, hv=hv)
+    HV = v.shape[2]  # GVA when hv > H
     if gate_scale is not None:  # fla's test_gdn: g = logsigmoid(U(0, 1)) / gate_logit_normalizer
-        g = torch.nn.functional.logsigmoid(torch.rand(B, T, H, generator=torch.Generator().manual_seed(5))).to(r.dev) / gate_scale
+        g = torch.nn.functional.logsigmoid(torch.rand(B, T, HV, generator=torch.Generator().manual_seed(5))).to(r.dev) / gate_scale
     cu = document_starts(T, docs, seed=T).to(r.dev) if docs else None
+    if docs:  # fla's varlen states: one initial state per document (and one final state each)
+        s0 = torch.randn(docs, HV, K, V, generator=torch.Generator().manual_seed(6)).to(r.dev)
 
     def run(x, backend):
         return lasp.gated_delta_rule(*x[:5], scale=K ** -0.5, initial_state=x[5], output_final_state=True,
                                      use_qk_l2norm_in_kernel=l2, backend=backend, cu_seqlens=cu)
-    tag = (f"gated delta {dname} B{B} T{T} H{H} K{K} V{V} g={gates} l2={l2}" + (f" {docs} docs" if docs else "")
+    tag = (f"gated delta {dname} B{B} T{T} H{H}" + (f" HV{HV}" if HV != H else "") + f" K{K} V{V} g={gates} l2={l2}"
+           + (f" {docs} docs" if docs else "")
            + (f" g/{gate_scale} (fla test_gdn)" if gate_scale else ""))
-    r.guarded(tag, lambda: compare(r, tag + " +states", run, [q, k, v, beta, g, s0], ("q", "k", "v", "beta", "g", "s0"), dtype))
+    r.guarded(tag, lambda: compare(r, tag + " +states", run, [q, k, v, g, beta, s0], ("q", "k", "v", "g", "beta", "s0"), dtype))
 
 
 @section
 def kernels(r: Report) -> None:
     if r.smoke:  # the interpreter: one case per kind
         check_linear(r, "fp32", 1, 40, 2, 16, 32, "both", resets=(5, 21))
-        check_delta(r, "fp32", 1, 40, 2, 16, 16, "g", True, docs=3)
+        check_delta(r, "fp32", 1, 40, 2, 16, 16, "g", True, docs=3, hv=4)
         return
     if r.mini:  # the compute-sanitizer run: the kernels of the bf16 K = V = 128 cases, a short T
         check_linear(r, "bf16", 1, 200, 4, 128, 128, "g", resets=(5, 64))
@@ -192,6 +197,8 @@ def kernels(r: Report) -> None:
     check_delta(r, "fp16", 2, T, 8, 64, 64, "g", False)
     check_delta(r, "bf16", 2, T, 8, 64, 128, "none", True)
     check_delta(r, "bf16", 1, T, 8, 128, 128, "g", True, docs=7)
+    check_delta(r, "bf16", 2, T, 4, 128, 128, "g", True, hv=8)  # GVA (Qwen3.5: value heads a multiple of q/k heads)
+    check_delta(r, "bf16", 1, T, 4, 128, 128, "g", True, docs=7, hv=12)  # GVA x varlen with per-document states
     for dname in ("fp32", "bf16"):
         check_delta(r, dname, 2, 75, 4, 64, 64, "g", True, gate_scale=0.01)
 

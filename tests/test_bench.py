@@ -196,8 +196,8 @@ def test_kernels_fla_wrapper(monkeypatch):
 
     for name, fn in (("gated_delta_rule", chunk_gated_delta_rule), ("simple_gla", chunk_simple_gla)):
         monkeypatch.setitem(sys.modules, f"fla.ops.{name}", types.SimpleNamespace(**{fn.__name__: fn}))
-    q, k, v, beta, g = (torch.randn(1, 4, 1, 2) for _ in range(5))
-    assert torch.equal(kernels.fla_fn("gated_delta")([q, k, v, beta, g], 0.5), q + 1)
+    q, k, v, g, beta = (torch.randn(1, 4, 1, 2) for _ in range(5))
+    assert torch.equal(kernels.fla_fn("gated_delta")([q, k, v, g, beta], 0.5), q + 1)
     assert seen == dict(g=g, beta=beta, scale=0.5, l2=True, head_first=False)
     assert kernels.fla_fn("linear")([q, k, v, g, None], 0.5) is q
     with pytest.raises(RuntimeError, match="no g_gamma"):

@@ -9,7 +9,7 @@ from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.ops.delta_segment import DeltaTorchSegment
 from lasp.testing import assert_close, delta_inputs, seed_for, value_error_and_collectives
 
-NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
 def leaves(xs, dtype=None):
@@ -68,11 +68,11 @@ def test_scale_single_chunk_and_no_final_state():
 
 def test_recurrent_step_matches_oracle():
     xs = delta_inputs(2, 9, 2, 4, 6, init=True, l2norm=True, seed=4)
-    q, k, v, beta, g, S = xs
-    ref, S_ref = naive_gated_delta_rule(q, k, v, beta, g, initial_state=S, output_final_state=True, use_qk_l2norm=True)
+    q, k, v, g, beta, S = xs
+    ref, S_ref = naive_gated_delta_rule(q, k, v, g, beta, initial_state=S, output_final_state=True, use_qk_l2norm=True)
     outs = []
     for t in range(9):
-        o, S = recurrent_gated_delta_step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], beta[:, t : t + 1], g[:, t : t + 1], S, use_qk_l2norm=True)
+        o, S = recurrent_gated_delta_step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1], beta[:, t : t + 1], S, use_qk_l2norm=True)
         outs.append(o)
     assert_close(ref, torch.cat(outs, 1), name="o")
     assert_close(S_ref, S, name="state")
@@ -84,9 +84,9 @@ def test_recurrent_step_matches_oracle():
 def drive_segments(xs, bounds, scale, l2norm, output_final_state=True, dO=None, dF=None):
     """Drive DeltaTorchSegments exactly as LASP-2 does, in one process: forward prefix fold,
     backward with REBUILT segments, state gradients, suffix fold, summary gradients."""
-    q, k, v, beta, g, s0 = xs
+    q, k, v, g, beta, s0 = xs
     cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
-    pieces = [[cut(x, a, b) for x in (q, k, v, beta, g)] for a, b in bounds]
+    pieces = [[cut(x, a, b) for x in (q, k, v, g, beta)] for a, b in bounds]
     B, H, K, V = q.shape[0], q.shape[2], q.shape[3], v.shape[3]
     # forward
     S = torch.zeros(B, H, K, V) if s0 is None else s0.float()
@@ -153,8 +153,8 @@ def test_segments_driven_like_lasp2_match_oracle(case):
 
 def test_segment_summary_is_the_affine_map():
     """S_out = A S_in + M for an arbitrary S_in, and A = prod exp(g_t)(I - b_t k_t k_t^T)."""
-    q, k, v, beta, g, _ = delta_inputs(1, 11, 2, 4, 3, seed=7)
-    seg = DeltaTorchSegment(q, k, v, beta, g, 0.5, chunk_size=4)
+    q, k, v, g, beta, _ = delta_inputs(1, 11, 2, 4, 3, seed=7)
+    seg = DeltaTorchSegment(q, k, v, g, beta, 0.5, chunk_size=4)
     A, M = seg.summary()
     ref = torch.eye(4, dtype=torch.float64).expand(1, 2, 4, 4)
     for t in range(11):
@@ -163,7 +163,7 @@ def test_segment_summary_is_the_affine_map():
         ref = f @ ref
     assert_close(ref, A, name="A")
     S_in = torch.randn(1, 2, 4, 3)
-    _, S_ref = naive_gated_delta_rule(q, k, v, beta, g, initial_state=S_in, output_final_state=True)
+    _, S_ref = naive_gated_delta_rule(q, k, v, g, beta, initial_state=S_in, output_final_state=True)
     assert_close(S_ref, A @ S_in + M, name="A S_in + M")
 
 
@@ -171,7 +171,7 @@ def test_against_fla_naive_if_installed():
     fla = pytest.importorskip("fla.ops.gated_delta_rule.naive")
     xs = delta_inputs(1, 12, 2, 4, 4, init=True, seed=8)
     o, S = chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True, chunk_size=4)
-    q, k, v, beta, g, s0 = xs
+    q, k, v, g, beta, s0 = xs
     o_f, S_f = fla.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True)
     assert_close(o_f, o, name="o vs fla")
     assert_close(S_f, S, name="state vs fla")
@@ -188,9 +188,39 @@ def test_public_operator_one_process():
     o_ref, S_ref = naive_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm=True)
     assert_close(o_ref, o, name="o")
     assert_close(S_ref, S, name="final_state")
-    assert isinstance(lasp.gated_delta_rule(*xs[:4]), torch.Tensor)  # DeltaNet, no final state
+    assert isinstance(lasp.gated_delta_rule(*xs[:3], None, xs[4]), torch.Tensor)  # DeltaNet, no final state
     with pytest.raises(ValueError, match="backend='triton' needs head dims"):  # K=4, V=3: no kernels
         lasp.gated_delta_rule(*xs[:5], backend="triton")
+
+
+def fla_naive_recurrent(q, k, v, beta, g, scale, initial_state):
+    """float64 restatement of fla's ``naive_recurrent_gated_delta_rule`` (its semantics, step by
+    step: decay the state by ``exp(g)``, ``v' = beta (v - S^T k)``, ``S += k v'^T``, ``o = (scale q)
+    S``), called by keyword below so that no argument order can hide a swap."""
+    q, k, v, beta, g = (x.double().transpose(1, 2) for x in (q, k, v, beta, g))  # [B, H, T, ...]
+    S, outs = initial_state.double(), []
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t].exp()[..., None, None]
+        u = (v[:, :, t] - (S * k[:, :, t, :, None]).sum(-2)) * beta[:, :, t, None]
+        S = S + k[:, :, t, :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, S))
+    return torch.stack(outs, 2).transpose(1, 2), S
+
+
+def test_positional_call_in_fla_order_equals_fla_reference():
+    """``lasp.gated_delta_rule(q, k, v, g, beta)`` positionally, as fla's ``chunk_gated_delta_rule``
+    is called, equals fla's naive recurrence (keywords); everything after beta is keyword-only."""
+    import lasp
+
+    q, k, v, g, beta, s0 = delta_inputs(1, 13, 2, 4, 3, init=True, seed=17)
+    o, S = lasp.gated_delta_rule(q, k, v, g, beta, scale=0.7, initial_state=s0, output_final_state=True)
+    o_ref, S_ref = fla_naive_recurrent(q=q, k=k, v=v, beta=beta, g=g, scale=0.7, initial_state=s0)
+    assert_close(o_ref, o, name="o")
+    assert_close(S_ref, S, name="final_state")
+    o_net = lasp.gated_delta_rule(q, k, v, None, beta)  # DeltaNet: g = None in g's place
+    assert_close(naive_gated_delta_rule(q=q, k=k, v=v, g=None, beta=beta), o_net, name="o (DeltaNet)")
+    with pytest.raises(TypeError):
+        lasp.gated_delta_rule(q, k, v, g, beta, 0.7)  # scale is keyword-only, as fla's after beta
 
 
 def bad_delta_calls(rank, world):
@@ -198,7 +228,7 @@ def bad_delta_calls(rank, world):
 
     import lasp
 
-    q, k, v, beta, g, s0 = delta_inputs(1, 6, 2, 4, 3, init=True, seed=rank)
+    q, k, v, g, beta, s0 = delta_inputs(1, 6, 2, 4, 3, init=True, seed=rank)
     calls = [
         dict(beta=beta[:, :, :1]),
         dict(g=g[:, :-1]),
@@ -210,8 +240,8 @@ def bad_delta_calls(rank, world):
     ]
     errors = []
     for kw in calls:
-        args = {**dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=None), **kw}
-        pos = [args.pop(n) for n in ("q", "k", "v", "beta", "g")]
+        args = {**dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=None), **kw}
+        pos = [args.pop(n) for n in ("q", "k", "v", "g", "beta")]
         errors.append(value_error_and_collectives(lambda: lasp.gated_delta_rule(*pos, group=dist.group.WORLD, **args))[0])
     return errors
 

@@ -31,23 +31,28 @@ def run_delta(rank, world, xs, do, dF, method, layout, l2, final):
     return o.detach(), None if S is None else S.detach(), grads, log.events[:n_fwd], log.events[n_fwd:]
 
 
-CASES = [  # id, P, method, layout, gates, init, final, l2, dtype
+CASES = [  # id, P, method, layout, gates, init, final, l2, dtype[, HV (GVA: value heads, H = 2)]
     ("lasp2-P2-contig-g-init-final", 2, "lasp2", "contiguous", "g", True, True, True, torch.float32),
     ("lasp2-P4-zigzag-reset", 4, "lasp2", "zigzag", "reset", False, False, False, torch.float32),
     ("lasp2-P2-zigzag-deltanet-bf16", 2, "lasp2", "zigzag", "none", True, True, True, torch.bfloat16),
     ("lasp1-P4-contig-g-final", 4, "lasp1", "contiguous", "g", True, True, False, torch.float32),
     ("lasp1-P2-zigzag-g", 2, "lasp1", "zigzag", "g", False, False, True, torch.float32),
     ("ulysses-P2-zigzag-g-init-final", 2, "ulysses", "zigzag", "g", True, True, True, torch.float32),
+    # GVA: v, g, beta and the states on HV = 4 value heads, q and k on H = 2 (never repeated)
+    ("gva-lasp2-P2-contig-g-init-final", 2, "lasp2", "contiguous", "g", True, True, True, torch.float32, 4),
+    ("gva-lasp1-P2-zigzag-reset-final", 2, "lasp1", "zigzag", "reset", True, True, False, torch.float32, 4),
+    ("gva-ulysses-P2-contig-g-init-final", 2, "ulysses", "contiguous", "g", True, True, True, torch.float32, 4),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_gated_delta_rule_sp_matches_oracle(spawn, case):
-    name, P, method, layout, gates, init, final, l2, dtype = case
+    name, P, method, layout, gates, init, final, l2, dtype, *hv = case
     B, T, H, K, V = 1, 16 * P, 2, 6, 5
-    xs = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=init, seed=seed_for("sp", name))
+    HV = hv[0] if hv else H
+    xs = delta_inputs(B, T, H, K, V, gates=gates, dtype=dtype, l2norm=l2, init=init, seed=seed_for("sp", name), hv=HV)
     gen = torch.Generator().manual_seed(1)
-    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    do, dF = torch.randn(B, T, HV, V, generator=gen), torch.randn(B, HV, K, V, generator=gen)
     ys = [None if x is None else x.detach().double().requires_grad_() for x in xs]
     o_ref, S_ref = naive_gated_delta_rule(*ys[:5], initial_state=ys[5], output_final_state=True, use_qk_l2norm=l2)
     ((o_ref * do.double()).sum() + ((S_ref * dF.double()).sum() if final else 0)).backward()
@@ -68,7 +73,25 @@ def test_gated_delta_rule_sp_matches_oracle(spawn, case):
         n_seg = 2 if layout == "zigzag" else 1
         for _, _, _, fwd, bwd in results:
             assert [e.kind for e in fwd] == ["all_gather"] and [e.kind for e in bwd] == ["all_gather"]
-            assert fwd[0].bytes == n_seg * B * H * (K * K + K * V) * 4
+            assert fwd[0].bytes == n_seg * B * HV * (K * K + K * V) * 4  # per value head
+
+
+def gva_head_errors(rank, world):
+    """Bad GVA head counts are a ValueError naming them, on every rank, before any collective."""
+    from lasp.testing import value_error_and_collectives
+
+    group = dist.group.WORLD
+    q, k, v, g, beta, _ = delta_inputs(1, 4, 1, 4, 3, hv=2, seed=rank)  # Ulysses splits H = 1 q/k head over P = 2
+    out = [value_error_and_collectives(lambda: lasp.gated_delta_rule(q, k, v, g, beta, group=group, method="ulysses"))[0]]
+    q, k, v, g, beta, _ = delta_inputs(1, 4, 2, 4, 3, hv=3, seed=rank)  # HV = 3 not a multiple of H = 2
+    out.append(value_error_and_collectives(lambda: lasp.gated_delta_rule(q, k, v, g, beta, group=group))[0])
+    return out
+
+
+def test_gva_head_errors(spawn):
+    for ulysses, multiple in spawn(2).run(gva_head_errors):
+        assert "H=1" in ulysses and "P=2" in ulysses, ulysses
+        assert "HV=3" in multiple and "H=2" in multiple and "multiple" in multiple, multiple
 
 
 def run_model(rank, world, cfg_dict, ids, layout):

@@ -38,14 +38,18 @@ def doc_cuts(T: int, P: int, layout: str, seed: int) -> torch.Tensor:
 
 
 def per_document(fn, cu: torch.Tensor, token_inputs, initial_state):
-    """Run ``fn(tokens, s0) -> (o, S)`` on each document alone; ``initial_state`` feeds the first."""
-    outs, S = [], None
+    """Run ``fn(tokens, s0) -> (o, S)`` on each document alone: ``(o, final states [N, H, K, V])``.
+    ``initial_state``: ``[N, H, K, V]`` (one per document) or ``[1, H, K, V]`` (the first's)."""
+    outs, finals = [], []
     bounds = cu.tolist()
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         toks = [None if x is None else x[:, a:b] for x in token_inputs]
-        o, S = fn(toks, initial_state if i == 0 else None)
+        per_doc = initial_state is not None and initial_state.shape[0] == len(bounds) - 1
+        s0 = initial_state[i : i + 1] if per_doc else initial_state if i == 0 else None
+        o, S = fn(toks, s0)
         outs.append(o)
-    return torch.cat(outs, dim=1), S
+        finals.append(S)
+    return torch.cat(outs, dim=1), torch.cat(finals)
 
 
 def leaves64(xs):
@@ -105,10 +109,11 @@ def test_linear_attention_documents(spawn, case):
     method, layout, P, gates, init, final = case
     B, T, H, K, V = 1, 16 * P, 4, 8, 4
     q, k, v, g, gg = linear_inputs(B, T, H, K, V, gates=gates, seed=seed_for("docs", *case))
-    s0 = torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(3)) if init else None
     cu = doc_cuts(T, P, layout, seed_for("cuts", *case))
+    N = len(cu) - 1  # lasp2: fla's per-document states; ulysses: the first document's only
+    s0 = torch.randn(N if method == "lasp2" else 1, H, K, V, generator=torch.Generator().manual_seed(3)) if init else None
     gen = torch.Generator().manual_seed(1)
-    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, K, V, generator=gen)
     tok64, sh64, s064 = leaves64([q, k, v, g]), leaves64([gg]), (None if s0 is None else s0.double().requires_grad_())
 
     def doc(toks, s):
@@ -135,8 +140,11 @@ def test_gated_delta_rule_documents(spawn, case):
     B, T, H, K, V = 1, 16 * P, 4, 6, 5
     xs = delta_inputs(B, T, H, K, V, gates=gates, l2norm=l2, init=init, seed=seed_for("ddocs", *case))
     cu = doc_cuts(T, P, layout, seed_for("dcuts", *case))
+    N = len(cu) - 1
+    if init:  # fla's per-document initial states
+        xs[5] = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(1)
-    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, K, V, generator=gen)
     tok64 = leaves64(xs[:5])
     s064 = None if xs[5] is None else xs[5].double().requires_grad_()
 
@@ -148,21 +156,22 @@ def test_gated_delta_rule_documents(spawn, case):
     kw = dict(method=method, use_qk_l2norm_in_kernel=l2)
     results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, final)
     check(results, layout, o_ref, S_ref if final else None, tok64, [], s064, 1e-5)
-    if method == "lasp2":  # the bytes of the delta rule without documents: (A, M) per segment each way
-        n_seg = 2 if layout == "zigzag" else 1
+    if method == "lasp2":  # the bytes of the delta rule without documents: (A, M) per segment each way, and the
+        n_seg = 2 if layout == "zigzag" else 1  # per-document final states (and their gradients) in one all-reduce
         per_dir = n_seg * B * H * (K * K + K * V) * 4
+        finals = [("all_reduce", N * H * K * V * 4)] * final
         for r in results:
             ops = [(e.kind, e.bytes) for e in r[-1] if e.tag != "documents.check"]
-            assert ops == [("all_gather", per_dir), ("all_gather", per_dir + B * H * K * V * 4 * final)], ops
+            assert ops == [("all_gather", per_dir), *finals, *finals, ("all_gather", per_dir)], ops
 
 
 def test_gated_delta_rule_documents_at_chunk_edges(spawn):
     """Delta rule, segments longer than a chunk (64): starts at chunk edges, one process and P = 2."""
     P, layout, B, T, H, K, V = 2, "contiguous", 1, 192, 2, 6, 5
     cu = torch.tensor([0, 1, 64, 65, 96, 160, 161, 192])
-    xs = delta_inputs(B, T, H, K, V, gates="g", init=True, seed=15)
+    xs = delta_inputs(B, T, H, K, V, gates="g", init=True, seed=15)  # lasp's single-state form: the first document's
     gen = torch.Generator().manual_seed(1)
-    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(len(cu) - 1, H, K, V, generator=gen)
     tok64, s064 = leaves64(xs[:5]), xs[5].double().requires_grad_()
     o_ref, S_ref = per_document(lambda t, s: naive_gated_delta_rule(*t, initial_state=s, output_final_state=True), cu, tok64, s064)
     ((o_ref * do.double()).sum() + (S_ref * dF.double()).sum()).backward()
@@ -288,7 +297,7 @@ def run_bad(rank, world, op, cus, B):
     q, k, v = (torch.randn(B, T, 2, 4, generator=gen) for _ in range(3))
     beta = torch.rand(B, T, 2, generator=gen)
     call = {"linear": lambda: lasp.linear_attention(q, k, v, group=group, cu_seqlens=cu),
-            "delta": lambda: lasp.gated_delta_rule(q, k, v, beta, group=group, cu_seqlens=cu),
+            "delta": lambda: lasp.gated_delta_rule(q, k, v, None, beta, group=group, cu_seqlens=cu),
             "conv": lambda: lasp.causal_conv1d(q[..., 0, :], torch.randn(4, 3), group=group, cu_seqlens=cu)}[op]
     return value_error_and_collectives(call)
 
@@ -327,7 +336,7 @@ def test_bad_cu_seqlens_one_process():
     with pytest.raises(ValueError, match="end at"):
         lasp.causal_conv1d(q[:, :, 0], torch.randn(4, 2), cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="torch.Tensor"):
-        lasp.gated_delta_rule(q, k, v, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
+        lasp.gated_delta_rule(q, k, v, None, torch.rand(1, 8, 2), cu_seqlens=[0, 8])
     assert check_cu_seqlens(torch.tensor([0, 8], dtype=torch.int32), 8, 1, None).dtype == torch.int64
 
 
@@ -351,20 +360,21 @@ def test_documents_bf16(spawn, op):
     check(results, layout, o_ref, None, tok64, [], None, 1e-2)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_gated_delta_rule_documents_triton(spawn, layout):
-    """The Triton delta-rule segments (interpreter on the CPU) take the document resets too,
-    with an initial and a final state, LASP-2 on 2 ranks."""
+@pytest.mark.parametrize("layout,states", [("contiguous", False), ("zigzag", True)])
+def test_gated_delta_rule_documents_triton(spawn, layout, states):
+    """The Triton delta-rule segments (interpreter on the CPU) take the document resets too (no
+    states), and the per-document pieces with lasp's single initial state and the per-document
+    final states (fla's varlen form with GVA: tests/test_gdn_fla_recipe.py), LASP-2 on 2 ranks."""
     P, B, T, H, K, V = 2, 1, 32, 2, 16, 16
-    xs = delta_inputs(B, T, H, K, V, gates="g", l2norm=True, init=True, seed=seed_for("triton-ddocs", layout))
+    xs = delta_inputs(B, T, H, K, V, gates="g", l2norm=True, init=states, seed=seed_for("triton-ddocs", layout))
     cu = doc_cuts(T, P, layout, 11)
     gen = torch.Generator().manual_seed(3)
-    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
-    tok64, s064 = leaves64(xs[:5]), xs[5].double().requires_grad_()
+    do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(len(cu) - 1, H, K, V, generator=gen)
+    tok64, s064 = leaves64(xs[:5]), None if xs[5] is None else xs[5].double().requires_grad_()
     o_ref, S_ref = per_document(
         lambda t, s: naive_gated_delta_rule(*t, initial_state=s, output_final_state=True, use_qk_l2norm=True), cu, tok64, s064
     )
-    ((o_ref * do.double()).sum() + (S_ref * dF.double()).sum()).backward()
+    ((o_ref * do.double()).sum() + ((S_ref * dF.double()).sum() if states else 0)).backward()
     kw = dict(method="lasp2", backend="triton", use_qk_l2norm_in_kernel=True)
-    results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, True)
-    check(results, layout, o_ref, S_ref, tok64, [], s064, 1e-5)
+    results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, states)
+    check(results, layout, o_ref, S_ref if states else None, tok64, [], s064, 1e-5)

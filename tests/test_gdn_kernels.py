@@ -16,7 +16,7 @@ from lasp.ops.delta_reference import naive_gated_delta_rule
 from lasp.parallel import shard_sequence
 from lasp.testing import assert_close, delta_inputs, drive_segment
 
-NAMES = ("q", "k", "v", "beta", "g")
+NAMES = ("q", "k", "v", "g", "beta")
 CHUNK = 16  # the kernels' smallest chunk: several chunks on short sequences
 
 
@@ -29,12 +29,12 @@ def segment_oracle(xs, S_in, do, dM, dA, scale, l2):
     ``<dO, o> + <dM, M> + <dA, A>``; ``dS_in`` from dO only."""
     ins = [None if x is None else x.detach().double().requires_grad_() for x in xs]
     s_in = S_in.double().requires_grad_()
-    q, k, v, beta, g = ins
+    q, k, v, g, beta = ins
     B, T, H, K = q.shape
-    o = naive_gated_delta_rule(q, k, v, beta, g, scale, initial_state=s_in, use_qk_l2norm=l2)
-    _, M = naive_gated_delta_rule(q, k, v, beta, g, scale, output_final_state=True, use_qk_l2norm=l2)
+    o = naive_gated_delta_rule(q, k, v, g, beta, scale, initial_state=s_in, use_qk_l2norm=l2)
+    _, M = naive_gated_delta_rule(q, k, v, g, beta, scale, output_final_state=True, use_qk_l2norm=l2)
     eye = torch.eye(K, dtype=torch.float64).expand(B, H, K, K)
-    _, A = naive_gated_delta_rule(q, k, torch.zeros_like(q), beta, g, scale, initial_state=eye,
+    _, A = naive_gated_delta_rule(q, k, torch.zeros_like(q), g, beta, scale, initial_state=eye,
                                   output_final_state=True, use_qk_l2norm=l2)
     (ds,) = torch.autograd.grad(o, s_in, do.double(), retain_graph=True)
     ((o * do.double()).sum() + (M * dM.double()).sum() + (A * dA.double()).sum()).backward()
@@ -67,7 +67,7 @@ def test_segment_matches_float64_oracle(case):
     B, H = 1, 2
     xs = delta_inputs(B, T, H, K, V, gates="g" if gates == "strong" else gates, dtype=dtype, l2norm=l2, seed=T + K)[:5]
     if gates == "strong":
-        xs[4] = xs[4] * 200
+        xs[3] = xs[3] * 200
     S_in, do = rnd(B, H, K, V, seed=1) * 0.5, rnd(B, T, H, V, seed=2).to(dtype)
     dM, dA = rnd(B, H, K, V, seed=3) * 0.1, rnd(B, H, K, K, seed=4) * 0.1
     scale = K**-0.5
@@ -100,7 +100,7 @@ def test_public_operator_triton_one_process():
                                          use_qk_l2norm_in_kernel=True, backend="triton")
         ((o * do.to(o.dtype)).sum() + (S * dF.to(S.dtype)).sum()).backward()
         res.append([o, S, *[x.grad for x in ins]])
-    for name, r, x in zip(("o", "final", "dq", "dk", "dv", "dbeta", "dg", "ds0"), *res):
+    for name, r, x in zip(("o", "final", "dq", "dk", "dv", "dg", "dbeta", "ds0"), *res):
         assert_close(r, x, name=name)
 
 

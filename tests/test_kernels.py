@@ -274,7 +274,7 @@ def test_compile_check_flags_an_over_limit_config():
         "args = (f(B, H, T, K), f(B, H, T, K), f(B, H, T, K), f(B, H, T), f(B, H, T), f(B, H, T),\n"
         "        f(B, T, H, V, dt=torch.bfloat16), f(B, H, T, V), f(B, H, K, V), f(B, H, N, K, V, dt=torch.bfloat16),\n"
         "        f(B, H, T, V), f(B, H, K, V), 0.1, T, V)\n"
-        "c = dict(H=H, K=K, BT=64, BV=64, HAS_DO=True, HAS_T=False, STORE_DU=True, ACC_DU=False, LOWP=True)\n"
+        "c = dict(H=H, K=K, BT=64, BV=64, HAS_DO=True, HAS_T=False, STORE_DU=True, ACC_DU=False, LOWP=True, G=1)\n"
         "print(check_config(state_bwd_kernel, args, c, num_warps=4, num_stages=3, arch=90))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True, timeout=600)

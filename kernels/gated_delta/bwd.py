@@ -32,7 +32,7 @@ DV_LOCAL = dict(num_warps=4, num_stages=2)
 @triton.jit
 def dv_local_kernel(qn_ptr, kn_ptr, gr_ptr, gn_ptr, do_ptr, dvl_ptr, scale, T,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, LOWP: tl.constexpr):
+                    BV: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     """``dvl_c = scale (Q K^T o e^Gam)^T dO_c`` per chunk and V tile (heads-first float32)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -42,12 +42,13 @@ def dv_local_kernel(qn_ptr, kn_ptr, gr_ptr, gn_ptr, do_ptr, dvl_ptr, scale, T,
     t = n * BT + o
     m = t < T
     hrow = bh * T + t
+    krow = (bh // G) * T + t  # qn, kn of the q/k head (GVA)
     cv = iv * BV + tl.arange(0, BV)
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i in range(0, K, BK):
         ck = i + tl.arange(0, BK)
-        qn = tl.load(qn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
-        kn = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
+        qn = tl.load(qn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
+        kn = tl.load(kn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         qk += dot(qn, tl.trans(kn), LOWP)
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
     gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
@@ -60,7 +61,7 @@ def dv_local_kernel(qn_ptr, kn_ptr, gr_ptr, gn_ptr, do_ptr, dvl_ptr, scale, T,
 def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, do_ptr, dvl_ptr, dst_ptr, dh_ptr, du_ptr, ds0_ptr,
                      scale, T, NCOL, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                      HAS_DO: tl.constexpr, HAS_T: tl.constexpr, STORE_DU: tl.constexpr, ACC_DU: tl.constexpr,
-                     LOWP: tl.constexpr):
+                     LOWP: tl.constexpr, G: tl.constexpr):
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -76,12 +77,13 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, do_ptr, dvl_
         t = n * BT + o
         m = t < T
         hrow = bh * T + t
+        krow = (bh // G) * T + t  # qn, kn of the q/k head (GVA)
         tl.store(dh_ptr + (bh * N + n) * K * NCOL + soff, dS.to(dh_ptr.dtype.element_ty), mask=mv[None, :])
         gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
         gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
         gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
         dk, dc = to_end(gc, gr, gn, m, n, T, BT)
-        kd = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dk[:, None]
+        kd = tl.load(kn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dk[:, None]
         du = dot(kd, dS, LOWP)
         uoff = hrow[:, None] * NCOL + cv[None, :]
         um = m[:, None] & mv[None, :]
@@ -94,7 +96,7 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, do_ptr, dvl_
                 tl.store(du_ptr + uoff, du, mask=um)
         dS = dS * dc
         if HAS_DO:
-            qd = tl.load(qn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            qd = tl.load(qn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32)
             qd = qd * from_start(gc, gr, m)[:, None]
             do = tl.load(do_ptr + ((b * T + t) * H + h)[:, None] * NCOL + cv[None, :], mask=um, other=0.0)
             dS += scale * dot(tl.trans(qd), do, LOWP)
@@ -105,13 +107,13 @@ def state_bwd_kernel(qn_ptr, kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, do_ptr, dvl_
 
 def dv_local(f: Factors, do: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale P^T dO`` per chunk: ``[B, H, T, V]`` float32 (do ``[B, T, H, V]`` contiguous)."""
-    B, H, T, K = f.kn.shape
+    B, H, T, K = f.w.shape
     V = do.shape[-1]
     dvl = torch.empty(B, H, T, V, dtype=torch.float32, device=do.device)
     BV = min(V, f.tile)
     dv_local_kernel[(n_chunks(T, f.BT), B * H, triton.cdiv(V, BV))](
         f.qn, f.kn, f.gr, f.gn, do, dvl, float(scale), T, H=H, K=K, V=V, BT=f.BT, BK=min(K, f.tile), BV=BV, LOWP=f.lowp,
-        **DV_LOCAL,
+        G=f.G, **DV_LOCAL,
     )
     return dvl
 
@@ -126,7 +128,7 @@ def state_grad_pass(f: Factors, ncol: int, dS_T: torch.Tensor | None = None, do:
     H, V]`` contiguous: the outputs' gradient (None: no outputs on this trajectory; ``X = ncol``).
     ``du [B, H, T, X]`` float32: where ``dU`` goes (None: not stored), added to its content when
     ``accumulate``."""
-    B, H, T, K = f.kn.shape
+    B, H, T, K = f.w.shape
     N = n_chunks(T, f.BT)
     dev = f.kn.device
     dh = torch.empty(B, H, N, K, ncol, dtype=dh_dtype or f.snap, device=dev)
@@ -137,6 +139,6 @@ def state_grad_pass(f: Factors, ncol: int, dS_T: torch.Tensor | None = None, do:
         f.qn, f.kn, f.w, f.gc, f.gr, f.gn, ds0 if do is None else do, ds0 if dvl is None else dvl,
         ds0 if dS_T is None else dS_T, dh, ds0 if du is None else du, ds0, float(scale), T, ncol,
         H=H, K=K, BT=f.BT, BV=BV, HAS_DO=do is not None, HAS_T=dS_T is not None, STORE_DU=du is not None,
-        ACC_DU=accumulate, LOWP=f.lowp, **STATE_BWD,
+        ACC_DU=accumulate, LOWP=f.lowp, G=f.G, **STATE_BWD,
     )
     return dh, ds0

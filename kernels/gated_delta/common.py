@@ -1,13 +1,14 @@
 """Pieces shared by the gated delta rule kernels: the dot helper, tile sizes, the factor bundle, the
 gate decays and the blocked triangular inverse.
 
-Intermediate layout (float32, contiguous, heads first, ``bh = b * H + h``): ``qn, kn [B, H, T, K]``
-(L2-normalised when asked), ``w [B, H, T, K]``, ``u [B, H, T, V]`` (the WY factors W, U0 of each
+Intermediate layout (float32, contiguous, heads first, ``bh = b * H + h`` over the VALUE heads H):
+``qn, kn [B, HK, T, K]`` (L2-normalised when asked; one per q/k head: with GVA, ``H = G * HK``, value
+head ``bh`` reads row ``bh // G``, nothing is repeated), ``w [B, H, T, K]``, ``u [B, H, T, V]`` (the WY factors W, U0 of each
 chunk), ``x [B, H, T, BT]`` (each chunk's ``(I + L)^-1``, its rows), ``gc [B, H, T]`` (the
 inclusive cumulative log gate inside each chunk; zeros without gates), ``gr [B, H, T]`` (the
 inclusive count of hard resets inside each chunk), ``gn [B, H, T]`` (the next token's log gate
 ``a_{t+1}`` inside the chunk: 0 at its last token and at resets) and, with the in-kernel L2 norm,
-``rq, rk [B, H, T]`` (the inverse norms of the raw q, k rows).
+``rq, rk [B, HK, T]`` (the inverse norms of the raw q, k rows).
 
 Decays over a span ``(j, i]`` are ``exp`` of the span's own sum (a scan of ``gn``), never of a
 difference ``G_i - G_j`` of cumulative gates: with strong gates ``G`` reaches -1000s inside a chunk,
@@ -50,6 +51,7 @@ class Factors(NamedTuple):
     lowp: bool
     snap: torch.dtype  # of the trajectories' snapshots: h, vn, dh
     tile: int  # the largest tile along a head dim (``utils.tile_cap`` of the inputs' dtype)
+    G: int = 1  # value heads per q/k head (GVA): qn, kn, rq, rk are per q/k head, ``bh // G``
 
 
 def snapshot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -34,15 +34,18 @@ OUTPUT_FWD = dict(num_warps=4, num_stages=2)
 def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u_ptr, x_ptr, gc_ptr, gr_ptr, gn_ptr,
                   rq_ptr, rk_ptr, T,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr, LOWP: tl.constexpr):
+                  BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     o = tl.arange(0, BT)
     t = n * BT + o
     m = t < T
-    row = (b * T + t) * H + h  # token-major [B, T, H, .] rows (int64)
-    hrow = bh * T + t  # heads-first rows
+    row = (b * T + t) * H + h  # token-major [B, T, HV, .] rows (int64) of v, g, beta
+    hrow = bh * T + t  # heads-first rows (value heads)
+    qrow = (b * T + t) * (H // G) + h // G  # token-major rows of q, k (GVA: the q/k head of value head h)
+    krow = (bh // G) * T + t  # heads-first rows of qn, kn, rq, rk (one per q/k head)
+    mine = m & (h % G == 0)  # the first value head of a group stores its q/k head's qn, kn, rq, rk
     beta = tl.load(beta_ptr + row, mask=m, other=0.0).to(tl.float32)
     gc, gr, gn = chunk_gates(g_ptr, row, t, T, H, USE_G, BT)
     tl.store(gc_ptr + hrow, gc, mask=m)
@@ -55,22 +58,22 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
         sq = tl.zeros([BT], dtype=tl.float32)
         for i in range(0, K, BK):
             c = i + tl.arange(0, BK)
-            kt = tl.load(k_ptr + row[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-            qt = tl.load(q_ptr + row[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            kt = tl.load(k_ptr + qrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            qt = tl.load(q_ptr + qrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
             sk += tl.sum(kt * kt, axis=1)
             sq += tl.sum(qt * qt, axis=1)
         rk = 1.0 / tl.sqrt(sk + 1e-6)
         rq = 1.0 / tl.sqrt(sq + 1e-6)
-        tl.store(rk_ptr + hrow, rk, mask=m)
-        tl.store(rq_ptr + hrow, rq, mask=m)
+        tl.store(rk_ptr + krow, rk, mask=mine)
+        tl.store(rq_ptr + krow, rq, mask=mine)
     kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i in range(0, K, BK):
         c = i + tl.arange(0, BK)
-        kt = (tl.load(k_ptr + row[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        kt = (tl.load(k_ptr + qrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
               * rk[:, None]).to(kn_ptr.dtype.element_ty)
-        qt = tl.load(q_ptr + row[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32) * rq[:, None]
-        tl.store(kn_ptr + hrow[:, None] * K + c[None, :], kt, mask=m[:, None])
-        tl.store(qn_ptr + hrow[:, None] * K + c[None, :], qt.to(qn_ptr.dtype.element_ty), mask=m[:, None])
+        qt = tl.load(q_ptr + qrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32) * rq[:, None]
+        tl.store(kn_ptr + krow[:, None] * K + c[None, :], kt, mask=mine[:, None])
+        tl.store(qn_ptr + krow[:, None] * K + c[None, :], qt.to(qn_ptr.dtype.element_ty), mask=mine[:, None])
         kk += dot(kt, tl.trans(kt), LOWP)
     L = beta[:, None] * pair_decay(gn, gr, m, o[:, None] > o[None, :], BT) * kk
     xb = x_ptr + (bh * tl.cdiv(T, BT) + n) * BT * BT  # this chunk's [BT, BT] (padded rows included: L is 0 there)
@@ -83,7 +86,9 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
     kb = beta * from_start(gc, gr, m)
     for i in range(0, K, BK):
         c = i + tl.arange(0, BK)
-        kt = tl.load(kn_ptr + hrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        # k again from the input (another program of the group may hold its kn store): the same fp32 values
+        kt = (tl.load(k_ptr + qrow[:, None] * K + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+              * rk[:, None]).to(kn_ptr.dtype.element_ty).to(tl.float32)
         wt = dot(X, kt * kb[:, None], LOWP)
         tl.store(w_ptr + hrow[:, None] * K + c[None, :], wt.to(w_ptr.dtype.element_ty), mask=m[:, None])
     for i in range(0, V, BV):
@@ -96,7 +101,8 @@ def wy_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, qn_ptr, kn_ptr, w_ptr, u
 @triton.jit
 def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, s0_ptr, h_ptr, vn_ptr, st_ptr, a_ptr, T, NCOL,
                      NA, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, INIT: tl.constexpr,
-                     HAS_U: tl.constexpr, STORE_H: tl.constexpr, STORE_VN: tl.constexpr, LOWP: tl.constexpr):
+                     HAS_U: tl.constexpr, STORE_H: tl.constexpr, STORE_VN: tl.constexpr, LOWP: tl.constexpr,
+                     G: tl.constexpr):
     """Programs ``pid < NA`` run the transition's trajectory (from ``I``, no ``U0``; columns of a
     ``[K, K]`` state; final state at ``a_ptr``, nothing stored on the way). The others run a
     ``[K, NCOL]`` trajectory from INIT (0 zeros, 1 the state at ``s0_ptr``, 2 the identity,
@@ -133,7 +139,8 @@ def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, s0_ptr, h_ptr
         gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
         gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
         dk, dc = to_end(gc, gr, gn, m, n, T, BT)
-        kd = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dk[:, None]
+        krow = (bh // G) * T + t  # the q/k head of value head bh (GVA)
+        kd = tl.load(kn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dk[:, None]
         S = S * dc + dot(tl.trans(kd), vn, LOWP)
     if is_a:
         tl.store(a_ptr + bh * K * K + soff, S, mask=mv[None, :])
@@ -144,7 +151,7 @@ def state_fwd_kernel(kn_ptr, w_ptr, u_ptr, gc_ptr, gr_ptr, gn_ptr, s0_ptr, h_ptr
 @triton.jit
 def output_fwd_kernel(qn_ptr, kn_ptr, vn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, o_ptr, scale, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, LOWP: tl.constexpr):
+                      BV: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     iv = tl.program_id(2)
@@ -154,13 +161,14 @@ def output_fwd_kernel(qn_ptr, kn_ptr, vn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, o_p
     t = n * BT + o
     m = t < T
     hrow = bh * T + t
+    krow = (bh // G) * T + t  # qn, kn of value head bh's q/k head (GVA)
     cv = iv * BV + tl.arange(0, BV)
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     qs = tl.zeros([BT, BV], dtype=tl.float32)
     for i in range(0, K, BK):
         ck = i + tl.arange(0, BK)
-        qn = tl.load(qn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
-        kn = tl.load(kn_ptr + hrow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
+        qn = tl.load(qn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
+        kn = tl.load(kn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0)
         S = tl.load(h_ptr + (bh * N + n) * K * V + ck[:, None] * V + cv[None, :])
         qk += dot(qn, tl.trans(kn), LOWP)
         qs += dot(qn, S, LOWP)
@@ -173,30 +181,32 @@ def output_fwd_kernel(qn_ptr, kn_ptr, vn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, o_p
     tl.store(o_ptr + ((b * T + t) * H + h)[:, None] * V + cv[None, :], out, mask=m[:, None])
 
 
-def wy_factors(q, k, v, beta, g, BT: int, use_qk_l2norm: bool) -> Factors:
-    """The per-chunk factors of one segment (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta, g
-    ``[B, T, H]`` or None, contiguous; any float dtype). Returns :class:`Factors`."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def wy_factors(q, k, v, g, beta, BT: int, use_qk_l2norm: bool) -> Factors:
+    """The per-chunk factors of one segment (q, k ``[B, T, HK, K]``, v ``[B, T, H, V]``, g, beta
+    ``[B, T, H]`` or None, contiguous; any float dtype; ``H`` a multiple of ``HK``: GVA, value head h
+    reads q/k head ``h // (H // HK)``, nothing repeated). Returns :class:`Factors`."""
+    B, T, HK, K = q.shape
+    H, V = v.shape[2], v.shape[-1]
     f32 = dict(dtype=torch.float32, device=q.device)
-    qn, kn, w = (torch.empty(B, H, T, K, **f32) for _ in range(3))
+    qn, kn = (torch.empty(B, HK, T, K, **f32) for _ in range(2))  # one per q/k head
+    w = torch.empty(B, H, T, K, **f32)
     u = torch.empty(B, H, T, V, **f32)
     x = torch.empty(B, H, n_chunks(T, BT) * BT, BT, **f32)  # padded to whole chunks: the inverse's scratch
     gc, gr, gn = (torch.empty(B, H, T, **f32) for _ in range(3))
-    rq, rk = (torch.empty(B, H, T, **f32) for _ in range(2)) if use_qk_l2norm else (None, None)
+    rq, rk = (torch.empty(B, HK, T, **f32) for _ in range(2)) if use_qk_l2norm else (None, None)
     lowp, cap = low_precision_dots(q.dtype), tile_cap(q.dtype)
     wy_fwd_kernel[(n_chunks(T, BT), B * H)](
         q, k, v, beta, beta if g is None else g, qn, kn, w, u, x, gc, gr, gn, gc if rq is None else rq,
         gc if rk is None else rk, T, H=H, K=K, V=V, BT=BT, BK=min(K, cap), BV=min(V, cap), USE_G=g is not None,
-        L2=use_qk_l2norm, LOWP=lowp, **WY_FWD,
+        L2=use_qk_l2norm, LOWP=lowp, G=H // HK, **WY_FWD,
     )
-    return Factors(qn, kn, w, u, x, gc, gr, gn, rq, rk, BT, lowp, snapshot_dtype(q.dtype), cap)
+    return Factors(qn, kn, w, u, x, gc, gr, gn, rq, rk, BT, lowp, snapshot_dtype(q.dtype), cap, H // HK)
 
 
 def _state_launch(f: Factors, transition: bool, ncol: int, init: int, s0, has_u: bool, store_h: bool, store_vn: bool):
     """``(A or None, final [B, H, K, ncol], h or None, vn or None)``: one launch of
     ``state_fwd_kernel`` (the transition's programs first when ``transition``)."""
-    B, H, T, K = f.kn.shape
+    B, H, T, K = f.w.shape
     N = n_chunks(T, f.BT)
     dev = f.kn.device
     BV = col_block(K, max(ncol, K) if transition else ncol, 128 * f.tile)
@@ -209,7 +219,7 @@ def _state_launch(f: Factors, transition: bool, ncol: int, init: int, s0, has_u:
     state_fwd_kernel[(na + triton.cdiv(ncol, BV), B * H)](
         f.kn, f.w, f.u, f.gc, f.gr, f.gn, st if s0 is None else s0, st if h is None else h, st if vn is None else vn,
         st, st if A is None else A, T, ncol, na, K=K, BT=f.BT, BV=BV, INIT=init, HAS_U=has_u, STORE_H=store_h,
-        STORE_VN=store_vn, LOWP=f.lowp, **STATE_FWD,
+        STORE_VN=store_vn, LOWP=f.lowp, G=f.G, **STATE_FWD,
     )
     return A, st, h, vn
 
@@ -239,12 +249,12 @@ def identity_trajectory(f: Factors) -> torch.Tensor:
 
 def chunk_output(f: Factors, h: torch.Tensor, vn: torch.Tensor, scale: float) -> torch.Tensor:
     """``o [B, T, H, V]`` float32 from the chunk states ``h [B, H, N, K, V]`` and ``vn``."""
-    B, H, T, K = f.kn.shape
+    B, H, T, K = f.w.shape
     V = vn.shape[-1]
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=f.kn.device)
     BV = min(V, f.tile)
     output_fwd_kernel[(n_chunks(T, f.BT), B * H, triton.cdiv(V, BV))](
         f.qn, f.kn, vn, f.gc, f.gr, f.gn, h, o, float(scale), T, H=H, K=K, V=V, BT=f.BT, BK=min(K, f.tile), BV=BV,
-        LOWP=f.lowp, **OUTPUT_FWD,
+        LOWP=f.lowp, G=f.G, **OUTPUT_FWD,
     )
     return o

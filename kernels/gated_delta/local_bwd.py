@@ -79,7 +79,7 @@ def suffix_sums(dGe, m):
 @triton.jit
 def dk_bwd_kernel(kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, dh_ptr, vn_ptr, du_ptr, d_ptr, dkn_ptr, dw_ptr, dgp_ptr, T,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  HAS_D: tl.constexpr, LOWP: tl.constexpr):
+                  HAS_D: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     """Per chunk and K tile, the terms through the state: ``dKd = Vn dS^T``, ``dW = -dU S^T`` (and
     an extra ``D``), ``dk``'s ``e^{G_C - G} dKd`` and their gate gradient."""
     n = tl.program_id(0)
@@ -93,6 +93,7 @@ def dk_bwd_kernel(kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, dh_ptr, vn_ptr, 
     cidx = bh * N + n
     ck = ik * BK + tl.arange(0, BK)
     koff = hrow[:, None] * K + ck[None, :]
+    krow = (bh // G) * T + t  # kn of the q/k head (GVA)
     gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
     gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
@@ -112,14 +113,14 @@ def dk_bwd_kernel(kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, dh_ptr, vn_ptr, 
     if HAS_D:  # an extra transition gradient D: dW -= Kd D, dKd -= W D^T, trace(D)
         for j in range(0, K, BK):
             cj = j + tl.arange(0, BK)
-            kdj = tl.load(kn_ptr + hrow[:, None] * K + cj[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dke[:, None]
+            kdj = tl.load(kn_ptr + krow[:, None] * K + cj[None, :], mask=m[:, None], other=0.0).to(tl.float32) * dke[:, None]
             wj = tl.load(w_ptr + hrow[:, None] * K + cj[None, :], mask=m[:, None], other=0.0)
             dW -= dot(kdj, tl.load(d_ptr + cidx * K * K + cj[:, None] * K + ck[None, :]), False)
             dKd -= dot(wj, tl.trans(tl.load(d_ptr + cidx * K * K + ck[:, None] * K + cj[None, :])), False)
         Dkk = tl.load(d_ptr + cidx * K * K + ck[:, None] * K + ck[None, :])
         tr += tl.sum(tl.sum(tl.where(ck[:, None] == ck[None, :], Dkk, 0.0), axis=1), axis=0)
     last = tl.minimum(BT, T - n * BT) - 1
-    kn = tl.load(kn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32)
+    kn = tl.load(kn_ptr + krow[:, None] * K + ck[None, :], mask=m[:, None], other=0.0).to(tl.float32)
     tkd = tl.sum(kn * dke[:, None] * dKd, axis=1)
     # e^{G_C} (the trace term) reaches every g_t; the pairs (last, j) of Kd reach g_t for j < t <= last
     dg = tl.sum(tl.where(o[:, None] > o[None, :], tkd[None, :], 0.0), axis=1) + suffix_sums(tl.where(o == last, tr * eC, 0.0), m)
@@ -131,7 +132,7 @@ def dk_bwd_kernel(kn_ptr, w_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, dh_ptr, vn_ptr, 
 @triton.jit
 def dq_bwd_kernel(qn_ptr, kn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, vn_ptr, do_ptr, dqn_ptr, dkn_ptr, dgp_ptr, scale, T,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, LOWP: tl.constexpr):
+                  BV: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     """Per chunk and K tile, the outputs' terms: ``dQe = dO S^T``, ``dP = scale dO Vn^T``; ``dq``,
     ``dk``'s ``(dP o e^Gam)^T Q`` (added to :func:`dk_bwd_kernel`'s) and their gate gradient."""
     n = tl.program_id(0)
@@ -157,8 +158,9 @@ def dq_bwd_kernel(qn_ptr, kn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, vn_ptr, do_ptr,
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
     gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
     eG = from_start(gc, gr, m)
-    qn = tl.load(qn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32)
-    kn = tl.load(kn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32)
+    kkoff = ((bh // G) * T + t)[:, None] * K + ck[None, :]  # qn, kn of the q/k head (GVA)
+    qn = tl.load(qn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32)
+    kn = tl.load(kn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32)
     dPG = scale * dP * pair_decay(gn, gr, m, o[:, None] >= o[None, :], BT)
     tl.store(dqn_ptr + koff, scale * eG[:, None] * dQe + dot(dPG, kn, LOWP), mask=m[:, None])
     tl.store(dkn_ptr + koff, tl.load(dkn_ptr + koff, mask=m[:, None], other=0.0) + dot(tl.trans(dPG), qn, LOWP),
@@ -171,7 +173,7 @@ def dq_bwd_kernel(qn_ptr, kn_ptr, gc_ptr, gr_ptr, gn_ptr, h_ptr, vn_ptr, do_ptr,
 
 @triton.jit
 def wy_bwd_a_kernel(v_ptr, beta_ptr, kn_ptr, x_ptr, gr_ptr, gc_ptr, dw_ptr, du_ptr, dl_ptr, dv_ptr, db_ptr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, LOWP: tl.constexpr):
+                    BV: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     """Through ``X``: ``dv``, ``dbeta``'s share and ``dL = -X^T dX X^T`` (stored, ``[BT, BT]``)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -190,9 +192,10 @@ def wy_bwd_a_kernel(v_ptr, beta_ptr, kn_ptr, x_ptr, gr_ptr, gc_ptr, dw_ptr, du_p
     Xt = tl.trans(tl.load(x_ptr + xoff, mask=m[:, None], other=0.0))
     # dX = dW (diag(b e^G) K)^T + dU (diag(b) V)^T; dv = b X^T dU
     dX = tl.zeros([BT, BT], dtype=tl.float32)
+    krow = (bh // G) * T + t  # kn of the q/k head (GVA)
     for i in range(0, K, BK):
         koff = hrow[:, None] * K + (i + tl.arange(0, BK))[None, :]
-        kb = tl.load(kn_ptr + koff, mask=m[:, None], other=0.0) * bg[:, None]
+        kb = tl.load(kn_ptr + krow[:, None] * K + (i + tl.arange(0, BK))[None, :], mask=m[:, None], other=0.0) * bg[:, None]
         dX += dot(tl.load(dw_ptr + koff, mask=m[:, None], other=0.0), tl.trans(kb), LOWP)
     dbeta = tl.zeros([BT], dtype=tl.float32)
     for i in range(0, V, BV):
@@ -211,7 +214,7 @@ def wy_bwd_a_kernel(v_ptr, beta_ptr, kn_ptr, x_ptr, gr_ptr, gc_ptr, dw_ptr, du_p
 def wy_bwd_b_kernel(beta_ptr, g_ptr, qn_ptr, kn_ptr, x_ptr, gc_ptr, gr_ptr, gn_ptr, rq_ptr, rk_ptr, dqn_ptr, dkn_ptr,
                     dw_ptr, dl_ptr, dgp_ptr, dq_ptr, dk_ptr, db_ptr, dg_ptr, T,
                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-                    USE_G: tl.constexpr, L2: tl.constexpr, LOWP: tl.constexpr):
+                    USE_G: tl.constexpr, L2: tl.constexpr, LOWP: tl.constexpr, G: tl.constexpr):
     """From ``dL``: the gradient of ``K K^T``, ``dk``'s WY part (``(dKK + dKK^T) K + e^G b X^T
     dW``), the L2 norm's backward, ``dq``, ``dk``, ``dbeta``, ``dg``."""
     n = tl.program_id(0)
@@ -222,6 +225,7 @@ def wy_bwd_b_kernel(beta_ptr, g_ptr, qn_ptr, kn_ptr, x_ptr, gc_ptr, gr_ptr, gn_p
     m = t < T
     row = (b * T + t) * H + h
     hrow = bh * T + t
+    krow = (bh // G) * T + t  # qn, kn, rq, rk of the q/k head (GVA)
     beta = tl.load(beta_ptr + row, mask=m, other=0.0).to(tl.float32)
     gc = tl.load(gc_ptr + hrow, mask=m, other=0.0)
     gr = tl.load(gr_ptr + hrow, mask=m, other=0.0)
@@ -230,7 +234,7 @@ def wy_bwd_b_kernel(beta_ptr, g_ptr, qn_ptr, kn_ptr, x_ptr, gc_ptr, gr_ptr, gn_p
     xoff = (bh * tl.cdiv(T, BT) + n) * BT * BT + o[:, None] * BT + o[None, :]
     kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i in range(0, K, BK):
-        kn = tl.load(kn_ptr + hrow[:, None] * K + (i + tl.arange(0, BK))[None, :], mask=m[:, None], other=0.0)
+        kn = tl.load(kn_ptr + krow[:, None] * K + (i + tl.arange(0, BK))[None, :], mask=m[:, None], other=0.0)
         kk += dot(kn, tl.trans(kn), LOWP)
     gn = tl.load(gn_ptr + hrow, mask=m, other=0.0)
     dLG = tl.load(dl_ptr + xoff) * pair_decay(gn, gr, m, o[:, None] > o[None, :], BT)  # L = diag(b) (K K^T o e^Gam)
@@ -245,29 +249,31 @@ def wy_bwd_b_kernel(beta_ptr, g_ptr, qn_ptr, kn_ptr, x_ptr, gc_ptr, gr_ptr, gn_p
     sq = tl.zeros([BT], dtype=tl.float32)
     for i in range(0, K, BK):
         koff = hrow[:, None] * K + (i + tl.arange(0, BK))[None, :]
-        kn = tl.load(kn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32)
+        kkoff = krow[:, None] * K + (i + tl.arange(0, BK))[None, :]
+        kn = tl.load(kn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32)
         dKb = dot(Xt, tl.load(dw_ptr + koff, mask=m[:, None], other=0.0), LOWP)
         dkn = tl.load(dkn_ptr + koff, mask=m[:, None], other=0.0) + dot(dKs, kn, LOWP) + dKb * bg[:, None]
         tb += tl.sum(dKb * kn, axis=1)
         tl.store(dkn_ptr + koff, dkn, mask=m[:, None])
         if L2:
             sk += tl.sum(kn * dkn, axis=1)
-            sq += tl.sum(tl.load(qn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32)
+            sq += tl.sum(tl.load(qn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32)
                          * tl.load(dqn_ptr + koff, mask=m[:, None], other=0.0), axis=1)
     tl.store(db_ptr + row, tl.load(db_ptr + row, mask=m, other=0.0) + dbeta + tb * eG, mask=m)
     if L2:
-        rk = tl.load(rk_ptr + hrow, mask=m, other=0.0)
-        rq = tl.load(rq_ptr + hrow, mask=m, other=0.0)
+        rk = tl.load(rk_ptr + krow, mask=m, other=0.0)
+        rq = tl.load(rq_ptr + krow, mask=m, other=0.0)
     tl.debug_barrier()  # this program's dkn stores are read back below
     for i in range(0, K, BK):
         ck = i + tl.arange(0, BK)
         koff = hrow[:, None] * K + ck[None, :]
-        ooff = row[:, None] * K + ck[None, :]
+        kkoff = krow[:, None] * K + ck[None, :]
+        ooff = row[:, None] * K + ck[None, :]  # [B, T, H(value heads), K]: summed over each group after (GVA)
         dkn = tl.load(dkn_ptr + koff, mask=m[:, None], other=0.0)
         dqn = tl.load(dqn_ptr + koff, mask=m[:, None], other=0.0)
         if L2:  # the L2 norm's backward r (dxn - xn (xn . dxn))
-            dkn = rk[:, None] * (dkn - tl.load(kn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32) * sk[:, None])
-            dqn = rq[:, None] * (dqn - tl.load(qn_ptr + koff, mask=m[:, None], other=0.0).to(tl.float32) * sq[:, None])
+            dkn = rk[:, None] * (dkn - tl.load(kn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32) * sk[:, None])
+            dqn = rq[:, None] * (dqn - tl.load(qn_ptr + kkoff, mask=m[:, None], other=0.0).to(tl.float32) * sq[:, None])
         tl.store(dk_ptr + ooff, dkn.to(dk_ptr.dtype.element_ty), mask=m[:, None])
         tl.store(dq_ptr + ooff, dqn.to(dq_ptr.dtype.element_ty), mask=m[:, None])
     if USE_G:
@@ -279,15 +285,15 @@ def wy_bwd_b_kernel(beta_ptr, g_ptr, qn_ptr, kn_ptr, x_ptr, gc_ptr, gr_ptr, gn_p
 
 
 def local_bwd(inputs, f: Factors, scale: float, h, dh, vn, du, dO=None, D=None):
-    """``(dq, dk, dv, dbeta, dg)`` in the input layout: dq, dk, dv in the inputs' dtypes, dbeta,
-    dg float32 (dg None without gates).
+    """``(dq, dk, dv, dg, dbeta)`` in the input layout: dq, dk, dv in the inputs' dtypes, dg,
+    dbeta float32 (dg None without gates).
 
-    inputs: contiguous ``(q, k, v, beta, g)`` (q, k are not read: the factors hold what is
+    inputs: contiguous ``(q, k, v, g, beta)`` (q, k are not read: the factors hold what is
     needed); h, dh ``[B, H, N, K, V]`` (snapshot dtype): the trajectory's incoming states and the
     gradients of the states leaving the chunks; vn ``[B, H, T, V]``, du ``[B, H, T, V]`` float32;
     dO ``[B, T, H, V]`` or None (no outputs); D ``[B, H, N, K, K]`` float32 or None."""
-    _, _, v, beta, g = inputs
-    B, T, H, V = v.shape
+    _, _, v, g, beta = inputs
+    B, T, H, V = v.shape  # H: the value heads (f.G per q/k head)
     K = f.kn.shape[-1]
     BT, N = f.BT, n_chunks(T, f.BT)
     (bkd, bvd), (bkq, bvq) = dk_tiles(K, V, f.tile), dq_tiles(K, V, f.tile)
@@ -299,25 +305,32 @@ def local_bwd(inputs, f: Factors, scale: float, h, dh, vn, du, dO=None, D=None):
     dgp = torch.empty(nk_d + (nk_q if dO is not None else 0), B * H, T, **f32)  # the gate gradient's shares
     dk_bwd_kernel[(N, B * H, nk_d)](
         f.kn, f.w, f.gc, f.gr, f.gn, h, dh, vn, du, du if D is None else D, dkn, dw, dgp, T,
-        K=K, V=V, BT=BT, BK=bkd, BV=bvd, HAS_D=D is not None, LOWP=f.lowp, **DK_BWD,
+        K=K, V=V, BT=BT, BK=bkd, BV=bvd, HAS_D=D is not None, LOWP=f.lowp, G=f.G, **DK_BWD,
     )
     if dO is not None:
         dq_bwd_kernel[(N, B * H, nk_q)](
             f.qn, f.kn, f.gc, f.gr, f.gn, h, vn, dO, dqn, dkn, dgp[nk_d:], float(scale), T,
-            H=H, K=K, V=V, BT=BT, BK=bkq, BV=bvq, LOWP=f.lowp, **DQ_BWD,
+            H=H, K=K, V=V, BT=BT, BK=bkq, BV=bvq, LOWP=f.lowp, G=f.G, **DQ_BWD,
         )
     BK, BV = min(K, f.tile), min(V, f.tile)
     q, k = inputs[0], inputs[1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # stored in the inputs' dtypes
+    if f.G == 1:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)  # stored in the inputs' dtypes
+    else:  # GVA: one row per value head, summed over each q/k head's group below
+        dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dv = torch.empty_like(v)
     db, dg = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     dl = torch.empty_like(f.x)
     wy_bwd_a_kernel[(N, B * H)](
         v, beta, f.kn, f.x, f.gr, f.gc, dw, du, dl, dv, db, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        LOWP=f.lowp, **WY_BWD,
+        LOWP=f.lowp, G=f.G, **WY_BWD,
     )
     wy_bwd_b_kernel[(N, B * H)](
         beta, beta if g is None else g, f.qn, f.kn, f.x, f.gc, f.gr, f.gn, f.gc if f.rq is None else f.rq,
         f.gc if f.rk is None else f.rk, dqn, dkn, dw, dl, dgp, dq, dk, db, dg, T,
-        H=H, K=K, BT=BT, BK=BK, NK=dgp.shape[0], USE_G=g is not None, L2=f.rq is not None, LOWP=f.lowp, **WY_BWD,
+        H=H, K=K, BT=BT, BK=BK, NK=dgp.shape[0], USE_G=g is not None, L2=f.rq is not None, LOWP=f.lowp, G=f.G,
+        **WY_BWD,
     )
-    return dq, dk, dv, db, None if g is None else dg
+    if f.G > 1:
+        dq, dk = (x.view(B, T, H // f.G, f.G, K).sum(3).to(y.dtype) for x, y in ((dq, q), (dk, k)))
+    return dq, dk, dv, None if g is None else dg, db

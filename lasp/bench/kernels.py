@@ -48,7 +48,7 @@ OPS = {
     "linear": KernelOp(names=("q", "k", "v", "g", "g_gamma"), inputs=linear_inputs, public="linear_attention",
                        fla=("fla.ops.simple_gla", "chunk_simple_gla"), oracle=naive_recurrent_linear_attention,
                        keywords={}),
-    "gated_delta": KernelOp(names=("q", "k", "v", "beta", "g"), public="gated_delta_rule",
+    "gated_delta": KernelOp(names=("q", "k", "v", "g", "beta"), public="gated_delta_rule",
                             inputs=lambda *shape, gates, **kw: delta_inputs(*shape, l2norm=True, **kw)[:5],
                             fla=("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
                             oracle=lambda *x, scale: naive_gated_delta_rule(*x, scale=scale, use_qk_l2norm=True),

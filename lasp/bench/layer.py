@@ -36,12 +36,12 @@ def attention_inputs(point: dict, rnd):
 
 
 def delta_inputs(point: dict, rnd):
-    """``lasp.gated_delta_rule`` (q, k L2-normalised inside) and random q, k, v, ``beta =
-    sigmoid(x)``, ``g = logsigmoid(x) / 8`` (<= 0)."""
+    """``lasp.gated_delta_rule`` (q, k L2-normalised inside) and random q, k, v, ``g =
+    logsigmoid(x) / 8`` (<= 0), ``beta = sigmoid(x)`` (fla's order)."""
     import lasp
 
     H, D = point["heads"], point["head_dim"]
-    leaves = [rnd(H, D), rnd(H, D), rnd(H, D), rnd(H, fn=torch.sigmoid), rnd(H, fn=lambda x: F.logsigmoid(x) / 8)]
+    leaves = [rnd(H, D), rnd(H, D), rnd(H, D), rnd(H, fn=lambda x: F.logsigmoid(x) / 8), rnd(H, fn=torch.sigmoid)]
     return lasp.gated_delta_rule, leaves, {"backend": point["backend"], "use_qk_l2norm_in_kernel": True}
 
 

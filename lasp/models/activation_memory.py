@@ -182,17 +182,23 @@ def _diag_chunk_graph(H: int, K: int, V: int, e: int, gates: bool, gate_grad: bo
     return b
 
 
-def _delta_chunk_graph(H: int, K: int, V: int, e: int) -> float:
+def _delta_chunk_graph(H: int, K: int, V: int, e: int, nk: int | None = None) -> float:
     """What autograd keeps of :mod:`lasp.ops.delta_chunk` on one process (q/k L2 norm, gates): the
     chunked q, k (normalised), the WY factors W and U0, the ``[C, C]`` decay, ``L`` and its solve,
-    the per-chunk maps ``A_c``, ``M_c`` and the scan's states."""
+    the per-chunk maps ``A_c``, ``M_c`` and the scan's states. ``nk`` q/k heads for ``H`` value heads
+    (GVA, default H): the q/k tensors and their ``K K^T`` are kept once per q/k head, about
+    ``(36 K + 8 C)`` bytes per token and head less for each value head beyond its q/k head (44 K
+    with 16-bit inputs; fitted on a census at K = 16, 32)."""
     C = TORCH_CHUNK
     x = 0 if e == 4 else 1
-    return (40 + 8 * x) * H * K + (4 + 4 * x) * H * V + 24 * H * C + 4 * H * K * K / C + 7.5 * H * K * V / C
+    full = (40 + 8 * x) * H * K + (4 + 4 * x) * H * V + 24 * H * C + 4 * H * K * K / C + 7.5 * H * K * V / C
+    return full - (H - (nk or H)) * ((36 + 8 * x) * K + 8 * C)
 
 
-def _lasp2_triton_transients(H: int, K: int, V: int, e: int, delta: bool, sp: int, segments: int = 1) -> tuple[float, float]:
-    """Forward / backward working set of the Triton segments (``kernels/``), bytes per token."""
+def _lasp2_triton_transients(H: int, K: int, V: int, e: int, delta: bool, sp: int, segments: int = 1,
+                             nk: int | None = None) -> tuple[float, float]:
+    """Forward / backward working set of the Triton segments (``kernels/``), bytes per token
+    (``nk``: the delta rule's q/k heads, default H)."""
     if not delta:
         s = 2 if e == 2 else 4  # state snapshots: bf16 for 16-bit inputs
         C = TRITON_CHUNK
@@ -200,7 +206,7 @@ def _lasp2_triton_transients(H: int, K: int, V: int, e: int, delta: bool, sp: in
         bwd = 2 * s * H * K * V / C + e * H * V + e * (2 * H * K + H * V) + 4 * H * (K // min(K, 64)) + 12 * H
         return fwd, bwd
     C = TRITON_CHUNK if e == 2 else 32
-    factors = 12 * H * K + 4 * H * V + 8 * H  # qn, kn, w, u and the gate sums, fp32
+    factors = 8 * (nk or H) * K + 4 * H * K + 4 * H * V + 8 * H  # qn, kn (per q/k head), w, u, the gate sums, fp32
     kv, kk = 4 * H * K * V / C, 4 * H * K * K / C  # one fp32 state per chunk
     fwd = factors + 2 * kv + 4 * H * V  # Ms, the outputs' pass, the fp32 output
     # backward: the rebuilt factors and passes (Ms, S_out), the fp32 dO, dh (= E) and D; then either
@@ -241,7 +247,8 @@ def _linear(cfg: ModelConfig, s: RankShape):
 
 
 def _gdn_dims(cfg: ModelConfig) -> tuple[int, int, int, int, bool]:
-    """``(q/k heads as computed, value heads, key dim, value dim, q/k repeated)`` of a delta-rule layer."""
+    """``(q/k heads, value heads, key dim, value dim, Qwen3.5 layer)`` of a delta-rule layer (the
+    operator takes the grouped value heads as they are: q, k are never repeated)."""
     if cfg.architecture in QWEN_ARCHITECTURES:
         nk, nv, dk, dv = cfg.linear_dims
         return nk, nv, dk, dv, True
@@ -252,11 +259,10 @@ def _gdn(cfg: ModelConfig, s: RankShape):
     """The delta-rule mixer (:class:`lasp.models.delta_mixer.GatedDeltaNet`,
     :class:`lasp.models.qwen3_5.Qwen35GatedDeltaNet`)."""
     e = s.dtype_bytes
-    nk, H, K, V, repeated = _gdn_dims(cfg)
+    nk, H, K, V, qwen = _gdn_dims(cfg)
     conv = 2 * nk * K + H * V  # the [q | k | v] channels
     tok = 3 * e * conv  # the convolution's padded input, its output (SiLU's input), SiLU's output (q, k, v)
-    if repeated:
-        tok += 2 * e * H * K  # q and k repeated to the value heads (copies, what the operator gets)
+    if qwen:
         tok += e * H + _f32_copy(e) * H  # sigmoid's output, its fp32 copy (beta)
     else:
         tok += 4 * H  # beta = sigmoid(.float())
@@ -265,17 +271,17 @@ def _gdn(cfg: ModelConfig, s: RankShape):
     tok += e * H * V + _norm(V, e, out_saved=False) * H + 4 * H * V * 3 + e * H * V
     layer = 0
     if s.path == "torch" and s.sp == 1:
-        op = _delta_chunk_graph(H, K, V, e)
+        op = _delta_chunk_graph(H, K, V, e, nk)
         fwd, bwd = (0.2 if e == 4 else 0.1) * op, 0.0
     else:
         op = 0.0  # LASP-2 keeps q, k, v, beta, g: counted above (the same tensors)
         layer = s.segments * s.batch * H * K * V * 4  # each segment's incoming fp32 state
         if s.path == "torch":  # the segment graph: built and dropped in forward, rebuilt in backward
-            graph = _delta_chunk_graph(H, K, V, e)
+            graph = _delta_chunk_graph(H, K, V, e, nk)
             fwd, bwd = 0.65 * graph, 1.6 * graph
         else:
-            fwd, bwd = _lasp2_triton_transients(H, K, V, e, True, s.sp, s.segments)
-    bwd += e * (conv + 2 * H * K * repeated + H * V)  # the gradients of q, k, v and the convolution's
+            fwd, bwd = _lasp2_triton_transients(H, K, V, e, True, s.sp, s.segments, nk)
+    bwd += e * (conv + H * V)  # the gradients of q, k, v and the convolution's
     return tok + op, layer, fwd, bwd
 
 

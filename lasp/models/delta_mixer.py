@@ -29,13 +29,13 @@ from .config import ModelConfig
 from .layers import RMSNorm
 
 
-def delta_rule(cfg: ModelConfig, q, k, v, beta, g, cache: dict | None, *, group, layout: str, cu_seqlens=None) -> torch.Tensor:
+def delta_rule(cfg: ModelConfig, q, k, v, g, beta, cache: dict | None, *, group, layout: str, cu_seqlens=None) -> torch.Tensor:
     """A GDN layer's recurrence (q, k L2-normalised inside): the sequence-parallel operator when
     training (``cache`` None), the cached recurrent state when decoding."""
     if cache is not None:
-        return gated_delta_rule_decode(q, k, v, beta, g, cache, use_qk_l2norm=True)
+        return gated_delta_rule_decode(q, k, v, g, beta, cache, use_qk_l2norm=True)
     return ops.gated_delta_rule(
-        q, k, v, beta, g, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
+        q, k, v, g, beta, use_qk_l2norm_in_kernel=True, group=group, layout=layout,
         method=cfg.linear_method, backend=cfg.linear_backend, cu_seqlens=cu_seqlens,
     )
 
@@ -118,7 +118,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         beta = torch.sigmoid(self.b_proj(x).float())
         g = delta_gate(self.A_log, self.a_proj(x), self.dt_bias) if self.gated else None
-        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
+        o = delta_rule(self.cfg, q, k, v, g, beta, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.z_proj(x).view(B, T, H, D)
         o = (self.o_norm(o).float() * F.silu(z.float())).to(x.dtype)
         return self.o_proj(o.reshape(B, T, -1))

@@ -6,8 +6,9 @@ every token mixer going through the sequence-parallel operators:
 - :class:`OffsetRMSNorm`: ``x / rms(x) * (1 + w)`` (weights stored as offsets from 1, zeros at init);
 - :class:`Qwen35GatedDeltaNet`: ``in_proj_qkv`` -> depthwise causal conv + SiLU over the
   concatenated ``[q | k | v]`` channels (:func:`lasp.causal_conv1d`), ``beta = sigmoid(in_proj_b x)``,
-  ``g = -exp(A_log) softplus(in_proj_a x + dt_bias)``, q/k heads repeated (``repeat_interleave``)
-  to the value heads, the delta rule with in-kernel q/k L2 norm (:func:`lasp.gated_delta_rule`),
+  ``g = -exp(A_log) softplus(in_proj_a x + dt_bias)``, the delta rule with in-kernel q/k L2 norm and
+  grouped value heads (:func:`lasp.gated_delta_rule` takes GVA natively: value head j reads q/k head
+  ``j // (nv // nk)``, as transformers' ``repeat_interleave``; q, k are never repeated),
   a gated RMSNorm ``norm(o) * silu(in_proj_z x)`` per value head, ``out_proj``;
 - :class:`Qwen35Attention`: ``q_proj`` gives per head ``[query | gate]``; per-head q/k
   :class:`OffsetRMSNorm`, partial RoPE on the first ``rope_dim`` dims (half-split), GQA softmax
@@ -81,13 +82,14 @@ class Qwen35GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         qkv = delta_conv(self.in_proj_qkv(x), self.conv_weight, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         q, k, v = qkv.split([self.nk * self.dk, self.nk * self.dk, self.nv * self.dv], dim=-1)
-        rep = self.nv // self.nk  # repeat_interleave copies even at rep 1: skipping it moves the CPU results by ~1 ulp
-        q = q.reshape(B, T, self.nk, self.dk).repeat_interleave(rep, dim=2)
-        k = k.reshape(B, T, self.nk, self.dk).repeat_interleave(rep, dim=2)
+        # GVA: q, k keep their nk heads; the operator maps value head j to q/k head j // (nv // nk), what
+        # transformers' repeat_interleave gives, without the copies (nor their saved activations)
+        q = q.reshape(B, T, self.nk, self.dk)
+        k = k.reshape(B, T, self.nk, self.dk)
         v = v.reshape(B, T, self.nv, self.dv)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
         g = delta_gate(self.A_log, self.in_proj_a(x), self.dt_bias)
-        o = delta_rule(self.cfg, q, k, v, beta, g, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
+        o = delta_rule(self.cfg, q, k, v, g, beta, cache, group=group, layout=layout, cu_seqlens=cu_seqlens)
         z = self.in_proj_z(x).view(B, T, self.nv, self.dv)
         o = (self.norm(o.to(x.dtype)).float() * F.silu(z.float())).to(x.dtype)
         return self.out_proj(o.reshape(B, T, -1))

@@ -27,15 +27,16 @@ def _check_4d(name: str, x, expected: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str, ...]) -> None:
-    """Shapes shared by linear and softmax attention, layout, method and group."""
+def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str, ...], gva: bool = False) -> None:
+    """Shapes shared by linear and softmax attention, layout, method and group. ``gva``: v may have
+    a multiple of k's heads (the delta rule's grouped value heads), else exactly k's."""
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _check_4d("q", q, "[B, T_local, H, K]")
     _check_4d("k", k, "[B, T_local, H_k, K]")
-    _check_4d("v", v, "[B, T_local, H_k, V]")
+    _check_4d("v", v, "[B, T_local, HV, V]" if gva else "[B, T_local, H_k, V]")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise ValueError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
@@ -45,7 +46,9 @@ def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str
             raise ValueError(f"{name} must have q's [B, T_local] = {list(q.shape[:2])}, got {list(x.shape[:2])}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k's head dim must equal q's ({q.shape[-1]}), got {k.shape[-1]}")
-    if v.shape[2] != k.shape[2]:
+    if gva and (v.shape[2] == 0 or v.shape[2] % k.shape[2]):
+        raise ValueError(f"v's heads HV={v.shape[2]} must be a multiple of q/k's heads H={k.shape[2]} (GVA)")
+    if not gva and v.shape[2] != k.shape[2]:
         raise ValueError(f"v must have k's number of heads ({k.shape[2]}), got {v.shape[2]}")
     if q.shape[1] == 0:
         raise ValueError("q must hold at least one token (T_local >= 1)")
@@ -55,21 +58,23 @@ def check_common(q, k, v, *, group, layout: str, method: str, methods: tuple[str
         raise ValueError("group was given but torch.distributed is not initialised; call lasp.init_parallel first")
 
 
-def _check_recurrent(q, k, v, per_token: dict, *, scale, group, layout: str, method: str, backend: str) -> None:
+def _check_recurrent(q, k, v, per_token: dict, *, scale, group, layout: str, method: str, backend: str, gva: bool = False) -> None:
     """What the linear operators share: the common checks, the backend, k's heads equal to q's (no
-    GQA in the operators), every ``per_token`` tensor (None allowed) ``[B, T_local, H]`` floating
-    point on q's device, the scale."""
-    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES)
+    GQA in the operators), every ``per_token`` tensor (None allowed) ``[B, T_local, HV]`` (v's heads)
+    floating point on q's device, the scale. ``gva``: v may have a multiple of q/k's heads."""
+    check_common(q, k, v, group=group, layout=layout, method=method, methods=LINEAR_METHOD_NAMES, gva=gva)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, T, H, _ = q.shape
     if k.shape[2] != H:
         raise ValueError(f"k must have q's number of heads H={H} (linear attention has no GQA), got {k.shape[2]}")
+    HV = v.shape[2]
+    label = "HV" if gva else "H"
     for name, x in per_token.items():
         if x is None:
             continue
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, H):
-            raise ValueError(f"{name} must have shape [B, T_local, H] = {[B, T, H]}, got {_shape(x)}")
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, HV):
+            raise ValueError(f"{name} must have shape [B, T_local, {label}] = {[B, T, HV]} (v's heads), got {_shape(x)}")
         if not x.is_floating_point() or x.device != q.device:
             raise ValueError(f"{name} must be a floating-point tensor on {q.device}, got {x.dtype} on {x.device}")
     if scale is not None and not isinstance(scale, (int, float)):
@@ -123,17 +128,27 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
         backend, on_cuda=q.is_cuda, interpreting=os.environ.get("TRITON_INTERPRET") == "1",
         K=q.shape[-1], V=v.shape[-1],
     )
-def check_states(q, v, initial_state, output_final_state, *, causal: bool) -> None:
-    """Validate ``initial_state`` (``[B, H, K, V]``, float, on q's device) and ``output_final_state``."""
+def check_states(q, v, initial_state, output_final_state, *, causal: bool, cu_seqlens=None) -> None:
+    """Validate ``initial_state`` (``[B, H, K, V]`` with v's heads H, float, on q's device) and
+    ``output_final_state``. With ``cu_seqlens`` (``[N+1]``, B = 1): fla's per-document ``[N, H, K,
+    V]``, or lasp's single state ``[1, H, K, V]`` (the first document's)."""
     if not isinstance(output_final_state, bool):
         raise ValueError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     if not causal and (initial_state is not None or output_final_state):
         raise ValueError("initial_state and output_final_state need causal=True (non-causal attention has no state order)")
     if initial_state is None:
         return
-    B, _, H, K = q.shape
-    want = (B, H, K, v.shape[-1])
-    if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+    B, K = q.shape[0], q.shape[-1]
+    want = (B, v.shape[2], K, v.shape[-1])
+    n_docs = cu_seqlens.shape[0] - 1 if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 else None
+    if n_docs is not None and B == 1:
+        ok = isinstance(initial_state, torch.Tensor) and initial_state.dim() == 4 and tuple(initial_state.shape[1:]) == want[1:]
+        if not ok or initial_state.shape[0] not in (1, n_docs):
+            raise ValueError(
+                f"initial_state must have shape [N, H, K, V] = {[n_docs, *want[1:]]} with cu_seqlens (one state per "
+                f"document, fla's varlen form) or [1, H, K, V] (the first document's), got {_shape(initial_state)}"
+            )
+    elif not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
         raise ValueError(f"initial_state must have shape [B, H, K, V] = {list(want)}, got {_shape(initial_state)}")
     if not initial_state.is_floating_point() or initial_state.device != q.device:
         raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
@@ -143,12 +158,13 @@ def _shape(x) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_gated_delta(q, k, v, beta, g, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str) -> None:
+def check_gated_delta(q, k, v, g, beta, initial_state, output_final_state=False, *, scale, group, layout: str, method: str, backend: str,
+                      cu_seqlens=None) -> None:
     """Validate the arguments of :func:`lasp.gated_delta_rule`."""
-    _check_recurrent(q, k, v, {"beta": beta, "g": g}, scale=scale, group=group, layout=layout, method=method, backend=backend)
+    _check_recurrent(q, k, v, {"g": g, "beta": beta}, scale=scale, group=group, layout=layout, method=method, backend=backend, gva=True)
     if beta is None:
-        raise ValueError(f"beta must have shape [B, T_local, H] = {list(q.shape[:3])}, got NoneType")
-    check_states(q, v, initial_state, output_final_state, causal=True)
+        raise ValueError(f"beta must have shape [B, T_local, HV] = {[*q.shape[:2], v.shape[2]]}, got NoneType")
+    check_states(q, v, initial_state, output_final_state, causal=True, cu_seqlens=cu_seqlens)
 
 
 def check_conv(x, weight, bias, *, activation, group, layout: str) -> None:

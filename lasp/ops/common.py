@@ -28,6 +28,8 @@ __all__ = [
     "initial_state_grad_wanted",
     "initial_state_grad",
     "run_driver",
+    "document_finals",
+    "set_document_final_grads",
 ]
 
 
@@ -146,6 +148,7 @@ class SegmentCall:
     layout: str
     output_final_state: bool
     seg_kwargs: dict = field(default_factory=dict)
+    document_finals: bool = False  # return the per-document final states (DocumentSegment s)
 
     @property
     def kind(self) -> str:
@@ -160,7 +163,34 @@ def build_segments(call: SegmentCall, inputs, needs_grad=None) -> list:
     ins = [None if x is None else x.detach().requires_grad_(bool(n) and x.is_floating_point()) for x, n in zip(inputs, needs_grad)]
     tok, shared = ins[: call.n_token], ins[call.n_token :]
     parts = zip(*(split_segments(x, call.layout) for x in tok))
-    return [call.seg_class(*p, *shared, call.scale, **call.seg_kwargs) for p in parts]
+    if not getattr(call.seg_class, "takes_segment_index", False):
+        return [call.seg_class(*p, *shared, call.scale, **call.seg_kwargs) for p in parts]
+    rank, size = group_rank_size(call.group)  # a segment that needs its global index (DocumentSegment)
+    order = segment_order(size, call.layout)[rank]
+    return [call.seg_class(*p, *shared, call.scale, segment_index=i, **call.seg_kwargs) for p, i in zip(parts, order)]
+
+
+def document_finals(call: SegmentCall, segs: list, like: torch.Tensor, tag: str) -> torch.Tensor:
+    """Forward, with ``call.document_finals``: the per-document final states ``[N, H, K, V]`` float32
+    on every rank: each segment's documents ending in it (``seg.doc_finals()``), summed over the
+    group in ONE all-reduce (``like``: a ``[1, H, K, V]`` state)."""
+    out = like.new_zeros(len(segs[0].bounds) - 1, *like.shape[1:], dtype=torch.float32)
+    for s in segs:
+        for doc, S in s.doc_finals().items():
+            out[doc] += S[0]
+    if group_rank_size(call.group)[1] > 1:
+        comm.all_reduce(out, call.group, tag=tag)
+    return out
+
+
+def set_document_final_grads(call: SegmentCall, segs: list, dfinal: torch.Tensor | None, tag: str) -> None:
+    """Backward, with ``call.document_finals``: the per-document final states' gradient, summed over
+    the group in ONE all-reduce, handed to every segment before ``state_grad``."""
+    G = None if dfinal is None else dfinal.float().clone()
+    if G is not None and group_rank_size(call.group)[1] > 1:
+        comm.all_reduce(G, call.group, tag=tag)
+    for s in segs:
+        s.set_doc_final_grads(G)
 
 
 def rebuild_segments(ctx) -> tuple[SegmentCall, list, torch.Tensor]:
@@ -210,11 +240,14 @@ def run_driver(
     layout: str = "contiguous",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    document_finals: bool = False,
     **seg_kwargs,
 ):
     """Call a segment driver's autograd Function (``LASP2Causal``, ``LASP1Causal``) as
     ``function.apply(call, initial_state, *token_inputs, *shared_inputs)``; see
-    :func:`lasp.ops.lasp2.lasp2_apply` for the arguments."""
+    :func:`lasp.ops.lasp2.lasp2_apply` for the arguments (``document_finals``: return the
+    per-document final states of :class:`lasp.ops.document_states.DocumentSegment` s instead)."""
     token_inputs, shared_inputs = list(token_inputs), list(shared_inputs)
-    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs))
+    call = SegmentCall(seg_class, len(token_inputs), float(scale), group, layout, bool(output_final_state), dict(seg_kwargs),
+                       bool(document_finals))
     return function.apply(call, initial_state, *token_inputs, *shared_inputs)

@@ -31,6 +31,7 @@ from .. import comm
 from ..parallel import chunk_owners, group_rank_size, layout_chunks
 from .checks import check_conv
 from .documents import check_cu_seqlens, document_offsets
+from .rank_check import check_same_on_ranks
 
 
 class _Halo(torch.autograd.Function):
@@ -95,6 +96,8 @@ def causal_conv1d(x, weight, bias=None, *, activation: str | None = None, group=
         ``[B, T_local, D]`` in x's dtype, equal to the convolution of the whole sequence.
     """
     check_conv(x, weight, bias, activation=activation, group=group, layout=layout)
+    check_same_on_ranks("causal_conv1d", dict(B=x.shape[0], T_local=x.shape[1], D=x.shape[2], W=weight.shape[1], dtype=x.dtype,
+                                              layout=layout, cu_seqlens=cu_seqlens is not None), group, x.device)
     _, size = group_rank_size(group)
     W = weight.shape[1]
     offs = None

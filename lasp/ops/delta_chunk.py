@@ -14,7 +14,9 @@ Everything but the chunk-to-chunk scan ``S_{c+1} = A_c S_c + M_c`` is computed f
 at once. ``Gam`` comes from a masked cumulative sum of the gates (never a difference of two
 running sums), so a hard reset ``g = -inf`` gives exact zeros, never ``inf - inf``.
 
-Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta, g ``[B, T, H]``; states ``[B, H, K, V]``.
+Layout: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g, beta ``[B, T, HV]`` (GVA when ``HV > H``: a
+multiple, value head j reads q/k head ``j // (HV // H)``); states ``[B, HV, K, V]``. Argument order
+``(q, k, v, g, beta)`` everywhere, as fla's ``chunk_gated_delta_rule``.
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ DEFAULT_CHUNK_SIZE = 64
 class DeltaChunks:
     """Per-chunk quantities of a sequence, heads first, fp32 (``N`` chunks of ``C`` tokens).
 
-    ``A [B, H, N, K, K]``, ``M [B, H, N, K, V]``: each chunk's affine map; ``T``: real tokens (the
-    tail of the last chunk is padding). The rest is kept for :func:`chunk_output_maps`: ``q [B, H,
-    N, C, K]`` (L2-normalised if asked), ``k``, ``decay [.., C, C]`` (``e^Gam`` on and below the
-    diagonal), ``d_in [B, H, N, C]`` (``e^G``, None without gates) and the WY factors ``W``, ``U0``.
+    ``A [B, HV, N, K, K]``, ``M [B, HV, N, K, V]``: each value head's chunk maps; ``T``: real tokens
+    (the tail of the last chunk is padding). The rest is kept for :func:`chunk_output_maps`: ``q [B,
+    H, 1, N, C, K]`` (L2-normalised if asked; one per q/k head, broadcast over the ``G = HV // H``
+    value heads that read it, never repeated), ``k`` (the same), ``decay [.., C, C]`` (``e^Gam`` on
+    and below the diagonal, per value head or ``[C, C]`` without gates), ``d_in [B, HV, N, C]``
+    (``e^G``, None without gates) and the WY factors ``W``, ``U0`` (per value head).
     """
 
     A: torch.Tensor
@@ -48,6 +52,7 @@ class DeltaChunks:
     d_in: torch.Tensor | None
     W: torch.Tensor
     U0: torch.Tensor
+    G: int = 1
 
 
 def _to_chunks(x: torch.Tensor | None, C: int, N: int) -> torch.Tensor | None:
@@ -62,18 +67,32 @@ def _to_chunks(x: torch.Tensor | None, C: int, N: int) -> torch.Tensor | None:
     return x.reshape(*x.shape[:2], N, C, *x.shape[3:])
 
 
-def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
+def grouped(x: torch.Tensor | None, G: int) -> torch.Tensor | None:
+    """A value-head tensor ``[B, HV, ...]`` as ``[B, H, G, ...]`` (GVA: value head ``h * G + j`` reads
+    q/k head ``h``, transformers' ``repeat_interleave``), so it broadcasts against a q/k tensor
+    ``[B, H, 1, ...]``; a ``[C, C]`` constant is returned as is."""
+    if x is None or x.dim() == 2:
+        return x
+    return x.unflatten(1, (x.shape[1] // G, G))
+
+
+def chunk_factors(q, k, v, g, beta, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk_l2norm: bool = False) -> DeltaChunks:
     """The WY factors and per-chunk maps ``(A_c, M_c)`` of a whole segment (the module docstring).
 
-    Inputs in the operator layout (any float dtype); differentiable w.r.t. all of them. This is
+    Inputs in the operator layout (any float dtype; q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g,
+    beta ``[B, T, HV]``, ``HV`` a multiple of ``H``); differentiable w.r.t. all of them. The q/k
+    products (``K K^T``) are formed once per q/k head and broadcast over its value heads. This is
     what a segment's summary needs; the outputs' maps come from :func:`chunk_output_maps`.
     """
     B, T, H, K = q.shape
+    G = v.shape[2] // H
     C = min(chunk_size, T)
     N = -(-T // C)
     qc, kc, vc, bc, gc = (_to_chunks(x, C, N) for x in (q, k, v, beta, g))
     if use_qk_l2norm:
         qc, kc = l2norm(qc), l2norm(kc)
+    qc, kc = qc[:, :, None], kc[:, :, None]  # [B, H, 1, N, C, K]
+    vc, bc, gc = (grouped(x, G) for x in (vc, bc, gc))  # [B, H, G, N, C, ...]
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if gc is None:
         decay = incl.to(qc.dtype)  # e^Gam on and below the diagonal
@@ -81,7 +100,7 @@ def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk
     else:
         gam = segment_sums(gc)
         decay = gam.exp()
-        d_in = (gc[..., :1] + gam[..., :, 0]).exp()  # e^{G_i}  [B, H, N, C]
+        d_in = (gc[..., :1] + gam[..., :, 0]).exp()  # e^{G_i}  [B, H, G, N, C]
         d_out = gam[..., -1, :].exp()  # e^{G_C - G_j}
     L = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))).tril(-1)
     kb = kc * bc[..., None] if d_in is None else kc * (bc * d_in)[..., None]
@@ -92,15 +111,19 @@ def chunk_factors(q, k, v, beta, g, chunk_size: int = DEFAULT_CHUNK_SIZE, use_qk
     eye = torch.eye(K, dtype=qc.dtype, device=q.device)
     A = (eye if gc is None else d_in[..., -1, None, None] * eye) - kd.transpose(-1, -2) @ W
     M = kd.transpose(-1, -2) @ U0
-    return DeltaChunks(A, M, T, qc, kc, decay, d_in, W, U0)
+    flat = lambda x: None if x is None or x.dim() == 2 else x.flatten(1, 2)  # noqa: E731  [B, HV, ...]
+    return DeltaChunks(flat(A), flat(M), T, qc, kc, decay if gc is None else flat(decay), flat(d_in), flat(W), flat(U0), G)
 
 
 def chunk_output_maps(ch: DeltaChunks, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Qeff [B, H, N, C, K], O_loc [B, H, N, C, V])``: a chunk's outputs are
+    """``(Qeff [B, HV, N, C, K], O_loc [B, HV, N, C, V])``: a chunk's outputs are
     ``O_loc + Qeff S_c`` for its incoming state ``S_c`` (independent of every state)."""
-    qk = (ch.q @ ch.k.transpose(-1, -2)) * ch.decay
-    qd = ch.q if ch.d_in is None else ch.q * ch.d_in[..., None]
-    return scale * (qd - qk @ ch.W), scale * (qk @ ch.U0)
+    G = ch.G
+    qk = (ch.q @ ch.k.transpose(-1, -2)) * grouped(ch.decay, G)  # one Q K^T per q/k head
+    qd = ch.q if ch.d_in is None else ch.q * grouped(ch.d_in, G)[..., None]
+    Qeff = scale * (qd - qk @ grouped(ch.W, G))
+    O_loc = scale * (qk @ grouped(ch.U0, G))
+    return Qeff.flatten(1, 2), O_loc.flatten(1, 2)
 
 
 def scan_states(A: torch.Tensor, M: torch.Tensor, S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +148,8 @@ def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    g: torch.Tensor | None,
     beta: torch.Tensor,
-    g: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -136,29 +159,32 @@ def chunk_gated_delta_rule(
     """The gated delta rule over a whole sequence in one process (chunked WY form, fp32).
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``; g: ``[B, T, H]`` or None.
-        scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]`` or None (zeros).
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV]`` or None; beta: ``[B, T, HV]``
+            (``HV`` a multiple of ``H``: GVA, value head j reads q/k head ``j // (HV // H)``).
+        scale: default ``K ** -0.5``. initial_state: ``[B, HV, K, V]`` or None (zeros).
         use_qk_l2norm: L2-normalise q and k per head first.
     Returns:
         ``o [B, T, H, V]`` in q's dtype; with ``output_final_state`` also the fp32 final state.
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    HV, V = v.shape[2], v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    ch = chunk_factors(q, k, v, beta, g, chunk_size, use_qk_l2norm)
-    S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    ch = chunk_factors(q, k, v, g, beta, chunk_size, use_qk_l2norm)
+    S0 = q.new_zeros(B, HV, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     states, final = scan_states(ch.A, ch.M, S0)
     o = chunk_outputs(*chunk_output_maps(ch, scale), states, T).transpose(1, 2).to(q.dtype)
     return (o, final) if output_final_state else o
 
 
-def recurrent_gated_delta_step(q, k, v, beta, g, state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False):
-    """One decoding step: ``q, k [B, 1, H, K]``, ``v [B, 1, H, V]``, ``beta, g [B, 1, H]`` (g may be
-    None), ``state [B, H, K, V]`` float32. Returns ``(o [B, 1, H, V] in q's dtype, new state)``."""
+def recurrent_gated_delta_step(q, k, v, g, beta, state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False):
+    """One decoding step: ``q, k [B, 1, H, K]``, ``v [B, 1, HV, V]``, ``g, beta [B, 1, HV]`` (g may be
+    None), ``state [B, HV, K, V]`` float32. Returns ``(o [B, 1, HV, V] in q's dtype, new state)``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf, kf, vf, bf = q[:, 0].float(), k[:, 0].float(), v[:, 0].float(), beta[:, 0].float()
     if use_qk_l2norm:
         qf, kf = l2norm(qf), l2norm(kf)
+    rep = v.shape[2] // q.shape[2]
+    qf, kf = qf.repeat_interleave(rep, dim=1), kf.repeat_interleave(rep, dim=1)  # one token: [B, HV, K]
     if g is not None:
         state = g[:, 0].float().exp()[..., None, None] * state
     u = bf[..., None] * (vf - torch.einsum("bhk,bhkv->bhv", kf, state))
@@ -167,14 +193,14 @@ def recurrent_gated_delta_step(q, k, v, beta, g, state: torch.Tensor, scale: flo
     return o[:, None].to(q.dtype), state
 
 
-def gated_delta_rule_decode(q, k, v, beta, g, cache: dict, *, use_qk_l2norm: bool = False) -> torch.Tensor:
-    """Decoding with a recurrent state in ``cache["state"]`` (``[B, H, K, V]`` fp32 or absent):
+def gated_delta_rule_decode(q, k, v, g, beta, cache: dict, *, use_qk_l2norm: bool = False) -> torch.Tensor:
+    """Decoding with a recurrent state in ``cache["state"]`` (``[B, HV, K, V]`` fp32 or absent):
     one token by the recurrent step, a prompt (prefill) by the chunked path from that state.
-    Updates ``cache["state"]``; returns ``o [B, T, H, V]``."""
+    Updates ``cache["state"]``; returns ``o [B, T, HV, V]``."""
     if q.shape[1] == 1 and cache.get("state") is not None:
-        o, cache["state"] = recurrent_gated_delta_step(q, k, v, beta, g, cache["state"], use_qk_l2norm=use_qk_l2norm)
+        o, cache["state"] = recurrent_gated_delta_step(q, k, v, g, beta, cache["state"], use_qk_l2norm=use_qk_l2norm)
     else:
         o, cache["state"] = chunk_gated_delta_rule(
-            q, k, v, beta, g, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=use_qk_l2norm
+            q, k, v, g, beta, initial_state=cache.get("state"), output_final_state=True, use_qk_l2norm=use_qk_l2norm
         )
     return o

@@ -5,8 +5,12 @@ Per (batch, head), tokens t = 1..T, state ``S`` of shape ``K x V``::
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
     o_t = scale * S_t^T q_t
 
-Layout: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, beta and g ``[B, T, H]`` (``g=None``: plain
-DeltaNet). Same argument names as flash-linear-attention's ``naive_recurrent_gated_delta_rule``.
+Layout: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g and beta ``[B, T, HV]`` (``g=None``: plain
+DeltaNet); ``HV`` a multiple of ``H`` (GVA: value head ``j`` reads q/k head ``j // (HV // H)``, as
+``repeat_interleave`` of q, k in transformers' Qwen3.5 and fla's kernels). Argument names as
+flash-linear-attention's; the ORDER is that of its public ``chunk_gated_delta_rule(q, k, v, g, beta,
+...)``, used by every lasp delta-rule function (fla's ``naive_recurrent_gated_delta_rule`` alone
+takes ``beta, g``).
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ def naive_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    g: torch.Tensor | None,
     beta: torch.Tensor,
-    g: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -33,26 +37,27 @@ def naive_gated_delta_rule(
     """The gated delta rule over the whole sequence, one token at a time.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``; g: ``[B, T, H]`` or None.
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV]`` or None; beta: ``[B, T, HV]``.
         scale: default ``K ** -0.5``.
-        initial_state: ``[B, H, K, V]`` state before the first token (zeros if None).
+        initial_state: ``[B, HV, K, V]`` state before the first token (zeros if None).
         use_qk_l2norm: L2-normalise q and k per head first (inside, so gradients include it).
         compute_dtype: dtype of the recurrence (float64 by default: this is the oracle).
     Returns:
-        ``o [B, T, H, V]`` in q's dtype, and the final state ``[B, H, K, V]`` (compute dtype)
+        ``o [B, T, HV, V]`` in q's dtype, and the final state ``[B, HV, K, V]`` (compute dtype)
         when ``output_final_state``.
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    HV, V = v.shape[2], v.shape[-1]
     dtype = q.dtype
     cd = compute_dtype
     scale = K**-0.5 if scale is None else scale
-    q, k, v = (x.to(cd).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    q, k, v = (x.to(cd).transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    beta = beta.to(cd).transpose(1, 2)  # [B, H, T]
+    q, k = (x.repeat_interleave(HV // H, dim=1) for x in (q, k))  # GVA (the oracle may repeat)
+    beta = beta.to(cd).transpose(1, 2)  # [B, HV, T]
     gate = None if g is None else g.to(cd).transpose(1, 2).exp()
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(cd)
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(cd)
     outs = []
     for t in range(T):
         kt, vt, bt = k[:, :, t], v[:, :, t], beta[:, :, t, None, None]

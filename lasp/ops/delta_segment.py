@@ -20,7 +20,7 @@ constructor                 the WY factors, chunk maps and the scan (what ``summ
 ``state_grad(dO)``          ``Qt^T dO`` ``[B, H, K, V]`` float32
 ``backward_output(dO)``     records ``dO`` (gradients with ``S_in`` held fixed)
 ``backward_summary(dM, dA)``  records the summary's gradient
-``grads()``                 ``(dq, dk, dv, dbeta, dg)``: ONE autograd pass over what was recorded
+``grads()``                 ``(dq, dk, dv, dg, dbeta)``: ONE autograd pass over what was recorded
 ==========================  ====================================================================
 """
 from __future__ import annotations
@@ -31,16 +31,17 @@ from .delta_chunk import DEFAULT_CHUNK_SIZE, chunk_factors, chunk_output_maps, c
 
 
 class DeltaTorchSegment:
-    """Plain-torch gated delta rule segment. Inputs in the operator layout: q, k ``[B, T, H, K]``,
-    v ``[B, T, H, V]``, beta ``[B, T, H]``, g ``[B, T, H]`` or None."""
+    """Plain-torch gated delta rule segment. Inputs in the operator layout and order: q, k ``[B, T,
+    H, K]``, v ``[B, T, HV, V]``, g ``[B, T, HV]`` or None, beta ``[B, T, HV]`` (GVA: ``HV`` a multiple
+    of ``H``); states ``[B, HV, K, V]``."""
 
     transition = "matrix"
 
-    def __init__(self, q, k, v, beta, g, scale: float, use_qk_l2norm: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, beta, g)]
+    def __init__(self, q, k, v, g, beta, scale: float, use_qk_l2norm: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.inputs = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, beta)]
         self.scale = scale
-        B, T, H, K = q.shape
-        V = v.shape[-1]
+        B, T, _, K = q.shape
+        H, V = v.shape[2], v.shape[-1]
         self.K = K
         self._outs: list[torch.Tensor] = []
         self._gouts: list[torch.Tensor] = []

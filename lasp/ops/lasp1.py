@@ -31,6 +31,8 @@ collective of the whole group: the first call on a group runs one 4-byte all-red
 - ``output_final_state``: one all-reduce of ``B*H*K*V*4`` bytes forward (the final state, from
   the rank holding the last segment, to every rank) and one backward (the sum of the ranks'
   final-state gradients); tags ``lasp1.fwd.final`` / ``lasp1.bwd.final``.
+- packed documents with per-document final states (:mod:`lasp.ops.document_states`): one
+  all-reduce of ``N*H*K*V*4`` bytes forward and one backward (``lasp1.*.doc_finals``).
 - non-causal: ``O = scale Q sum_r M_r``: every rank's ``M = K^T V`` circulates the ring,
   ``P-1`` sends of ``B*H*K*V*4`` bytes per rank forward, and the same for ``dS = scale Q^T dO``
   backward.
@@ -46,8 +48,8 @@ from .. import comm
 from ..parallel import chunk_owners, group_rank_size
 from . import affine
 from .common import (
-    SegmentCall, build_segments, initial_state_grad, join_segments, rebuild_segments, run_driver, segment_input_grads,
-    segment_order, split_segments, wait_all,
+    SegmentCall, build_segments, document_finals, initial_state_grad, join_segments, rebuild_segments, run_driver,
+    segment_input_grads, segment_order, set_document_final_grads, split_segments, wait_all,
 )
 from .noncausal import diagonal_method
 
@@ -125,6 +127,8 @@ class LASP1Causal(torch.autograd.Function):
         ctx.call, ctx.s0_dtype = call, None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, torch.stack(states_in))
         o = join_segments(outs, inputs[0].dtype)
+        if call.document_finals:
+            return o, document_finals(call, segs, zero, _FWD_TAG + ".doc_finals")
         if call.output_final_state:
             final = s_prev.clone() if chain.mine[-1] == chain.n - 1 else torch.zeros_like(zero)
             return o, chain.all_reduce(final, _FWD_TAG + ".final")
@@ -138,6 +142,8 @@ class LASP1Causal(torch.autograd.Function):
         do_parts = split_segments(do, call.layout)
         zero = torch.zeros_like(states_in[0])
         G_N = chain.all_reduce(dfinal.float().clone(), _BWD_TAG + ".final") if call.output_final_state else None
+        if call.document_finals:
+            set_document_final_grads(call, segs, dfinal, _BWD_TAG + ".doc_finals")
 
         sends = []
         g_next = zero  # total gradient of the state entering the segment after the current one

@@ -14,7 +14,7 @@ Entry point (callable by any operator built on segments)::
   T into the rank's segments; ``shared_inputs``: tensors every segment gets whole (``g_gamma``);
   a segment is built as ``seg_class(*token_parts, *shared_inputs, scale, **seg_kwargs)`` and its
   ``grads()`` are in that order. Diagonal: ``token_inputs=[q, k, v, g]``, ``shared_inputs=[g_gamma]``;
-  delta: ``token_inputs=[q, k, v, beta, g]``, ``shared_inputs=[]``, ``use_qk_l2norm=...``.
+  delta: ``token_inputs=[q, k, v, g, beta]``, ``shared_inputs=[]``, ``use_qk_l2norm=...``.
 - ``initial_state [B, H, K, V]`` (any float dtype; the same on every rank) is the state before
   the first token of the WHOLE sequence; ``final_state`` the state after its last token, returned
   on every rank (float32).
@@ -50,6 +50,9 @@ Communication per rank and layer (float32 bytes sent, ``a`` = 1 scalar / ``K*K``
 - forward: ``n_seg * B * H * (a + K*V) * 4``;
 - backward: ``n_seg * B * H * (a + K*V) * 4``, plus ``B * H * K * V * 4`` with
   ``output_final_state``.
+- packed documents with per-document final states (:mod:`lasp.ops.document_states`): one
+  all-reduce of ``N * H * K * V * 4`` bytes forward (the final states) and one backward (their
+  gradients), tags ``lasp2.fwd.doc_finals`` / ``lasp2.bwd.doc_finals``.
 
 Non-causal (:mod:`lasp.ops.noncausal`): forward gathers ``M = K^T V`` (``B*H*K*V*4`` bytes),
 backward gathers ``dS = scale Q^T dO`` (same), one collective each.
@@ -68,6 +71,7 @@ from .common import (
     SegmentCall,
     all_gather_async,
     build_segments,
+    document_finals,
     global_order_index,
     initial_state_grad,
     initial_state_grad_wanted,
@@ -76,6 +80,7 @@ from .common import (
     run_driver,
     segment_input_grads,
     segment_order,
+    set_document_final_grads,
     split_segments,
 )
 from .noncausal import diagonal_method
@@ -132,6 +137,8 @@ class LASP2Causal(torch.autograd.Function):
         ctx.call, ctx.s0_dtype = call, None if initial_state is None else initial_state.dtype
         ctx.save_for_backward(*inputs, states[:n_seg])
         o = join_segments(outs, inputs[0].dtype)
+        if call.document_finals:
+            return o, document_finals(call, segs, states[0], _FWD_TAG + ".doc_finals")
         if call.output_final_state:
             return o, states[n_seg].clone()
         return o
@@ -144,6 +151,8 @@ class LASP2Causal(torch.autograd.Function):
         n_seg, N = len(segs), size * len(segs)
         mine = segment_order(size, call.layout)[rank]
         do_parts = split_segments(do, call.layout)
+        if call.document_finals:
+            set_document_final_grads(call, segs, dfinal, _BWD_TAG + ".doc_finals")
 
         own_A = [own_summary(s, size * n_seg, ctx.s0_dtype is None)[0] for s in segs]
         dS_local = [s.state_grad(d) for s, d in zip(segs, do_parts)]

@@ -37,7 +37,8 @@ True`` (class attr) and ``summary(transition=False)``: the caller applies ``A`` 
 segment derives itself.
 
 Constructors: diagonal ``Seg(q, k, v, g, g_gamma, scale)`` (grads ``(dq, dk, dv, dg, dg_gamma)``);
-delta ``Seg(q, k, v, beta, g, scale, use_qk_l2norm=False)``. A segment object lives for ONE
+delta ``Seg(q, k, v, g, beta, scale, use_qk_l2norm=False)`` (grads ``(dq, dk, dv, dg, dbeta)``; g at
+the same place as the diagonal family's, the order of fla's ``chunk_gated_delta_rule``). A segment object lives for ONE
 direction: the drivers build segments in forward and REBUILD them from the saved inputs in
 backward (recompute), calling ``prepare_backward`` (not ``compute_local`` and ``output``) before
 ``backward_output``; a segment must not rely on another instance. Plain-torch segments recompute

@@ -10,7 +10,9 @@ the same all-to-all of the gradients, so a call makes exactly 2 all-to-alls forw
 backward; their order is fixed by the data dependencies (no swap hazard).
 
 Requires ``H % P == 0`` and ``H_kv % P == 0`` (a ValueError before any collective otherwise);
-with GQA, query head group r uses exactly KV head group r.
+with GQA, query head group r uses exactly KV head group r. Likewise the delta rule's grouped value
+heads (GVA, ``HV`` a multiple of ``H``, value head j reading q/k head ``j // (HV/H)``): value head
+group r reads exactly q/k head group r, so ``H`` and ``HV`` must both divide by ``P``.
 
 Communication per rank and call (``e`` = bytes per element; the recorded bytes are the
 all-to-all input, of which ``(P-1)/P`` leaves the rank):
@@ -125,11 +127,12 @@ def ulysses_apply(local_op, token_inputs, head_inputs=(), *, group, layout: str,
             ``initial_state [B, H/P, K, V]`` or None; returns ``o [B, T, H/P, V]`` or
             ``(o, final_state [B, H/P, K, V])`` with ``output_final_state``. E.g. the chunked
             linear attention, or ``chunk_gated_delta_rule`` for the delta rule.
-        token_inputs: this rank's ``[B, T_local, H, C]`` or ``[B, T_local, H]`` tensors (or None),
-            sent in ONE all-to-all in their promoted dtype and cast back.
+        token_inputs: this rank's ``[B, T_local, H_x, C]`` or ``[B, T_local, H_x]`` tensors (or None),
+            sent in ONE all-to-all in their promoted dtype and cast back; each tensor's head count
+            ``H_x`` (divisible by P) may differ (GVA): rank r gets head group r of each.
         head_inputs: per-head tensors ``[H, ...]`` (``g_gamma``) or None.
-        initial_state: ``[B, H, K, V]`` or None (sliced to the head group: its gradient on each
-            rank is that rank's contribution).
+        initial_state: ``[B, H_s, K, V]`` or None (sliced to the head group ``r`` of its own ``H_s``
+            heads: its gradient on each rank is that rank's contribution).
     Returns:
         ``o [B, T_local, H, V]`` in the dtype of ``token_inputs[0]``, or ``(o, final_state [B, H, K, V])``
         with the final state on every rank (one all-gather forward, one reduce-scatter backward).
@@ -137,25 +140,26 @@ def ulysses_apply(local_op, token_inputs, head_inputs=(), *, group, layout: str,
     rank, size = group_rank_size(group)
     if size == 1:
         return local_op(list(token_inputs), list(head_inputs), initial_state, output_final_state)
-    H = token_inputs[0].shape[2]
-    h = H // size
     present = [x for x in token_inputs if x is not None]
     dtype = present[0].dtype
     for x in present[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
-    cols = [x if x.dim() == 4 else x[..., None] for x in present]
-    packed = _split_heads(torch.cat([c.to(dtype) for c in cols], dim=-1), size)  # [B, T_local, P, h, C]
-    full = seq_to_heads(packed, group, layout, "qkv")
+    # each tensor's heads split in P groups, flattened with its channels: tensors with different head
+    # counts (GVA: q, k on H heads, v, g, beta on HV) travel in the same buffer
+    cols = [_split_heads(x if x.dim() == 4 else x[..., None], size).flatten(3) for x in present]  # [B, T_local, P, h*C]
+    full = seq_to_heads(torch.cat([c.to(dtype) for c in cols], dim=-1)[:, :, :, None], group, layout, "qkv")[:, :, 0]
     pieces = iter(full.split([c.shape[-1] for c in cols], dim=-1))
     tokens = []
     for x in token_inputs:
         if x is None:
             tokens.append(None)
             continue
-        y = next(pieces).to(x.dtype)
+        y = next(pieces).to(x.dtype).unflatten(-1, (x.shape[2] // size, -1))  # [B, T, h, C]
         tokens.append(y if x.dim() == 4 else y[..., 0])
+    h = token_inputs[0].shape[2] // size
     heads = [None if x is None else x[rank * h : (rank + 1) * h] for x in head_inputs]
-    s0 = None if initial_state is None else initial_state[:, rank * h : (rank + 1) * h]
+    hs = None if initial_state is None else initial_state.shape[1] // size
+    s0 = None if initial_state is None else initial_state[:, rank * hs : (rank + 1) * hs]
     res = local_op(tokens, heads, s0, output_final_state)
     o, final = res if output_final_state else (res, None)
     o = heads_to_seq(o.to(token_inputs[0].dtype), group, layout, "o")
