@@ -53,8 +53,8 @@ def main() -> None:
 
     from lasp.ops.delta_chunk import chunk_gated_delta_rule
 
-    ours = lambda q, k, v, b, g: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)  # noqa: E731
-    theirs = lambda q, k, v, b, g: torch_chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
+    ours = lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)  # noqa: E731
+    theirs = lambda q, k, v, g, b: torch_chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
     rows = []
     for T in args.T:
         gen = torch.Generator().manual_seed(T)
@@ -62,7 +62,7 @@ def main() -> None:
         q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
         beta = torch.rand(B, T, H, generator=gen)
         g = -torch.rand(B, T, H, generator=gen) * 0.5
-        inputs = [q, k, v, beta, g]
+        inputs = [q, k, v, g, beta]  # fla's order
         with torch.no_grad():
             a, b = ours(*inputs), theirs(*inputs)
             diff = ((a - b).norm() / b.norm()).item()
