@@ -20,7 +20,7 @@ from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
 from .ops.softmax_documents import single_process_softmax
-from .ops.ulysses import ulysses_linear_attention, ulysses_softmax_attention
+from .ops.ulysses import check_heads_divisible, ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
 #: Linear-attention methods: name -> ``f(q, k, v, g, g_gamma, *, scale, causal, group, layout, backend)``
@@ -90,6 +90,8 @@ def linear_attention(
     check_states(q, v, initial_state, output_final_state, causal=causal, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None and not causal:
         raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2])  # local, before the shape handshake (a collective)
     check_same_on_ranks("linear_attention", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype, g=g is not None,
         g_gamma=g_gamma is not None, causal=causal, initial_state=-1 if initial_state is None else initial_state.shape[0],
@@ -143,6 +145,8 @@ def softmax_attention(
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2], H_kv=k.shape[2])  # local, before the shape handshake
     check_same_on_ranks("softmax_attention", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], H_kv=k.shape[2], D=q.shape[3], dtype=q.dtype, causal=causal,
         method=method, layout=layout, cu_seqlens=cu_seqlens is not None,

@@ -93,6 +93,8 @@ def gated_delta_rule(
     """
     check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method,
                       backend=backend, cu_seqlens=cu_seqlens)
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])  # local, before the shape handshake (a collective)
     check_same_on_ranks("gated_delta_rule", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], HV=v.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype,
         g=g is not None, initial_state=-1 if initial_state is None else initial_state.shape[0],
@@ -119,8 +121,6 @@ def gated_delta_rule(
         return one_process([q, k, v, g, beta], initial_state, output_final_state)
     apply = _DRIVERS[method]
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
-        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
-
         def local_op(tokens, heads, s0, ofs):
             return one_process(tokens, s0, ofs)
 

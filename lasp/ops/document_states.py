@@ -239,7 +239,7 @@ def apply_with_document_states(seg_class: type, token_inputs, shared_inputs, *, 
     from ..parallel import group_rank_size
     from .lasp1 import lasp1_apply
     from .lasp2 import lasp2_apply
-    from .ulysses import check_heads_divisible, ulysses_apply
+    from .ulysses import ulysses_apply
 
     q, v = token_inputs[0], token_inputs[2]
     like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
@@ -247,9 +247,7 @@ def apply_with_document_states(seg_class: type, token_inputs, shared_inputs, *, 
     kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state, **seg_kwargs)
     if group_rank_size(group)[1] == 1:
         return documents_apply(lasp2_apply, seg_class, token_inputs, shared_inputs, doc_states=doc_states, group=None, **kw)
-    if method == "ulysses":
-        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
-
+    if method == "ulysses":  # the operators checked H (and HV) % P before their shape handshake
         def local_op(toks, heads, s0, ofs):
             return documents_apply(lasp2_apply, seg_class, toks, heads, doc_states=s0, group=None, **kw)
 
