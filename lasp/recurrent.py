@@ -109,7 +109,7 @@ def gated_delta_rule(
                                           initial_state=initial_state, output_final_state=output_final_state, group=group,
                                           method=method, layout=layout, use_qk_l2norm=use_qk_l2norm_in_kernel)
     if cu_seqlens is not None:
-        g = document_gate(g, cu_seqlens, q, group, layout)
+        g = document_gate(g, cu_seqlens, v, group, layout)  # per value head (GVA)
 
     def one_process(tokens, s0, ofs):  # the whole sequence here: torch chunked, or one Triton segment
         if seg_class is DeltaTorchSegment:
