@@ -11,16 +11,16 @@ import torch
 
 from .ops.checks import SOFTMAX_METHOD_NAMES, check_common, check_linear, check_states, resolve_backend
 from .ops.documents import document_bounds, document_gate
-from .ops.document_states import documents_apply, per_document_states
-from .ops.lasp1 import lasp1_apply, lasp1_linear_attention
-from .ops.lasp2 import lasp2_apply, lasp2_linear_attention
+from .ops.document_states import apply_with_document_states
+from .ops.lasp1 import lasp1_linear_attention
+from .ops.lasp2 import lasp2_linear_attention
 from .ops.rank_check import check_same_on_ranks, token_field_ignored
 from .ops.segment import segment_class
 from .ops.ring import ring_softmax_attention
 from .ops.single import full_sequence_linear
 from .ops.softmax_allgather import allgather_softmax_attention
 from .ops.softmax_documents import single_process_softmax
-from .ops.ulysses import check_heads_divisible, ulysses_apply, ulysses_linear_attention, ulysses_softmax_attention
+from .ops.ulysses import check_heads_divisible, ulysses_linear_attention, ulysses_softmax_attention
 from .parallel import group_rank_size
 
 #: Linear-attention methods: name -> ``f(q, k, v, g, g_gamma, *, scale, causal, group, layout, backend)``
@@ -90,6 +90,8 @@ def linear_attention(
     check_states(q, v, initial_state, output_final_state, causal=causal, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None and not causal:
         raise ValueError("cu_seqlens needs causal=True (packed documents for non-causal linear attention are not supported)")
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2])  # local, before the shape handshake (a collective)
     check_same_on_ranks("linear_attention", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype, g=g is not None,
         g_gamma=g_gamma is not None, causal=causal, initial_state=-1 if initial_state is None else initial_state.shape[0],
@@ -99,9 +101,9 @@ def linear_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
         bounds = document_bounds(cu_seqlens, q.shape[1] * group_rank_size(group)[1], q.shape[0], group, device=q.device)
-        return _with_document_states(q, k, v, g, g_gamma, bounds, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, group=group, method=method, layout=layout,
-                                     backend=backend)
+        return apply_with_document_states(segment_class(backend), [q, k, v, g], [g_gamma], bounds=bounds, scale=scale,
+                                          initial_state=initial_state, output_final_state=output_final_state, group=group,
+                                          method=method, layout=layout)
     if cu_seqlens is not None:
         g = document_gate(g, cu_seqlens, q, group, layout)
     states = dict(initial_state=initial_state, output_final_state=output_final_state) if causal else {}
@@ -109,27 +111,6 @@ def linear_attention(
         return full_sequence_linear(q, k, v, g, g_gamma, scale=scale, causal=causal, backend=backend, **states)
     impl = LINEAR_METHODS[method]
     return impl(q, k, v, g, g_gamma, scale=scale, causal=causal, group=group, layout=layout, backend=backend, **states)
-
-
-def _with_document_states(q, k, v, g, g_gamma, bounds, *, scale, initial_state, output_final_state, group, method, layout,
-                          backend):
-    """Packed documents with per-document states (:mod:`lasp.ops.document_states`): every method."""
-    seg = segment_class(backend)
-    like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
-    doc_states = per_document_states(initial_state, len(bounds) - 1, like)
-    kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state)
-    if group_rank_size(group)[1] == 1:
-        return documents_apply(lasp2_apply, seg, [q, k, v, g], [g_gamma], doc_states=doc_states, group=None, **kw)
-    if method == "ulysses":
-        check_heads_divisible(group, H=q.shape[2])
-
-        def local_op(toks, heads, s0, ofs):
-            return documents_apply(lasp2_apply, seg, toks, heads, doc_states=s0, group=None, **kw)
-
-        return ulysses_apply(local_op, [q, k, v, g], [g_gamma], group=group, layout=layout, initial_state=doc_states,
-                             output_final_state=output_final_state)
-    apply = lasp1_apply if method == "lasp1" else lasp2_apply
-    return documents_apply(apply, seg, [q, k, v, g], [g_gamma], doc_states=doc_states, group=group, layout=layout, **kw)
 
 
 def softmax_attention(
@@ -164,6 +145,8 @@ def softmax_attention(
         raise ValueError(f"q's heads H={q.shape[2]} must be a multiple of k/v's heads H_kv={k.shape[2]} (GQA)")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v's head dim must equal q's ({q.shape[-1]}) for softmax attention, got {v.shape[-1]}")
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2], H_kv=k.shape[2])  # local, before the shape handshake
     check_same_on_ranks("softmax_attention", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], H_kv=k.shape[2], D=q.shape[3], dtype=q.dtype, causal=causal,
         method=method, layout=layout, cu_seqlens=cu_seqlens is not None,

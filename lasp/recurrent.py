@@ -14,7 +14,7 @@ from .ops.checks import check_gated_delta, resolve_backend
 from .ops.conv import causal_conv1d
 from .ops.delta_chunk import chunk_gated_delta_rule
 from .ops.delta_segment import DeltaTorchSegment
-from .ops.document_states import documents_apply, per_document_states
+from .ops.document_states import apply_with_document_states
 from .ops.documents import document_bounds, document_gate
 from .ops.lasp1 import lasp1_apply
 from .ops.lasp2 import lasp2_apply
@@ -93,6 +93,8 @@ def gated_delta_rule(
     """
     check_gated_delta(q, k, v, g, beta, initial_state, output_final_state, scale=scale, group=group, layout=layout, method=method,
                       backend=backend, cu_seqlens=cu_seqlens)
+    if method == "ulysses":
+        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])  # local, before the shape handshake (a collective)
     check_same_on_ranks("gated_delta_rule", dict(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], HV=v.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype,
         g=g is not None, initial_state=-1 if initial_state is None else initial_state.shape[0],
@@ -103,11 +105,11 @@ def gated_delta_rule(
     size = group_rank_size(group)[1]
     if cu_seqlens is not None and (initial_state is not None or output_final_state):
         bounds = document_bounds(cu_seqlens, q.shape[1] * size, q.shape[0], group, device=q.device)
-        return _with_document_states(seg_class, [q, k, v, g, beta], bounds, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, group=group, method=method, layout=layout,
-                                     use_qk_l2norm=use_qk_l2norm_in_kernel)
+        return apply_with_document_states(seg_class, [q, k, v, g, beta], [], bounds=bounds, scale=scale,
+                                          initial_state=initial_state, output_final_state=output_final_state, group=group,
+                                          method=method, layout=layout, use_qk_l2norm=use_qk_l2norm_in_kernel)
     if cu_seqlens is not None:
-        g = document_gate(g, cu_seqlens, q, group, layout)
+        g = document_gate(g, cu_seqlens, v, group, layout)  # per value head (GVA)
 
     def one_process(tokens, s0, ofs):  # the whole sequence here: torch chunked, or one Triton segment
         if seg_class is DeltaTorchSegment:
@@ -119,8 +121,6 @@ def gated_delta_rule(
         return one_process([q, k, v, g, beta], initial_state, output_final_state)
     apply = _DRIVERS[method]
     if method == "ulysses":  # all-to-all to heads, the one-process operator, all-to-all back
-        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
-
         def local_op(tokens, heads, s0, ofs):
             return one_process(tokens, s0, ofs)
 
@@ -130,23 +130,3 @@ def gated_delta_rule(
         seg_class, [q, k, v, g, beta], [], scale=scale, group=group, layout=layout,
         initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
     )
-
-
-def _with_document_states(seg_class, tokens, bounds, *, scale, initial_state, output_final_state, group, method, layout,
-                          use_qk_l2norm):
-    """Packed documents with per-document states (:mod:`lasp.ops.document_states`): every method."""
-    q, v = tokens[0], tokens[2]
-    like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
-    doc_states = per_document_states(initial_state, len(bounds) - 1, like)
-    kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
-    if group_rank_size(group)[1] == 1:
-        return documents_apply(lasp2_apply, seg_class, tokens, [], doc_states=doc_states, group=None, **kw)
-    if method == "ulysses":
-        check_heads_divisible(group, H=q.shape[2], HV=v.shape[2])
-
-        def local_op(toks, heads, s0, ofs):
-            return documents_apply(lasp2_apply, seg_class, toks, [], doc_states=s0, group=None, **kw)
-
-        return ulysses_apply(local_op, tokens, [], group=group, layout=layout, initial_state=doc_states,
-                             output_final_state=output_final_state)
-    return documents_apply(_DRIVERS[method], seg_class, tokens, [], doc_states=doc_states, group=group, layout=layout, **kw)

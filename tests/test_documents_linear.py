@@ -165,6 +165,22 @@ def test_gated_delta_rule_documents(spawn, case):
             assert ops == [("all_gather", per_dir), *finals, *finals, ("all_gather", per_dir)], ops
 
 
+def test_gated_delta_rule_documents_gva_without_gates(spawn):
+    """GVA (v, beta on HV = 2 H heads) DeltaNet (g None) with packed documents and no states: the
+    reset gate is made per value head (it was made on q's heads: a RuntimeError), one process and
+    LASP-2 on P = 2, zigzag."""
+    P, layout, B, T, H, HV, K, V = 2, "zigzag", 1, 16, 1, 2, 4, 3
+    xs = delta_inputs(B, T, H, K, V, gates="none", hv=HV, seed=seed_for("gva-docs"))
+    cu = doc_cuts(T, P, layout, seed_for("gva-cuts"))
+    do = torch.randn(B, T, HV, V, generator=torch.Generator().manual_seed(1))
+    tok64 = leaves64(xs[:5])
+    o_ref, _ = per_document(lambda t, s: naive_gated_delta_rule(*t, initial_state=s, output_final_state=True), cu, tok64, None)
+    (o_ref * do.double()).sum().backward()
+    assert_close(o_ref, lasp.gated_delta_rule(*xs[:5], cu_seqlens=cu), rtol=1e-5, name="o (one process)")
+    results = spawn(P).run(run_op, "delta", xs[:5], [], None, cu, do, None, {}, layout, False)
+    check(results, layout, o_ref, None, tok64, [], None, 1e-5)
+
+
 def test_gated_delta_rule_documents_at_chunk_edges(spawn):
     """Delta rule, segments longer than a chunk (64): starts at chunk edges, one process and P = 2."""
     P, layout, B, T, H, K, V = 2, "contiguous", 1, 192, 2, 6, 5

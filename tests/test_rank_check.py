@@ -68,3 +68,25 @@ def same_shapes_twice(rank, world):
 def test_same_shapes_are_checked_once(spawn):
     for counts in spawn(2).run(same_shapes_twice):
         assert counts == [1, 0], counts
+
+
+def ulysses_heads_before_handshake(rank, world):
+    """Ulysses with heads that P does not divide: the ValueError comes before the shape handshake
+    (a collective) as well as before the operator's own collectives."""
+    group, out = dist.group.WORLD, []
+    x = torch.randn(1, 6, 1, 3, generator=torch.Generator().manual_seed(rank))  # H = 1 over P = 2
+    calls = [lambda: lasp.linear_attention(x, x, x, group=group, method="ulysses"),
+             lambda: lasp.softmax_attention(x, x, x, group=group, method="ulysses"),
+             delta_call(rank, T=6, H=1, HV=3, K=2, V=3, method="ulysses")]
+    for call in calls:
+        with comm.record() as log:
+            msg, tags = value_error_and_collectives(call)
+        out.append((msg, tags, [e.tag for e in log.checks]))
+    return out
+
+
+def test_ulysses_heads_checked_before_handshake(spawn):
+    for results in spawn(2).run(ulysses_heads_before_handshake):
+        for msg, tags, checks in results:
+            assert msg is not None and "divisible" in msg and "P=2" in msg, msg
+            assert tags == [] and checks == [], (msg, tags, checks)

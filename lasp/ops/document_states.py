@@ -35,7 +35,8 @@ import torch
 
 from . import affine
 
-__all__ = ["DocumentSegment", "document_segment_class", "plan_pieces", "per_document_states", "documents_apply"]
+__all__ = ["DocumentSegment", "document_segment_class", "plan_pieces", "per_document_states", "documents_apply",
+           "apply_with_document_states"]
 
 
 def plan_pieces(bounds: tuple[int, ...], lo: int, hi: int) -> list[tuple[int, int, int, bool, bool]]:
@@ -226,3 +227,32 @@ def documents_apply(apply, seg_class: type, token_inputs, shared_inputs, *, doc_
     cls = document_segment_class(seg_class, bounds, len(token_inputs), T_local // n_seg)
     return apply(cls, list(token_inputs), [*shared_inputs, doc_states], scale=scale, group=group,
                  layout=layout if size > 1 else "contiguous", document_finals=output_final_state, **seg_kwargs)
+
+
+def apply_with_document_states(seg_class: type, token_inputs, shared_inputs, *, bounds, scale: float, initial_state,
+                               output_final_state: bool, group, method: str, layout: str, **seg_kwargs):
+    """Packed documents with per-document states for every method (``lasp.linear_attention``'s and
+    ``lasp.gated_delta_rule``'s path): one process, LASP-2 / LASP-1 over :class:`DocumentSegment` s,
+    or Ulysses (all-to-all to heads, the one-process path on the whole sequence, all-to-all back).
+    ``token_inputs`` start with ``q, k, v``; ``initial_state``: as the operators take it (None,
+    ``[1, HV, K, V]`` or ``[N, HV, K, V]``)."""
+    from ..parallel import group_rank_size
+    from .lasp1 import lasp1_apply
+    from .lasp2 import lasp2_apply
+    from .ulysses import ulysses_apply
+
+    q, v = token_inputs[0], token_inputs[2]
+    like = q.new_zeros(1, v.shape[2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+    doc_states = per_document_states(initial_state, len(bounds) - 1, like)
+    kw = dict(scale=scale, bounds=bounds, output_final_state=output_final_state, **seg_kwargs)
+    if group_rank_size(group)[1] == 1:
+        return documents_apply(lasp2_apply, seg_class, token_inputs, shared_inputs, doc_states=doc_states, group=None, **kw)
+    if method == "ulysses":  # the operators checked H (and HV) % P before their shape handshake
+        def local_op(toks, heads, s0, ofs):
+            return documents_apply(lasp2_apply, seg_class, toks, heads, doc_states=s0, group=None, **kw)
+
+        return ulysses_apply(local_op, token_inputs, shared_inputs, group=group, layout=layout, initial_state=doc_states,
+                             output_final_state=output_final_state)
+    apply = lasp1_apply if method == "lasp1" else lasp2_apply
+    return documents_apply(apply, seg_class, token_inputs, shared_inputs, doc_states=doc_states, group=group, layout=layout,
+                           **kw)

@@ -68,12 +68,14 @@ def document_bounds(cu_seqlens, T_total: int, B: int, group, *, device=None) -> 
     return None if cu_seqlens is None else tuple(validated_values(cu_seqlens, T_total, B, group, device=device).tolist())
 
 
-def document_gate(g: torch.Tensor | None, cu_seqlens, q: torch.Tensor, group, layout: str) -> torch.Tensor:
-    """Validate ``cu_seqlens`` for a linear recurrence on ``q [B, T_local, H, K]`` and return its
-    log-decay with a hard reset at every document start but the first (:func:`reset_gate`)."""
-    B, T_local, H = q.shape[:3]
-    cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=q.device)
-    return reset_gate(g, cu, (B, T_local, H), group, layout, dtype=q.dtype)
+def document_gate(g: torch.Tensor | None, cu_seqlens, x: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """Validate ``cu_seqlens`` for a linear recurrence and return its log-decay ``[B, T_local, H]``
+    with a hard reset at every document start but the first (:func:`reset_gate`). ``x [B, T_local,
+    H, ...]``: a tensor with the gate's heads (v for the delta rule, whose gate is per value head
+    under GVA; q = v's heads for linear attention), its dtype for a gate made from zeros."""
+    B, T_local, H = x.shape[:3]
+    cu = check_cu_seqlens(cu_seqlens, T_local * group_rank_size(group)[1], B, group, device=x.device)
+    return reset_gate(g, cu, (B, T_local, H), group, layout, dtype=x.dtype)
 
 
 def validated_values(cu_seqlens, T_total: int, B: int, group, *, device=None) -> torch.Tensor:

@@ -15,8 +15,11 @@ its value on every rank.
 
 Limit (the price of no collective per call): a rank is checked when its fingerprint is new to it. A
 group that agreed on shapes X and then sees one rank move to new shapes Y while the others repeat X
-is not caught by this check (the others skip it); the first call of every new shape, where
-misconfigurations show, is.
+is not caught: that rank's handshake all-gather meets the others' first operator collective instead
+(gloo aborts on the size mismatch, NCCL may hang), as without the check; the first call of every new
+shape on every rank, where misconfigurations show, is caught. Likewise a rank that fails its LOCAL
+validation (:mod:`lasp.ops.checks`) raises before the handshake while the others enter it: bad
+arguments that differ between ranks are only caught here when they pass each rank's local checks.
 """
 from __future__ import annotations
 
