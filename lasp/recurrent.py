@@ -99,6 +99,7 @@ def gated_delta_rule(
         B=q.shape[0], T_local=q.shape[1], H=q.shape[2], HV=v.shape[2], K=q.shape[3], V=v.shape[3], dtype=q.dtype,
         g=g is not None, initial_state=-1 if initial_state is None else initial_state.shape[0],
         output_final_state=output_final_state, method=method, layout=layout, cu_seqlens=cu_seqlens is not None,
+        use_qk_l2norm=use_qk_l2norm_in_kernel,
     ), group, q.device, ignore=token_field_ignored(method, layout))
     seg_class = _segment_class(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

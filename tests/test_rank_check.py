@@ -20,15 +20,17 @@ DELTA = {
     "dtype": ({}, dict(dtype=torch.float64)),
     "T_local (ulysses)": (dict(H=2, HV=4, method="ulysses"), dict(T=14)),
     "T_local (zigzag)": (dict(layout="zigzag"), dict(T=14)),
+    "use_qk_l2norm": ({}, dict(l2=True)),
 }
 
 
-def delta_call(rank, B=1, T=10, H=1, HV=2, K=5, V=7, dtype=torch.float32, method="lasp2", layout="contiguous"):
+def delta_call(rank, B=1, T=10, H=1, HV=2, K=5, V=7, dtype=torch.float32, method="lasp2", layout="contiguous", l2=False):
     gen = torch.Generator().manual_seed(rank)
     q, k = (torch.randn(B, T, H, K, generator=gen, dtype=dtype) for _ in range(2))
     v = torch.randn(B, T, HV, V, generator=gen, dtype=dtype)
     g, beta = -torch.rand(B, T, HV, generator=gen), torch.rand(B, T, HV, generator=gen)
-    return lambda: lasp.gated_delta_rule(q, k, v, g, beta, group=dist.group.WORLD, method=method, layout=layout)
+    return lambda: lasp.gated_delta_rule(q, k, v, g, beta, group=dist.group.WORLD, method=method, layout=layout,
+                                         use_qk_l2norm_in_kernel=l2)
 
 
 def mismatches(rank, world):
@@ -90,3 +92,16 @@ def test_ulysses_heads_checked_before_handshake(spawn):
         for msg, tags, checks in results:
             assert msg is not None and "divisible" in msg and "P=2" in msg, msg
             assert tags == [] and checks == [], (msg, tags, checks)
+
+
+def conv_unequal_contiguous_shards(rank, world):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 15, 4, generator=gen), torch.randn(4, 3, generator=gen)
+    mine = slice(0, 6) if rank == 0 else slice(6, 15)
+    whole = lasp.causal_conv1d(x, weight, activation="silu")[:, mine]
+    return (lasp.causal_conv1d(x[:, mine], weight, activation="silu", group=dist.group.WORLD) - whole).abs().max().item()
+
+
+def test_conv_takes_unequal_contiguous_shards(spawn):
+    """Only the W-1 token halo crosses ranks on a contiguous layout: shards of 6 and 9 tokens are fine."""
+    assert max(spawn(2).run(conv_unequal_contiguous_shards)) < 1e-6
