@@ -100,7 +100,7 @@ LINEAR_CASES = [  # method, layout, P, gates, init, final
     (m, lay, P, gates, init, final)
     for P in (2, 4)
     for lay in ("contiguous", "zigzag")
-    for m, gates, init, final in (("lasp2", "both", True, True), ("lasp1", "none", False, True), ("ulysses", "g", True, False))
+    for m, gates, init, final in (("lasp2", "both", True, True), ("lasp1", "none", True, True), ("ulysses", "g", True, True))
 ]
 
 
@@ -110,8 +110,8 @@ def test_linear_attention_documents(spawn, case):
     B, T, H, K, V = 1, 16 * P, 4, 8, 4
     q, k, v, g, gg = linear_inputs(B, T, H, K, V, gates=gates, seed=seed_for("docs", *case))
     cu = doc_cuts(T, P, layout, seed_for("cuts", *case))
-    N = len(cu) - 1  # lasp2: fla's per-document states; ulysses: the first document's only
-    s0 = torch.randn(N if method == "lasp2" else 1, H, K, V, generator=torch.Generator().manual_seed(3)) if init else None
+    N = len(cu) - 1  # fla's per-document states (every method)
+    s0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(3)) if init else None
     gen = torch.Generator().manual_seed(1)
     do, dF = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, K, V, generator=gen)
     tok64, sh64, s064 = leaves64([q, k, v, g]), leaves64([gg]), (None if s0 is None else s0.double().requires_grad_())
@@ -129,8 +129,8 @@ DELTA_CASES = [  # method, layout, P, gates, init, final, l2
     (m, lay, P, gates, init, final, l2)
     for P in (2, 4)
     for lay in ("contiguous", "zigzag")
-    for m, gates, init, final, l2 in (("lasp2", "g", True, True, False), ("lasp1", "none", False, True, True),
-                                      ("ulysses", "g", True, False, False))
+    for m, gates, init, final, l2 in (("lasp2", "g", True, True, False), ("lasp1", "none", True, True, True),
+                                      ("ulysses", "g", True, True, False))
 ]
 
 
