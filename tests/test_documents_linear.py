@@ -394,3 +394,25 @@ def test_gated_delta_rule_documents_triton(spawn, layout, states):
     kw = dict(method="lasp2", backend="triton", use_qk_l2norm_in_kernel=True)
     results = spawn(P).run(run_op, "delta", xs[:5], [], xs[5], cu, do, dF, kw, layout, states)
     check(results, layout, o_ref, S_ref if states else None, tok64, [], s064, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["linear", "delta"])
+def test_single_state_form_is_the_first_documents(op):
+    """``initial_state [1, H, K, V]`` with ``cu_seqlens``: the first document's state, the others
+    start from zeros (the same as fla's ``[N, ...]`` with zeros after the first)."""
+    B, T, H, K, V = 1, 24, 2, 4, 3
+    cu = torch.tensor([0, 7, 15, 24])
+    s1 = torch.randn(1, H, K, V, generator=torch.Generator().manual_seed(5))
+    sN = torch.cat([s1, torch.zeros(2, H, K, V)])
+    if op == "linear":
+        q, k, v, g, _ = linear_inputs(B, T, H, K, V, gates="g", seed=seed_for("single", op))
+        call = lambda s: lasp.linear_attention(q, k, v, g, cu_seqlens=cu, initial_state=s, output_final_state=True)  # noqa: E731
+    else:
+        xs = delta_inputs(B, T, H, K, V, gates="g", seed=seed_for("single", op))
+        call = lambda s: lasp.gated_delta_rule(*xs[:5], cu_seqlens=cu, initial_state=s, output_final_state=True)  # noqa: E731
+    (o1, S1), (oN, SN) = call(s1), call(sN)
+    assert S1.shape == (3, H, K, V)
+    assert_close(oN, o1, rtol=1e-6, name="o")
+    assert_close(SN, S1, rtol=1e-6, name="final states")
+    o0 = call(None)[0]  # the state is used: the first document's outputs move, the others' do not
+    assert (o0[:, :7] - o1[:, :7]).abs().max() > 1e-3 and torch.equal(o0[:, 7:], o1[:, 7:])
