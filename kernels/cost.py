@@ -39,9 +39,9 @@ def lasp_costs(K: int, V: int, BT: int = 64, ib: int = 2, gated: bool = True) ->
 
     C, f4 = BT, 4
     sb = 2 if ib == 2 else 4
-    BK, BV = min(K, 64), min(V, 64)
+    BV = min(V, 64)
     BS, BSb = col_block(K, V), col_block(K, V, 4096)  # the state passes' column tiles (forward, reverse)
-    nK, nV, nS, nSb = K // BK, V // BV, V // BS, V // BSb
+    nV, nS, nSb = V // BV, V // BS, V // BSb
     g = C * 4 if gated else 0
     wy = Cost("wy_fwd", "fwd",
               read=C * ib + 2 * g + 2 * C * K * ib + C * K * f4 + C * V * ib + (10 / 16 + 1) * C * C * f4,
@@ -59,7 +59,7 @@ def lasp_costs(K: int, V: int, BT: int = 64, ib: int = 2, gated: bool = True) ->
     sbwd = Cost("state_bwd (dO)", "bwd",
                 read=nSb * (3 * C * f4 + 3 * C * K * f4) + C * V * f4 + C * V * ib,
                 write=K * V * sb + C * V * f4, flops=3 * 2 * C * K * V)
-    BKd, BVd, BKq, BVq = min(K, 64), min(V, 32), min(K, 32), min(V, 32)
+    BKd, BKq = min(K, 64), min(K, 32)
     nKd, nKq = K // BKd, K // BKq
     dk = Cost("dk_bwd", "bwd",
               read=nKd * (3 * C * f4 + C * V * (sb + f4)) + 2 * K * V * sb + C * K * f4,
